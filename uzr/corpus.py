@@ -1,0 +1,351 @@
+"""Text corpora for harvest and evaluation, as HF ``datasets`` splits, offline by default.
+
+A corpus is described by a :class:`CorpusSpec` (a Hydra structured config) and loaded with
+:func:`load_corpus`, which returns a :class:`Corpus`: a ``DatasetDict`` with splits ``train`` and
+``heldout`` (columns ``text`` and ``source_id``) plus counts of what was skipped, truncated or
+windowed on the way.
+
+Every source goes through the same grouping: a document is a sequence of lines; blank
+(empty or whitespace-only) lines separate paragraphs and are counted as ``skipped_empty``;
+consecutive paragraphs of one document are merged (joined by a blank line) until the text holds at
+least ``min_chars`` characters; a text longer than ``max_chars`` is truncated, or cut into
+windows, at a whitespace boundary. What is left of a document that never reaches ``min_chars`` is
+dropped and counted as ``too_short``; exact duplicate texts are dropped and counted as ``duplicates``. Text is otherwise kept exactly as read (only the ends of each
+text are stripped), so accents, emoji, CJK and right-to-left scripts round-trip unchanged.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("pydoc", "text_file", "jsonl", "hub")
+LONG_TEXT = ("truncate", "window")
+_NEWLINE = re.compile(r"\r\n|\r|\n")
+_SPACE = re.compile(r"\s+")
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class CorpusSpec:
+    """Where texts come from and how they are cut (plain types only: it is a Hydra structured config)."""
+
+    name: str = "pydoc"
+    source: str = "pydoc"  # one of SOURCES
+    path: str | None = None  # file or glob, for text_file / jsonl
+    text_field: str = "text"  # jsonl field, and the hub dataset's text column
+    hub_id: str | None = None
+    hub_config: str | None = None
+    hub_split: str = "train"
+    num_texts: int = 200  # total texts after filtering, train + heldout; 0 = all
+    heldout_fraction: float = 0.2
+    seed: int = 0
+    min_chars: int = 200
+    max_chars: int = 1200
+    long_text: str = "truncate"  # one of LONG_TEXT
+
+
+class CorpusNotAvailableError(RuntimeError):
+    """A hub corpus that cannot be loaded here (offline and not cached, or unknown)."""
+
+
+@dataclass
+class Corpus:
+    """A loaded corpus: ``splits`` ("train", "heldout") and ``stats`` (counts from the grouping)."""
+
+    splits: datasets.DatasetDict
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def train(self) -> datasets.Dataset:
+        return self.splits["train"]
+
+    @property
+    def heldout(self) -> datasets.Dataset:
+        return self.splits["heldout"]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _bad(key: str, value: Any, valid: str) -> ValueError:
+    return ValueError(f"corpus.{key}={value!r} is invalid: {valid}")
+
+
+def validate_corpus_spec(spec: CorpusSpec | Mapping[str, Any]) -> CorpusSpec:
+    """Check a spec (a ``CorpusSpec``, dict or DictConfig) and return it as a ``CorpusSpec``.
+
+    Raises ``ValueError`` naming the key, the bad value and the valid choices or range, and
+    ``FileNotFoundError`` naming ``path`` when it matches no file, before anything is read.
+    """
+    if not isinstance(spec, CorpusSpec):
+        if not isinstance(spec, Mapping):
+            from omegaconf import DictConfig, OmegaConf  # only needed for Hydra configs
+
+            if not isinstance(spec, DictConfig):
+                raise TypeError(f"corpus spec must be a CorpusSpec or a mapping, got {type(spec).__name__}")
+            spec = OmegaConf.to_container(spec, resolve=True)
+        known = {f.name for f in fields(CorpusSpec)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"corpus: unknown keys {unknown}; valid keys are {sorted(known)}")
+        spec = CorpusSpec(**spec)
+    s = spec
+    if not isinstance(s.name, str) or not s.name:
+        raise _bad("name", s.name, "expected a non-empty string")
+    if s.source not in SOURCES:
+        raise _bad("source", s.source, f"expected one of {list(SOURCES)}")
+    if s.long_text not in LONG_TEXT:
+        raise _bad("long_text", s.long_text, f"expected one of {list(LONG_TEXT)}")
+    if not _is_int(s.num_texts) or not (s.num_texts == 0 or s.num_texts >= 2):
+        raise _bad("num_texts", s.num_texts, "expected an integer >= 2 (train + heldout), or 0 for all")
+    if isinstance(s.heldout_fraction, bool) or not isinstance(s.heldout_fraction, (int, float)) \
+            or not 0 < s.heldout_fraction < 1:
+        raise _bad("heldout_fraction", s.heldout_fraction, "expected a number in the open interval (0, 1)")
+    if not _is_int(s.seed) or s.seed < 0:
+        raise _bad("seed", s.seed, "expected an integer >= 0")
+    if not _is_int(s.min_chars) or s.min_chars < 1:
+        raise _bad("min_chars", s.min_chars, "expected an integer >= 1")
+    if not _is_int(s.max_chars) or s.max_chars < s.min_chars:
+        raise _bad("max_chars", s.max_chars, f"expected an integer >= min_chars={s.min_chars!r}")
+    if not isinstance(s.text_field, str) or not s.text_field:
+        raise _bad("text_field", s.text_field, "expected a non-empty string")
+    if s.source in ("text_file", "jsonl"):
+        if not s.path:
+            raise _bad("path", s.path, f"source={s.source!r} needs a file path or glob")
+        _resolve_paths(s.path)  # fail on a missing file now, not halfway through a run
+    if s.source == "hub" and not s.hub_id:
+        raise _bad("hub_id", s.hub_id, "source='hub' needs a dataset id, e.g. 'Salesforce/wikitext'")
+    return s
+
+
+def _resolve_paths(path: str) -> list[Path]:
+    """The files ``path`` names: itself, or the sorted matches of a glob (sorted for determinism)."""
+    expanded = str(Path(path).expanduser())
+    if _GLOB_CHARS & set(expanded):
+        files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"corpus.path={path!r}: the glob matches no file")
+        return files
+    p = Path(expanded)
+    if not p.is_file():
+        what = "is a directory, not a file (use a glob such as 'dir/*.txt')" if p.is_dir() else "does not exist"
+        raise FileNotFoundError(f"corpus.path={path!r} {what} (resolved to {p.absolute()})")
+    return [p]
+
+
+# --------------------------------------------------------------------------- reading sources
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # -sig: a leading byte-order mark is not text
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not valid UTF-8: byte {data[e.start]:#04x} at byte offset {e.start} ({e.reason})"
+        ) from None
+
+
+def _lines(text: str) -> list[str]:
+    # Only \n, \r\n and \r end lines: str.splitlines() also splits on U+2028, U+0085 etc.,
+    # which would change texts that contain them.
+    return _NEWLINE.split(text)
+
+
+def _pydoc_docs() -> Iterator[tuple[str, list[str]]]:
+    from pydoc_data.topics import topics  # ships with CPython: always available offline
+
+    for topic in sorted(topics):
+        yield f"pydoc:{topic}", _lines(topics[topic])
+
+
+def _text_file_docs(path: str) -> Iterator[tuple[str, list[str]]]:
+    for f in _resolve_paths(path):
+        yield str(f), _lines(_read_utf8(f))
+
+
+def _jsonl_docs(path: str, text_field: str, stats: dict[str, int]) -> Iterator[tuple[str, list[str]]]:
+    for f in _resolve_paths(path):
+        for n, line in enumerate(_lines(_read_utf8(f)), 1):
+            if not line.strip():
+                stats["skipped_empty"] += 1
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}:{n}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise ValueError(f"{f}:{n}: line {n} has no field {text_field!r} (corpus.text_field)")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise ValueError(f"{f}:{n}: line {n} field {text_field!r} is {type(text).__name__}, not a string")
+            yield f"{f}:{n}", _lines(text)
+
+
+def _hub_docs(spec: CorpusSpec) -> Iterator[tuple[str, list[str]]]:
+    try:
+        ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_split)
+    except (OSError, ValueError) as e:  # ConnectionError, DatasetNotFoundError (a FileNotFoundError), ...
+        raise CorpusNotAvailableError(
+            f"hub dataset {spec.hub_id!r} (config {spec.hub_config!r}, split {spec.hub_split!r}) is not "
+            f"available: it is not in the local datasets cache and cannot be fetched offline "
+            f"(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE). Use data=pydoc or a local file "
+            f"(source=text_file or jsonl) instead. Cause: {type(e).__name__}: {e}"
+        ) from e
+    if spec.text_field not in ds.column_names:
+        raise _bad("text_field", spec.text_field, f"{spec.hub_id!r} has columns {ds.column_names}")
+    # Rows like wikitext's are lines of one long document (paragraphs separated by empty rows);
+    # a trailing newline in a row is its line end, not an extra blank line.
+    lines = [ln for row in ds[spec.text_field] for ln in _lines((row or "").removesuffix("\n"))]
+    yield f"{spec.hub_id}", lines
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+def _paragraphs(lines: Iterable[str], stats: dict[str, int]) -> Iterator[tuple[int, str]]:
+    """(first line number, paragraph) for each run of non-blank lines; blank lines are counted."""
+    start, buf = 0, []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            if not buf:
+                start = n
+            buf.append(line)
+        else:
+            stats["skipped_empty"] += 1
+            if buf:
+                yield start, "\n".join(buf)
+                buf = []
+    if buf:
+        yield start, "\n".join(buf)
+
+
+def _cut(text: str, spec: CorpusSpec) -> int:
+    """Where to cut ``text`` to at most max_chars: at the last whitespace, unless that leaves less
+    than half of max_chars (or less than min_chars), e.g. text without spaces such as CJK."""
+    floor = max(spec.min_chars, spec.max_chars // 2)
+    last = None
+    # Scan from 0, not from floor, so a match is a whole whitespace run and text[:start] ends in text.
+    for last in _SPACE.finditer(text, 0, spec.max_chars + 1):  # noqa: B007 - want the last match
+        pass
+    return last.start() if last is not None and last.start() >= floor else spec.max_chars
+
+
+def _cap(text: str, spec: CorpusSpec, stats: dict[str, int]) -> list[str]:
+    """``text`` (>= min_chars) as one or more texts of at most max_chars, per ``spec.long_text``."""
+    if len(text) <= spec.max_chars:
+        return [text]
+    if spec.long_text == "truncate":
+        stats["truncated"] += 1
+        return [text[: _cut(text, spec)].rstrip()]
+    stats["windowed"] += 1
+    pieces = []
+    while text:
+        i = _cut(text, spec) if len(text) > spec.max_chars else len(text)
+        piece, text = text[:i].rstrip(), text[i:].lstrip()
+        if len(piece) >= spec.min_chars:
+            pieces.append(piece)
+        else:  # only the final remainder can be this short
+            stats["too_short"] += 1
+    return pieces
+
+
+def _group(docs: Iterable[tuple[str, list[str]]], spec: CorpusSpec, stats: dict[str, int]):
+    """Merge each document's paragraphs into texts of [min_chars, max_chars]; yield (source_id, text)."""
+    for doc, lines in docs:
+        stats["documents"] += 1
+        buf: list[str] = []
+        start = 0
+        for n, para in _paragraphs(lines, stats):
+            stats["paragraphs"] += 1
+            if not buf:
+                start = n
+            buf.append(para)
+            text = "\n\n".join(buf).strip()
+            if len(text) >= spec.min_chars:
+                for k, piece in enumerate(_cap(text, spec, stats)):
+                    yield f"{doc}:{start}" + (f"+w{k}" if k else ""), piece
+                buf = []
+        if buf:  # the document ended before the last paragraphs reached min_chars
+            stats["too_short"] += 1
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _describe(spec: CorpusSpec) -> str:
+    where = {"text_file": spec.path, "jsonl": spec.path, "hub": spec.hub_id, "pydoc": "pydoc_data.topics"}
+    return f"corpus {spec.name!r} (source={spec.source}, {where[spec.source]})"
+
+
+def load_corpus(spec: CorpusSpec | Mapping[str, Any]) -> Corpus:
+    """Load, group and split a corpus; deterministic given ``spec`` (including ``seed``).
+
+    Texts are shuffled with ``numpy.random.default_rng(seed)``; the first ``num_texts`` (all if 0,
+    or if fewer are available) are kept, of which ``round(heldout_fraction * n)`` (at least 1, and
+    leaving at least 1 for training) form the ``heldout`` split. Raises ``ValueError`` for bad
+    specs, unreadable files and corpora left empty by filtering, and ``CorpusNotAvailableError``
+    for a hub dataset that is not cached while offline.
+    """
+    spec = validate_corpus_spec(spec)
+    keys = ("documents", "paragraphs", "skipped_empty", "too_short", "truncated", "windowed", "duplicates")
+    stats = dict.fromkeys(keys, 0)
+    docs = {
+        "pydoc": _pydoc_docs,
+        "text_file": lambda: _text_file_docs(spec.path),
+        "jsonl": lambda: _jsonl_docs(spec.path, spec.text_field, stats),
+        "hub": lambda: _hub_docs(spec),
+    }[spec.source]()
+    ids, texts, seen = [], [], set()
+    for source_id, text in _group(docs, spec, stats):
+        # Exact repeats are dropped: they would leak between train and heldout (pydoc topics
+        # repeat whole sections, e.g. "compound" contains "with" and "function").
+        if text in seen:
+            stats["duplicates"] += 1
+            continue
+        seen.add(text)
+        ids.append(source_id)
+        texts.append(text)
+    stats["available"] = len(texts)
+    if len(texts) < 2:
+        if stats["paragraphs"] == 0:
+            why = f"it holds no non-blank text ({stats['skipped_empty']} empty or whitespace-only lines)"
+        else:
+            why = (f"{len(texts)} text(s) left from {stats['paragraphs']} paragraphs: {stats['too_short']} "
+                   f"piece(s) shorter than min_chars={spec.min_chars} even after merging each document's "
+                   f"paragraphs, {stats['duplicates']} exact duplicate(s)")
+        raise ValueError(f"{_describe(spec)} is too small to split into train and heldout: {why}")
+
+    order = np.random.default_rng(spec.seed).permutation(len(texts))
+    n = min(spec.num_texts or len(texts), len(texts))
+    if spec.num_texts > len(texts):
+        log.warning("%s: asked for num_texts=%d, only %d available", _describe(spec), spec.num_texts, n)
+    order = order[:n]
+    n_held = min(max(1, round(spec.heldout_fraction * n)), n - 1)
+    features = datasets.Features({"text": datasets.Value("string"), "source_id": datasets.Value("string")})
+
+    def split(idx: np.ndarray) -> datasets.Dataset:
+        return datasets.Dataset.from_dict(
+            {"text": [texts[i] for i in idx], "source_id": [ids[i] for i in idx]}, features=features
+        )
+
+    splits = datasets.DatasetDict({"train": split(order[n_held:]), "heldout": split(order[:n_held])})
+    stats.update(texts=n, train=n - n_held, heldout=n_held)
+    log.info("%s: %s", _describe(spec), stats)
+    return Corpus(splits=splits, stats=stats)

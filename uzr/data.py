@@ -1,0 +1,77 @@
+"""LightningDataModule over a harvest store: padded batches of hidden states and target distributions."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from uzr.harvest.store import HarvestStore, StoreRows
+
+
+class ControllerRows(Dataset):
+    """Store rows reduced to what the controller needs at the injected layers."""
+
+    def __init__(self, rows: StoreRows, layers: list[int]):
+        self.rows, self.layers = rows, layers
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        item = {"length": len(row["input_ids"])}
+        for layer in self.layers:
+            for column in ("hidden", "teacher_dist", "student_dist"):
+                item[f"{column}_L{layer}"] = torch.from_numpy(np.asarray(row[f"{column}_L{layer}"], np.float32))
+        return item
+
+
+def collate(items: list[dict], layers: list[int]) -> dict:
+    """Pad to the longest text. Returns mask (B, S) and per layer hidden (B, S, D), target/student_self (B, S, S)."""
+    lengths = torch.tensor([item["length"] for item in items])
+    s = int(lengths.max())
+    batch = {"mask": torch.arange(s)[None] < lengths[:, None], "hidden": {}, "target": {}, "student_self": {}}
+    for layer in layers:
+        key = str(layer)
+        d = items[0][f"hidden_L{layer}"].shape[-1]
+        hidden, target, own = torch.zeros(len(items), s, d), torch.zeros(len(items), s, s), torch.zeros(len(items), s, s)
+        for b, item in enumerate(items):
+            n = item["length"]
+            hidden[b, :n] = item[f"hidden_L{layer}"]
+            target[b, :n, :n] = item[f"teacher_dist_L{layer}"]
+            own[b, :n, :n] = item[f"student_dist_L{layer}"]
+        batch["hidden"][key], batch["target"][key], batch["student_self"][key] = hidden, target, own
+    return batch
+
+
+class StoreDataModule(L.LightningDataModule):
+    """Train on the store's ``train`` split, validate (held-out KL) on its ``heldout`` split."""
+
+    def __init__(self, store: HarvestStore, layers: list[int], batch_size: int = 8, seed: int = 0):
+        super().__init__()
+        self.store, self.layers, self.batch_size, self.seed = store, list(layers), batch_size, seed
+        self.splits: dict[str, ControllerRows] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            dataset, layout = self.store.dataset(), self.store.layout
+            missing = [layer for layer in self.layers if layer not in layout.layers]
+            if missing:
+                raise ValueError(f"store {self.store.folder} was harvested for layers {layout.layers}, not {missing}")
+            for split in ("train", "heldout"):
+                self.splits[split] = ControllerRows(StoreRows(dataset, layout, split), self.layers)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
+            collate_fn=lambda items: collate(items, self.layers),
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("heldout", shuffle=False)

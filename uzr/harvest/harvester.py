@@ -1,0 +1,126 @@
+"""Harvester: one text -> one store row of teacher and student attention habits on the student's grid.
+
+Both models run with the ``uzr`` attention function and a :class:`~uzr.attention.LayerRecorder` on every
+layer, so statistics come from the scores inside the attention call (float32, query blocks) and the
+full ``(H, S, S)`` weights are never kept. Only the mapped teacher layers and the injected student
+layers keep a head-mean distribution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from uzr.attention import LayerRecorder, attention_modules, use_uzr_attention
+from uzr.harvest.align import TokenAligner
+from uzr.harvest.stats import STAT_NAMES
+from uzr.next_token import next_token_stats
+from uzr.text_bytes import predicted_bytes
+
+
+class RecordedModel:
+    """A frozen model whose layers record attention statistics during ``forward``."""
+
+    def __init__(self, model, window: int, block_size: int, keep_head_mean: list[int],
+                 capture_hidden: list[int] = ()):
+        use_uzr_attention(model)
+        self.model = model
+        self.modules = attention_modules(model)
+        self.keep_head_mean = list(keep_head_mean)
+        for index, module in enumerate(self.modules):
+            module.uzr_recorder = LayerRecorder(window, index in self.keep_head_mean, block_size)
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.handles = [
+            self.modules[layer].register_forward_pre_hook(self._capture, with_kwargs=True)
+            for layer in capture_hidden
+        ]
+
+    def _capture(self, module, args, kwargs):
+        self.hidden[module.layer_idx] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor) -> dict:
+        """Returns stats {name: (L, H, S)}, head_mean {layer: (S, S)}, hidden {layer: (S, D)}, final (1, S, D)."""
+        out = self.model.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        stats: dict[str, list[torch.Tensor]] = {name: [] for name in STAT_NAMES}
+        head_mean = {}
+        for index, module in enumerate(self.modules):
+            layer_stats, mean = module.uzr_recorder.result()
+            for name in STAT_NAMES:
+                stats[name].append(layer_stats[name][0])  # (H, S)
+            if mean is not None:
+                head_mean[index] = mean[0]
+        return {
+            "stats": {name: torch.stack(values) for name, values in stats.items()},  # (L, H, S)
+            "head_mean": head_mean,
+            "hidden": {layer: h[0] for layer, h in self.hidden.items()},
+            "final": out.last_hidden_state,
+        }
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for module in self.modules:
+            del module.uzr_recorder
+
+
+class Harvester:
+    """Turns texts into store rows for a teacher/student pair.
+
+    Args:
+        layers: injected student layers; ``teacher_layers``: the teacher layer mapped to each.
+        max_length: student tokens per text; the teacher sees the same characters.
+    """
+
+    def __init__(self, teacher, teacher_tok, student, student_tok, layers: list[int], teacher_layers: list[int],
+                 window: int = 8, block_size: int = 256, max_length: int = 256):
+        self.teacher_tok, self.student_tok = teacher_tok, student_tok
+        self.layers, self.teacher_layers, self.max_length = list(layers), list(teacher_layers), max_length
+        self.teacher = RecordedModel(teacher, window, block_size, keep_head_mean=sorted(set(teacher_layers)))
+        self.student = RecordedModel(student, window, block_size, keep_head_mean=layers, capture_hidden=layers)
+        self.device = next(student.parameters()).device
+
+    def close(self) -> None:
+        self.teacher.detach()
+        self.student.detach()
+
+    def __call__(self, text: str) -> dict:
+        """One store row (numpy arrays, see :mod:`uzr.harvest.store`)."""
+        aligner = TokenAligner.from_text(text, self.teacher_tok, self.student_tok, self.max_length)
+        t_ids = aligner.teacher_input_ids[None].to(self.teacher.model.device)  # (1, T)
+        s_ids = aligner.student_input_ids[None].to(self.device)  # (1, S)
+        t_out = self.teacher.forward(t_ids)
+        s_out = self.student.forward(s_ids)
+        next_ids = torch.roll(t_ids, -1, 1)  # token predicted at each position (last one unused)
+        confidence = next_token_stats(self.teacher.model, t_out["final"], next_ids)  # (1, T) each
+        qmap = aligner.query_map.to(confidence["entropy"].device)
+        row = {
+            "text": text,
+            "input_ids": s_ids[0].cpu().numpy().astype(np.int32),
+            "teacher_entropy": confidence["entropy"][0, qmap].cpu().numpy().astype(np.float32),
+            "teacher_maxprob": confidence["maxprob"][0, qmap].cpu().numpy().astype(np.float32),
+        }
+        for name, value in t_out["stats"].items():
+            row[f"teacher_{name}"] = f16(aligner.gather_query_stats(value))  # (Lt, Ht, S)
+        for name, value in s_out["stats"].items():
+            row[f"student_{name}"] = f16(value)  # (Ls, Hs, S)
+        for layer, t_layer in zip(self.layers, self.teacher_layers):
+            row[f"hidden_L{layer}"] = f16(s_out["hidden"][layer])
+            row[f"teacher_dist_L{layer}"] = f16(aligner.align(t_out["head_mean"][t_layer]))
+            row[f"student_dist_L{layer}"] = f16(s_out["head_mean"][layer])
+        diag = aligner.diagnostics
+        row["align_dropped_mass"] = float(diag["dropped_mass_mean"])
+        row["align_self_fallback_rows"] = int(diag["self_fallback_rows"])
+        row["teacher_len"] = int(t_ids.shape[1])
+        # The teacher's own bits per byte on the same text, for the evaluation table.
+        row["teacher_nll_sum"] = float(confidence["nll"][0, :-1].sum())
+        row["teacher_bytes"] = predicted_bytes(text, aligner.teacher_offsets)
+        return row
+
+
+def f16(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.float().cpu().numpy().astype(np.float16)
+
+
+def row_is_finite(row: dict) -> bool:
+    return all(np.isfinite(v).all() for v in row.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f")

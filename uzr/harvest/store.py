@@ -1,0 +1,127 @@
+"""HarvestStore: the harvest's Arrow dataset, one row per text, written in resumable shards.
+
+Each shard is a ``datasets`` folder (``save_to_disk``) renamed into place when complete, so a killed
+harvest resumes from its last complete shard. Reading concatenates the shards memory-mapped.
+
+Arrays are stored flat (float16 unless noted) and reshaped on read from ``layout.json``:
+
+=========================  ==================  =====================================================
+column                     shape               meaning
+=========================  ==================  =====================================================
+input_ids                  (S,) int32          student tokens
+hidden_L{l}                (S, D)              student hidden state entering attention of layer l
+teacher_dist_L{l}          (S, S)              head-mean teacher attention (mapped layer) on the student grid
+student_dist_L{l}          (S, S)              the student's own head-mean attention (baseline)
+teacher_{stat}             (L_t, H_t, S)       teacher statistics gathered at the mapped query positions
+student_{stat}             (L_s, H_s, S)       student statistics
+teacher_entropy            (S,) float32        teacher next-token entropy (nats) at the mapped position
+teacher_maxprob            (S,) float32        teacher next-token max probability
+=========================  ==================  =====================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from uzr.harvest.stats import STAT_NAMES
+
+LAYOUT = "layout.json"
+
+
+@dataclass
+class StoreLayout:
+    """Everything needed to reshape a row, plus what the store was harvested for."""
+
+    layers: list[int]  # injected student layers
+    teacher_layers: list[int]  # teacher layer mapped to each injected layer
+    hidden_size: int
+    teacher_num_layers: int
+    teacher_num_heads: int
+    student_num_layers: int
+    student_num_heads: int
+    locality_window: int
+
+    def shape(self, column: str, seq_len: int) -> tuple[int, ...]:
+        if column.startswith("hidden_"):
+            return (seq_len, self.hidden_size)
+        if column.startswith(("teacher_dist_", "student_dist_")):
+            return (seq_len, seq_len)
+        if column.startswith("teacher_") and column.removeprefix("teacher_") in STAT_NAMES:
+            return (self.teacher_num_layers, self.teacher_num_heads, seq_len)
+        if column.startswith("student_") and column.removeprefix("student_") in STAT_NAMES:
+            return (self.student_num_layers, self.student_num_heads, seq_len)
+        return (seq_len,)
+
+
+class HarvestStore:
+    """A folder of Arrow shards plus ``layout.json``."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    @property
+    def layout(self) -> StoreLayout:
+        return StoreLayout(**json.loads((self.folder / LAYOUT).read_text()))
+
+    def write_layout(self, layout: StoreLayout) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / LAYOUT).write_text(json.dumps(asdict(layout), indent=2))
+
+    def shard_dir(self, index: int) -> Path:
+        return self.folder / f"shard-{index:05d}"
+
+    def done_shards(self) -> list[int]:
+        return sorted(int(p.name.split("-")[1]) for p in self.folder.glob("shard-[0-9]*") if p.is_dir())
+
+    def write_shard(self, index: int, rows: list[dict]) -> None:
+        """Write rows (dicts of numpy arrays / scalars / strings) atomically as shard ``index``."""
+        columns = {key: [flatten(row[key]) for row in rows] for key in rows[0]}
+        tmp = self.folder / f".tmp-shard-{index:05d}-{os.getpid()}"
+        datasets.Dataset.from_dict(columns).save_to_disk(str(tmp))
+        final = self.shard_dir(index)
+        if final.exists():
+            shutil.rmtree(tmp)  # another writer finished this shard first
+            return
+        os.replace(tmp, final)
+
+    def dataset(self) -> datasets.Dataset:
+        shards = [datasets.load_from_disk(str(self.shard_dir(i))) for i in self.done_shards()]
+        if not shards:
+            raise FileNotFoundError(f"harvest store {self.folder} has no shards")
+        return datasets.concatenate_datasets(shards).with_format("numpy")
+
+    def rows(self, split: str | None = None) -> StoreRows:
+        return StoreRows(self.dataset(), self.layout, split)
+
+
+class StoreRows:
+    """Row access with arrays reshaped; optionally restricted to one split ("train" / "heldout")."""
+
+    def __init__(self, dataset: datasets.Dataset, layout: StoreLayout, split: str | None):
+        self.dataset, self.layout = dataset, layout
+        splits = dataset.with_format(None)["split"]
+        self.indices = [i for i, s in enumerate(splits) if split is None or s == split]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.dataset[self.indices[i]]
+        seq_len = len(row["input_ids"])
+        return {
+            key: value.reshape(self.layout.shape(key, seq_len)) if isinstance(value, np.ndarray) else value
+            for key, value in row.items()
+        }
+
+
+def flatten(value):
+    if isinstance(value, np.ndarray):
+        return value.reshape(-1)
+    return value

@@ -1,0 +1,196 @@
+"""Run-time injection of the controller's predicted attention into the student (DESIGN.md §6).
+
+An :class:`Injector` attaches to the student's attention modules (the model must use the ``uzr``
+attention function, see :mod:`uzr.attention`). A forward pre-hook captures the hidden state entering
+each injected layer; the attention function then asks :meth:`Injector.attention_edit` for the change:
+
+- ``bias``: scores += alpha * log softmax(controller logits) — a product of experts, scale free;
+- ``mix``: output = (1 - alpha) * output + alpha * (P_ctrl @ V).
+
+During decoding the query length is 1, so the controller's key features are cached per layer like a
+KV cache. ``remove()`` detaches everything and restores the original model exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from uzr.attention import AttentionEdit, attention_modules, causal_allowed, use_uzr_attention
+from uzr.controller import masked_log_softmax
+
+SCHEDULES = ("constant", "linear", "cosine", "entropy_local", "gated")
+MODES = ("bias", "mix")
+
+
+@dataclass
+class AlphaSpec:
+    """Injection strength. ``value`` is the base alpha; the schedule shapes it per query row.
+
+    ``linear``/``cosine`` warm up from 0 to ``value`` over ``warmup_steps`` decoding steps;
+    ``entropy_local`` scales by ``1 - normalised entropy`` of the controller's row;
+    ``gated`` multiplies by the gate's output (and by the entropy-local factor if ``entropy_local``).
+    ``layer_weights`` maps a student layer to a multiplier (default 1).
+    """
+
+    schedule: str = "constant"
+    value: float = 0.5
+    warmup_steps: int = 16
+    entropy_local: bool = False
+    layer_weights: dict[int, float] = field(default_factory=dict)
+
+
+def validate_alpha(spec: AlphaSpec) -> None:
+    if spec.schedule not in SCHEDULES:
+        raise ValueError(f"alpha.schedule={spec.schedule!r} is unknown; valid choices: {', '.join(SCHEDULES)}")
+    if not math.isfinite(spec.value) or spec.value < 0:
+        raise ValueError(f"alpha.value={spec.value} must be a finite number >= 0")
+    if spec.warmup_steps < 1:
+        raise ValueError(f"alpha.warmup_steps={spec.warmup_steps} must be >= 1")
+    for layer, weight in spec.layer_weights.items():
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"alpha.layer_weights[{layer}]={weight} must be a finite number >= 0")
+
+
+def alpha_rows(spec: AlphaSpec, layer: int, steps: torch.Tensor, ctrl_norm_entropy: torch.Tensor | None,
+               gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Alpha for each query row.
+
+    Args:
+        steps: (q,) decoding step of each query row (0 for the prompt).
+        ctrl_norm_entropy: (B, q) normalised entropy of the controller's rows, in [0, 1].
+        gate: (B, q) or (B, 1) gate output in [0, 1] (schedule ``gated``).
+    Returns:
+        (B or 1, q) float32 alpha.
+    """
+    base = spec.value * spec.layer_weights.get(layer, 1.0)
+    ramp = (steps.float() / spec.warmup_steps).clamp(max=1.0)[None]  # (1, q)
+    if spec.schedule == "linear":
+        alpha = base * ramp
+    elif spec.schedule == "cosine":
+        alpha = base * (1 - torch.cos(math.pi * ramp)) / 2
+    else:
+        alpha = torch.full_like(ramp, base)
+    if spec.schedule == "entropy_local" or (spec.schedule == "gated" and spec.entropy_local):
+        alpha = alpha * (1 - ctrl_norm_entropy)
+    if spec.schedule == "gated":
+        if gate is None:
+            raise ValueError("alpha.schedule='gated' needs a trained gate; run the gate stage first")
+        alpha = alpha * gate
+    return alpha
+
+
+class Injector:
+    """Adds the controllers' predictions to the student's attention at the chosen layers.
+
+    Args:
+        controllers: ``{layer: controller}``; each controller offers ``query_features(h)``,
+            ``key_features(h)`` and ``logits_from_features(qf, kf, q_pos, k_pos)``.
+        alpha: the schedule; ``mode``: ``bias`` or ``mix``.
+        prompt_len: decoding steps are counted from here; ``None`` takes the length of each prefill,
+            ``0`` treats a whole text as generated (how warm-up schedules apply to bits per byte).
+    """
+
+    def __init__(self, controllers: dict[int, torch.nn.Module], alpha: AlphaSpec, mode: str = "bias",
+                 prompt_len: int | None = None):
+        if mode not in MODES:
+            raise ValueError(f"inject.mode={mode!r} is unknown; valid choices: {', '.join(MODES)}")
+        validate_alpha(alpha)
+        self.controllers, self.alpha, self.mode, self.prompt_len = controllers, alpha, mode, prompt_len
+        self.gate: torch.Tensor | None = None  # (B, 1) or (B, q), set by the caller for ``gated``
+        self._hidden: dict[int, torch.Tensor] = {}
+        self._key_cache: dict[int, torch.Tensor] = {}
+        self._prefill_len: dict[int, int] = {}
+        self._handles: list = []
+        self._modules: list[torch.nn.Module] = []
+
+    # --- attaching ---------------------------------------------------------------------------
+    def attach(self, model) -> Injector:
+        use_uzr_attention(model)
+        modules = attention_modules(model)
+        for layer in self.controllers:
+            if not 0 <= layer < len(modules):
+                raise ValueError(f"inject.layers contains {layer}; the student has layers 0..{len(modules) - 1}")
+            module = modules[layer]
+            module.uzr_injector = self
+            self._handles.append(module.register_forward_pre_hook(self._capture, with_kwargs=True))
+            self._modules.append(module)
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for module in self._modules:
+            del module.uzr_injector
+        self._handles, self._modules = [], []
+        self.reset()
+
+    def reset(self) -> None:
+        self._hidden, self._key_cache, self._prefill_len = {}, {}, {}
+
+    def __enter__(self) -> Injector:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _capture(self, module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self._hidden[module.layer_idx] = hidden  # (B, q, D): the normalised input of the attention
+        return None
+
+    # --- the edit ----------------------------------------------------------------------------
+    def controller_logprobs(self, layer: int, q_len: int, k_len: int, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities (B, q, k) of the controller at ``layer`` and the allowed mask (B|1, q, k)."""
+        ctrl = self.controllers[layer]
+        hidden = self._hidden.pop(layer).float()  # (B, q, D)
+        past = k_len - q_len
+        keys = ctrl.key_features(hidden)  # (B, q, dk)
+        if past > 0:
+            if layer not in self._key_cache or self._key_cache[layer].shape[1] != past:
+                raise RuntimeError(
+                    f"injector key cache for layer {layer} holds "
+                    f"{self._key_cache.get(layer, torch.empty(0, 0)).shape[1]} positions, expected {past}: "
+                    "the injector was attached after the prefill; attach it before generate()"
+                )
+            keys = torch.cat([self._key_cache[layer], keys], 1)  # (B, k, dk)
+        else:
+            self._prefill_len[layer] = q_len
+        self._key_cache[layer] = keys
+        q_pos = torch.arange(past, k_len, device=hidden.device)
+        k_pos = torch.arange(k_len, device=hidden.device)
+        logits = ctrl.logits_from_features(ctrl.query_features(hidden), keys, q_pos, k_pos)  # (B, q, k)
+        allowed = causal_allowed(mask, q_len, k_len, hidden.device)[:, 0]  # (B|1, q, k)
+        return masked_log_softmax(logits, allowed.expand_as(logits)), allowed
+
+    def attention_edit(self, module, query, key, mask) -> AttentionEdit | None:
+        layer = module.layer_idx
+        q_len, k_len = query.shape[2], key.shape[2]
+        logp, allowed = self.controller_logprobs(layer, q_len, k_len, mask)
+        probs = logp.exp() * allowed  # (B, q, k)
+        n_keys = allowed.sum(-1).float().clamp(min=1)  # (B|1, q)
+        norm_entropy = torch.where(
+            n_keys > 1, -torch.special.xlogy(probs, probs).sum(-1) / n_keys.log().clamp(min=1e-12), 0.0
+        )
+        prompt_len = self.prompt_len if self.prompt_len is not None else self._prefill_len[layer]
+        steps = (torch.arange(k_len - q_len, k_len, device=query.device) - (prompt_len - 1)).clamp(min=0)
+        alpha = alpha_rows(self.alpha, layer, steps, norm_entropy, self.gate).to(probs.device)  # (B|1, q)
+        if not bool((alpha != 0).any()):
+            return None  # exact parity with the plain model
+        if self.mode == "mix":
+            return AttentionEdit(mix_probs=probs, mix_alpha=alpha.expand(probs.shape[0], -1)[..., None])
+        bias = torch.where(allowed, alpha[..., None] * logp, torch.zeros_like(logp))  # (B, q, k)
+        return AttentionEdit(bias=bias[:, None])  # (B, 1, q, k)
+
+
+def injected_layers_valid(layers: list[int], num_layers: int) -> None:
+    """Fail fast on bad layer lists before any model loads."""
+    if not layers:
+        raise ValueError("inject.layers is empty; give at least one student layer, e.g. inject.layers=[4]")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"inject.layers={layers} contains duplicates")
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad:
+        raise ValueError(f"inject.layers={layers}: {bad} outside the student's layers 0..{num_layers - 1}")

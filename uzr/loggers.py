@@ -1,0 +1,47 @@
+"""Experiment loggers: W&B (offline unless the user opts in) through Lightning, and CSV."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+
+def make_loggers(spec, out_dir: Path, run_name: str, config: dict) -> list[Logger]:
+    """Loggers for one run; W&B files go to ``out_dir/wandb`` (sync later with ``wandb sync``)."""
+    loggers: list[Logger] = []
+    if spec.csv:
+        loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
+    if spec.wandb and spec.wandb_mode != "disabled":
+        # Offline by default: the environment may pin it (WANDB_MODE) but a config opt-in wins.
+        mode = spec.wandb_mode if spec.wandb_mode == "online" else os.environ.get("WANDB_MODE", "offline")
+        loggers.append(WandbLogger(
+            project=spec.project, name=run_name, group=spec.group, save_dir=str(out_dir), mode=mode,
+            config=config, reinit="finish_previous",
+        ))
+    return loggers
+
+
+def log_summary(loggers: list[Logger], metrics: dict[str, float], images: dict[str, Path] | None = None,
+                table: tuple[list[str], list[list]] | None = None) -> None:
+    """Final numbers (flat ``name -> float``), figures and the results table."""
+    for logger in loggers:
+        logger.log_metrics(metrics)
+        if isinstance(logger, WandbLogger):
+            for key, path in (images or {}).items():
+                logger.log_image(key=key, images=[str(path)])
+            if table is not None:
+                logger.log_table(key="results", columns=table[0], data=table[1])
+            logger.experiment.summary.update(metrics)
+        logger.save()
+
+
+def finish(loggers: list[Logger]) -> None:
+    """Close the W&B run: each job of a Hydra multirun must get its own."""
+    for logger in loggers:
+        logger.finalize("success")
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()

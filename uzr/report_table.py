@@ -1,0 +1,80 @@
+"""The results table of one run: every injected number beside its baseline, printed and logged."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def results_rows(metrics: dict) -> tuple[list[str], list[list]]:
+    """Rows (metric, baseline/teacher, student, injected student) for the table and W&B."""
+    header = ["metric", "reference", "student", "injected"]
+    rows: list[list] = []
+    kl = metrics.get("controller", {}).get("heldout_kl", {})
+    if kl:
+        rows.append(["held-out KL: controller", None, None, kl.get("controller")])
+        for name in ("uniform", "recency", "student_self"):
+            rows.append([f"held-out KL: {name} baseline", kl.get(name), None, None])
+    ev = metrics.get("evaluate")
+    if ev:
+        bpb = ev["bits_per_byte"]
+        rows.append(["bits per byte (ref = teacher)", bpb["teacher"], bpb["student"], bpb["injected"]])
+        if "next_token_kl" in ev:
+            rows.append(["next-token KL to teacher", None, ev["next_token_kl"]["student"], ev["next_token_kl"]["injected"]])
+        for layer, gaps in ev["habit_distance"].items():
+            for name in ("norm_entropy", "locality", "attn_kl"):
+                rows.append([f"habit distance {layer} {name}", 0.0, gaps["student"][name], gaps["injected"][name]])
+    return header, rows
+
+
+def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Nested metrics -> ``{"a/b/c": float}`` for loggers."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_metrics(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def verdict(metrics: dict) -> list[str]:
+    """Plain-language reading of the table; says so when injection hurts or learns nothing."""
+    lines = []
+    kl = metrics.get("controller", {}).get("heldout_kl", {})
+    if kl.get("controller") is not None and kl.get("student_self") is not None:
+        beats = kl["controller"] < kl["student_self"]
+        lines.append(
+            f"controller {'beats' if beats else 'does NOT beat'} the student's own attention as a predictor of the "
+            f"teacher's (KL {kl['controller']:.4f} vs {kl['student_self']:.4f})"
+        )
+    ev = metrics.get("evaluate")
+    if ev:
+        bpb = ev["bits_per_byte"]
+        delta = bpb["injected"] - bpb["student"]
+        lines.append(
+            f"injection {'improves' if delta < 0 else 'HURTS'} bits per byte by {abs(delta):.4f} "
+            f"(student {bpb['student']:.4f} -> {bpb['injected']:.4f}; teacher {bpb['teacher']:.4f})"
+        )
+        if bpb["teacher"] >= bpb["student"]:
+            lines.append("the teacher is not ahead of the student on this text: no gap for injection to close")
+    return lines
+
+
+def print_results(metrics: dict, cfg) -> None:
+    header, rows = results_rows(metrics)
+    table = Table(title=f"uzr results: {cfg.teacher.name} -> {cfg.student.name}, layers {list(cfg.inject.layers)}, "
+                        f"alpha {cfg.alpha.value} ({cfg.alpha.schedule}, {cfg.inject.mode})")
+    for column in header:
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for row in rows:
+        table.add_row(row[0], *(_fmt(v) for v in row[1:]))
+    console = Console()
+    console.print(table)
+    for line in verdict(metrics):
+        console.print(f"• {line}")
