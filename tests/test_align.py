@@ -234,3 +234,14 @@ def test_truncation_cuts_teacher_to_student_characters(toks, pair):
     assert full_t["offset_mapping"][T - 1][0] < covered <= full_t["offset_mapping"][T][0]
     out = al.align(random_causal(n=T))
     torch.testing.assert_close(out.sum(-1), torch.ones(20), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_align_on_gpu_matches_cpu():
+    al = TokenAligner([(0, 0), (0, 3), (3, 4), (4, 6)], [(0, 2), (2, 4), (4, 5), (5, 6)])
+    p = random_causal(2, n=4, seed=2)
+    out = al.align(p.cuda().half())  # any float dtype in, float32 out
+    assert out.device.type == "cuda" and out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), al.align(p.half()), atol=1e-6, rtol=0)
+    assert al.gather_query_stats(torch.arange(4.0).cuda()).device.type == "cuda"
+    assert al.diagnostics["self_fallback_rows"] == 0

@@ -18,7 +18,9 @@ TEXTS = ["The quick brown fox jumps over the lazy dog, twice.", "Short one."]
 
 
 def tiny(arch: str = "llama", tok: str = "bpe", **kw) -> ModelSpec:
-    return ModelSpec(name=f"tiny-{arch}-{tok}", source="tiny", architecture=arch, tokenizer=tok, **{**SIZES, **kw})
+    return ModelSpec(
+        name=f"tiny-{arch}-{tok}", source="tiny", architecture=arch, tokenizer=tok, **{**SIZES, **kw}
+    )
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -180,11 +182,15 @@ def test_missing_gguf_package_and_file_errors(monkeypatch, tmp_path):
 def test_declared_sizes_are_checked_against_the_loaded_model():
     model, _ = load_model(tiny())
     models._check_declared(tiny(), model.config, "student")
-    with pytest.raises(ValueError, match=r"student 'tiny-llama-bpe' declares \{'num_layers': 3\}.*\{'num_layers': 2\}"):
+    with pytest.raises(
+        ValueError, match=r"student 'tiny-llama-bpe' declares \{'num_layers': 3\}.*\{'num_layers': 2\}"
+    ):
         models._check_declared(tiny(num_layers=3), model.config, "student")
 
 
-@pytest.mark.parametrize(("quant", "layer", "max_err"), [("4bit", "Linear4bit", 0.3), ("8bit", "Linear8bitLt", 0.05)])
+@pytest.mark.parametrize(
+    ("quant", "layer", "max_err"), [("4bit", "Linear4bit", 0.3), ("8bit", "Linear8bitLt", 0.05)]
+)
 def test_bitsandbytes_on_cpu_runs_close_to_float(quant, layer, max_err):
     pytest.importorskip("bitsandbytes")
     spec = tiny(num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=64)

@@ -139,43 +139,50 @@ class Injector:
     def _capture(self, module, args, kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         self._hidden[module.layer_idx] = hidden  # (B, q, D): the normalised input of the attention
+        cache = kwargs.get("past_key_values")
+        if cache is None or cache.get_seq_length(module.layer_idx) == 0:
+            self._key_cache.pop(module.layer_idx, None)  # a new sequence starts
         return None
 
     # --- the edit ----------------------------------------------------------------------------
-    def controller_logprobs(self, layer: int, q_len: int, k_len: int, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities (B, q, k) of the controller at ``layer`` and the allowed mask (B|1, q, k)."""
+    def controller_logprobs(self, layer: int, q_len: int, k_len: int, mask) -> tuple[torch.Tensor, ...]:
+        """Log-probabilities (B, q, k) of the controller at ``layer``, the allowed mask (B|1, q, k) and the
+        queries' positions (q,) in the sequence.
+
+        The controller's key features of every position seen so far are cached; a sliding-window
+        layer's KV cache may hold only the last ``k_len`` of them, so the newest ``k_len`` are used.
+        """
         ctrl = self.controllers[layer]
         hidden = self._hidden.pop(layer).float()  # (B, q, D)
-        past = k_len - q_len
         keys = ctrl.key_features(hidden)  # (B, q, dk)
-        if past > 0:
-            if layer not in self._key_cache or self._key_cache[layer].shape[1] != past:
-                raise RuntimeError(
-                    f"injector key cache for layer {layer} holds "
-                    f"{self._key_cache.get(layer, torch.empty(0, 0)).shape[1]} positions, expected {past}: "
-                    "the injector was attached after the prefill; attach it before generate()"
-                )
-            keys = torch.cat([self._key_cache[layer], keys], 1)  # (B, k, dk)
+        if layer in self._key_cache:
+            keys = torch.cat([self._key_cache[layer], keys], 1)  # (B, seen, dk)
         else:
             self._prefill_len[layer] = q_len
         self._key_cache[layer] = keys
-        q_pos = torch.arange(past, k_len, device=hidden.device)
-        k_pos = torch.arange(k_len, device=hidden.device)
-        logits = ctrl.logits_from_features(ctrl.query_features(hidden), keys, q_pos, k_pos)  # (B, q, k)
+        seen = keys.shape[1]
+        if seen < k_len:
+            raise RuntimeError(
+                f"injector saw {seen} positions at layer {layer} but attention has {k_len} keys: "
+                "attach the injector before the prefill (before generate()), not in the middle of a sequence"
+            )
+        q_pos = torch.arange(seen - q_len, seen, device=hidden.device)
+        k_pos = torch.arange(seen - k_len, seen, device=hidden.device)
+        logits = ctrl.logits_from_features(ctrl.query_features(hidden), keys[:, seen - k_len:], q_pos, k_pos)
         allowed = causal_allowed(mask, q_len, k_len, hidden.device)[:, 0]  # (B|1, q, k)
-        return masked_log_softmax(logits, allowed.expand_as(logits)), allowed
+        return masked_log_softmax(logits, allowed.expand_as(logits)), allowed, q_pos
 
     def attention_edit(self, module, query, key, mask) -> AttentionEdit | None:
         layer = module.layer_idx
         q_len, k_len = query.shape[2], key.shape[2]
-        logp, allowed = self.controller_logprobs(layer, q_len, k_len, mask)
+        logp, allowed, q_pos = self.controller_logprobs(layer, q_len, k_len, mask)
         probs = logp.exp() * allowed  # (B, q, k)
         n_keys = allowed.sum(-1).float().clamp(min=1)  # (B|1, q)
         norm_entropy = torch.where(
             n_keys > 1, -torch.special.xlogy(probs, probs).sum(-1) / n_keys.log().clamp(min=1e-12), 0.0
         )
         prompt_len = self.prompt_len if self.prompt_len is not None else self._prefill_len[layer]
-        steps = (torch.arange(k_len - q_len, k_len, device=query.device) - (prompt_len - 1)).clamp(min=0)
+        steps = (q_pos - (prompt_len - 1)).clamp(min=0)
         alpha = alpha_rows(self.alpha, layer, steps, norm_entropy, self.gate).to(probs.device)  # (B|1, q)
         if not bool((alpha != 0).any()):
             return None  # exact parity with the plain model

