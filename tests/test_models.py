@@ -247,3 +247,21 @@ def test_packaged_models_convert_once_then_load_from_cache(spec, tmp_path, monke
     assert len(conversions) == 1  # served from the converted cache, no GGUF work
     assert torch.isfinite(first).all() and torch.equal(first, second)
     assert second_s < first_s / 3, (first_s, second_s)
+
+
+def test_gguf_conversion_runs_once_under_concurrent_loads(monkeypatch, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = []
+
+    def fake_convert(spec, gguf, target):
+        calls.append(target)
+        time.sleep(0.2)  # long enough for the other loader to find no folder yet and wait on the lock
+        target.mkdir()
+
+    monkeypatch.setattr(models, "_locate_gguf", lambda spec, role: (None, "0123456789abcdef" * 4))
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    spec = ModelSpec(name="fake", source="gguf_package", gguf_package="fake_pkg", **SIZES)
+    with ThreadPoolExecutor(2) as pool:
+        dirs = list(pool.map(lambda _: models._converted_gguf_dir(spec, tmp_path, "model"), range(2)))
+    assert dirs == [tmp_path / "models" / "fake-0123456789abcdef"] * 2 and len(calls) == 1

