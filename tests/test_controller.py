@@ -88,6 +88,16 @@ class _DM(L.LightningDataModule):
         return DataLoader(self.val, batch_size=64)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls gain nothing from intra-op threads, and on a busy shared CPU spinning threads made
+    this fit 20x slower (3 s -> 60 s); one thread keeps it fast and stable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _trainer(epochs: int) -> L.Trainer:
     return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
@@ -260,7 +270,7 @@ def test_recency_prior_recovers_known_recency():
 # ---------------------------------------------------------------------------------------- training
 
 
-def test_training_beats_uniform_recency_and_student_self():
+def test_training_beats_uniform_recency_and_student_self(one_thread):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     S, D = 24, 32
@@ -286,7 +296,7 @@ def test_training_beats_uniform_recency_and_student_self():
     assert math.isfinite(rep["val/loss"])
 
 
-def test_fit_without_datamodule_fits_baselines_from_train_loader():
+def test_fit_without_datamodule_fits_baselines_from_train_loader(one_thread):
     gen = torch.Generator().manual_seed(2)
     data = _synthetic(32, 10, 16, gen, layers=("0",))
     module = ControllerModule(16, [0], ControllerSpec(key_dim=8, mlp_hidden=16))

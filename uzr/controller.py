@@ -519,6 +519,9 @@ class ControllerModule(L.LightningModule):
         else:
             self.trainer.fit_loop.setup_data()
             loader = self.trainer.train_dataloader
+        if loader is None:  # e.g. limit_train_batches=0: nothing to fit on; validation skips the prior
+            warnings.warn("no train dataloader to fit the recency prior on", stacklevel=2)
+            return
         self.fit_baselines(loader)
 
     # -- training

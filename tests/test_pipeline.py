@@ -1,0 +1,91 @@
+"""End to end: Hydra runs of the smoke experiment (tiny models) and of the packaged real pair."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+def run_train(tmp_path, *overrides: str, timeout: int = 600, run_dir: str = "run") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "uzr.train", *overrides, f"cache_dir={tmp_path / 'cache'}",
+           f"hydra.run.dir={tmp_path / run_dir}"]
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path), "UZR_CACHE": str(tmp_path / "cache")}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    proc = run_train(tmp, "+experiment=smoke")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp, proc
+
+
+def test_smoke_writes_metrics_config_figure_and_logs(smoke_run):
+    tmp, proc = smoke_run
+    run = tmp / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (run / "config.yaml").exists()
+    assert (run / "figures" / "heatmaps_L1.png").stat().st_size > 10_000
+    assert list((run / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    assert (run / "csv" / "metrics.csv").exists()
+    assert metrics["artifacts"]["harvest"]["built"] and metrics["artifacts"]["controller"]["built"]
+    ev = metrics["evaluate"]
+    for name in ("student", "injected", "teacher"):
+        assert 0 < ev["bits_per_byte"][name] < 20
+    assert set(ev["habit_distance"]) == {"L1", "L2"}
+    assert "bits per byte" in proc.stdout and "held-out KL" in proc.stdout
+
+
+def test_smoke_controller_beats_uniform_on_heldout(smoke_run):
+    """Training on the smoke store lowers held-out KL below the uniform baseline."""
+    tmp, _ = smoke_run
+    kl = json.loads((tmp / "run" / "metrics.json").read_text())["controller"]["heldout_kl"]
+    assert kl["controller"] < kl["uniform"] - 0.005, kl
+    assert all(v is not None and v >= 0 for v in kl.values()), kl
+
+
+def test_second_run_reuses_store_and_controller(smoke_run):
+    tmp, _ = smoke_run
+    proc = run_train(tmp, "+experiment=smoke", "alpha.value=1.0", run_dir="run2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp / "run2" / "metrics.json").read_text())
+    first = json.loads((tmp / "run" / "metrics.json").read_text())
+    assert not metrics["artifacts"]["harvest"]["built"] and not metrics["artifacts"]["controller"]["built"]
+    assert metrics["artifacts"]["harvest"]["key"] == first["artifacts"]["harvest"]["key"]
+    # same student and texts: the uninjected baseline is identical, the injected number moves with alpha
+    assert metrics["evaluate"]["bits_per_byte"]["student"] == first["evaluate"]["bits_per_byte"]["student"]
+    assert metrics["evaluate"]["bits_per_byte"]["injected"] != first["evaluate"]["bits_per_byte"]["injected"]
+
+
+def test_missing_artifact_with_stage_switched_off_is_named(tmp_path):
+    proc = run_train(tmp_path, "+experiment=smoke", "stages=[controller,evaluate]")
+    assert proc.returncode != 0
+    assert "no harvest artifact" in proc.stderr and "stages=[...]" in proc.stderr
+
+
+def test_bad_layer_fails_before_loading(tmp_path):
+    proc = run_train(tmp_path, "+experiment=smoke", "inject.layers=[7]")
+    assert proc.returncode != 0
+    assert "inject.layers=[7]: [7] outside the student's layers 0..2" in proc.stderr
+    assert not (tmp_path / "cache").exists()  # nothing built, nothing loaded
+
+
+@pytest.mark.real
+def test_real_packaged_pair_end_to_end(tmp_path):
+    """Gemma 3 270M -> SmolLM2-135M on a few short texts completes and writes metrics.json."""
+    proc = run_train(
+        tmp_path, "+experiment=default", "data.num_texts=6", "harvest.max_length=32", "inject.layers=[15]",
+        "controller.max_epochs=1", "evaluate.num_texts=2", "logger=csv", timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    bpb = metrics["evaluate"]["bits_per_byte"]
+    assert 0.3 < bpb["teacher"] < 3 and 0.3 < bpb["student"] < 3, bpb
+    assert metrics["controller"]["heldout_kl"]["student_self"] > 0
