@@ -35,6 +35,9 @@ class InjectSpec:
 
 @dataclass
 class HarvestSpec:
+    # Student layers stored (a superset of inject.layers, so a sweep over layers shares one store);
+    # None = inject.layers.
+    layers: list[int] | None = None
     max_length: int = 256  # student tokens per text (longer texts are truncated)
     block_size: int = 256  # query rows per block in the statistics (memory grows linearly with S)
     locality_window: int = 8
@@ -97,12 +100,23 @@ class RunConfig:
     cache_dir: str = "~/.cache/uzr"
 
 
+def proportional_teacher_layer(cfg: RunConfig, layer: int) -> int:
+    lt, ls = cfg.teacher.num_layers, cfg.student.num_layers
+    return round(layer * (lt - 1) / max(ls - 1, 1))
+
+
 def teacher_layer_map(cfg: RunConfig) -> list[int]:
     """The teacher layer mapped to each injected student layer."""
     if cfg.inject.teacher_layers is not None:
         return list(cfg.inject.teacher_layers)
-    lt, ls = cfg.teacher.num_layers, cfg.student.num_layers
-    return [round(layer * (lt - 1) / max(ls - 1, 1)) for layer in cfg.inject.layers]
+    return [proportional_teacher_layer(cfg, layer) for layer in cfg.inject.layers]
+
+
+def harvest_layers(cfg: RunConfig) -> tuple[list[int], list[int]]:
+    """Student layers the store holds and the teacher layer of each (injected layers use their mapping)."""
+    mapping = dict(zip(cfg.inject.layers, teacher_layer_map(cfg)))
+    layers = sorted(set(cfg.harvest.layers or []) | set(cfg.inject.layers))
+    return layers, [mapping.get(layer, proportional_teacher_layer(cfg, layer)) for layer in layers]
 
 
 def resolve_config(cfg: DictConfig) -> RunConfig:
@@ -145,6 +159,10 @@ def validate(cfg: RunConfig) -> None:
         if bad_layer not in cfg.inject.layers:
             raise ValueError(f"alpha.layer_weights names layer {bad_layer}, not in inject.layers={cfg.inject.layers}")
     h = cfg.harvest
+    if h.layers is not None:
+        bad = [layer for layer in h.layers if not 0 <= layer < cfg.student.num_layers]
+        if bad:
+            raise ValueError(f"harvest.layers={h.layers}: {bad} outside the student's layers 0..{cfg.student.num_layers - 1}")
     if h.max_length < 2:
         raise ValueError(f"harvest.max_length={h.max_length} must be >= 2 (a text needs a token to predict)")
     if h.block_size < 1 or h.locality_window < 1 or h.shard_size < 1:

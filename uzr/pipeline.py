@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from uzr.cache import ArtifactCache, content_key
-from uzr.config import RunConfig, teacher_layer_map
+from uzr.config import RunConfig, harvest_layers
 from uzr.controller import ControllerModule, build_controller, load_controller, save_controller
 from uzr.corpus import load_corpus
 from uzr.data import StoreDataModule
@@ -54,8 +54,9 @@ def harvest_key(cfg: RunConfig) -> tuple[str, dict]:
     payload = {
         "teacher": dataclasses.asdict(cfg.teacher), "student": dataclasses.asdict(cfg.student),
         "data": dataclasses.asdict(cfg.data), "harvest": dataclasses.asdict(cfg.harvest),
-        "layers": list(cfg.inject.layers), "teacher_layers": teacher_layer_map(cfg),
+        "layers": harvest_layers(cfg),
     }
+    payload["harvest"].pop("layers")  # folded into "layers" above: only the effective set counts
     return content_key("harvest", payload), payload
 
 
@@ -73,15 +74,15 @@ def build_store(folder: Path, cfg: RunConfig, models: ModelPool) -> dict:
     store = HarvestStore(folder)
     teacher, teacher_tok = models.get("teacher")
     student, student_tok = models.get("student")
-    mapping = teacher_layer_map(cfg)
+    layers, mapping = harvest_layers(cfg)
     store.write_layout(StoreLayout(
-        layers=list(cfg.inject.layers), teacher_layers=mapping, hidden_size=student.config.hidden_size,
+        layers=layers, teacher_layers=mapping, hidden_size=student.config.hidden_size,
         teacher_num_layers=teacher.config.num_hidden_layers, teacher_num_heads=teacher.config.num_attention_heads,
         student_num_layers=student.config.num_hidden_layers, student_num_heads=student.config.num_attention_heads,
         locality_window=cfg.harvest.locality_window,
     ))
     h = cfg.harvest
-    harvester = Harvester(teacher, teacher_tok, student, student_tok, cfg.inject.layers, mapping,
+    harvester = Harvester(teacher, teacher_tok, student, student_tok, layers, mapping,
                           window=h.locality_window, block_size=h.block_size, max_length=h.max_length)
     shards = [texts[i:i + h.shard_size] for i in range(0, len(texts), h.shard_size)]
     done = set(store.done_shards())
