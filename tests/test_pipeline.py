@@ -89,3 +89,17 @@ def test_real_packaged_pair_end_to_end(tmp_path):
     bpb = metrics["evaluate"]["bits_per_byte"]
     assert 0.3 < bpb["teacher"] < 3 and 0.3 < bpb["student"] < 3, bpb
     assert metrics["controller"]["heldout_kl"]["student_self"] > 0
+
+
+def test_same_tokenizer_pair_reports_next_token_kl_and_identity_alignment(tmp_path):
+    """tiny_gemma3 and tiny_qwen2 share the bpe tokenizer: identity alignment, next-token KL available."""
+    proc = run_train(tmp_path, "+experiment=smoke", "student=tiny_qwen2", "controller.max_epochs=1", "logger=csv",
+                     "evaluate.figure=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    kl = metrics["evaluate"]["next_token_kl"]
+    assert kl["student"] > 0 and kl["injected"] > 0 and kl["student"] != kl["injected"]
+    from uzr.harvest.store import HarvestStore
+
+    rows = HarvestStore(metrics["artifacts"]["harvest"]["path"]).rows()
+    assert all(float(rows[i]["align_dropped_mass"]) == 0.0 for i in range(len(rows)))
