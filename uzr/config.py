@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from uzr.controller import ControllerSpec
 from uzr.controller import validate_spec as validate_controller_spec
 from uzr.corpus import CorpusSpec, validate_corpus_spec
+from uzr.gate import GateSpec, validate_gate_spec
 from uzr.inject import MODES, AlphaSpec, injected_layers_valid, validate_alpha
 from uzr.models import ModelSpec, validate_spec
 
@@ -43,14 +44,8 @@ class HarvestSpec:
     locality_window: int = 8
     shard_size: int = 16  # texts per resumable shard
     max_bad_fraction: float = 0.05  # stop if more texts than this have non-finite attention scores
-
-
-@dataclass
-class GateSpec:
-    """Gate labels and model (the gate stage itself is a later issue; these knobs are its interface)."""
-
-    label: str = "token"
-    confident_quantile: float = 0.5
+    devices: int = 1  # processes for Trainer.predict (accelerator from trainer.accelerator)
+    strategy: str = "auto"  # e.g. ddp, ddp_spawn: each rank writes whole shards into one store
 
 
 @dataclass
@@ -138,6 +133,7 @@ def validate(cfg: RunConfig) -> None:
     validate_corpus_spec(cfg.data)
     validate_controller_spec(cfg.controller)
     validate_alpha(cfg.alpha)
+    validate_gate_spec(cfg.gate)
     bad_stages = [s for s in cfg.stages if s not in STAGES]
     if bad_stages:
         raise ValueError(f"stages={cfg.stages}: unknown {bad_stages}; valid stages: {', '.join(STAGES)}")

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from tqdm.auto import tqdm
 
 from uzr.cache import ArtifactCache, content_key
@@ -23,7 +25,7 @@ from uzr.controller import ControllerModule, build_controller, load_controller, 
 from uzr.corpus import load_corpus
 from uzr.data import StoreDataModule
 from uzr.evaluate import Evaluator, heatmap_figure
-from uzr.harvest.harvester import Harvester, row_is_finite
+from uzr.harvest.runner import HarvesterFactory, run_harvest
 from uzr.harvest.store import HarvestStore, StoreLayout
 from uzr.inject import Injector
 from uzr.loggers import finish, log_summary, make_loggers
@@ -82,55 +84,38 @@ def build_store(folder: Path, cfg: RunConfig, models: ModelPool) -> dict:
         locality_window=cfg.harvest.locality_window,
     ))
     h = cfg.harvest
-    harvester = Harvester(teacher, teacher_tok, student, student_tok, layers, mapping,
-                          window=h.locality_window, block_size=h.block_size, max_length=h.max_length)
-    shards = [texts[i:i + h.shard_size] for i in range(0, len(texts), h.shard_size)]
-    done = set(store.done_shards())
-    bad: list[int] = []
-    try:
-        with tqdm(total=len(texts), desc="harvest", unit="text") as bar:
-            for index, shard in enumerate(shards):
-                if index in done:
-                    bar.update(len(shard))
-                    continue
-                rows = []
-                for offset, (text, split) in enumerate(shard):
-                    row = harvester(text)
-                    if row_is_finite(row):
-                        rows.append({**row, "split": split})
-                    else:
-                        bad.append(index * h.shard_size + offset)
-                    bar.update(1)
-                if len(bad) > h.max_bad_fraction * len(texts):
-                    raise FloatingPointError(
-                        f"{len(bad)} of {len(texts)} texts gave non-finite attention statistics (more than "
-                        f"harvest.max_bad_fraction={h.max_bad_fraction}); check the model dtype (try float32)"
-                    )
-                if rows:
-                    store.write_shard(index, rows)
-    finally:
-        harvester.close()
-    if bad:
-        log.warning("harvest skipped %d texts with non-finite statistics: %s", len(bad), bad[:20])
-    return {"texts": len(texts), "skipped_nonfinite": len(bad), "corpus_stats": corpus.stats}
+
+    make_harvester = HarvesterFactory(teacher, teacher_tok, student, student_tok, layers, mapping,
+                                      h.locality_window, h.block_size, h.max_length)
+    trainer_kwargs = {"accelerator": cfg.trainer.accelerator, "devices": h.devices, "strategy": h.strategy}
+    summary = run_harvest(store, texts, make_harvester, h.shard_size, h.max_bad_fraction, trainer_kwargs)
+    return {**summary, "corpus_stats": corpus.stats}
 
 
 # ------------------------------------------------------------------------------------- controller
 def train_controller(folder: Path, cfg: RunConfig, store: HarvestStore, loggers, out_dir: Path) -> dict:
+    """Fit the controllers; Lightning checkpoints in ``folder`` let a killed run resume where it stopped."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = StoreDataModule(store, cfg.inject.layers, cfg.controller.batch_size, cfg.seed)
     module = ControllerModule(store.layout.hidden_size, cfg.inject.layers, cfg.controller)
     t = cfg.trainer
+    checkpoints = folder / "checkpoints"
     trainer = L.Trainer(
         max_epochs=cfg.controller.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
         precision=t.precision, deterministic=t.deterministic, log_every_n_steps=t.log_every_n_steps,
-        logger=loggers or False, enable_checkpointing=False, default_root_dir=str(out_dir),
-        enable_model_summary=False,
+        logger=loggers or False, default_root_dir=str(out_dir), enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=1, every_n_epochs=1)],
     )
-    trainer.fit(module, datamodule=datamodule)
+    last = checkpoints / "last.ckpt"
+    resumed = last.exists()
+    if resumed:
+        log.info("controller training resumes from %s", last)
+    # weights_only: a checkpoint is data, never code (its hyperparameters are plain types)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resumed else None, weights_only=True)
     report = module.heldout_report()
     save_controller(module, folder, {"student": cfg.student.name, "heldout": report})
-    return {"heldout": report}
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the finished artifact is the safetensors file
+    return {"heldout": report, "resumed": resumed}
 
 
 def controller_summary(report: dict, layers: list[int]) -> dict:
@@ -195,27 +180,29 @@ def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict
     cache, models = ArtifactCache(cfg.cache_dir), ModelPool(cfg)
     loggers = make_loggers(cfg.logger, out_dir, run_name, config_dict)
     metrics: dict = {"name": run_name, "artifacts": {}}
+    stages = set(cfg.stages)
     try:
         h_key, h_payload = harvest_key(cfg)
         h_dir, built = cache.get_or_build("harvest", h_key, h_payload, lambda d: build_store(d, cfg, models),
-                                          allow_build="harvest" in cfg.stages)
+                                          allow_build="harvest" in stages)
         metrics["artifacts"]["harvest"] = {"key": h_key, "built": built, "path": str(h_dir)}
         store = HarvestStore(h_dir)
 
-        c_key, c_payload = controller_key(cfg, h_key)
-        c_dir, built = cache.get_or_build(
-            "controller", c_key, c_payload, lambda d: train_controller(d, cfg, store, loggers, out_dir),
-            allow_build="controller" in cfg.stages,
-        )
-        metrics["artifacts"]["controller"] = {"key": c_key, "built": built, "path": str(c_dir)}
-        controllers, meta = load_controller(c_dir, expected={
-            "student": cfg.student.name, "hidden_size": cfg.student.hidden_size, "layers": list(cfg.inject.layers),
-        })
-        metrics["controller"] = controller_summary(meta["heldout"], cfg.inject.layers)
-
         images = {}
-        if "evaluate" in cfg.stages:
-            metrics["evaluate"], images = evaluate(cfg, store, controllers, models, out_dir)
+        if stages & {"controller", "evaluate"}:
+            c_key, c_payload = controller_key(cfg, h_key)
+            c_dir, built = cache.get_or_build(
+                "controller", c_key, c_payload, lambda d: train_controller(d, cfg, store, loggers, out_dir),
+                allow_build="controller" in stages,
+            )
+            metrics["artifacts"]["controller"] = {"key": c_key, "built": built, "path": str(c_dir)}
+            controllers, meta = load_controller(c_dir, expected={
+                "student": cfg.student.name, "hidden_size": cfg.student.hidden_size,
+                "layers": list(cfg.inject.layers),
+            })
+            metrics["controller"] = controller_summary(meta["heldout"], cfg.inject.layers)
+            if "evaluate" in stages:
+                metrics["evaluate"], images = evaluate(cfg, store, controllers, models, out_dir)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         header, table = results_rows(metrics)
         print_results(metrics, cfg)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -78,21 +79,33 @@ class HarvestStore:
         return self.folder / f"shard-{index:05d}"
 
     def done_shards(self) -> list[int]:
-        return sorted(int(p.name.split("-")[1]) for p in self.folder.glob("shard-[0-9]*") if p.is_dir())
+        """Indices of complete shards (a folder without its ``state.json`` or data files is not one)."""
+        return sorted(int(p.name.split("-")[1]) for p in self.folder.glob("shard-[0-9]*") if shard_complete(p))
 
     def write_shard(self, index: int, rows: list[dict]) -> None:
         """Write rows (dicts of numpy arrays / scalars / strings) atomically as shard ``index``."""
         columns = {key: [flatten(row[key]) for row in rows] for key in rows[0]}
         tmp = self.folder / f".tmp-shard-{index:05d}-{os.getpid()}"
-        datasets.Dataset.from_dict(columns).save_to_disk(str(tmp))
+        with quiet_datasets():
+            datasets.Dataset.from_dict(columns).save_to_disk(str(tmp))
         final = self.shard_dir(index)
-        if final.exists():
-            shutil.rmtree(tmp)  # another writer finished this shard first
-            return
-        os.replace(tmp, final)
+        if final.exists() and not shard_complete(final):
+            shutil.rmtree(final)  # an incomplete folder (copied in, damaged): never keep it over new data
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another rank finished this shard first (DDP pads with repeated shards)
+            shutil.rmtree(tmp)
 
     def dataset(self) -> datasets.Dataset:
-        shards = [datasets.load_from_disk(str(self.shard_dir(i))) for i in self.done_shards()]
+        shards = []
+        for i in self.done_shards():
+            try:
+                shards.append(datasets.load_from_disk(str(self.shard_dir(i))))
+            except Exception as err:  # pyarrow.ArrowInvalid, OSError, JSON errors on damaged files
+                raise CorruptStore(
+                    f"harvest store shard {self.shard_dir(i)} cannot be read ({type(err).__name__}: {err}); the "
+                    f"store is damaged. Delete {self.folder} and run again with 'harvest' in stages to rebuild it."
+                ) from err
         if not shards:
             raise FileNotFoundError(f"harvest store {self.folder} has no shards")
         return datasets.concatenate_datasets(shards).with_format("numpy")
@@ -119,6 +132,34 @@ class StoreRows:
             key: value.reshape(self.layout.shape(key, seq_len)) if isinstance(value, np.ndarray) else value
             for key, value in row.items()
         }
+
+
+class CorruptStore(RuntimeError):
+    """A store shard that cannot be read."""
+
+
+def shard_complete(path: Path) -> bool:
+    """A shard folder as ``save_to_disk`` leaves it: ``state.json`` naming data files that all exist."""
+    state = path / "state.json"
+    if not (path.is_dir() and state.is_file() and (path / "dataset_info.json").is_file()):
+        return False
+    try:
+        files = [entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return bool(files) and all((path / name).is_file() for name in files)
+
+
+@contextmanager
+def quiet_datasets():
+    """A per-shard "Saving the dataset" bar would drown the harvest's own progress bar."""
+    enabled = datasets.utils.is_progress_bar_enabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.utils.enable_progress_bars()
 
 
 def flatten(value):

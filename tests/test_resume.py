@@ -1,0 +1,103 @@
+"""A killed harvest resumes from its last complete shard; a 2-process harvest equals a 1-process one."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from uzr.harvest.store import HarvestStore
+
+from .conftest import ROOT
+
+SMOKE = ["+experiment=smoke", "data.num_texts=24", "harvest.shard_size=2", "logger=csv"]
+
+
+def command(tmp_path, *overrides):
+    return [sys.executable, "-m", "uzr.train", *SMOKE, *overrides, f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+
+
+ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin"}
+
+
+def finished_store(tmp_path) -> HarvestStore:
+    folders = [p for p in glob.glob(str(tmp_path / "cache" / "harvest" / "*")) if not p.endswith((".lock", ".partial"))]
+    assert len(folders) == 1, folders
+    return HarvestStore(folders[0])
+
+
+def assert_same_store(a: HarvestStore, b: HarvestStore):
+    da, db = a.dataset().with_format(None), b.dataset().with_format(None)
+    assert len(da) == len(db) and sorted(da.column_names) == sorted(db.column_names)
+    order_a, order_b = np.argsort(da["text"]), np.argsort(db["text"])
+    assert [da["text"][i] for i in order_a] == [db["text"][i] for i in order_b]
+    assert len(set(da["text"])) == len(da), "a text was written twice"
+    for column in da.column_names:
+        va, vb = da[column], db[column]
+        for i, j in zip(order_a, order_b):
+            assert np.array_equal(np.asarray(va[i]), np.asarray(vb[j])), column
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = subprocess.run(command(tmp, "stages=[harvest]"), cwd=ROOT, env={**ENV, "HOME": str(tmp)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return finished_store(tmp)
+
+
+def test_killed_harvest_resumes_and_equals_uninterrupted(tmp_path, reference):
+    cmd = command(tmp_path, "stages=[harvest]")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(glob.glob(str(tmp_path / "cache/harvest/*.partial/shard-*"))) < 3:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = glob.glob(str(tmp_path / "cache/harvest/*.partial/shard-*"))
+    assert 3 <= len(partial) < 12, "the kill must land mid-harvest"
+    resumed = subprocess.run(cmd, cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "harvest resumes" in resumed.stdout + resumed.stderr
+    manifest = json.loads((finished_store(tmp_path).folder / "manifest.json").read_text())
+    assert manifest["resumed_shards"] >= 3
+    assert_same_store(finished_store(tmp_path), reference)
+
+
+def test_two_process_harvest_equals_single_process(tmp_path, reference):
+    proc = subprocess.run(command(tmp_path, "stages=[harvest]", "harvest.devices=2", "harvest.strategy=ddp_spawn"),
+                          cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_store(finished_store(tmp_path), reference)
+
+
+def test_killed_controller_training_resumes_from_last_checkpoint(tmp_path):
+    cmd = command(tmp_path, "controller.max_epochs=60", "stages=[harvest,controller]")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and not glob.glob(str(tmp_path / "cache/controller/*.partial/checkpoints/last.ckpt")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert glob.glob(str(tmp_path / "cache/controller/*.partial/checkpoints/last.ckpt"))
+    resumed = subprocess.run(cmd, cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "controller training resumes" in resumed.stdout + resumed.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["artifacts"]["controller"]["built"]
+    final = glob.glob(str(tmp_path / "cache/controller/*/manifest.json"))
+    assert len(final) == 1 and json.loads(open(final[0]).read())["resumed"] is True
