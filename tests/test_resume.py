@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,4 +101,4 @@ def test_killed_controller_training_resumes_from_last_checkpoint(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["artifacts"]["controller"]["built"]
     final = glob.glob(str(tmp_path / "cache/controller/*/manifest.json"))
-    assert len(final) == 1 and json.loads(open(final[0]).read())["resumed"] is True
+    assert len(final) == 1 and json.loads(Path(final[0]).read_text())["resumed"] is True
