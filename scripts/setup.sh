@@ -13,8 +13,11 @@ if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     python -m pip install -q torch
   else
-    # An unpinned torch pulls a multi-GB CUDA build: install the CPU build (the local wheel where it exists).
-    python -m pip install -q "torch==2.13.0" || python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    # An unpinned torch pulls a multi-GB CUDA build: these machines keep the CPU build of 2.13.0 on disk.
+    python -m pip install -q "torch==2.13.0" || {
+      echo "setup: could not install torch==2.13.0; install a CPU build of torch into .venv yourself, then rerun" >&2
+      exit 1
+    }
   fi
 fi
 python -m pip install -q -e ".[dev]"
