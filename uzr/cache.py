@@ -21,7 +21,7 @@ from filelock import FileLock
 
 MANIFEST = "manifest.json"
 # Bump when the layout of an artifact kind changes, so old caches are rebuilt rather than misread.
-SCHEMA_VERSION = {"harvest": 1, "controller": 1, "gate": 1}
+SCHEMA_VERSION = {"harvest": 2, "controller": 1, "gate": 1}
 
 
 def content_key(kind: str, payload: dict) -> str:
@@ -51,13 +51,25 @@ class CorruptArtifact(RuntimeError):
 
 
 def verify(folder: Path) -> dict:
-    """Check every file of an artifact against its manifest; returns the manifest."""
+    """Check every file of an artifact against its manifest; returns the manifest.
+
+    Raises :class:`CorruptArtifact` (saying to delete the folder and run again) when the manifest is
+    missing or unreadable, or when a file was changed, truncated, removed or added.
+    """
+    folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.exists():
         raise CorruptArtifact(f"{folder} has no {MANIFEST}: it was not completed. Delete the folder to rebuild it.")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        expected = manifest["files"]
+        if not isinstance(expected, dict):
+            raise TypeError(f"'files' is a {type(expected).__name__}")
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CorruptArtifact(
+            f"{manifest_path} is damaged ({type(err).__name__}: {err}). Delete {folder} and run again to rebuild it."
+        ) from None
     actual = folder_digests(folder)
-    expected = manifest["files"]
     bad = sorted(name for name in set(expected) | set(actual) if expected.get(name) != actual.get(name))
     if bad:
         raise CorruptArtifact(
@@ -67,12 +79,64 @@ def verify(folder: Path) -> dict:
     return manifest
 
 
+def is_temporary(name: str) -> bool:
+    """Names of in-progress writes (``.tmp-shard-...``, ``.controller.safetensors.XXXX.tmp``, ...)."""
+    return name.startswith(".tmp") or name.endswith(".tmp")
+
+
+def remove_temporaries(folder: Path) -> list[str]:
+    """Delete what unfinished writes left in ``folder`` (a crashed build); returns the removed names.
+
+    Only call it while holding the artifact's lock, after the build finished: then nothing else is
+    writing there and every temporary entry is garbage.
+    """
+    removed = []
+    for path in sorted(Path(folder).rglob("*"), key=lambda p: len(p.parts)):
+        if is_temporary(path.name) and (path.exists() or path.is_symlink()):
+            removed.append(str(path.relative_to(folder)))
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    return removed
+
+
 def write_manifest(folder: Path, config: dict, extra: dict | None = None) -> dict:
     manifest = {"config": config, "created": time.time(), "files": folder_digests(folder), **(extra or {})}
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     os.replace(tmp, folder / MANIFEST)
     return manifest
+
+
+class UnsafeWeightsFile(ValueError):
+    """A weights file that cannot be read without unpickling arbitrary objects."""
+
+
+def load_torch_weights(path: str | os.PathLike, map_location: str = "cpu"):
+    """``torch.load`` restricted to tensors and plain containers (``weights_only=True``), never pickle.
+
+    The only way uzr reads a ``torch.save`` file: a file whose pickle would build arbitrary objects
+    (and could run code while doing so) is refused with :class:`UnsafeWeightsFile` before anything in
+    it executes. Prefer safetensors for new files.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message starts by suggesting weights_only=False: not advice uzr passes on.
+        lines = [ln for ln in str(err).splitlines() if ln.strip() and "weights_only" not in ln]
+        reason = f" ({lines[0].strip()})" if lines else ""
+        raise UnsafeWeightsFile(
+            f"refusing to load {path}: it holds pickled objects other than tensors{reason}, and unpickling them "
+            f"could run code. uzr reads torch files only with weights_only=True; use a file from a trusted "
+            f"source saved as safetensors or as a plain state dict of tensors."
+        ) from None
+    except RuntimeError as err:  # not a torch.save file at all (e.g. truncated zip)
+        raise UnsafeWeightsFile(f"cannot read {path} as torch weights: {str(err).splitlines()[0]}") from None
 
 
 class ArtifactCache:
@@ -108,6 +172,9 @@ class ArtifactCache:
             work = self.work_dir(kind, key)
             work.mkdir(parents=True, exist_ok=True)
             extras = build(work) or {}
+            # A crash of an earlier attempt may have left half-written temporaries in the work folder;
+            # they must not end up in the artifact (or its manifest).
+            remove_temporaries(work)
             write_manifest(work, config, extras)
             if final.exists():  # a stale incomplete folder (no manifest) from a crash
                 shutil.rmtree(final)

@@ -688,6 +688,33 @@ def _normalise(field: str, value: Any) -> Any:
     return value
 
 
+def _rebuild_hint(d: Path) -> str:
+    return (f"delete {d} and run again with 'controller' in stages=[...] to retrain it, "
+            f"or restore the checkpoint from a trusted copy")
+
+
+def _check_safetensors_file(wpath: Path, d: Path) -> None:
+    """Refuse, before anything parses it, a weights file that is not safetensors (e.g. a pickle).
+
+    A safetensors file starts with an 8-byte little-endian header length N followed by a JSON header
+    (``{``) of N bytes. Pickles (``torch.save`` zips, raw pickles) are named as such: uzr never
+    unpickles weights, since unpickling can run arbitrary code.
+    """
+    size = wpath.stat().st_size
+    with open(wpath, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        kind = "a torch.save zip archive" if head[:2] == b"PK" else "a pickle"
+        raise ValueError(
+            f"refusing to load {wpath}: it is {kind}, not a safetensors file. uzr reads controller weights "
+            f"only with safetensors and never unpickles them (unpickling can run arbitrary code); "
+            f"{_rebuild_hint(d)}")
+    raise ValueError(f"{wpath} is not a valid safetensors file (damaged or truncated header, {size} bytes); "
+                     f"{_rebuild_hint(d)}")
+
+
 def load_controller(path_dir: str | os.PathLike, expected: Mapping[str, Any] | None = None
                     ) -> tuple[dict[str, Controller], dict[str, Any]]:
     """Rebuild controllers saved by :func:`save_controller` (weights via safetensors, never pickle).
@@ -705,7 +732,7 @@ def load_controller(path_dir: str | os.PathLike, expected: Mapping[str, Any] | N
     try:
         meta = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{mpath} is not valid JSON ({e}); the checkpoint is damaged, retrain the controller") from e
+        raise ValueError(f"{mpath} is not valid JSON ({e}); the checkpoint is damaged: {_rebuild_hint(d)}") from e
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{mpath} is not a uzr controller checkpoint (format={meta.get('format') if isinstance(meta, dict) else None!r})")
     if meta.get("format_version") != CHECKPOINT_VERSION:
@@ -718,13 +745,14 @@ def load_controller(path_dir: str | os.PathLike, expected: Mapping[str, Any] | N
                 f"controller checkpoint {d} does not match this run: {field}={ckpt!r} in the checkpoint, "
                 f"{field}={cur!r} now; retrain the controller for this configuration (stages=[controller]) "
                 f"or point to the checkpoint trained for it")
+    _check_safetensors_file(wpath, d)
     if "weights_sha256" in meta and _sha256(wpath) != meta["weights_sha256"]:
         raise ValueError(f"{wpath} does not match the sha256 recorded in {mpath}: the weights file is truncated, "
-                         f"modified or from another save; retrain the controller or restore the checkpoint")
+                         f"modified or from another save; {_rebuild_hint(d)}")
     try:
         tensors = load_file(wpath)
     except Exception as e:  # safetensors raises its own error type on damaged headers / short files
-        raise ValueError(f"cannot read {wpath}: {e}; the file is damaged, retrain the controller") from e
+        raise ValueError(f"cannot read {wpath}: {e}; the file is damaged: {_rebuild_hint(d)}") from e
     spec = coerce_spec(meta["spec"])
     controllers: dict[str, Controller] = {}
     for layer in meta["layers"]:

@@ -37,6 +37,9 @@ def student_pass(student, ids: torch.Tensor, layers: list[int], window: int,
     modules = attention_modules(student)
     for layer in layers:
         modules[layer].uzr_recorder = LayerRecorder(window, keep_head_mean=True, block_size=ids.shape[1])
+    # One flag per decoder layer (kept on the device, read only on failure): which layer went non-finite.
+    finite: dict[int, torch.Tensor] = {}
+    watch = [module.register_forward_hook(_finite_flag(finite, index)) for index, module in enumerate(modules)]
     if injector is not None:
         injector.attach(student)
     try:
@@ -44,17 +47,50 @@ def student_pass(student, ids: torch.Tensor, layers: list[int], window: int,
     finally:
         if injector is not None:
             injector.remove()
+        for handle in watch:
+            handle.remove()
         head_mean = {layer: modules[layer].uzr_recorder.result()[1][0] for layer in layers}
+        # Rows whose scores were non-finite: the attention function zeroes them and counts them.
+        lost = [layer for layer in layers if getattr(modules[layer].uzr_recorder, "nonfinite_rows", 0)]
         for layer in layers:
             del modules[layer].uzr_recorder
     final = out.last_hidden_state
     nll = next_token_stats(student, final[:, :-1], ids[:, 1:])["nll"][0]
-    if not torch.isfinite(nll).all():
-        raise FloatingPointError(
-            f"non-finite student log-likelihood{' with injection at layers ' + str(layers) if injector else ''}"
-            f"{f' (alpha={injector.alpha.value}, schedule={injector.alpha.schedule})' if injector else ''}"
-        )
+    # Every query row has real keys (no padding), so each recorded row must also carry probability 1.
+    lost += [layer for layer, probs in head_mean.items()
+             if layer not in lost and not bool(((probs.sum(-1) - 1).abs() <= 1e-3).all())]
+    if not torch.isfinite(nll).all() or lost:
+        raise FloatingPointError(nonfinite_message(injector, finite, lost))
     return StudentPass(nll, head_mean, final)
+
+
+def _finite_flag(flags: dict[int, torch.Tensor], index: int):
+    def hook(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        flags[index] = torch.isfinite(out).all()
+
+    return hook
+
+
+def nonfinite_message(injector: Injector | None, finite: dict[int, torch.Tensor], lost: list[int]) -> str:
+    """What went non-finite, where, and with which injection (layers, alpha, schedule, mode)."""
+    first = next((index for index in sorted(finite) if not bool(finite[index])), None)
+    where = []
+    if first is not None:
+        where.append(f"first non-finite attention output at layer {first}")
+    if lost:
+        where.append(f"non-finite attention scores at layer(s) {lost}")
+    detail = f" ({'; '.join(where)})" if where else ""
+    if injector is None:
+        return (f"non-finite values in the student forward pass without injection{detail}; "
+                "check the student's dtype (try float32)")
+    alpha = injector.alpha
+    weights = f", layer_weights={dict(alpha.layer_weights)}" if alpha.layer_weights else ""
+    return (
+        f"non-finite values in the student forward pass with injection at layers {sorted(injector.controllers)} "
+        f"(alpha={alpha.value}, schedule={alpha.schedule}{weights}, mode={injector.mode}){detail}; "
+        f"check the controller's outputs or lower alpha"
+    )
 
 
 def habit_gap(probs: torch.Tensor, teacher: torch.Tensor, window: int) -> dict[str, float]:

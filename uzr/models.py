@@ -179,7 +179,12 @@ def load_model(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if spec.source == "hub":
         _check_hub_offline(spec, role)
-        extra = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+        # Off unless the model config sets it: with it, loading runs Python code shipped with the model.
+        trust = spec.trust_remote_code is True
+        if trust:
+            log.warning("%s.trust_remote_code=true: loading %s runs Python code shipped with the model",
+                        role, spec.hub_id)
+        extra = {"revision": spec.revision, "trust_remote_code": trust}
         model = _from_pretrained(spec.hub_id, spec, device, attn_implementation, **extra)
         tok = _tokenizer(spec.hub_id, **extra)
     elif spec.source == "gguf_package":

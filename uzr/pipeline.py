@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tqdm.auto import tqdm
 
-from uzr.cache import ArtifactCache, content_key
+from uzr.cache import ArtifactCache, content_key, load_torch_weights
 from uzr.config import RunConfig, harvest_layers
 from uzr.controller import ControllerModule, build_controller, load_controller, save_controller
 from uzr.corpus import load_corpus
@@ -31,6 +31,7 @@ from uzr.inject import Injector
 from uzr.loggers import finish, log_summary, make_loggers
 from uzr.models import load_model
 from uzr.report_table import flat_metrics, print_results, results_rows
+from uzr.resources import check_free_disk, estimate_store_bytes
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,13 @@ def build_store(folder: Path, cfg: RunConfig, models: ModelPool) -> dict:
     corpus = load_corpus(cfg.data)
     texts = [(t, "train") for t in corpus.train["text"]] + [(t, "heldout") for t in corpus.heldout["text"]]
     store = HarvestStore(folder)
+    layers, mapping = harvest_layers(cfg)
+    check_free_disk(folder, estimate_store_bytes(  # before any model loads
+        len(texts), cfg.harvest.max_length, cfg.student.hidden_size, len(layers), cfg.teacher.num_layers,
+        cfg.teacher.num_heads, cfg.student.num_layers, cfg.student.num_heads,
+    ))
     teacher, teacher_tok = models.get("teacher")
     student, student_tok = models.get("student")
-    layers, mapping = harvest_layers(cfg)
     store.write_layout(StoreLayout(
         layers=layers, teacher_layers=mapping, hidden_size=student.config.hidden_size,
         teacher_num_layers=teacher.config.num_hidden_layers, teacher_num_heads=teacher.config.num_attention_heads,
@@ -89,7 +94,10 @@ def build_store(folder: Path, cfg: RunConfig, models: ModelPool) -> dict:
                                       h.locality_window, h.block_size, h.max_length)
     trainer_kwargs = {"accelerator": cfg.trainer.accelerator, "devices": h.devices, "strategy": h.strategy}
     summary = run_harvest(store, texts, make_harvester, h.shard_size, h.max_bad_fraction, trainer_kwargs)
-    return {**summary, "corpus_stats": corpus.stats}
+    truncated = int(sum(store.dataset().with_format(None)["truncated_tokens"]))
+    if truncated:
+        log.info("harvest: %d of %d texts were cut at harvest.max_length=%d tokens", truncated, len(texts), h.max_length)
+    return {**summary, "truncated_at_max_length": truncated, "corpus_stats": corpus.stats}
 
 
 # ------------------------------------------------------------------------------------- controller
@@ -108,6 +116,13 @@ def train_controller(folder: Path, cfg: RunConfig, store: HarvestStore, loggers,
     )
     last = checkpoints / "last.ckpt"
     resumed = last.exists()
+    if resumed:
+        try:
+            load_torch_weights(last)  # a checkpoint cut short by the crash must not block every later run
+        except Exception as err:
+            log.warning("ignoring unreadable %s (%s); controller training starts over", last, err)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            resumed = False
     if resumed:
         log.info("controller training resumes from %s", last)
     # weights_only: a checkpoint is data, never code (its hyperparameters are plain types)

@@ -112,6 +112,8 @@ class Harvester:
         row["align_dropped_mass"] = float(diag["dropped_mass_mean"])
         row["align_self_fallback_rows"] = int(diag["self_fallback_rows"])
         row["teacher_len"] = int(t_ids.shape[1])
+        covered = max(end for _, end in aligner.student_offsets)
+        row["truncated_tokens"] = int(len(text[covered:].strip()) > 0)  # cut at max_length tokens
         # The teacher's own bits per byte on the same text, for the evaluation table.
         row["teacher_nll_sum"] = float(confidence["nll"][0, :-1].sum())
         row["teacher_bytes"] = predicted_bytes(text, aligner.teacher_offsets)
