@@ -8,8 +8,30 @@ from pathlib import Path
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 
+def wandb_config(config: dict, prefix: str = "") -> dict:
+    """The run config flattened to ``{"alpha.value": 0.5, "inject.layers": "[8,15,22]", ...}``.
+
+    Flat dotted keys are what the W&B UI offers as axes and group-by keys; lists of scalars become
+    strings spelled like the command-line override (``[8,15,22]``), so a layer set is one category.
+    """
+    flat: dict = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(wandb_config(value, name + "."))
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str, bool)) for v in value):
+            flat[name] = "[" + ",".join(str(v) for v in value) + "]"
+        else:
+            flat[name] = value
+    return flat
+
+
 def make_loggers(spec, out_dir: Path, run_name: str, config: dict) -> list[Logger]:
-    """Loggers for one run; W&B files go to ``out_dir/wandb`` (sync later with ``wandb sync``)."""
+    """Loggers for one run; W&B files go to ``out_dir/wandb`` (sync later with ``wandb sync``).
+
+    One W&B run per Hydra job: named by the job's overrides, grouped by ``spec.group`` (a multirun
+    sets it to the sweep folder), with the flattened config (:func:`wandb_config`).
+    """
     loggers: list[Logger] = []
     if spec.csv:
         loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
@@ -18,7 +40,7 @@ def make_loggers(spec, out_dir: Path, run_name: str, config: dict) -> list[Logge
         mode = spec.wandb_mode if spec.wandb_mode == "online" else os.environ.get("WANDB_MODE", "offline")
         loggers.append(WandbLogger(
             project=spec.project, name=run_name, group=spec.group, save_dir=str(out_dir), mode=mode,
-            config=config, reinit="finish_previous",
+            config=wandb_config(config), reinit="finish_previous",
         ))
     return loggers
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from uzr.config import resolve_config
@@ -17,10 +20,48 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+JOB_INFO = "job.json"  # machine and wall time of one run, beside metrics.json (read by uzr.report)
+
 
 def run_name(hydra_cfg) -> str:
-    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("+experiment")]
+    """The W&B run name: the job's own overrides (a multirun job: its point of the grid)."""
+    overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith("experiment")]
     return ",".join(overrides) or "default"
+
+
+def sweep_group(hydra_cfg) -> str | None:
+    """W&B group of a multirun job: its sweep folder, so every job of one sweep lands in one group.
+
+    The folder is named relative to ``outputs/multirun`` with ``/`` -> ``_``
+    (``outputs/multirun/2026-01-31/12-00-00-123456`` -> ``2026-01-31_12-00-00-123456``); a sweep
+    folder elsewhere (``hydra.sweep.dir=...``) gives its own name. ``None`` for a single run.
+    """
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    cwd = Path(hydra_cfg.runtime.cwd)
+    sweep = Path(str(hydra_cfg.sweep.dir))
+    sweep = (sweep if sweep.is_absolute() else cwd / sweep).resolve()
+    try:
+        parts = sweep.relative_to((cwd / "outputs" / "multirun").resolve()).parts
+    except ValueError:
+        parts = (sweep.name,)
+    return "_".join(parts)[:128] or None  # W&B caps group names at 128 characters
+
+
+def machine_info() -> dict:
+    """Where a run ran: recorded per job so a sweep's report can name its machine."""
+    import platform
+
+    import torch
+
+    info = {
+        "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
+        "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    if hasattr(os, "sched_getaffinity"):
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    return info
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -31,8 +72,17 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    group = sweep_group(hydra_cfg)
+    if run_cfg.logger.group is None and group is not None:  # an explicit logger.group wins
+        run_cfg.logger.group = config_dict["logger"]["group"] = group
+    OmegaConf.save(OmegaConf.create(config_dict), out_dir / "config.yaml")
+    started = time.time()
     metrics = run(run_cfg, out_dir, config_dict, f"{cfg.name}:{run_name(hydra_cfg)}")
+    (out_dir / JOB_INFO).write_text(json.dumps({
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "started_unix": started,
+        "wall_s": round(time.time() - started, 2), "machine": machine_info(),
+        "hydra_mode": str(hydra_cfg.mode.name if hydra_cfg.mode else None), "wandb_group": run_cfg.logger.group,
+    }, indent=2))
     ev = metrics.get("evaluate")
     return ev["bits_per_byte"]["injected"] if ev else None
 
