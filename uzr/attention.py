@@ -6,14 +6,27 @@ padding). A model switched to ``attn_implementation="uzr"`` behaves exactly like
 attention module carries one of these attributes:
 
 - ``module.uzr_recorder``: a :class:`LayerRecorder`; the layer then runs blocked eager attention in
-  float32 and hands each block of probabilities to the recorder (statistics, head-mean rows) without
-  ever materialising all layers' ``(B, H, S, S)`` weights;
+  float32 and hands each block of scores to :func:`~uzr.harvest.stats.score_block_stats` (statistics,
+  head-mean rows) without ever materialising all layers' ``(B, H, S, S)`` weights;
 - ``module.uzr_injector``: an object with ``attention_edit(module, query, key, mask)`` returning an
   :class:`AttentionEdit` (additive log-prior or probability mix), or ``None`` to leave the layer alone.
+
+The blocked pass (:func:`_blocked_eager`) is built for long inputs:
+
+- query rows are processed in blocks of at most ``LayerRecorder.block_size`` rows and at most
+  ``LayerRecorder.max_block_elems`` scores, so memory grows linearly with the sequence length;
+- each block only multiplies against the span of keys its rows may see (read from the mask once per
+  mask and forward pass): a sliding-window layer costs ``O(S * window)``, a causal layer half of ``S^2``;
+- grouped-query heads share their key/value head without ``repeat_kv``; keys and values are converted
+  to float32 once per layer, never per block;
+- the probabilities are never normalised into a separate tensor: ``e = exp(s - max)`` gives the output
+  (``e @ V / Z``) and the statistics (see :mod:`uzr.harvest.stats`).
 """
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -21,9 +34,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from uzr.harvest.stats import BlockGeometry, attention_stats
+from uzr.harvest.stats import STAT_NAMES, BlockGeometry, score_block_stats
 
 ATTN_IMPLEMENTATION = "uzr"
+# Score given to disallowed keys: exp(MASKED - max) is exactly 0, and 0 * MASKED is 0 (no NaN), unlike -inf.
+MASKED = torch.finfo(torch.float32).min
 
 
 @dataclass
@@ -41,30 +56,77 @@ class AttentionEdit:
 
 
 @dataclass
+class TopKRows:
+    """Compact head-mean distribution: the ``k`` largest probabilities of each query row and the rest.
+
+    ``values`` (B, q, k) float32, ``indices`` (B, q, k) int64 absolute key positions (slots beyond a row's
+    allowed keys hold value 0), ``remainder`` (B, q) the mass outside the top k (0 for padding rows),
+    ``k_len`` the number of keys.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    remainder: torch.Tensor
+    k_len: int
+
+    def to_dense(self) -> torch.Tensor:
+        """(B, q, k_len) with the top-k mass in place and the remainder dropped."""
+        dense = self.values.new_zeros(*self.values.shape[:2], self.k_len)
+        return dense.scatter_add_(-1, self.indices, self.values)
+
+
+@dataclass
 class LayerRecorder:
     """Collects attention statistics (and optionally head-mean rows) of one layer for one forward pass.
 
-    ``stats[name]``: list of (B, H, q_block) float32 tensors, concatenated by :meth:`result`.
-    ``head_mean``: list of (B, q_block, k) float32 blocks when ``keep_head_mean``.
+    Args:
+        window: locality window in tokens.
+        keep_head_mean: also keep the head-averaged distribution of every query row.
+        block_size: most query rows per block.
+        max_dist_len: keep the head-mean densely (``(B, q, k)``) only while the number of keys is at
+            most this (``None``: always); beyond it keep :class:`TopKRows` of ``dist_topk`` entries per
+            row, or nothing when ``dist_topk`` is 0 (counted in ``head_mean_skipped``).
+        dist_topk: entries per row of the compact form.
+        max_block_elems: most scores per block (heads x rows x keys); lowers the rows per block for
+            long inputs so the block buffers stay small.
+
+    After a forward pass: ``stats[name]``: list of (B, H, q) float32 tensors (one per attention call),
+    ``head_mean``: list of (B, q, k) float32 tensors or :class:`TopKRows`, ``nonfinite_rows``: number of
+    (batch, head, query) rows with an allowed non-finite score (NaN or inf, e.g. a half-precision
+    overflow upstream). Those rows get NaN statistics and zero probability, so a harvest can skip the
+    text and report it, never store NaN or a silently truncated row.
     """
 
     window: int = 8
     keep_head_mean: bool = False
-    block_size: int = 256
+    block_size: int = 64
+    max_dist_len: int | None = None
+    dist_topk: int = 0
+    max_block_elems: int = 1 << 22
     stats: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    head_mean: list[torch.Tensor] = field(default_factory=list)
+    head_mean: list = field(default_factory=list)
     nonfinite_rows: int = 0
+    head_mean_skipped: int = 0
 
-    def add(self, probs: torch.Tensor, allowed: torch.Tensor, geometry: BlockGeometry) -> None:
-        for name, value in attention_stats(probs, allowed, geometry, self.window).items():
-            self.stats.setdefault(name, []).append(value)
-        if self.keep_head_mean:
-            self.head_mean.append(probs.mean(1))  # (B, q, k)
+    def dense_head_mean(self, k_len: int) -> bool:
+        return self.keep_head_mean and (self.max_dist_len is None or k_len <= self.max_dist_len)
 
-    def result(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Returns ({name: (B, H, S)}, head-mean (B, S, S) or None) and clears the recorder."""
-        stats = {name: torch.cat(parts, -1) for name, parts in self.stats.items()}
-        head_mean = torch.cat(self.head_mean, 1) if self.head_mean else None
+    def topk_head_mean(self, k_len: int) -> bool:
+        return self.keep_head_mean and not self.dense_head_mean(k_len) and self.dist_topk > 0
+
+    def result(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | TopKRows | None]:
+        """Returns ({name: (B, H, S)}, head-mean (B, S, S), :class:`TopKRows` or None); clears the recorder.
+
+        ``nonfinite_rows`` is left for the caller to read (and reset) after the call.
+        """
+        stats = {name: parts[0] if len(parts) == 1 else torch.cat(parts, -1) for name, parts in self.stats.items()}
+        head_mean = None
+        if len(self.head_mean) == 1:
+            head_mean = self.head_mean[0]
+        elif self.head_mean:
+            if isinstance(self.head_mean[0], TopKRows):
+                raise ValueError("compact head-mean rows of several attention calls cannot be concatenated")
+            head_mean = torch.cat(self.head_mean, 1)
         self.stats, self.head_mean = {}, []
         return stats, head_mean
 
@@ -79,27 +141,254 @@ def causal_allowed(attention_mask: torch.Tensor | None, q_len: int, k_len: int, 
     return (geometry.k_pos[None, :] <= geometry.q_pos[:, None])[None, None]  # (1, 1, q, k)
 
 
-def _blocked_eager(module, query, key, value, allowed, scaling, recorder, bias, softcap):
-    """Eager attention over query blocks in float32; memory grows linearly with the sequence length."""
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)  # (B, H, k, D)
-    q_len, k_len = query.shape[2], key.shape[2]
-    keys_t = key.float().transpose(-1, -2)  # (B, H, D, k)
-    outputs = []
-    for start in range(0, q_len, recorder.block_size):
-        stop = min(start + recorder.block_size, q_len)
-        scores = (query[:, :, start:stop].float() @ keys_t) * scaling  # (B, H, q_blk, k)
+# ----------------------------------------------------------------------------------- block planning
+@dataclass
+class _Block:
+    start: int  # query rows [start, stop)
+    stop: int
+    lo: int  # keys [lo, hi) hold every allowed key of these rows
+    hi: int
+    future: bool  # some row may see a key after itself (never for causal masks)
+
+
+_PLANS: OrderedDict = OrderedDict()  # (id(mask), rows, offset) -> (weakref(mask), blocks); shared by layers
+
+
+def _plan_from_mask(mask: torch.Tensor, rows: int, offset: int) -> list[_Block]:
+    """Key span of every block of ``rows`` query rows, read from a boolean (B|1, 1, q, k) mask once.
+
+    Layers of the same type share one mask object per forward pass, so the plan is cached by identity.
+    """
+    key = (id(mask), rows, offset, tuple(mask.shape))
+    cached = _PLANS.get(key)
+    if cached is not None and cached[0]() is mask:
+        return cached[1]
+    q_len, k_len = mask.shape[-2], mask.shape[-1]
+    starts = list(range(0, q_len, rows))
+    cols, future = [], []
+    for start in starts:
+        stop = min(start + rows, q_len)
+        blk = mask[:, 0, start:stop]  # (B|1, rows, k)
+        cols.append(blk.any(1).any(0))  # (k,)
+        diag = stop + offset  # keys >= diag lie after every row of the block
+        first = min(max(start + offset + 1, 0), k_len)
+        late = blk[..., min(max(diag, 0), k_len):].any()
+        if first < min(max(diag, 0), k_len):  # key j vs row i: future when j - first >= i - 0
+            tail = blk[..., first:min(diag, k_len)]
+            tri = torch.ones(tail.shape[-2:], dtype=torch.bool, device=mask.device).triu()
+            late = late | (tail & tri).any()
+        future.append(late)
+    cols = torch.stack(cols).to(torch.uint8)  # (n_blocks, k)
+    lo = cols.argmax(-1)
+    hi = k_len - cols.flip(-1).argmax(-1)
+    has = cols.amax(-1) > 0
+    info = torch.stack([lo, hi, has.long(), torch.stack(future).long()], 1).tolist()  # one sync
+    blocks = []
+    for start, (lo_, hi_, has_, fut) in zip(starts, info):
+        if not has_:
+            lo_, hi_ = 0, 0
+        blocks.append(_Block(start, min(start + rows, q_len), lo_, hi_, bool(fut)))
+    _PLANS[key] = (weakref.ref(mask), blocks)
+    while len(_PLANS) > 8:
+        _PLANS.popitem(last=False)
+    return blocks
+
+
+def _plan(mask, q_len: int, k_len: int, rows: int, causal: bool) -> list[_Block]:
+    offset = k_len - q_len
+    if mask is not None:
+        return _plan_from_mask(mask, rows, offset)
+    blocks = []
+    for start in range(0, q_len, rows):
+        stop = min(start + rows, q_len)
+        if causal:
+            blocks.append(_Block(start, stop, 0, stop + offset, False))
+        else:
+            blocks.append(_Block(start, stop, 0, k_len, start + offset + 1 < k_len))
+    return blocks
+
+
+def _rows_per_block(recorder: LayerRecorder, heads: int, q_len: int, k_len: int, window: int | None) -> int:
+    """Most rows per block within ``block_size`` and ``max_block_elems`` (span: the keys a block reads)."""
+    rows = max(1, min(recorder.block_size, q_len))
+    while rows > 1:
+        span = k_len if window is None else min(k_len, rows + window - 1)
+        if heads * rows * span <= recorder.max_block_elems:
+            break
+        rows = (rows + 1) // 2
+    return rows
+
+
+_WORKSPACES: dict = {}
+
+
+def _workspace(numel: int, device) -> torch.Tensor:
+    """A float32 scratch buffer of at least ``numel`` elements, reused by every block and layer.
+
+    Reusing one buffer (instead of allocating scores and ``exp`` per block) keeps the host allocator
+    from fragmenting: freed 16 MB holes between the model's activations stay resident on CPU.
+    Its size is bounded by ``2 * LayerRecorder.max_block_elems``.
+    """
+    # inference-mode tensors (Trainer.predict) cannot be written outside inference mode, and vice versa
+    key = (str(device), torch.is_inference_mode_enabled())
+    buffer = _WORKSPACES.get(key)
+    if buffer is None or buffer.numel() < numel:
+        _WORKSPACES.pop(key, None)
+        buffer = torch.empty(numel, device=device)
+        _WORKSPACES[key] = buffer
+    return buffer
+
+
+def release_workspace() -> None:
+    """Free the scratch buffers of the blocked pass (they are kept between forward passes)."""
+    _WORKSPACES.clear()
+
+
+_TRIANGLES: dict = {}
+
+
+def _upper_triangle(rows: int, device) -> torch.Tensor:
+    """(rows, rows - 1) bool: True where key ``first + c`` lies after query ``i`` (``c >= i``)."""
+    key = (rows, str(device))
+    tri = _TRIANGLES.get(key)
+    if tri is None:
+        tri = torch.ones(rows, max(rows - 1, 0), dtype=torch.bool, device=device).triu()
+        if len(_TRIANGLES) > 32:
+            _TRIANGLES.clear()
+        _TRIANGLES[key] = tri
+    return tri
+
+
+# -------------------------------------------------------------------------------------- the passes
+class _Sink:
+    """Where one attention call's statistics and head-mean rows go (preallocated, filled per block)."""
+
+    def __init__(self, recorder: LayerRecorder, batch: int, heads: int, q_len: int, k_len: int, device):
+        self.recorder = recorder
+        self.stats = torch.zeros(len(STAT_NAMES), batch, heads, q_len, device=device)  # STAT_NAMES order
+        self.dense = self.topk = None
+        if recorder.dense_head_mean(k_len):
+            self.dense = torch.zeros(batch, q_len, k_len, device=device)
+        elif recorder.topk_head_mean(k_len):
+            k = recorder.dist_topk
+            self.topk = TopKRows(
+                torch.zeros(batch, q_len, k, device=device),
+                torch.zeros(batch, q_len, k, dtype=torch.long, device=device),
+                torch.zeros(batch, q_len, device=device),
+                k_len,
+            )
+        elif recorder.keep_head_mean:
+            recorder.head_mean_skipped += 1
+        self.bad = torch.zeros((), dtype=torch.long, device=device)
+
+    @property
+    def wants_head_mean(self) -> bool:
+        return self.dense is not None or self.topk is not None
+
+    def finish(self) -> None:
+        recorder = self.recorder
+        recorder.nonfinite_rows += int(self.bad)
+        for name, value in zip(STAT_NAMES, self.stats):
+            recorder.stats.setdefault(name, []).append(value)
+        if self.dense is not None:
+            recorder.head_mean.append(self.dense)
+        elif self.topk is not None:
+            recorder.head_mean.append(self.topk)
+
+
+def _blocked_eager(module, query, key, value, attention_mask, scaling, recorder, bias, softcap, window=None):
+    """Eager attention over query blocks in float32, statistics recorded on the way.
+
+    Args:
+        query: (B, H, q, D); key/value: (B, H_kv, k, D) (not repeated for GQA).
+        attention_mask: bool (B|1, 1, q, k) (True = attend) or None (causal; all keys for ``q = 1``).
+        bias: optional (B|1, 1|H, q, k) added to the scores. ``window``: sliding window hint (block sizes).
+    Returns:
+        (B, q, H, D) in the query's dtype. Rows without allowed keys or with non-finite scores are 0.
+    """
+    batch, heads, q_len, _ = query.shape
+    causal = getattr(module, "is_causal", True)
+    if attention_mask is None and causal and 1 < q_len < key.shape[2]:
+        # sdpa's is_causal is upper-left aligned: a prefill into a longer (static) cache sees keys [0, q)
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+        bias = None if bias is None else bias[..., :q_len]
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = causal_allowed(attention_mask, q_len, key.shape[2], query.device)
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    n_rep = heads // kv_heads
+    offset = k_len - q_len
+    keys = key.float().contiguous()  # (B, H_kv, k, D): one float32 copy per layer at most
+    values = value.float().contiguous()
+    d_v = values.shape[-1]
+    out = query.new_empty(batch, q_len, heads, d_v)
+    sink = _Sink(recorder, batch, heads, q_len, k_len, query.device)
+    rows = _rows_per_block(recorder, heads, q_len, k_len, window)
+    for blk in _plan(attention_mask, q_len, k_len, rows, causal):
+        n = blk.stop - blk.start
+        width = blk.hi - blk.lo
+        q_first = blk.start + offset
+        if width <= 0:  # every row is padding: zero output, zero statistics
+            out[:, blk.start:blk.stop] = 0
+            continue
+        q_blk = (query[:, :, blk.start:blk.stop].float() * scaling).reshape(batch, kv_heads, n_rep * n, -1)
+        size = batch * heads * n * width
+        buffers = _workspace(2 * size, query.device)
+        scores = buffers[:size].view(batch, kv_heads, n_rep * n, width)
+        torch.matmul(q_blk, keys[:, :, blk.lo:blk.hi].transpose(-1, -2), out=scores)
+        scores = scores.view(batch, heads, n, width)
         if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
+            scores.div_(softcap).tanh_().mul_(softcap)
         if bias is not None:
-            scores = scores + bias[:, :, start:stop].float()
-        block_allowed = allowed[:, :, start:stop]  # (B|1, 1, q_blk, k)
-        scores = scores.masked_fill(~block_allowed, float("-inf"))
-        probs = torch.softmax(scores, -1).nan_to_num(0.0)  # fully masked (padding) rows -> 0
-        geometry = BlockGeometry.for_block(start, stop, q_len, k_len, query.device)
-        recorder.add(probs, block_allowed, geometry)
-        outputs.append(probs.to(value.dtype) @ value)  # (B, H, q_blk, D)
-    return torch.cat(outputs, 2).transpose(1, 2).contiguous()  # (B, q, H, D)
+            scores.add_(bias[:, :, blk.start:blk.stop, blk.lo:blk.hi])
+        if attention_mask is not None:
+            allowed = attention_mask[:, :, blk.start:blk.stop, blk.lo:blk.hi]  # (B|1, 1, n, w)
+            torch.where(allowed, scores, scores.new_tensor(MASKED), out=scores)
+            n_keys = allowed.sum(-1)  # (B|1, 1, n)
+        elif causal:
+            first = q_first + 1 - blk.lo  # column of the key right after the block's first query
+            if first < width:
+                scores[..., first:].masked_fill_(_upper_triangle(n, query.device)[:, : width - first], MASKED)
+            n_keys = torch.arange(q_first + 1 - blk.lo, q_first + 1 - blk.lo + n, device=query.device)
+        else:
+            n_keys = torch.full((n,), width, device=query.device)
+        future = None
+        if blk.future:
+            j = torch.arange(blk.lo, blk.hi, device=query.device, dtype=torch.float32)
+            i = torch.arange(q_first, q_first + n, device=query.device, dtype=torch.float32)
+            future = (j[None, :] - i[:, None]).clamp(min=0)
+        scores.sub_(scores.amax(-1, keepdim=True))  # t = s - max
+        e = torch.exp(scores, out=buffers[size:2 * size].view(batch, heads, n, width))
+        stats, inv_z, valid, bad = score_block_stats(scores, e, n_keys, q_first, blk.lo, recorder.window, future)
+        sink.bad += bad.sum()
+        sink.stats[..., blk.start:blk.stop] = stats
+        if sink.wants_head_mean:
+            if bool(bad.any()):
+                e.masked_fill_(bad[..., None], 0.0)
+            weights = (inv_z / heads)[..., None]  # (B, H, n, 1)
+            if sink.dense is not None:
+                mean = sink.dense[:, blk.start:blk.stop, blk.lo:blk.hi]  # written in place, no temporary
+                torch.mul(e[:, 0], weights[:, 0], out=mean)
+            else:
+                mean = e[:, 0] * weights[:, 0]
+            for h in range(1, heads):
+                mean.addcmul_(e[:, h], weights[:, h])
+            if sink.topk is not None:
+                _store_topk(sink.topk, blk, mean)
+        o = torch.matmul(e.view(batch, kv_heads, n_rep * n, width), values[:, :, blk.lo:blk.hi])
+        o = o.view(batch, heads, n, d_v).mul_(inv_z[..., None])
+        if bool(bad.any()):
+            o.masked_fill_(bad[..., None], 0.0)  # NaN rows -> 0
+        out[:, blk.start:blk.stop] = o.transpose(1, 2)
+    sink.finish()
+    return out
+
+
+def _store_topk(topk: TopKRows, blk: _Block, mean: torch.Tensor) -> None:
+    k = min(topk.values.shape[-1], mean.shape[-1])
+    values, index = mean.topk(k, -1)  # (B, n, k)
+    topk.values[:, blk.start:blk.stop, :k] = values
+    topk.indices[:, blk.start:blk.stop, :k] = index + blk.lo
+    topk.remainder[:, blk.start:blk.stop] = (mean.sum(-1) - values.sum(-1)).clamp(min=0)
 
 
 def _mix(output, value, edit: AttentionEdit, n_heads: int):
@@ -130,9 +419,9 @@ def uzr_attention(module, query, key, value, attention_mask, scaling=None, dropo
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if recorder is not None:
-        allowed = causal_allowed(attention_mask, query.shape[2], key.shape[2], query.device)
-        output = _blocked_eager(module, query, key, value, allowed, scaling, recorder, bias, kwargs.get("softcap"))
-        output = output.to(query.dtype)
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        output = _blocked_eager(module, query, key, value, attention_mask, scaling, recorder, bias,
+                                kwargs.get("softcap"), window=window)
     else:
         output, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,

@@ -176,14 +176,18 @@ class Injector:
         layer = module.layer_idx
         q_len, k_len = query.shape[2], key.shape[2]
         logp, allowed, q_pos = self.controller_logprobs(layer, q_len, k_len, mask)
-        probs = logp.exp() * allowed  # (B, q, k)
-        n_keys = allowed.sum(-1).float().clamp(min=1)  # (B|1, q)
-        norm_entropy = torch.where(
-            n_keys > 1, -torch.special.xlogy(probs, probs).sum(-1) / n_keys.log().clamp(min=1e-12), 0.0
-        )
+        schedule = self.alpha.schedule
+        needs_entropy = schedule == "entropy_local" or (schedule == "gated" and self.alpha.entropy_local)
+        probs = logp.exp() * allowed if needs_entropy or self.mode == "mix" else None  # (B, q, k)
+        norm_entropy = None
+        if needs_entropy:  # only these schedules read it: decoding skips the work otherwise
+            n_keys = allowed.sum(-1).float().clamp(min=1)  # (B|1, q)
+            norm_entropy = torch.where(
+                n_keys > 1, -torch.special.xlogy(probs, probs).sum(-1) / n_keys.log().clamp(min=1e-12), 0.0
+            )
         prompt_len = self.prompt_len if self.prompt_len is not None else self._prefill_len[layer]
         steps = (q_pos - (prompt_len - 1)).clamp(min=0)
-        alpha = alpha_rows(self.alpha, layer, steps, norm_entropy, self.gate).to(probs.device)  # (B|1, q)
+        alpha = alpha_rows(self.alpha, layer, steps, norm_entropy, self.gate).to(logp.device)  # (B|1, q)
         if not bool((alpha != 0).any()):
             return None  # exact parity with the plain model
         if self.mode == "mix":

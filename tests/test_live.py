@@ -1,0 +1,102 @@
+"""``python -m uzr.live`` on the smoke experiment, and the gated evaluation table on its artifacts."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+def run_live(tmp_path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "uzr.live", "+experiment=smoke", "logger=csv", f"cache_dir={tmp_path / 'cache'}", *args]
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path)}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def live_cache(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("live")
+    proc = run_live(tmp, "--prompt", "What is the capital of France?", "--json", "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp, json.loads(proc.stdout)
+
+
+def test_live_json_first_run_builds_artifacts(live_cache):
+    _, result = live_cache
+    assert 0.0 <= result["gate"] <= 1.0
+    assert set(result["alpha"]) == {"L1", "L2"}  # one alpha per injected layer of the smoke experiment
+    for value in result["alpha"].values():
+        assert value == pytest.approx(result["alpha_base"] * result["gate"])  # constant schedule x gate
+    assert set(result["answers"]) == {"student", "injected"}
+    assert all(isinstance(a, str) for a in result["answers"].values())
+    assert result["gate_level"] == "token"
+    assert all(result["artifacts"][kind]["built"] for kind in ("harvest", "controller", "gate"))
+
+
+def test_live_second_prompt_reuses_artifacts(live_cache):
+    tmp, first = live_cache
+    proc = run_live(tmp, "--prompt", "What is the capital of Mars?", "--json", "--max-new-tokens", "4",
+                    "alpha.value=2.0", "++alpha.layer_weights={2: 0.5}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert not any(result["artifacts"][kind]["built"] for kind in ("harvest", "controller", "gate"))
+    assert result["artifacts"]["gate"]["key"] == first["artifacts"]["gate"]["key"]  # alpha is not in the gate key
+    assert result["alpha"]["L1"] == pytest.approx(2.0 * result["gate"])
+    assert result["alpha"]["L2"] == pytest.approx(1.0 * result["gate"])
+
+
+def test_live_rejects_bad_config_before_loading(tmp_path):
+    proc = run_live(tmp_path, "--prompt", "x", "--json", "gate.pool=max")
+    assert proc.returncode == 2
+    assert "gate.pool='max'" in proc.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_evaluate_gated_table_on_smoke(live_cache):
+    from uzr.gate import evaluate_gated, gated_table
+    from uzr.live import compose_config, ensure_artifacts
+    from uzr.pipeline import ModelPool
+
+    tmp, _ = live_cache
+    cfg = compose_config(["+experiment=smoke", f"cache_dir={tmp / 'cache'}", "gate.eval_alphas=[1.0]"])
+    models = ModelPool(cfg)
+    art = ensure_artifacts(cfg, models, build=False)
+    result = evaluate_gated(cfg, art.store, art.controllers, art.gate, models, num_texts=2, num_prompts=6)
+    table = result["table"]
+    assert list(table) == ["none", "constant@0.5", "constant@1", "gated@0.5", "gated@1"]
+    assert result["num_prompts"] == 6 and result["num_texts"] == 2
+    for name, row in table.items():
+        assert 0.0 <= row["qa_accuracy"] <= 1.0
+        assert math.isfinite(row["bits_per_byte"]) and row["bits_per_byte"] > 0
+        if name.startswith("gated"):
+            assert 0.0 <= row["mean_gate_qa"] <= 1.0 and 0.0 <= row["mean_gate_text"] <= 1.0
+    bpb = {name: row["bits_per_byte"] for name, row in table.items()}
+    assert bpb["constant@1"] != bpb["none"] and bpb["gated@1"] != bpb["none"]
+    assert 0 <= result["teacher"]["qa_accuracy"] <= 1 and result["teacher"]["bits_per_byte"] > 0
+    assert set(result["gate_by_kind"]) == {"answerable", "unanswerable"}
+    header, rows = gated_table(result)
+    assert header[0] == "setting" and rows[-1][0] == "teacher" and len(rows) == 6
+
+
+def test_live_with_prompt_level_gate(live_cache):
+    """gate=prompt: the teacher answers the prompt set, labels are written, the store and controller are reused."""
+    tmp, _ = live_cache
+    proc = run_live(tmp, "gate=prompt", "gate.max_new_tokens=6", "gate.max_epochs=5", "--prompt",
+                    "Who wrote Hamlet?", "--json", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["gate_level"] == "prompt" and 0.0 <= result["gate"] <= 1.0
+    assert result["artifacts"]["gate"]["built"] and not result["artifacts"]["controller"]["built"]
+    from pathlib import Path
+
+    gate_dir = Path(result["artifacts"]["gate"]["path"])
+    labels = [json.loads(line) for line in (gate_dir / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) >= 400 and {"CONFIDENT"} < {row["label"] for row in labels}
+    report = json.loads((gate_dir / "gate.json").read_text())["report"]
+    assert report["level"] == "prompt" and "verdict" in report
