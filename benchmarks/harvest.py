@@ -17,20 +17,20 @@ How it is measured
 Every (S, case) runs in a fresh subprocess, so no case inherits another's allocator state. A child
 loads the model, copies every parameter into anonymous memory (the converted weights are memory-mapped:
 pages dropped and faulted in again would otherwise count as the case's memory), runs the case once at
-32 tokens (kernel set-up),
-then hands freed heap memory back to the system (``malloc_trim``: otherwise the run could reuse pages
-freed while loading and look free), records its baseline and runs the case once at S:
+32 tokens (kernel set-up), hands freed heap memory back to the system (``malloc_trim``: otherwise the
+run could reuse pages freed while loading and look free), records its baseline and runs the case once
+at S:
 
 - time: wall-clock seconds of that run;
 - memory on CPU: the peak resident set size during the run minus the resident set size just before
-  it. Children run with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` (``--mmap-threshold``): every
-  tensor buffer of 64 KiB or more is its own mapping, returned to the system when freed, so resident
-  memory follows the live tensors instead of whatever the heap kept from earlier allocations
-  (with the default dynamic threshold the same plain forward read 59 MB in one run and 97 MB in the
-  next at S = 1024). The kernel's high-water mark (``VmHWM``) is reset right before the run by writing ``5`` to
+  it. The kernel's high-water mark (``VmHWM``) is reset right before the run by writing ``5`` to
   ``/proc/self/clear_refs`` and read afterwards, so the figure is the real peak of the process's
   physical memory above the loaded model (allocator overhead and transient buffers included, not just
-  what torch's allocator reports). If the reset is refused, ``ru_maxrss`` is used and the table says so.
+  what torch's allocator reports). If the reset is refused, ``ru_maxrss`` is used and the table says
+  so. Children run with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` (``--mmap-threshold``): every buffer
+  of 64 KiB or more is its own mapping, returned to the system when freed, so resident memory follows
+  the live tensors rather than what the heap kept from earlier allocations (with the default dynamic
+  threshold the same plain forward read 59 MB in one run and 97 MB in the next at S = 1024).
 - memory on CUDA: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` before the run
   (peak statistics reset right before it).
 
@@ -47,8 +47,8 @@ Before the sweep one more child checks that the harvest's statistics equal the n
 
 Usage::
 
-    .venv/bin/python benchmarks/harvest.py                       # S = 256 1024 4096 on CPU
-    .venv/bin/python benchmarks/harvest.py --lengths 16384 --cases plain harvest
+    .venv/bin/python benchmarks/harvest.py --threads 1 --rounds 2   # S = 256 1024 4096 on CPU
+    .venv/bin/python benchmarks/harvest.py --threads 1 --lengths 16384 --no-check
     .venv/bin/python benchmarks/harvest.py --device cuda --dtype bfloat16 --lengths 1024 4096 16384
 """
 

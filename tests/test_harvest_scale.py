@@ -185,3 +185,30 @@ def test_decoding_step_with_cache_records_the_new_row(tiny_models, family):
             torch.testing.assert_close(stats[name][..., 0], ref[name][..., -1], atol=2e-5, rtol=1e-4)
         k = head_mean.shape[-1]  # a sliding layer's cache may hold only the last keys
         torch.testing.assert_close(head_mean[0, 0], ref_mean[0, -1, -k:], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_non_causal_rows_match_the_definitions(masked):
+    """Keys after the query (bidirectional masks, encoders): mean distance counts max(i - j, 0) as defined."""
+    from uzr.attention import _blocked_eager
+
+    class Module(torch.nn.Module):
+        is_causal = False
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 11, 8), torch.randn(1, 2, 11, 8), torch.randn(1, 2, 11, 8)
+    allowed = torch.ones(1, 1, 11, 11, dtype=torch.bool)
+    allowed[..., 0, 5:] = False  # one row sees only part of the future
+    mask = allowed if masked else None
+    if not masked:
+        allowed = torch.ones_like(allowed)
+    recorder = LayerRecorder(window=3, keep_head_mean=True, block_size=4)
+    out = _blocked_eager(Module(), q, k, v, mask, 8 ** -0.5, recorder, None, None)
+    stats, head_mean = recorder.result()
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    probs = torch.softmax((q @ kr.transpose(-1, -2) * 8 ** -0.5).masked_fill(~allowed, float("-inf")), -1)
+    ref = attention_stats(probs, allowed, BlockGeometry.for_block(0, 11, 11, 11, "cpu"), window=3)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(stats[name], ref[name], atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(head_mean, probs.mean(1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, (probs @ vr).transpose(1, 2), atol=1e-5, rtol=1e-5)

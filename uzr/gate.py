@@ -348,9 +348,10 @@ def generate_answers(model, tokenizer, texts: Sequence[str], max_new_tokens: int
                      injector: Injector | None = None, add_special_tokens: bool = True) -> list[dict]:
     """Greedy answers (first line, at most ``max_new_tokens`` tokens) with their mean next-token entropy.
 
-    Returns one ``{"answer", "mean_entropy", "tokens"}`` per text. An ``injector`` (attached here
-    and removed afterwards) injects into the model while it answers; it then needs ``batch_size=1``
-    or a gate of shape (B, 1).
+    Returns one ``{"answer", "mean_entropy", "tokens", "content_tokens"}`` per text; the mean entropy
+    covers the content tokens (the final end-of-turn / line-break step is left out). An ``injector``
+    (attached here and removed afterwards) injects into the model while it answers; it then needs
+    ``batch_size=1`` or a gate of shape (B, 1).
     """
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -385,15 +386,19 @@ def generate_answers(model, tokenizer, texts: Sequence[str], max_new_tokens: int
             new = out[:, n_prompt:].cpu()
             ents = torch.stack(recorder.steps, 1) if recorder.steps else torch.zeros(len(chunk), 0)  # (B, T)
             for b in range(len(chunk)):
-                n = new.shape[1]
+                n, stopped = new.shape[1], False
                 for t in range(new.shape[1]):
                     if int(new[b, t]) in stop_ids or _line_done(tokenizer.decode(new[b, :t + 1], skip_special_tokens=True)):
-                        n = t + 1
+                        n, stopped = t + 1, True
                         break
                 n = min(n, ents.shape[1])
+                # The step that ends the answer (end of turn, or a line break) says "the answer is over",
+                # not how sure the model is of it: the content steps alone give the mean entropy.
+                last = tokenizer.decode(new[b, n - 1:n], skip_special_tokens=True) if n else ""
+                content = n - 1 if stopped and n > 1 and not last.strip() else n
                 text = tokenizer.decode(new[b, :n], skip_special_tokens=True)
-                results.append({"answer": _clean_answer(text),
-                                "mean_entropy": float(ents[b, :n].mean()) if n else 0.0, "tokens": n})
+                results.append({"answer": _clean_answer(text), "tokens": n, "content_tokens": content,
+                                "mean_entropy": float(ents[b, :content].mean()) if content else 0.0})
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad_token
     return results
