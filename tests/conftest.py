@@ -19,6 +19,23 @@ CONF = ROOT / "conf"
 TINY = {"llama": "student/tiny_llama", "qwen2": "student/tiny_qwen2", "gemma3": "teacher/tiny_gemma3"}
 
 
+def composed(*overrides: str):
+    """The Hydra config of ``train.yaml`` with ``overrides``, composed as a run would."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=False)
+
+
+def resolved(*overrides: str):
+    """The validated RunConfig of ``overrides`` (raises what a run would raise)."""
+    from uzr.config import resolve_config
+
+    cfg = composed(*overrides)
+    cfg.cache_dir = "/tmp/unused"  # the default interpolates hydra:runtime, absent outside a run
+    return resolve_config(cfg)
+
+
 def model_spec(name: str):
     from uzr.models import ModelSpec
 

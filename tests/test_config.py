@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from uzr.config import resolve_config, teacher_layer_map
+from uzr.config import teacher_layer_map
 
-from .conftest import CONF
+from .conftest import composed, resolved
 
 EXPERIMENTS = ["default", "smoke", "qwen"]
 
-
-def composed(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=False)
-
-
-def resolved(*overrides: str):
-    cfg = composed(*overrides)
-    cfg.cache_dir = "/tmp/unused"  # the default interpolates hydra:runtime, absent outside a run
-    return resolve_config(cfg)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

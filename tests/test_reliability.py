@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
 from uzr.cache import (
@@ -38,22 +37,11 @@ from uzr.cache import (
     load_torch_weights,
     verify,
 )
-from uzr.config import resolve_config
 
-from .conftest import CONF, ROOT, model_spec
+from .conftest import CONF, ROOT, composed, model_spec, resolved
 
 # ------------------------------------------------------------------------------------------ helpers
 
-
-def composed(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=False)
-
-
-def resolved(*overrides: str):
-    cfg = composed(*overrides)
-    cfg.cache_dir = "/tmp/unused"  # the default interpolates hydra:runtime, absent outside a run
-    return resolve_config(cfg)
 
 
 # The CLI, with sockets blocked inside the subprocess as in this process (pytest-socket): proves the

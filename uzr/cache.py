@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,23 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write via ``write(tmp_path)`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    Readers never see half a file; the mode is 0644 (mkstemp's 0600 would hide a shared cache's files).
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def folder_digests(folder: Path) -> dict[str, str]:

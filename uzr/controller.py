@@ -21,11 +21,9 @@ module that trains one controller per injected layer, and checkpoint I/O (safete
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +34,8 @@ import lightning as L
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from uzr.cache import atomic_write, file_digest
 
 __all__ = [
     "ARCHS",
@@ -625,25 +625,6 @@ def _unpack(obj: Any) -> tuple[dict[str, Controller], ControllerSpec, int]:
     raise TypeError(f"save_controller expects a ControllerModule or a {{layer: Controller}} mapping, got {type(obj)}")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via ``write(tmp_path)`` to a temporary file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_controller(module_or_controllers: ControllerModule | Mapping[str, Controller], path_dir: str | os.PathLike,
@@ -669,14 +650,14 @@ def save_controller(module_or_controllers: ControllerModule | Mapping[str, Contr
                for key, ctrl in controllers.items() for name, t in ctrl.state_dict().items()}
     out = Path(path_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": CHECKPOINT_FORMAT}))
-    meta["weights_sha256"] = _sha256(out / WEIGHTS_FILE)
+    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": CHECKPOINT_FORMAT}))
+    meta["weights_sha256"] = file_digest(out / WEIGHTS_FILE)
 
     def write_json(p: str) -> None:
         with open(p, "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
 
-    _atomic_write(out / META_FILE, write_json)
+    atomic_write(out / META_FILE, write_json)
     return out
 
 
@@ -746,7 +727,7 @@ def load_controller(path_dir: str | os.PathLike, expected: Mapping[str, Any] | N
                 f"{field}={cur!r} now; retrain the controller for this configuration (stages=[controller]) "
                 f"or point to the checkpoint trained for it")
     _check_safetensors_file(wpath, d)
-    if "weights_sha256" in meta and _sha256(wpath) != meta["weights_sha256"]:
+    if "weights_sha256" in meta and file_digest(wpath) != meta["weights_sha256"]:
         raise ValueError(f"{wpath} does not match the sha256 recorded in {mpath}: the weights file is truncated, "
                          f"modified or from another save; {_rebuild_hint(d)}")
     try:

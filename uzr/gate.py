@@ -35,13 +35,11 @@ constant alphas and gated alphas, as one table).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from uzr.attention import attention_modules
-from uzr.cache import content_key
+from uzr.cache import atomic_write, content_key, file_digest
 from uzr.controller import causal_mask, masked_log_softmax
 from uzr.inject import AlphaSpec, Injector
 from uzr.next_token import lm_head_logits, next_token_stats
@@ -836,25 +834,6 @@ def fit_gate(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, spe
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_gate(module: GateModule, folder: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
@@ -869,14 +848,14 @@ def save_gate(module: GateModule, folder: str | os.PathLike, metadata: Mapping[s
     json.dumps(meta, default=str)  # fail before writing anything
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.net.state_dict().items()}
     tensors["pos_weight"] = module.pos_weight.detach().cpu().reshape(1)
-    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": CHECKPOINT_FORMAT}))
-    meta["weights_sha256"] = _sha256(out / WEIGHTS_FILE)
+    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": CHECKPOINT_FORMAT}))
+    meta["weights_sha256"] = file_digest(out / WEIGHTS_FILE)
 
     def write_json(p: str) -> None:
         with open(p, "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True, default=str)
 
-    _atomic_write(out / META_FILE, write_json)
+    atomic_write(out / META_FILE, write_json)
     return out
 
 
@@ -895,7 +874,7 @@ def load_gate(folder: str | os.PathLike, expected: Mapping[str, Any] | None = No
         if meta.get(key) != value:
             raise ValueError(f"gate checkpoint {d} does not match this run: {key}={meta.get(key)!r} in the checkpoint, "
                              f"{key}={value!r} now; retrain the gate for this configuration (stages=[gate])")
-    if _sha256(wpath) != meta.get("weights_sha256"):
+    if file_digest(wpath) != meta.get("weights_sha256"):
         raise ValueError(f"{wpath} does not match the sha256 recorded in {mpath}: the weights are truncated or "
                          "modified; retrain the gate")
     tensors = load_file(wpath)
@@ -961,7 +940,7 @@ def prompt_dataset(student, student_tok, teacher, teacher_tok, controllers: Mapp
     if folder is not None:
         lines = [json.dumps({"id": p.id, "question": p.question, "kind": p.kind, "split": p.split, **a, "label": lab})
                  for p, a, lab in zip(prompts, answers, labels)]
-        _atomic_write(Path(folder) / LABELS_FILE, lambda f: Path(f).write_text("\n".join(lines) + "\n"))
+        atomic_write(Path(folder) / LABELS_FILE, lambda f: Path(f).write_text("\n".join(lines) + "\n"))
     counts: dict[str, dict[str, int]] = {}
     for p, lab in zip(prompts, labels):
         counts.setdefault(f"{p.split}/{p.kind}", {CONFIDENT: 0, CAUTIOUS: 0, WAFFLE: 0})[lab] += 1
@@ -1159,13 +1138,10 @@ def gated_table(result: Mapping[str, Any]) -> tuple[list[str], list[list]]:
 
 def print_gated_table(result: Mapping[str, Any], console=None) -> None:
     from rich.console import Console
-    from rich.table import Table
+
+    from uzr.report_table import numbers_table
 
     header, rows = gated_table(result)
-    table = Table(title=f"gated injection: facts QA ({result['num_prompts']} prompts) and bits per byte "
-                        f"({result['num_texts']} texts), {result['gate_level']}-level gate")
-    for column in header:
-        table.add_column(column, justify="left" if column == "setting" else "right")
-    for row in rows:
-        table.add_row(row[0], *("—" if v is None else f"{v:.4f}" for v in row[1:]))
-    (console or Console()).print(table)
+    title = (f"gated injection: facts QA ({result['num_prompts']} prompts) and bits per byte "
+             f"({result['num_texts']} texts), {result['gate_level']}-level gate")
+    (console or Console()).print(numbers_table(title, header, rows))

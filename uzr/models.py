@@ -14,7 +14,6 @@ Heavy imports (torch, transformers) happen inside the functions so that configs 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import logging
@@ -25,6 +24,8 @@ import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from uzr.cache import file_digest
 
 if TYPE_CHECKING:
     import torch
@@ -288,13 +289,6 @@ def _package_dir(package: str, role: str) -> Path:
     return Path(next(iter(found.submodule_search_locations)))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _locate_gguf(spec: ModelSpec, role: str) -> tuple[Path | None, str]:
     """Return ``(file, sha256)`` for a GGUF shipped whole, or ``(None, sha256)`` for a chunked package.
@@ -308,7 +302,7 @@ def _locate_gguf(spec: ModelSpec, role: str) -> tuple[Path | None, str]:
         chosen = [p for p in shipped if not spec.gguf_file or p.name == spec.gguf_file]
         if len(chosen) != 1:
             raise _bad(role, "gguf_file", spec.gguf_file, f"one of {[p.name for p in shipped]} in {pkg_dir}")
-        return chosen[0], _sha256(chosen[0])
+        return chosen[0], file_digest(chosen[0])
     module = importlib.import_module(spec.gguf_package)
     if not hasattr(module, "assemble"):
         raise FileNotFoundError(
@@ -332,7 +326,7 @@ def _converted_gguf_dir(spec: ModelSpec, cache_dir: Path, role: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     if not sha:  # a chunked package without a published hash: assemble once to learn it
         with tempfile.TemporaryDirectory(dir=root) as tmp:
-            sha = _sha256(
+            sha = file_digest(
                 importlib.import_module(spec.gguf_package).assemble(output_path=Path(tmp) / "x.gguf")
             )
     target = root / f"{spec.name}-{sha[:16]}"

@@ -66,15 +66,22 @@ def verdict(metrics: dict) -> list[str]:
     return lines
 
 
-def print_results(metrics: dict, cfg) -> None:
-    header, rows = results_rows(metrics)
-    table = Table(title=f"uzr results: {cfg.teacher.name} -> {cfg.student.name}, layers {list(cfg.inject.layers)}, "
-                        f"alpha {cfg.alpha.value} ({cfg.alpha.schedule}, {cfg.inject.mode})")
-    for column in header:
-        table.add_column(column, justify="left" if column == "metric" else "right")
+def numbers_table(title: str, header: list[str], rows: list[list]) -> Table:
+    """A rich table whose first column names the row and the others hold numbers (None shown as —)."""
+    table = Table(title=title)
+    for index, column in enumerate(header):
+        table.add_column(column, justify="left" if index == 0 else "right")
     for row in rows:
         table.add_row(row[0], *(_fmt(v) for v in row[1:]))
+    return table
+
+
+def print_results(metrics: dict, cfg) -> None:
+    header, rows = results_rows(metrics)
     console = Console()
-    console.print(table)
+    console.print(numbers_table(
+        f"uzr results: {cfg.teacher.name} -> {cfg.student.name}, layers {list(cfg.inject.layers)}, "
+        f"alpha {cfg.alpha.value} ({cfg.alpha.schedule}, {cfg.inject.mode})", header, rows,
+    ))
     for line in verdict(metrics):
         console.print(f"• {line}")
