@@ -7,8 +7,9 @@ For the packaged teacher (Gemma 3 270M, ``conf/teacher/gemma3_270m.yaml``) at ea
 - ``plain``: attention ``sdpa``, no statistics;
 - ``harvest``: the ``uzr`` attention function with a :class:`~uzr.attention.LayerRecorder` on every
   layer (entropy, normalised entropy, locality, mean distance per layer/head/query, float32) and the
-  head-mean distribution kept for the mapped layers (``--mapped-layers``): dense while S is at most
-  ``--max-dist-len``, beyond it as the top ``--dist-topk`` entries per row plus the remaining mass;
+  head-mean distribution kept for the mapped layers (``--mapped-layers``) as the pipeline does
+  (``harvest.max_dist_len``): a dense block of the leading ``min(S, --max-dist-len)`` query rows and keys,
+  statistics over all S (``--max-dist-len 0``: the whole ``S x S`` head-mean);
 - ``naive``: eager attention with ``output_attentions=True``, statistics computed afterwards from the
   returned ``(H, S, S)`` weights of every layer (dense head-mean for the mapped layers).
 
@@ -42,7 +43,7 @@ shared: interleaving the cases keeps the ratios fair when its load drifts.
 weights alone would need (``layers x heads x S^2`` in the model dtype) instead of running it into the
 out-of-memory killer on a shared machine. A child that runs out of memory prints ``OOM``.
 
-Before the sweep one more child checks that the harvest's statistics equal the naive ones at
+Before the sweep one more child checks that the harvest's statistics (and head-mean block) equal the naive ones at
 ``--check-len`` tokens (maximum absolute differences printed).
 
 Usage::
@@ -179,8 +180,7 @@ def run_case(model, case: str, ids, args) -> dict:
             use_uzr_attention(model)
             for index, module in enumerate(modules):
                 module.uzr_recorder = LayerRecorder(
-                    args.window, index in args.mapped_layers, args.block_size,
-                    max_dist_len=args.max_dist_len, dist_topk=args.dist_topk,
+                    args.window, index in args.mapped_layers, args.block_size, dist_rows=args.max_dist_len or None,
                 )
             try:
                 out = model.model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -232,10 +232,7 @@ def child_measure(args) -> None:
 
 
 def child_check(args) -> None:
-    """Harvest statistics vs statistics from ``output_attentions`` at one length."""
-
-    from uzr.attention import TopKRows
-
+    """Harvest statistics (and head-mean block) vs those from ``output_attentions`` at one length."""
     model = _load(args)
     ids = _ids(model, args.length, args.device)
     harvest, naive = run_case(model, "harvest", ids, args), run_case(model, "naive", ids, args)
@@ -245,8 +242,9 @@ def child_check(args) -> None:
             diff = float((mine[name] - value).abs().max())
             worst[name] = max(worst.get(name, 0.0), diff)
     for layer, mean in harvest["head_mean"].items():
-        dense = mean.to_dense() if isinstance(mean, TopKRows) else mean
-        worst["head_mean"] = max(worst.get("head_mean", 0.0), float((dense - naive["head_mean"][layer]).abs().max()))
+        d = mean.shape[-1]  # the leading block: min(S, --max-dist-len)
+        diff = float((mean - naive["head_mean"][layer][:, :d, :d]).abs().max())
+        worst["head_mean"] = max(worst.get("head_mean", 0.0), diff)
     worst["output"] = float((harvest["last"] - naive["last"]).abs().max() / naive["last"].abs().max())
     print(json.dumps(worst))
 
@@ -271,7 +269,7 @@ def _child(args, mode: str, case: str, length: int) -> dict:
 def _forward_args(args) -> list[str]:
     out = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--window", str(args.window),
            "--block-size", str(args.block_size), "--max-dist-len", str(args.max_dist_len),
-           "--dist-topk", str(args.dist_topk), "--threads", str(args.threads),
+           "--threads", str(args.threads),
            "--mapped-layers", *map(str, args.mapped_layers)]
     return out
 
@@ -313,8 +311,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="repeat the sweep; fastest time, largest peak kept")
     parser.add_argument("--window", type=int, default=8, help="locality window")
     parser.add_argument("--block-size", type=int, default=64, help="query rows per block (harvest)")
-    parser.add_argument("--max-dist-len", type=int, default=1024, help="dense head-mean up to this many keys")
-    parser.add_argument("--dist-topk", type=int, default=32, help="top-k entries per row beyond --max-dist-len")
+    parser.add_argument("--max-dist-len", type=int, default=512,
+                        help="head-mean kept for the leading min(S, this) rows and keys, as harvest.max_dist_len "
+                             "(0: all S x S)")
     parser.add_argument("--mapped-layers", type=int, nargs="+", default=[2, 9, 15],
                         help="teacher layers keeping a head-mean (default: those mapped to student 4, 15, 26)")
     parser.add_argument("--naive-max-len", type=int, default=4096, help="longest S the naive path is run at")
@@ -334,8 +333,9 @@ def main(argv=None) -> None:
     print(f"model {args.model} on {args.device} ({args.dtype}), threads {args.threads or 'default'}, "
           f"MALLOC_MMAP_THRESHOLD_ {args.mmap_threshold or 'default'}, "
           f"cpus {os.cpu_count()}, rounds {args.rounds}, harvest block {args.block_size} rows, "
-          f"head-mean for layers {args.mapped_layers}: dense up to {args.max_dist_len} keys, "
-          f"then top-{args.dist_topk} + remainder", flush=True)
+          f"head-mean for layers {args.mapped_layers}: dense leading "
+          f"{'S x S' if not args.max_dist_len else f'min(S, {args.max_dist_len})^2'} block, statistics over all S",
+          flush=True)
     if not args.no_check:
         check_len = min(args.check_len, args.naive_max_len)
         worst = _child(args, "check", "harvest", check_len)

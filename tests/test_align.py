@@ -138,6 +138,30 @@ def test_mismatched_alignment_invariants(toks, pair, text):
     assert 0.0 <= d["dropped_mass_mean"] <= 1.0
 
 
+@pytest.mark.parametrize("pair", [("bpe", "char"), ("char", "bpe"), ("bpe", "bpe")])
+def test_leading_block_equals_the_leading_block_of_the_full_alignment(toks, pair):
+    """Student rows < n read only teacher rows and keys < teacher_rows(n): aligning that teacher block
+    gives the full alignment's leading (n, n) block, and n >= S gives the full alignment itself."""
+    text = TEXTS[-1] + " " + TEXTS[6]
+    al = TokenAligner.from_text(text, toks[pair[0]], toks[pair[1]])
+    T, S = al.n_teacher, al.n_student
+    p = random_causal(2, n=T, seed=3)
+    full = al.align(p)
+    assert al.leading(S) is al and al.leading(S + 5) is al and al.teacher_rows(S) == T
+    for n in (1, 2, S // 3, S - 1):
+        block = al.leading(n)
+        t = al.teacher_rows(n)
+        assert (block.n_student, block.n_teacher) == (n, t) and t == int(al.query_map[n - 1]) + 1
+        assert block.identity == al.identity and (t == n if al.identity else t <= T)
+        got = block.align(p[..., :t, :t])
+        assert got.shape == (2, n, n)
+        torch.testing.assert_close(got, full[..., :n, :n], atol=1e-6, rtol=1e-5)
+        assert block.diagnostics["n_student"] == n
+    assert al.leading(S // 3).teacher_rows(S // 3) < T  # the cut really drops teacher rows
+    with pytest.raises(ValueError, match="teacher tokens"):
+        al.leading(S // 3).align(p)  # the full teacher map is not the leading block
+
+
 def test_byte_tokens_align_byte_for_byte(toks):
     # "€🙂": bpe gives 3 + 4 byte tokens with spans (0,1) and (1,2); the char tokenizer falls back to
     # 7 byte tokens all spanning (0,2). Bytes must map one to one, not by equal shares of characters.

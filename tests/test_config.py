@@ -35,6 +35,14 @@ def test_qwen_reference_pair_is_complete():
     assert max(teacher_layer_map(run)) < run.teacher.num_layers
 
 
+def test_stored_distribution_length_defaults_to_512_and_can_be_set():
+    from uzr.pipeline import harvest_key
+
+    default, short = resolved("+experiment=default"), resolved("+experiment=default", "harvest.max_dist_len=2")
+    assert (default.harvest.max_dist_len, short.harvest.max_dist_len) == (512, 2)
+    assert harvest_key(default)[0] != harvest_key(short)[0]  # a store is never reused across lengths
+
+
 def test_command_line_overrides_reach_the_run():
     run = resolved("+experiment=default", "inject.layers=[10,20]", "alpha.value=0.25", "alpha=linear",
                    "controller=seed_mlp", "logger=csv")
@@ -53,7 +61,8 @@ BAD = [
     (["+experiment=default", "inject.teacher_layers=[3]"], r"one teacher layer per injected layer"),
     (["+experiment=default", "inject.mode=add"], r"inject.mode='add' is unknown; valid choices: bias, mix"),
     (["+experiment=default", "harvest.max_length=1"], r"harvest.max_length=1 must be >= 2"),
-    (["+experiment=default", "stages=[harvest,train]"], r"unknown \['train'\]; valid stages: harvest, controller, evaluate"),
+    (["+experiment=default", "harvest.max_dist_len=1"], r"harvest.max_dist_len=1 must be >= 2.*harvest.max_dist_len=512"),
+    (["+experiment=default", "stages=[harvest,train]"], r"unknown \['train'\]; valid stages: harvest, controller, gate, evaluate"),
     (["+experiment=default", "+inject.layer=[3]"], r"invalid config: .*layer"),
     (["+experiment=default", "data=text_file", "data.path=/nonexistent/corpus.txt"], r"/nonexistent/corpus.txt"),
     (["+experiment=default", "controller.arch=transformer"], r"controller.arch"),

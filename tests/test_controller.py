@@ -362,3 +362,53 @@ def test_load_rejects_damaged_files(tmp_path):
     weights.unlink()
     with pytest.raises(FileNotFoundError, match="controller.safetensors is missing"):
         load_controller(tmp_path)
+
+
+# ------------------------------------------------------------------------------ store (short dists)
+
+
+def test_store_with_distributions_shorter_than_the_text_trains(tmp_path, one_thread):
+    """harvest.max_dist_len=D < S: batches are the leading D positions — hidden (B, D, H), dists (B, D, D) —
+    and one controller step and a validation pass run on them."""
+    import numpy as np
+
+    from uzr.data import StoreDataModule
+    from uzr.harvest.store import HarvestStore, StoreLayout
+
+    D, H, layers = 16, 12, [1, 3]
+    rng = np.random.default_rng(0)
+    store = HarvestStore(tmp_path / "store")
+    store.write_layout(StoreLayout(layers=layers, teacher_layers=[2, 5], hidden_size=H, teacher_num_layers=6,
+                                   teacher_num_heads=2, student_num_layers=4, student_num_heads=2, locality_window=4,
+                                   max_dist_len=D))
+    rows = []
+    for i, s in enumerate([30, 6, 40, 23, 9, 50]):
+        n = min(s, D)
+        row = {"text": f"text {i}", "input_ids": np.arange(s, dtype=np.int32), "split": ("train", "heldout")[i % 2]}
+        for layer in layers:
+            row[f"hidden_L{layer}"] = rng.standard_normal((s, H)).astype(np.float16)
+            for column in ("teacher_dist", "student_dist"):
+                p = np.tril(rng.random((n, n))) + np.eye(n)
+                row[f"{column}_L{layer}"] = (p / p.sum(-1, keepdims=True)).astype(np.float16)
+        rows.append(row)
+    store.write_shard(0, rows)
+    assert store.rows()[0]["teacher_dist_L1"].shape == (D, D) and store.rows()[0]["hidden_L1"].shape == (30, H)
+
+    datamodule = StoreDataModule(store, layers, batch_size=3)
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["mask"].shape == (3, D) and batch["mask"].sum(1).sort().values.tolist() == [9, 16, 16]
+    for key in ("1", "3"):
+        assert batch["hidden"][key].shape == (3, D, H)
+        assert batch["target"][key].shape == batch["student_self"][key].shape == (3, D, D)
+    item = datamodule.splits["train"][0]  # text 0: S = 30 cut to its leading D positions
+    torch.testing.assert_close(item["hidden_L1"], torch.from_numpy(rows[0]["hidden_L1"][:D].astype(np.float32)))
+
+    module = ControllerModule(H, layers, ControllerSpec(key_dim=8, mlp_hidden=16))
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule)
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))  # it stepped
+    report = module.heldout_report()
+    assert report["val/rows/L1"] == 6 + 16 + 16 and math.isfinite(report["val/kl/controller"])

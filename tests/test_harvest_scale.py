@@ -1,13 +1,14 @@
-"""The blocked harvest pass at scale: block sizes, padding, half precision, non-finite rows, compact head-means."""
+"""The blocked harvest pass at scale: block sizes, padding, half precision, non-finite rows, leading head-mean blocks."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
-from uzr.attention import AttentionEdit, LayerRecorder, TopKRows, attention_modules, use_uzr_attention
+from uzr.attention import AttentionEdit, LayerRecorder, attention_modules, use_uzr_attention
 from uzr.harvest.stats import STAT_NAMES, BlockGeometry, attention_stats
 
 from .conftest import model_spec
@@ -139,34 +140,64 @@ def test_nonfinite_score_rows_are_counted_not_hidden(tiny_models, value):
     assert torch.isfinite(head_mean).all() and torch.isfinite(logits).all()
 
 
-def test_long_rows_keep_a_compact_head_mean(tiny_models):
-    model, tok = tiny_models["llama"]
-    enc = tok(TEXTS[1:], return_tensors="pt")
-    s = enc["input_ids"].shape[1]
-    _, [(stats, dense, _)] = record(model, enc, layers=[1], block_size=4)
-    _, [(stats_k, topk, _)] = record(model, enc, layers=[1], block_size=4, max_dist_len=s - 1, dist_topk=3)
-    assert isinstance(topk, TopKRows) and topk.values.shape == (1, s, 3)
-    for name in STAT_NAMES:  # statistics do not depend on how the head-mean is kept
-        torch.testing.assert_close(stats_k[name], stats[name])
-    torch.testing.assert_close(topk.values.sum(-1) + topk.remainder, torch.ones(1, s), atol=1e-5, rtol=0)
-    want, where = dense.topk(3, -1)
-    torch.testing.assert_close(topk.values, want)
-    assert torch.equal(torch.gather(dense, -1, topk.indices), topk.values)
-    # with k >= the number of keys the compact form is exact
-    _, [(_, exact, _)] = record(model, enc, layers=[1], block_size=4, max_dist_len=1, dist_topk=s)
-    torch.testing.assert_close(exact.to_dense(), dense)
-    # without a compact form, long rows keep nothing (and say so)
-    use_uzr_attention(model)
-    module = attention_modules(model)[1]
-    module.uzr_recorder = LayerRecorder(4, True, 4, max_dist_len=s - 1)
-    try:
-        with torch.no_grad():
-            model(**enc)
-        stats_none, none = module.uzr_recorder.result()
-        assert none is None and module.uzr_recorder.head_mean_skipped == 1
-    finally:
-        del module.uzr_recorder
-    torch.testing.assert_close(stats_none["entropy"], stats["entropy"])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_head_mean_of_the_leading_rows_is_the_leading_block(tiny_models, family):
+    """dist_rows=d keeps exactly the leading (d, d) block of the full head-mean: left padding, blocks that
+    straddle row d, and a sliding-window layer (gemma3) included; statistics are unaffected."""
+    model, tok = tiny_models[family]
+    enc = padded(tok)
+    real = enc["attention_mask"].bool()
+    s = real.shape[1]
+    for block_size in (1, 3, 7, s):
+        _, full = record(model, enc, block_size=block_size)
+        for d in (1, 2, 5, s - 1, s, s + 3):
+            _, kept = record(model, enc, block_size=block_size, dist_rows=d)
+            for layer, ((stats, head_mean, bad), (ref_stats, ref_mean, _)) in enumerate(zip(kept, full)):
+                assert bad == 0 and head_mean.shape == (2, min(d, s), min(d, s))
+                assert torch.equal(head_mean, ref_mean[:, :d, :d]), (block_size, d, layer)
+                for name in STAT_NAMES:  # every row, not just the kept ones
+                    assert torch.equal(stats[name], ref_stats[name]), (block_size, d, layer, name)
+                rows = real[:, :d]  # causal: a kept real row keeps all of its mass
+                torch.testing.assert_close(head_mean.sum(-1)[rows], torch.ones(int(rows.sum())), atol=1e-5, rtol=0)
+                assert (head_mean.sum(-1)[~rows] == 0).all()  # left padding rows
+
+
+def test_harvested_distributions_are_the_leading_block(tiny_models):
+    """Teacher tiny gemma3 and student tiny llama (different tokenizers): harvest.max_dist_len=d < S stores
+    the leading (d, d) block of the full distributions, and every other column unchanged."""
+    from uzr.harvest.harvester import Harvester
+
+    teacher, t_tok = tiny_models["gemma3"]
+    student, s_tok = tiny_models["llama"]
+    text = "Attention habits of the teacher, harvested on the student's grid: " * 4
+
+    def harvest(max_dist_len):
+        harvester = Harvester(teacher, t_tok, student, s_tok, [1, 2], [2, 3], window=8, block_size=16,
+                              max_length=48, max_dist_len=max_dist_len)
+        try:
+            return harvester(text)
+        finally:
+            harvester.close()
+
+    full = harvest(10**6)
+    s = len(full["input_ids"])
+    assert s == 48 and full["teacher_len"] != s  # truncated, and the tokenizers differ
+    assert all(np.array_equal(full[k], v) for k, v in harvest(s).items() if isinstance(v, np.ndarray))
+    dists = [k for k in full if "_dist_L" in k]
+    assert len(dists) == 4 and all(full[k].shape == (s, s) for k in dists)
+    for d in (2, 13, s - 1):
+        row = harvest(d)
+        assert sorted(row) == sorted(full)
+        for key, value in row.items():
+            if key in dists:
+                assert value.shape == (d, d), key
+                np.testing.assert_allclose(value.astype(np.float32), full[key][:d, :d].astype(np.float32),
+                                           atol=2e-3, rtol=2e-3, err_msg=key)
+                np.testing.assert_allclose(value.astype(np.float32).sum(-1), 1.0, atol=5e-3, err_msg=key)
+            elif isinstance(value, np.ndarray):
+                assert np.array_equal(value, full[key]), key
+            elif key not in ("align_dropped_mass", "align_self_fallback_rows"):  # over the stored rows only
+                assert value == full[key], key
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -41,6 +41,38 @@ def test_smoke_writes_metrics_config_figure_and_logs(smoke_run):
         assert 0 < ev["bits_per_byte"][name] < 20
     assert set(ev["habit_distance"]) == {"L1", "L2"}
     assert "bits per byte" in proc.stdout and "held-out KL" in proc.stdout
+    assert "facts QA accuracy" in proc.stdout and "gated injection" in proc.stdout
+
+
+def test_smoke_gate_stage_table_agrees_with_the_evaluate_stage(smoke_run):
+    """The gate stage is trained and reported; its none / constant@alpha rows are the same measurements
+    as the evaluate stage's student / injected columns (same texts, prompts and alpha)."""
+    tmp, _ = smoke_run
+    metrics = json.loads((tmp / "run" / "metrics.json").read_text())
+    assert metrics["artifacts"]["gate"]["built"]
+    heldout = metrics["gate"]["heldout"]
+    assert 0.0 <= heldout["gate"]["auroc"] <= 1.0 and "majority" in heldout and "student_entropy" in heldout
+    assert heldout["verdict"].startswith("gate ")
+    assert heldout["labels"]["source"] == "teacher_next_entropy"  # not the attention-entropy statistic
+    from uzr.harvest.store import HarvestStore
+
+    row = HarvestStore(metrics["artifacts"]["harvest"]["path"]).rows("train")[0]
+    s = len(row["input_ids"])
+    assert row["teacher_next_entropy"].shape == (s,) and row["teacher_entropy"].shape[-1] == s
+    assert row["teacher_entropy"].ndim == 3
+    gated = metrics["gate"]["evaluation"]
+    table, ev = gated["table"], metrics["evaluate"]
+    assert list(table) == ["none", "constant@0.5", "constant@1", "gated@0.5", "gated@1"]
+    assert table["none"]["bits_per_byte"] == pytest.approx(ev["bits_per_byte"]["student"], rel=1e-6)
+    assert table["constant@0.5"]["bits_per_byte"] == pytest.approx(ev["bits_per_byte"]["injected"], rel=1e-6)
+    qa = ev["facts_qa"]
+    assert qa["num_prompts"] == gated["num_prompts"] > 50
+    assert (table["none"]["qa_accuracy"], table["constant@0.5"]["qa_accuracy"]) == (qa["student"], qa["injected"])
+    assert gated["teacher"]["qa_accuracy"] == qa["teacher"]
+    # a gate in (0, 1) scales alpha down: gated bits per byte lie between none and constant at that alpha
+    lo, hi = sorted([table["none"]["bits_per_byte"], table["constant@1"]["bits_per_byte"]])
+    assert 0 < table["gated@1"]["mean_gate_text"] < 1
+    assert lo - 1e-3 <= table["gated@1"]["bits_per_byte"] <= hi + 1e-3
 
 
 def test_smoke_controller_beats_uniform_on_heldout(smoke_run):
@@ -57,7 +89,7 @@ def test_second_run_reuses_store_and_controller(smoke_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp / "run2" / "metrics.json").read_text())
     first = json.loads((tmp / "run" / "metrics.json").read_text())
-    assert not metrics["artifacts"]["harvest"]["built"] and not metrics["artifacts"]["controller"]["built"]
+    assert not any(metrics["artifacts"][kind]["built"] for kind in ("harvest", "controller", "gate"))
     assert metrics["artifacts"]["harvest"]["key"] == first["artifacts"]["harvest"]["key"]
     # same student and texts: the uninjected baseline is identical, the injected number moves with alpha
     assert metrics["evaluate"]["bits_per_byte"]["student"] == first["evaluate"]["bits_per_byte"]["student"]

@@ -513,7 +513,7 @@ def test_half_precision_teacher_gives_float32_statistics_close_to_float32(dtype,
     row = _harvest(teacher, t_tok, student, s_tok)
     assert row_is_finite(row)
     tol = 0.01 if dtype == "float16" else 0.05
-    for key in ("teacher_entropy", "teacher_maxprob", "teacher_norm_entropy", "teacher_locality", "teacher_dist_L1"):
+    for key in ("teacher_next_entropy", "teacher_next_maxprob", "teacher_entropy", "teacher_norm_entropy", "teacher_locality", "teacher_dist_L1"):
         diff = np.abs(row[key].astype(np.float32) - reference[key].astype(np.float32)).max()
         assert diff < tol, (key, diff)
 

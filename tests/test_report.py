@@ -140,12 +140,15 @@ def test_summary_says_when_injection_hurts_at_every_alpha(tmp_path):
     assert any("alpha=0 reproduces the uninjected student exactly in all 2" in line for line in lines)
     assert any("teacher is NOT ahead" in line for line in lines)
     assert any("layers [1,2]: best alpha 0.5" in line for line in lines)
+    # facts QA in the synthetic sweep: injected = 0.9 - 0.1 * alpha, student 0.9
+    assert any("Facts QA accuracy (student 0.900, teacher 1.000, chance 0.25): injection improves it in 0, "
+               "leaves it unchanged in 0 and HURTS it in 4 of 4" in line for line in lines), lines
 
 
 def test_summary_when_injection_helps_and_alpha_zero_is_not_neutral(tmp_path):
     lines = write_report(write_sweep(tmp_path, hurt=-0.1, zero_exact=False), tmp_path / "out", "t")["summary"]
     text = "\n".join(lines)
-    assert "HURTS" not in text
+    assert "HURTS bits per byte" not in text
     assert "improves bits per byte at every alpha > 0" in text
     assert "alpha=0 does NOT reproduce the uninjected student in 2 of 2" in text
 

@@ -1,4 +1,5 @@
-"""A killed harvest resumes from its last complete shard; a 2-process harvest equals a 1-process one."""
+"""A killed harvest resumes from its last complete shard; a 2-process harvest equals a 1-process one;
+killed controller and gate training resume from their last checkpoint."""
 
 from __future__ import annotations
 
@@ -83,22 +84,30 @@ def test_two_process_harvest_equals_single_process(tmp_path, reference):
     assert_same_store(finished_store(tmp_path), reference)
 
 
-def test_killed_controller_training_resumes_from_last_checkpoint(tmp_path):
-    cmd = command(tmp_path, "controller.max_epochs=60", "stages=[harvest,controller]")
+@pytest.mark.parametrize("kind, overrides", [
+    ("controller", ["controller.max_epochs=60", "stages=[harvest,controller]"]),
+    ("gate", ["gate.max_epochs=400", "stages=[harvest,controller,gate]", "gate.eval_alphas=[1.0]",
+              "evaluate.qa_prompts=4", "evaluate.num_texts=1"]),
+])
+def test_killed_training_resumes_from_last_checkpoint(tmp_path, kind, overrides):
+    """Controller and gate training killed mid-way resume from their last Lightning checkpoint."""
+    cmd = command(tmp_path, *overrides)
+    checkpoint = str(tmp_path / f"cache/{kind}/*.partial/checkpoints/last.ckpt")
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
-    while time.time() < deadline and not glob.glob(str(tmp_path / "cache/controller/*.partial/checkpoints/last.ckpt")):
+    while time.time() < deadline and not glob.glob(checkpoint):
         time.sleep(0.2)
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert glob.glob(str(tmp_path / "cache/controller/*.partial/checkpoints/last.ckpt"))
+    assert glob.glob(checkpoint), f"no {kind} checkpoint before the kill"
     resumed = subprocess.run(cmd, cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "controller training resumes" in resumed.stdout + resumed.stderr
+    assert f"{kind} training resumes" in resumed.stdout + resumed.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["artifacts"]["controller"]["built"]
-    final = glob.glob(str(tmp_path / "cache/controller/*/manifest.json"))
+    assert metrics["artifacts"][kind]["built"]
+    final = glob.glob(str(tmp_path / f"cache/{kind}/*/manifest.json"))
     assert len(final) == 1 and json.loads(Path(final[0]).read_text())["resumed"] is True
+    assert not glob.glob(str(tmp_path / f"cache/{kind}/*/checkpoints")), "checkpoints left in the artifact"

@@ -20,7 +20,9 @@ The blocked pass (:func:`_blocked_eager`) is built for long inputs:
 - grouped-query heads share their key/value head without ``repeat_kv``; keys and values are converted
   to float32 once per layer, never per block;
 - the probabilities are never normalised into a separate tensor: ``e = exp(s - max)`` gives the output
-  (``e @ V / Z``) and the statistics (see :mod:`uzr.harvest.stats`).
+  (``e @ V / Z``) and the statistics (see :mod:`uzr.harvest.stats`);
+- the head-mean can be limited to the leading ``LayerRecorder.dist_rows`` query rows: a dense block
+  filled only by the query blocks that hold those rows, so it does not grow with the sequence length.
 """
 
 from __future__ import annotations
@@ -56,66 +58,44 @@ class AttentionEdit:
 
 
 @dataclass
-class TopKRows:
-    """Compact head-mean distribution: the ``k`` largest probabilities of each query row and the rest.
-
-    ``values`` (B, q, k) float32, ``indices`` (B, q, k) int64 absolute key positions (slots beyond a row's
-    allowed keys hold value 0), ``remainder`` (B, q) the mass outside the top k (0 for padding rows),
-    ``k_len`` the number of keys.
-    """
-
-    values: torch.Tensor
-    indices: torch.Tensor
-    remainder: torch.Tensor
-    k_len: int
-
-    def to_dense(self) -> torch.Tensor:
-        """(B, q, k_len) with the top-k mass in place and the remainder dropped."""
-        dense = self.values.new_zeros(*self.values.shape[:2], self.k_len)
-        return dense.scatter_add_(-1, self.indices, self.values)
-
-
-@dataclass
 class LayerRecorder:
     """Collects attention statistics (and optionally head-mean rows) of one layer for one forward pass.
 
     Args:
         window: locality window in tokens.
-        keep_head_mean: also keep the head-averaged distribution of every query row.
+        keep_head_mean: also keep the head-averaged distribution of the query rows.
         block_size: most query rows per block.
-        max_dist_len: keep the head-mean densely (``(B, q, k)``) only while the number of keys is at
-            most this (``None``: always); beyond it keep :class:`TopKRows` of ``dist_topk`` entries per
-            row, or nothing when ``dist_topk`` is 0 (counted in ``head_mean_skipped``).
-        dist_topk: entries per row of the compact form.
+        dist_rows: keep the head-mean only for query rows ``< dist_rows`` and keys ``< dist_rows``
+            (plus the cached keys before the call's first query), ``None``: every row and key. For a
+            causal layer those rows see no later key, so the block holds their whole distribution while
+            its memory stays ``O(dist_rows^2)`` at any sequence length. Statistics always cover every row.
         max_block_elems: most scores per block (heads x rows x keys); lowers the rows per block for
             long inputs so the block buffers stay small.
 
     After a forward pass: ``stats[name]``: list of (B, H, q) float32 tensors (one per attention call),
-    ``head_mean``: list of (B, q, k) float32 tensors or :class:`TopKRows`, ``nonfinite_rows``: number of
-    (batch, head, query) rows with an allowed non-finite score (NaN or inf, e.g. a half-precision
-    overflow upstream). Those rows get NaN statistics and zero probability, so a harvest can skip the
-    text and report it, never store NaN or a silently truncated row.
+    ``head_mean``: list of (B, q', k') float32 tensors (``q' = min(q, dist_rows)``), ``nonfinite_rows``:
+    number of (batch, head, query) rows with an allowed non-finite score (NaN or inf, e.g. a
+    half-precision overflow upstream). Those rows get NaN statistics and zero probability, so a harvest
+    can skip the text and report it, never store NaN or a silently truncated row.
     """
 
     window: int = 8
     keep_head_mean: bool = False
     block_size: int = 64
-    max_dist_len: int | None = None
-    dist_topk: int = 0
+    dist_rows: int | None = None
     max_block_elems: int = 1 << 22
     stats: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    head_mean: list = field(default_factory=list)
+    head_mean: list[torch.Tensor] = field(default_factory=list)
     nonfinite_rows: int = 0
-    head_mean_skipped: int = 0
 
-    def dense_head_mean(self, k_len: int) -> bool:
-        return self.keep_head_mean and (self.max_dist_len is None or k_len <= self.max_dist_len)
+    def head_mean_shape(self, q_len: int, k_len: int) -> tuple[int, int]:
+        """(rows, keys) of the head-mean block kept for a call with ``q_len`` queries and ``k_len`` keys."""
+        if self.dist_rows is None or self.dist_rows >= q_len:
+            return q_len, k_len
+        return self.dist_rows, min(self.dist_rows + k_len - q_len, k_len)  # queries sit at the end of the keys
 
-    def topk_head_mean(self, k_len: int) -> bool:
-        return self.keep_head_mean and not self.dense_head_mean(k_len) and self.dist_topk > 0
-
-    def result(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | TopKRows | None]:
-        """Returns ({name: (B, H, S)}, head-mean (B, S, S), :class:`TopKRows` or None); clears the recorder.
+    def result(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Returns ({name: (B, H, S)}, head-mean (B, S', S') or None); clears the recorder.
 
         ``nonfinite_rows`` is left for the caller to read (and reset) after the call.
         """
@@ -124,8 +104,6 @@ class LayerRecorder:
         if len(self.head_mean) == 1:
             head_mean = self.head_mean[0]
         elif self.head_mean:
-            if isinstance(self.head_mean[0], TopKRows):
-                raise ValueError("compact head-mean rows of several attention calls cannot be concatenated")
             head_mean = torch.cat(self.head_mean, 1)
         self.stats, self.head_mean = {}, []
         return stats, head_mean
@@ -266,24 +244,11 @@ class _Sink:
     def __init__(self, recorder: LayerRecorder, batch: int, heads: int, q_len: int, k_len: int, device):
         self.recorder = recorder
         self.stats = torch.zeros(len(STAT_NAMES), batch, heads, q_len, device=device)  # STAT_NAMES order
-        self.dense = self.topk = None
-        if recorder.dense_head_mean(k_len):
-            self.dense = torch.zeros(batch, q_len, k_len, device=device)
-        elif recorder.topk_head_mean(k_len):
-            k = recorder.dist_topk
-            self.topk = TopKRows(
-                torch.zeros(batch, q_len, k, device=device),
-                torch.zeros(batch, q_len, k, dtype=torch.long, device=device),
-                torch.zeros(batch, q_len, device=device),
-                k_len,
-            )
-        elif recorder.keep_head_mean:
-            recorder.head_mean_skipped += 1
+        self.dense = None
+        if recorder.keep_head_mean:
+            rows, keys = recorder.head_mean_shape(q_len, k_len)
+            self.dense = torch.zeros(batch, rows, keys, device=device)  # (B, q', k')
         self.bad = torch.zeros((), dtype=torch.long, device=device)
-
-    @property
-    def wants_head_mean(self) -> bool:
-        return self.dense is not None or self.topk is not None
 
     def finish(self) -> None:
         recorder = self.recorder
@@ -292,8 +257,27 @@ class _Sink:
             recorder.stats.setdefault(name, []).append(value)
         if self.dense is not None:
             recorder.head_mean.append(self.dense)
-        elif self.topk is not None:
-            recorder.head_mean.append(self.topk)
+
+
+def _add_head_mean(dense: torch.Tensor, blk: _Block, e: torch.Tensor, inv_z: torch.Tensor, bad: torch.Tensor) -> None:
+    """Writes the head-mean of the block's rows that ``dense`` keeps into ``dense`` (B, q', k'), in place.
+
+    ``e``: (B, H, n, w) unnormalised probabilities of keys ``[blk.lo, blk.hi)``, ``inv_z``: (B, H, n) their
+    1 / Z, ``bad``: (B, H, n) non-finite rows. Rows partition into blocks, so each entry is written once;
+    in a causal layer a kept row sees no key beyond ``k'``, so cutting the span loses no mass.
+    """
+    rows = min(blk.stop, dense.shape[1]) - blk.start
+    keys = min(blk.hi, dense.shape[2]) - blk.lo
+    if rows <= 0 or keys <= 0:  # a block past the kept rows adds nothing (the common case at long S)
+        return
+    if bool(bad.any()):
+        e.masked_fill_(bad[..., None], 0.0)
+    e = e[:, :, :rows, :keys]  # (B, H, r, c)
+    weights = (inv_z[:, :, :rows] / e.shape[1])[..., None]  # (B, H, r, 1)
+    mean = dense[:, blk.start:blk.start + rows, blk.lo:blk.lo + keys]  # written in place, no temporary
+    torch.mul(e[:, 0], weights[:, 0], out=mean)
+    for h in range(1, e.shape[1]):
+        mean.addcmul_(e[:, h], weights[:, h])
 
 
 def _blocked_eager(module, query, key, value, attention_mask, scaling, recorder, bias, softcap, window=None):
@@ -361,19 +345,8 @@ def _blocked_eager(module, query, key, value, attention_mask, scaling, recorder,
         stats, inv_z, valid, bad = score_block_stats(scores, e, n_keys, q_first, blk.lo, recorder.window, future)
         sink.bad += bad.sum()
         sink.stats[..., blk.start:blk.stop] = stats
-        if sink.wants_head_mean:
-            if bool(bad.any()):
-                e.masked_fill_(bad[..., None], 0.0)
-            weights = (inv_z / heads)[..., None]  # (B, H, n, 1)
-            if sink.dense is not None:
-                mean = sink.dense[:, blk.start:blk.stop, blk.lo:blk.hi]  # written in place, no temporary
-                torch.mul(e[:, 0], weights[:, 0], out=mean)
-            else:
-                mean = e[:, 0] * weights[:, 0]
-            for h in range(1, heads):
-                mean.addcmul_(e[:, h], weights[:, h])
-            if sink.topk is not None:
-                _store_topk(sink.topk, blk, mean)
+        if sink.dense is not None:
+            _add_head_mean(sink.dense, blk, e, inv_z, bad)
         o = torch.matmul(e.view(batch, kv_heads, n_rep * n, width), values[:, :, blk.lo:blk.hi])
         o = o.view(batch, heads, n, d_v).mul_(inv_z[..., None])
         if bool(bad.any()):
@@ -381,14 +354,6 @@ def _blocked_eager(module, query, key, value, attention_mask, scaling, recorder,
         out[:, blk.start:blk.stop] = o.transpose(1, 2)
     sink.finish()
     return out
-
-
-def _store_topk(topk: TopKRows, blk: _Block, mean: torch.Tensor) -> None:
-    k = min(topk.values.shape[-1], mean.shape[-1])
-    values, index = mean.topk(k, -1)  # (B, n, k)
-    topk.values[:, blk.start:blk.stop, :k] = values
-    topk.indices[:, blk.start:blk.stop, :k] = index + blk.lo
-    topk.remainder[:, blk.start:blk.stop] = (mean.sum(-1) - values.sum(-1)).clamp(min=0)
 
 
 def _mix(output, value, edit: AttentionEdit, n_heads: int):

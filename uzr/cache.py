@@ -22,7 +22,7 @@ from filelock import FileLock
 
 MANIFEST = "manifest.json"
 # Bump when the layout of an artifact kind changes, so old caches are rebuilt rather than misread.
-SCHEMA_VERSION = {"harvest": 2, "controller": 1, "gate": 1}
+SCHEMA_VERSION = {"harvest": 3, "controller": 1, "gate": 1}
 
 
 def content_key(kind: str, payload: dict) -> str:

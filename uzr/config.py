@@ -21,7 +21,7 @@ from uzr.gate import GateSpec, validate_gate_spec
 from uzr.inject import MODES, AlphaSpec, injected_layers_valid, validate_alpha
 from uzr.models import ModelSpec, validate_spec
 
-STAGES = ("harvest", "controller", "evaluate")
+STAGES = ("harvest", "controller", "gate", "evaluate")
 
 
 @dataclass
@@ -40,6 +40,9 @@ class HarvestSpec:
     # None = inject.layers.
     layers: list[int] | None = None
     max_length: int = 256  # student tokens per text (longer texts are truncated)
+    # Head-mean distributions are stored for the leading min(S, this) positions only: they take S^2
+    # per layer, everything else (statistics, hidden states) covers all S.
+    max_dist_len: int = 512
     block_size: int = 256  # query rows per block in the statistics (memory grows linearly with S)
     locality_window: int = 8
     shard_size: int = 16  # texts per resumable shard
@@ -52,6 +55,11 @@ class HarvestSpec:
 class EvaluateSpec:
     num_texts: int = 40  # held-out texts to evaluate (0 = all)
     figure: bool = True
+    # Facts QA (uzr/facts_qa.py) on the held-out answerable prompts of the built-in set; the split and
+    # prompt format are the gate's (gate.prompt_seed, gate.heldout_fraction, gate.prompt_format), so a
+    # prompt-level gate never trains on a QA question.
+    facts_qa: bool = True
+    qa_prompts: int = 0  # held-out answerable prompts scored (0 = all)
 
 
 @dataclass
@@ -161,6 +169,11 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"harvest.layers={h.layers}: {bad} outside the student's layers 0..{cfg.student.num_layers - 1}")
     if h.max_length < 2:
         raise ValueError(f"harvest.max_length={h.max_length} must be >= 2 (a text needs a token to predict)")
+    if h.max_dist_len < 2:
+        raise ValueError(
+            f"harvest.max_dist_len={h.max_dist_len} must be >= 2 (the stored distributions cover that many leading "
+            "positions; one row attends only to itself); set harvest.max_dist_len=512 or more"
+        )
     if h.block_size < 1 or h.locality_window < 1 or h.shard_size < 1:
         raise ValueError("harvest.block_size, harvest.locality_window and harvest.shard_size must be >= 1")
     if not (0 <= h.max_bad_fraction <= 1 and math.isfinite(h.max_bad_fraction)):
@@ -174,3 +187,5 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"logger.wandb_mode={cfg.logger.wandb_mode!r}; valid choices: offline, online, disabled")
     if cfg.evaluate.num_texts < 0:
         raise ValueError(f"evaluate.num_texts={cfg.evaluate.num_texts} must be >= 0 (0 = all held-out texts)")
+    if cfg.evaluate.qa_prompts < 0:
+        raise ValueError(f"evaluate.qa_prompts={cfg.evaluate.qa_prompts} must be >= 0 (0 = all held-out QA prompts)")

@@ -11,7 +11,12 @@ from uzr.harvest.store import HarvestStore, StoreRows
 
 
 class ControllerRows(Dataset):
-    """Store rows reduced to what the controller needs at the injected layers."""
+    """Store rows reduced to what the controller needs at the injected layers.
+
+    The distributions cover only the leading ``D = min(S, harvest.max_dist_len)`` positions, so every
+    per-position tensor is cut to those ``D``: hidden (D, H), teacher/student dists (D, D). The controller
+    scores pairs of positions by content and relative distance, so it learns the same from the block.
+    """
 
     def __init__(self, rows: StoreRows, layers: list[int]):
         self.rows, self.layers = rows, layers
@@ -21,15 +26,19 @@ class ControllerRows(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
-        item = {"length": len(row["input_ids"])}
+        n = row[f"teacher_dist_L{self.layers[0]}"].shape[-1]  # D
+        item = {"length": n}
         for layer in self.layers:
-            for column in ("hidden", "teacher_dist", "student_dist"):
-                item[f"{column}_L{layer}"] = torch.from_numpy(np.asarray(row[f"{column}_L{layer}"], np.float32))
+            for column, cut in (("hidden", np.s_[:n]), ("teacher_dist", np.s_[:n, :n]), ("student_dist", np.s_[:n, :n])):
+                item[f"{column}_L{layer}"] = torch.from_numpy(np.asarray(row[f"{column}_L{layer}"][cut], np.float32))
         return item
 
 
 def collate(items: list[dict], layers: list[int]) -> dict:
-    """Pad to the longest text. Returns mask (B, S) and per layer hidden (B, S, D), target/student_self (B, S, S)."""
+    """Pad to the longest item. Returns mask (B, S) and per layer hidden (B, S, H), target/student_self (B, S, S).
+
+    ``S`` here is the longest item's length, at most ``harvest.max_dist_len`` (see :class:`ControllerRows`).
+    """
     lengths = torch.tensor([item["length"] for item in items])
     s = int(lengths.max())
     batch = {"mask": torch.arange(s)[None] < lengths[:, None], "hidden": {}, "target": {}, "student_self": {}}

@@ -25,18 +25,20 @@ HABITS = ("norm_entropy", "locality")
 @dataclass
 class StudentPass:
     nll: torch.Tensor  # (S-1,) nats of tokens 1..S-1
-    head_mean: dict[int, torch.Tensor]  # layer -> (S, S)
+    head_mean: dict[int, torch.Tensor]  # layer -> (S', S'), S' = min(S, dist_rows)
     final: torch.Tensor  # (1, S, D)
 
 
 @torch.no_grad()
 def student_pass(student, ids: torch.Tensor, layers: list[int], window: int,
-                 injector: Injector | None = None) -> StudentPass:
-    """One forward of the student (injected if ``injector``), recording head-mean attention at ``layers``."""
+                 injector: Injector | None = None, dist_rows: int | None = None) -> StudentPass:
+    """One forward of the student (injected if ``injector``), recording head-mean attention at ``layers``
+    for the leading ``dist_rows`` positions (None: all)."""
     use_uzr_attention(student)
     modules = attention_modules(student)
     for layer in layers:
-        modules[layer].uzr_recorder = LayerRecorder(window, keep_head_mean=True, block_size=ids.shape[1])
+        modules[layer].uzr_recorder = LayerRecorder(window, keep_head_mean=True, block_size=ids.shape[1],
+                                                    dist_rows=dist_rows)
     # One flag per decoder layer (kept on the device, read only on failure): which layer went non-finite.
     finite: dict[int, torch.Tensor] = {}
     watch = [module.register_forward_hook(_finite_flag(finite, index)) for index, module in enumerate(modules)]
@@ -133,9 +135,11 @@ class Evaluator:
             totals["bytes"] += n_bytes
             totals["teacher"] += float(row["teacher_nll_sum"])
             totals["teacher_bytes"] += int(row["teacher_bytes"])
+            # habits are compared on the leading (d, d) block, the part of the teacher's rows the store keeps
+            d = row[f"teacher_dist_L{self.layers[0]}"].shape[-1]
             passes = {
-                "student": student_pass(self.student, ids, self.layers, self.window),
-                "injected": student_pass(self.student, ids, self.layers, self.window, make_injector()),
+                "student": student_pass(self.student, ids, self.layers, self.window, dist_rows=d),
+                "injected": student_pass(self.student, ids, self.layers, self.window, make_injector(), d),
             }
             for name, result in passes.items():
                 totals[name] += float(result.nll.sum())

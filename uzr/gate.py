@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,20 +51,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from uzr.attention import attention_modules
 from uzr.cache import atomic_write, content_key, file_digest
 from uzr.controller import causal_mask, masked_log_softmax
+from uzr.facts_qa import QA_SCORE, pad_sequences, qa_accuracy, qa_prompts
 from uzr.inject import AlphaSpec, Injector
-from uzr.next_token import lm_head_logits, next_token_stats
-from uzr.prompts import (
-    PROMPTS_VERSION,
-    PromptSet,
-    adds_special_tokens,
-    answer_prefix,
-    format_prompt,
-    resolve_format,
-)
+from uzr.next_token import next_token_stats
+from uzr.prompts import PROMPTS_VERSION, PromptSet, adds_special_tokens, format_prompt, resolve_format
+from uzr.resumable_fit import fit_resumable
 from uzr.text_bytes import predicted_bytes
 
 if TYPE_CHECKING:
@@ -75,7 +72,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CAUTIOUS", "CONFIDENT", "FEATURES", "LABELS", "POOLS", "WAFFLE",
     "GateModule", "GateNet", "GateSpec",
-    "auroc", "auroc_se", "candidate_logprobs", "distribution_entropy", "evaluate_gated", "fit_gate", "gate_features",
+    "auroc", "auroc_se", "distribution_entropy", "evaluate_gated", "fit_gate", "gate_features",
     "gate_key", "gate_positions", "gated_table", "generate_answers", "hedged", "load_gate", "pool_prefix", "prompt_label",
     "prompt_labels", "save_gate", "sequence_parts", "teacher_answers", "teacher_uncertainty", "token_label_threshold",
     "token_labels", "train_gate", "validate_gate_spec",
@@ -101,7 +98,7 @@ LABELS_FILE = "labels.jsonl"
 # Bump when feature extraction changes meaning: part of the gate artifact's cache key.
 FEATURES_VERSION = 1
 # GateSpec fields that only shape the evaluation, not the trained gate (left out of its cache key).
-EVAL_ONLY_FIELDS = ("eval_alphas", "eval_prompts")
+EVAL_ONLY_FIELDS = ("eval_alphas",)
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -133,7 +130,6 @@ class GateSpec:
     batch_size: int = 256
     balance: bool = True  # weight positives by negatives/positives of the training split in the BCE
     eval_alphas: list[float] = field(default_factory=lambda: [0.5, 1.0])  # constant and gated rows of the table
-    eval_prompts: int = 0  # held-out answerable prompts scored in facts QA (0 = all)
 
 
 def validate_gate_spec(spec: GateSpec) -> GateSpec:
@@ -184,8 +180,6 @@ def validate_gate_spec(spec: GateSpec) -> GateSpec:
         raise bad("weight_decay", "a finite number >= 0")
     if not spec.eval_alphas or any(not number(a) or a < 0 for a in spec.eval_alphas):
         raise bad("eval_alphas", "a non-empty list of finite numbers >= 0")
-    if isinstance(spec.eval_prompts, bool) or not isinstance(spec.eval_prompts, int) or spec.eval_prompts < 0:
-        raise bad("eval_prompts", "an integer >= 0 (0 = all held-out answerable prompts)")
     return spec
 
 
@@ -235,20 +229,14 @@ def token_label_threshold(train_entropies: Sequence[np.ndarray], spec: GateSpec)
 
 
 def teacher_uncertainty(row: Mapping[str, Any]) -> tuple[np.ndarray, str]:
-    """The teacher's next-token uncertainty (S,) of a store row, and the column it came from.
-
-    Prefers the next-token entropy (``teacher_next_entropy``, or ``teacher_entropy`` when it has shape
-    (S,)); a store whose ``teacher_entropy`` holds the attention-entropy statistic (L, H, S) instead
-    falls back to ``1 - teacher_maxprob`` (same ordering idea: low = confident).
-    """
+    """The teacher's next-token entropy (S,) of a store row (``teacher_next_entropy``, nats), and the
+    column it came from. Not ``teacher_entropy``: that is the attention-entropy statistic (L, H, S)."""
     seq_len = len(np.asarray(row["input_ids"]).reshape(-1))
-    for column in ("teacher_next_entropy", "teacher_entropy"):
-        value = row.get(column)
-        if value is not None and np.asarray(value).shape == (seq_len,):
-            return np.asarray(value, np.float64), column
-    if row.get("teacher_maxprob") is not None and np.asarray(row["teacher_maxprob"]).shape == (seq_len,):
-        return 1.0 - np.asarray(row["teacher_maxprob"], np.float64), "1-teacher_maxprob"
-    raise KeyError("store row has no (S,) teacher next-token entropy or max probability column")
+    value = row.get("teacher_next_entropy")
+    if value is None or np.asarray(value).shape != (seq_len,):
+        raise KeyError("store row has no (S,) teacher_next_entropy column: the store predates it; delete the "
+                       "harvest folder and run again")
+    return np.asarray(value, np.float64), "teacher_next_entropy"
 
 
 def token_labels(entropy: np.ndarray, threshold: float) -> np.ndarray:
@@ -415,15 +403,6 @@ def _int_controllers(controllers: Mapping, device) -> dict[int, nn.Module]:
     return {int(k): v.to(device).eval() for k, v in controllers.items()}
 
 
-def _pad(seqs: Sequence[Tensor], pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    lengths = [len(s) for s in seqs]
-    ids = torch.full((len(seqs), max(lengths)), pad_id, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    mask = torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]
-    return ids, mask
-
-
 @torch.no_grad()
 def sequence_parts(student, controllers: Mapping, sequences: Sequence, layers: Sequence[int],
                    batch_size: int = 8, with_nll: bool = False) -> list[dict[str, Tensor]]:
@@ -446,7 +425,7 @@ def sequence_parts(student, controllers: Mapping, sequences: Sequence, layers: S
     results: list[dict[str, Tensor]] = []
     try:
         for start in range(0, len(sequences), batch_size):
-            ids, mask = _pad(sequences[start:start + batch_size])
+            ids, mask = pad_sequences(sequences[start:start + batch_size])
             ids, mask = ids.to(device), mask.to(device)
             captured.clear()
             final = student.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, S, D)
@@ -804,9 +783,11 @@ class GateModule(L.LightningModule):
 
 def fit_gate(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, spec: GateSpec | Mapping | None = None,
              names: Sequence[str] | None = None, level: str = "token", layers: Sequence[int] = (),
-             loggers=None, trainer_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> GateModule:
+             loggers=None, trainer_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
+             checkpoints: Path | None = None) -> GateModule:
     """Train a gate on (N, F) features and (N,) 0/1 labels; validates on ``(x_val, y_val)`` every epoch
-    and leaves the final held-out report in ``module.report()``."""
+    and leaves the final held-out report in ``module.report()``. With ``checkpoints`` (a folder), a
+    checkpoint is written every epoch and a killed training resumes from it (``module.resumed``)."""
     spec = coerce_gate_spec(spec)
     y_train, y_val = torch.as_tensor(y_train).bool(), torch.as_tensor(y_val).bool()
     x_train, x_val = torch.as_tensor(x_train).float(), torch.as_tensor(x_val).float()
@@ -825,9 +806,14 @@ def fit_gate(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, spe
                                              batch_size=max(spec.batch_size, 1024))
     kwargs = {"accelerator": "cpu", "devices": 1, "deterministic": True, "log_every_n_steps": 10,
               "enable_progress_bar": False, **(trainer_kwargs or {})}
-    trainer = L.Trainer(max_epochs=spec.max_epochs, logger=loggers or False, enable_checkpointing=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
-    trainer.fit(module, train_loader, val_loader)
+    kwargs.update(max_epochs=spec.max_epochs, logger=loggers or False, enable_model_summary=False,
+                  num_sanity_val_steps=0)
+    if checkpoints is None:
+        L.Trainer(enable_checkpointing=False, **kwargs).fit(module, train_loader, val_loader)
+        module.resumed = False
+    else:
+        module.resumed = fit_resumable(module, Path(checkpoints), "gate", kwargs,
+                                       train_dataloaders=train_loader, val_dataloaders=val_loader)
     module.cpu().eval()
     module.evaluate_heldout(x_val, y_val, x_train, y_train)
     return module
@@ -906,13 +892,6 @@ def token_dataset(student, controllers: Mapping, store: HarvestStore, layers: Se
         entropies = [u for u, _ in uncertain]
         source = uncertain[0][1]
         if threshold is None:
-            if source != "teacher_entropy" and source != "teacher_next_entropy":
-                log.warning("store %s has no (S,) teacher next-token entropy; token labels use %s instead",
-                            store.folder, source)
-                if spec.confident_entropy is not None:
-                    raise ValueError(f"gate.confident_entropy={spec.confident_entropy} is in nats, but store "
-                                     f"{store.folder} has no teacher next-token entropy (only {source}); "
-                                     "use gate.confident_quantile or re-harvest")
             threshold = token_label_threshold(entropies, spec)
         parts = sequence_parts(student, controllers, [r["input_ids"] for r in items], layers, batch_size)
         x = torch.cat([pool_prefix(token_matrix(p, spec.features), spec.pool) for p in parts])
@@ -967,48 +946,17 @@ def train_gate(folder: Path, cfg: RunConfig, store: HarvestStore, controllers: M
     t = cfg.trainer
     module = fit_gate(*data["train"], *data["heldout"], spec, names, spec.label, layers, loggers,
                       {"accelerator": t.accelerator, "precision": t.precision, "deterministic": t.deterministic,
-                       "log_every_n_steps": t.log_every_n_steps}, cfg.seed)
+                       "log_every_n_steps": t.log_every_n_steps}, cfg.seed, checkpoints=Path(folder) / "checkpoints")
     module.extra_report = {"labels": data["label_info"]}
     report = module.evaluate_heldout(*data["heldout"], *data["train"])
     log.info("gate: %s", report["verdict"])
     save_gate(module, folder, {"student": cfg.student.name, "teacher": cfg.teacher.name,
                                "hidden_size": student.config.hidden_size})
-    return {"heldout": report}
+    shutil.rmtree(Path(folder) / "checkpoints", ignore_errors=True)  # the artifact is gate.safetensors
+    return {"heldout": report, "resumed": module.resumed}
 
 
 # ------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def candidate_logprobs(model, tokenizer, prompt_text: str, candidates: Sequence[str], prefix: str = " ",
-                       injector: Injector | None = None, add_special_tokens: bool = True) -> list[float]:
-    """Summed log-probability of each candidate's tokens after ``prompt_text + prefix`` (teacher-forced,
-    one padded batch). Candidate tokens are those whose characters end after the prompt."""
-    device = _device(model)
-    seqs, spans = [], []
-    for cand in candidates:
-        enc = tokenizer(prompt_text + prefix + cand, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
-        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-        scored = [j for j, (s, e) in enumerate(offsets) if e > len(prompt_text) and e > s and j > 0]
-        if not scored:
-            raise ValueError(f"candidate {cand!r} has no tokens after the prompt")
-        seqs.append(ids)
-        spans.append(scored)
-    ids, mask = _pad(seqs, tokenizer.pad_token_id or 0)
-    ids, mask = ids.to(device), mask.to(device)
-    if injector is not None:
-        injector.attach(model)
-    try:
-        final = model.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, S, D)
-    finally:
-        if injector is not None:
-            injector.remove()
-    out = []
-    for b, positions in enumerate(spans):
-        pos = torch.tensor(positions, device=device)
-        logp = torch.log_softmax(lm_head_logits(model, final[b, pos - 1]), -1)  # (n, V)
-        out.append(float(logp.gather(-1, ids[b, pos][:, None]).sum()))
-    return out
-
-
 def _alpha_settings(cfg: RunConfig, spec: GateSpec) -> list[tuple[str, AlphaSpec | None]]:
     alphas = sorted({float(a) for a in spec.eval_alphas} | ({float(cfg.alpha.value)} if cfg.alpha.value > 0 else set()))
     weights = dict(cfg.alpha.layer_weights)
@@ -1024,15 +972,16 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
                    num_texts: int | None = None, num_prompts: int | None = None) -> dict:
     """Facts-QA accuracy and bits per byte for no injection, constant alphas and gated alphas.
 
-    QA: held-out answerable prompts of the built-in set; a prompt is right when its answer has the
-    highest summed log-likelihood among its candidates. The gated rows hold each prompt's gate value
-    (the gate at its last token, from an uninjected pass) for all its candidates. Bits per byte: the
-    store's held-out rows (``cfg.evaluate.num_texts``), gate per position (causal). The teacher's own
-    QA accuracy and bits per byte sit beside them.
+    QA (:mod:`uzr.facts_qa`): the held-out answerable prompts (``evaluate.qa_prompts`` of them, or
+    ``num_prompts``); the gated rows hold each prompt's gate value (the gate at its last token, from an
+    uninjected pass) for all its candidates. Bits per byte: the store's held-out rows
+    (``evaluate.num_texts``, or ``num_texts``), gate per position (causal). The teacher's own QA
+    accuracy and bits per byte sit beside them.
 
-    Returns ``{"table": {setting: {"qa_accuracy", "bits_per_byte", "mean_gate"?}}, "teacher": {...},
-    "gate_by_kind": {"answerable", "unanswerable"}, "num_prompts", "num_texts", ...}``; settings are
-    ``none``, ``constant@a`` and ``gated@a`` for every ``a`` in ``gate.eval_alphas`` (+ ``alpha.value``).
+    Returns ``{"table": {setting: {"qa_accuracy", "bits_per_byte", "mean_gate_qa"?, "mean_gate_text"?}},
+    "teacher": {...}, "gate_by_kind": {"answerable", "unanswerable"}, "num_prompts", "num_texts", ...}``;
+    settings are ``none``, ``constant@a`` and ``gated@a`` for every ``a`` in ``gate.eval_alphas`` (+
+    ``alpha.value``).
     """
     spec = coerce_gate_spec(cfg.gate)
     layers = list(cfg.inject.layers)
@@ -1042,7 +991,7 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     gate = gate.to("cpu").eval()
     settings = _alpha_settings(cfg, spec)
 
-    def injector_for(alpha: AlphaSpec | None, gate_values: Tensor | None) -> Injector | None:
+    def injector_for(alpha: AlphaSpec | None, gate_values: Tensor) -> Injector | None:
         if alpha is None:
             return None
         inj = Injector(ctrls, alpha, cfg.inject.mode, prompt_len=0)
@@ -1050,34 +999,33 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
             inj.gate = gate_values.to(device)
         return inj
 
-    # --- facts QA
+    # --- gate value per held-out prompt, answerable and not
     heldout = PromptSet(spec.prompt_seed, spec.heldout_fraction).heldout
-    limit = num_prompts if num_prompts is not None else spec.eval_prompts
-    qa = [p for p in heldout if p.answerable]
-    qa = qa[:limit] if limit else qa
     style = resolve_format(tok, spec.prompt_format)
-    special = adds_special_tokens(style)
-    prompt_texts = [format_prompt(p.question, tok, style) for p in heldout]
-    parts = sequence_parts(student, ctrls, [_ids_of(tok, t, special) for t in prompt_texts], layers)
+    texts = [format_prompt(p.question, tok, style) for p in heldout]
+    parts = sequence_parts(student, ctrls, [_ids_of(tok, t, adds_special_tokens(style)) for t in texts], layers)
     prompt_gate = {p.id: gate.prompt_value(pp) for p, pp in zip(heldout, parts)}
     by_kind = {kind: float(np.mean([prompt_gate[p.id] for p in heldout if p.kind == kind]))
                for kind in ("answerable", "unanswerable") if any(p.kind == kind for p in heldout)}
-    correct = {name: 0 for name, _ in settings}
-    for p in qa:
-        text = format_prompt(p.question, tok, style)
-        g = torch.full((len(p.candidates), 1), prompt_gate[p.id])
-        for name, alpha in settings:
-            scores = candidate_logprobs(student, tok, text, p.candidates, answer_prefix(style), injector_for(alpha, g),
-                                        special)
-            correct[name] += int(int(np.argmax(scores)) == p.correct_index())
 
-    # --- bits per byte on held-out store rows
+    # --- facts QA
+    qa = qa_prompts(spec.prompt_seed, spec.heldout_fraction,
+                    cfg.evaluate.qa_prompts if num_prompts is None else num_prompts)
+    def qa_injector(alpha: AlphaSpec | None):
+        # one gate value per prompt, held for each of its (len(candidates), S) scoring rows
+        return lambda p: injector_for(alpha, torch.full((len(p.candidates), 1), prompt_gate[p.id]))
+
+    accuracy = {name: qa_accuracy(student, tok, tqdm(qa, desc=f"facts QA: {name}", leave=False), spec.prompt_format,
+                                  qa_injector(alpha))
+                for name, alpha in settings}
+
+    # --- bits per byte on held-out store rows, gate per position
     rows = store.rows("heldout")
     wanted = cfg.evaluate.num_texts if num_texts is None else num_texts
     n = len(rows) if wanted == 0 else min(wanted, len(rows))
     nll = {name: 0.0 for name, _ in settings}
     n_bytes, t_nll, t_bytes, gate_sum, gate_count = 0, 0.0, 0, 0.0, 0
-    for i in range(n):
+    for i in tqdm(range(n), desc="bits per byte: gated vs constant", unit="text", leave=False):
         row = rows[i]
         ids = [int(t) for t in np.asarray(row["input_ids"]).reshape(-1)]
         enc = tok(row["text"], return_offsets_mapping=True, truncation=True, max_length=cfg.harvest.max_length)
@@ -1102,28 +1050,20 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
 
     table = {}
     for name, _ in settings:
-        entry = {"qa_accuracy": correct[name] / len(qa) if qa else None,
+        entry = {"qa_accuracy": accuracy[name],
                  "bits_per_byte": nll[name] / (math.log(2) * n_bytes) if n_bytes else None}
         if name.startswith("gated"):
             entry["mean_gate_qa"] = float(np.mean([prompt_gate[p.id] for p in qa])) if qa else None
             entry["mean_gate_text"] = gate_sum / gate_count if gate_count else None
         table[name] = entry
-    teacher_qa = None
-    if qa:
-        teacher, ttok = models.get("teacher")
-        right = 0
-        t_style = resolve_format(ttok, spec.prompt_format)
-        for p in qa:
-            text = format_prompt(p.question, ttok, t_style)
-            scores = candidate_logprobs(teacher, ttok, text, p.candidates, answer_prefix(t_style),
-                                        add_special_tokens=adds_special_tokens(t_style))
-            right += int(int(np.argmax(scores)) == p.correct_index())
-        teacher_qa = right / len(qa)
+    teacher, ttok = models.get("teacher")
     return {
         "table": table,
-        "teacher": {"qa_accuracy": teacher_qa, "bits_per_byte": t_nll / (math.log(2) * t_bytes) if t_bytes else None},
+        "teacher": {"qa_accuracy": qa_accuracy(teacher, ttok, tqdm(qa, desc="facts QA: teacher", leave=False),
+                                               spec.prompt_format),
+                    "bits_per_byte": t_nll / (math.log(2) * t_bytes) if t_bytes else None},
         "gate_by_kind": by_kind, "num_prompts": len(qa), "num_texts": n, "gate_level": gate.level,
-        "qa_score": "summed log-likelihood of the answer tokens among 4 candidates",
+        "qa_score": QA_SCORE,
     }
 
 
@@ -1144,4 +1084,33 @@ def print_gated_table(result: Mapping[str, Any], console=None) -> None:
     header, rows = gated_table(result)
     title = (f"gated injection: facts QA ({result['num_prompts']} prompts) and bits per byte "
              f"({result['num_texts']} texts), {result['gate_level']}-level gate")
-    (console or Console()).print(numbers_table(title, header, rows))
+    console = console or Console()
+    console.print(numbers_table(title, header, rows))
+    for line in gated_verdict(result):
+        console.print(f"• {line}")
+
+
+def gated_verdict(result: Mapping[str, Any]) -> list[str]:
+    """Plain-language reading of the gated table: gated against constant at the same alpha, and both
+    against no injection; says so when the gate does not help."""
+    table, lines = result["table"], []
+    kinds = result.get("gate_by_kind", {})
+    if {"answerable", "unanswerable"} <= set(kinds):
+        lines.append(f"mean gate on held-out prompts: answerable {kinds['answerable']:.3f}, "
+                     f"unanswerable / false premise {kinds['unanswerable']:.3f}")
+    base = table["none"]
+    for name, gated in table.items():
+        if not name.startswith("gated@"):
+            continue
+        alpha = name.split("@", 1)[1]
+        const = table[f"constant@{alpha}"]
+        parts = []
+        for metric, better, unit in (("bits_per_byte", -1, "bits/byte"), ("qa_accuracy", 1, "QA accuracy")):
+            g, c, b = gated.get(metric), const.get(metric), base.get(metric)
+            if None in (g, c, b):
+                continue
+            verdict = "better than" if better * (g - c) > 0 else "equal to" if g == c else "WORSE than"
+            parts.append(f"{unit} {g:.4f} {verdict} constant {c:.4f} (no injection {b:.4f})")
+        if parts:
+            lines.append(f"gated@{alpha}: " + "; ".join(parts))
+    return lines

@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -52,48 +51,19 @@ def compose_config(overrides: list[str]):
     return resolve_config(cfg)
 
 
-@dataclass
-class Artifacts:
-    store: object
-    controllers: dict
-    gate: object
-    gate_meta: dict
-    info: dict
-
-
-def ensure_artifacts(cfg, models, loggers=None, build: bool = True) -> Artifacts:
+def ensure_artifacts(cfg, models, loggers=None, build: bool = True):
     """Harvest store, controller and gate of ``cfg`` from the cache, built where missing (``build``)."""
-    from uzr.cache import ArtifactCache
-    from uzr.controller import load_controller
-    from uzr.gate import gate_key, load_gate, train_gate
-    from uzr.harvest.store import HarvestStore
-    from uzr.pipeline import build_store, controller_key, harvest_key, train_controller
+    from uzr.pipeline import load_artifacts
 
-    cache = ArtifactCache(cfg.cache_dir)
-    info = {}
-    h_key, h_payload = harvest_key(cfg)
-    h_dir, built = cache.get_or_build("harvest", h_key, h_payload, lambda d: build_store(d, cfg, models), build)
-    info["harvest"] = {"key": h_key, "built": built, "path": str(h_dir)}
-    store = HarvestStore(h_dir)
-    c_key, c_payload = controller_key(cfg, h_key)
     with tempfile.TemporaryDirectory(prefix="uzr-live-") as tmp:
-        c_dir, built = cache.get_or_build("controller", c_key, c_payload,
-                                          lambda d: train_controller(d, cfg, store, loggers or [], Path(tmp)), build)
-    info["controller"] = {"key": c_key, "built": built, "path": str(c_dir)}
-    controllers, _ = load_controller(c_dir, expected={
-        "student": cfg.student.name, "hidden_size": cfg.student.hidden_size, "layers": list(cfg.inject.layers)})
-    g_key, g_payload = gate_key(cfg, c_key)
-    g_dir, built = cache.get_or_build("gate", g_key, g_payload,
-                                      lambda d: train_gate(d, cfg, store, controllers, models, loggers or []), build)
-    info["gate"] = {"key": g_key, "built": built, "path": str(g_dir)}
-    gate, gate_meta = load_gate(g_dir, expected={"layers": list(cfg.inject.layers), "student": cfg.student.name})
-    return Artifacts(store, controllers, gate, gate_meta, info)
+        stages = ("harvest", "controller", "gate")
+        return load_artifacts(cfg, models, loggers or [], Path(tmp), stages, build=stages if build else ())
 
 
 class LiveSession:
     """Answers prompts with and without gated injection."""
 
-    def __init__(self, cfg, models, artifacts: Artifacts, max_new_tokens: int = 32):
+    def __init__(self, cfg, models, artifacts, max_new_tokens: int = 32):
         import torch
 
         self.cfg, self.models, self.art, self.max_new_tokens = cfg, models, artifacts, max_new_tokens

@@ -46,15 +46,15 @@ def make_loggers(spec, out_dir: Path, run_name: str, config: dict) -> list[Logge
 
 
 def log_summary(loggers: list[Logger], metrics: dict[str, float], images: dict[str, Path] | None = None,
-                table: tuple[list[str], list[list]] | None = None) -> None:
-    """Final numbers (flat ``name -> float``), figures and the results table."""
+                tables: dict[str, tuple[list[str], list[list]]] | None = None) -> None:
+    """Final numbers (flat ``name -> float``), figures and tables (``key -> (header, rows)``)."""
     for logger in loggers:
         logger.log_metrics(metrics)
         if isinstance(logger, WandbLogger):
             for key, path in (images or {}).items():
                 logger.log_image(key=key, images=[str(path)])
-            if table is not None:
-                logger.log_table(key="results", columns=table[0], data=table[1])
+            for key, (header, rows) in (tables or {}).items():
+                logger.log_table(key=key, columns=header, data=rows)
             logger.experiment.summary.update(metrics)
         logger.save()
 

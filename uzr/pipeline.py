@@ -1,4 +1,4 @@
-"""The stages of a run — harvest -> controller -> evaluate — with their cached artifacts.
+"""The stages of a run — harvest -> controller -> gate -> evaluate — with their cached artifacts.
 
 Each stage's artifact is addressed by a hash of everything that produced it (DESIGN.md §2), so a
 sweep over ``alpha`` harvests once and trains once. ``metrics.json`` records, per artifact, its key
@@ -12,19 +12,29 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from tqdm.auto import tqdm
 
-from uzr.cache import ArtifactCache, content_key, load_torch_weights
+from uzr.cache import ArtifactCache, content_key
 from uzr.config import RunConfig, harvest_layers
 from uzr.controller import ControllerModule, build_controller, load_controller, save_controller
 from uzr.corpus import load_corpus
 from uzr.data import StoreDataModule
 from uzr.evaluate import Evaluator, heatmap_figure
+from uzr.facts_qa import QA_SCORE, qa_accuracy, qa_prompts
+from uzr.gate import (
+    GateModule,
+    evaluate_gated,
+    gate_key,
+    gated_table,
+    load_gate,
+    print_gated_table,
+    train_gate,
+)
 from uzr.harvest.runner import HarvesterFactory, run_harvest
 from uzr.harvest.store import HarvestStore, StoreLayout
 from uzr.inject import Injector
@@ -32,6 +42,7 @@ from uzr.loggers import finish, log_summary, make_loggers
 from uzr.models import load_model
 from uzr.report_table import flat_metrics, print_results, results_rows
 from uzr.resources import check_free_disk, estimate_store_bytes
+from uzr.resumable_fit import fit_resumable
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +89,7 @@ def build_store(folder: Path, cfg: RunConfig, models: ModelPool) -> dict:
     layers, mapping = harvest_layers(cfg)
     check_free_disk(folder, estimate_store_bytes(  # before any model loads
         len(texts), cfg.harvest.max_length, cfg.student.hidden_size, len(layers), cfg.teacher.num_layers,
-        cfg.teacher.num_heads, cfg.student.num_layers, cfg.student.num_heads,
+        cfg.teacher.num_heads, cfg.student.num_layers, cfg.student.num_heads, max_dist_len=cfg.harvest.max_dist_len,
     ))
     teacher, teacher_tok = models.get("teacher")
     student, student_tok = models.get("student")
@@ -86,12 +97,12 @@ def build_store(folder: Path, cfg: RunConfig, models: ModelPool) -> dict:
         layers=layers, teacher_layers=mapping, hidden_size=student.config.hidden_size,
         teacher_num_layers=teacher.config.num_hidden_layers, teacher_num_heads=teacher.config.num_attention_heads,
         student_num_layers=student.config.num_hidden_layers, student_num_heads=student.config.num_attention_heads,
-        locality_window=cfg.harvest.locality_window,
+        locality_window=cfg.harvest.locality_window, max_dist_len=cfg.harvest.max_dist_len,
     ))
     h = cfg.harvest
 
     make_harvester = HarvesterFactory(teacher, teacher_tok, student, student_tok, layers, mapping,
-                                      h.locality_window, h.block_size, h.max_length)
+                                      h.locality_window, h.block_size, h.max_length, h.max_dist_len)
     trainer_kwargs = {"accelerator": cfg.trainer.accelerator, "devices": h.devices, "strategy": h.strategy}
     summary = run_harvest(store, texts, make_harvester, h.shard_size, h.max_bad_fraction, trainer_kwargs)
     truncated = int(sum(store.dataset().with_format(None)["truncated_tokens"]))
@@ -108,25 +119,11 @@ def train_controller(folder: Path, cfg: RunConfig, store: HarvestStore, loggers,
     module = ControllerModule(store.layout.hidden_size, cfg.inject.layers, cfg.controller)
     t = cfg.trainer
     checkpoints = folder / "checkpoints"
-    trainer = L.Trainer(
+    resumed = fit_resumable(module, checkpoints, "controller", dict(
         max_epochs=cfg.controller.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
         precision=t.precision, deterministic=t.deterministic, log_every_n_steps=t.log_every_n_steps,
         logger=loggers or False, default_root_dir=str(out_dir), enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=1, every_n_epochs=1)],
-    )
-    last = checkpoints / "last.ckpt"
-    resumed = last.exists()
-    if resumed:
-        try:
-            load_torch_weights(last)  # a checkpoint cut short by the crash must not block every later run
-        except Exception as err:
-            log.warning("ignoring unreadable %s (%s); controller training starts over", last, err)
-            shutil.rmtree(checkpoints, ignore_errors=True)
-            resumed = False
-    if resumed:
-        log.info("controller training resumes from %s", last)
-    # weights_only: a checkpoint is data, never code (its hyperparameters are plain types)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resumed else None, weights_only=True)
+    ), datamodule=datamodule)
     report = module.heldout_report()
     save_controller(module, folder, {"student": cfg.student.name, "heldout": report})
     shutil.rmtree(checkpoints, ignore_errors=True)  # the finished artifact is the safetensors file
@@ -161,10 +158,27 @@ def evaluate(cfg: RunConfig, store: HarvestStore, controllers: dict, models: Mod
 
     metrics = evaluator.evaluate(tqdm(selected, desc="evaluate", unit="text"), make_injector, teacher if same_vocab else None,
                                  same_vocab)
+    if cfg.evaluate.facts_qa:
+        metrics["facts_qa"] = facts_qa(cfg, models, make_injector)
     images = {}
     if cfg.evaluate.figure and selected:
         images["heatmaps"] = figure(out_dir / "figures", selected[0], ctrl, student, layers[0], cfg, make_injector)
     return metrics, images
+
+
+def facts_qa(cfg: RunConfig, models: ModelPool, make_injector) -> dict:
+    """Facts-QA accuracy of teacher, student and injected student on the same held-out prompts."""
+    prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
+    student, student_tok = models.get("student")
+    teacher, teacher_tok = models.get("teacher")
+    style = cfg.gate.prompt_format
+    return {
+        "teacher": qa_accuracy(teacher, teacher_tok, tqdm(prompts, desc="facts QA: teacher", leave=False), style),
+        "student": qa_accuracy(student, student_tok, tqdm(prompts, desc="facts QA: student", leave=False), style),
+        "injected": qa_accuracy(student, student_tok, tqdm(prompts, desc="facts QA: injected", leave=False), style,
+                                lambda prompt: make_injector()),
+        "num_prompts": len(prompts), "score": QA_SCORE,
+    }
 
 
 def figure(folder: Path, row: dict, controllers: dict, student, layer: int, cfg: RunConfig, make_injector) -> Path:
@@ -173,10 +187,11 @@ def figure(folder: Path, row: dict, controllers: dict, student, layer: int, cfg:
 
     folder.mkdir(parents=True, exist_ok=True)
     ids = torch.as_tensor(row["input_ids"], dtype=torch.long, device=cfg.device)[None]
-    plain = student_pass(student, ids, [layer], cfg.harvest.locality_window)
-    injected = student_pass(student, ids, [layer], cfg.harvest.locality_window, make_injector())
+    d = row[f"teacher_dist_L{layer}"].shape[-1]  # every panel shows the stored leading (d, d) block
+    plain = student_pass(student, ids, [layer], cfg.harvest.locality_window, dist_rows=d)
+    injected = student_pass(student, ids, [layer], cfg.harvest.locality_window, make_injector(), dist_rows=d)
     with torch.no_grad():
-        hidden = torch.as_tensor(row[f"hidden_L{layer}"], dtype=torch.float32, device=cfg.device)[None]
+        hidden = torch.as_tensor(row[f"hidden_L{layer}"][:d], dtype=torch.float32, device=cfg.device)[None]
         s = hidden.shape[1]
         allowed = torch.ones(1, s, s, dtype=torch.bool, device=cfg.device).tril()
         ctrl = masked_log_softmax(controllers[layer](hidden), allowed).exp()[0] * allowed[0]
@@ -187,44 +202,80 @@ def figure(folder: Path, row: dict, controllers: dict, student, layer: int, cfg:
     return path
 
 
+# ------------------------------------------------------------------------------------ artifacts
+@dataclass
+class Artifacts:
+    """The cached products of the stages, loaded (built where the stage is selected)."""
+
+    store: HarvestStore
+    controllers: dict | None = None
+    controller_meta: dict | None = None
+    gate: GateModule | None = None
+    gate_meta: dict | None = None
+    info: dict = field(default_factory=dict)  # per artifact: {"key", "built", "path"}
+
+
+def load_artifacts(cfg: RunConfig, models: ModelPool, loggers, out_dir: Path, stages, build=None) -> Artifacts:
+    """Store, controllers and (if ``gate`` is a stage) gate of ``cfg`` from the cache. The stages in
+    ``build`` (default: ``stages``) build their artifact when missing; the others must find it cached
+    (the error names the stage to run)."""
+    cache, stages, info = ArtifactCache(cfg.cache_dir), set(stages), {}
+    build = stages if build is None else set(build)
+
+    def get(kind: str, key_payload: tuple[str, dict], make) -> Path:
+        key, payload = key_payload
+        path, built = cache.get_or_build(kind, key, payload, make, allow_build=kind in build)
+        info[kind] = {"key": key, "built": built, "path": str(path)}
+        return path
+
+    store = HarvestStore(get("harvest", harvest_key(cfg), lambda d: build_store(d, cfg, models)))
+    art = Artifacts(store, info=info)
+    if not stages & {"controller", "gate", "evaluate"}:
+        return art
+    c_dir = get("controller", controller_key(cfg, info["harvest"]["key"]),
+                lambda d: train_controller(d, cfg, store, loggers, out_dir))
+    art.controllers, art.controller_meta = load_controller(c_dir, expected={
+        "student": cfg.student.name, "hidden_size": cfg.student.hidden_size, "layers": list(cfg.inject.layers),
+    })
+    if "gate" in stages:
+        g_dir = get("gate", gate_key(cfg, info["controller"]["key"]),
+                    lambda d: train_gate(d, cfg, store, art.controllers, models, loggers))
+        art.gate, art.gate_meta = load_gate(g_dir, expected={"layers": list(cfg.inject.layers),
+                                                             "student": cfg.student.name})
+    return art
+
+
 # -------------------------------------------------------------------------------------------- run
 def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict:
     """Run the selected stages; writes ``metrics.json`` into ``out_dir`` and returns the metrics."""
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    cache, models = ArtifactCache(cfg.cache_dir), ModelPool(cfg)
+    models = ModelPool(cfg)
     loggers = make_loggers(cfg.logger, out_dir, run_name, config_dict)
-    metrics: dict = {"name": run_name, "artifacts": {}}
+    metrics: dict = {"name": run_name}
     stages = set(cfg.stages)
     try:
-        h_key, h_payload = harvest_key(cfg)
-        h_dir, built = cache.get_or_build("harvest", h_key, h_payload, lambda d: build_store(d, cfg, models),
-                                          allow_build="harvest" in stages)
-        metrics["artifacts"]["harvest"] = {"key": h_key, "built": built, "path": str(h_dir)}
-        store = HarvestStore(h_dir)
-
-        images = {}
-        if stages & {"controller", "evaluate"}:
-            c_key, c_payload = controller_key(cfg, h_key)
-            c_dir, built = cache.get_or_build(
-                "controller", c_key, c_payload, lambda d: train_controller(d, cfg, store, loggers, out_dir),
-                allow_build="controller" in stages,
-            )
-            metrics["artifacts"]["controller"] = {"key": c_key, "built": built, "path": str(c_dir)}
-            controllers, meta = load_controller(c_dir, expected={
-                "student": cfg.student.name, "hidden_size": cfg.student.hidden_size,
-                "layers": list(cfg.inject.layers),
-            })
-            metrics["controller"] = controller_summary(meta["heldout"], cfg.inject.layers)
-            if "evaluate" in stages:
-                metrics["evaluate"], images = evaluate(cfg, store, controllers, models, out_dir)
+        art = load_artifacts(cfg, models, loggers, out_dir, stages)
+        metrics["artifacts"] = art.info
+        images, tables = {}, {}
+        if art.controllers is not None:
+            metrics["controller"] = controller_summary(art.controller_meta["heldout"], cfg.inject.layers)
+        if "evaluate" in stages:
+            metrics["evaluate"], images = evaluate(cfg, art.store, art.controllers, models, out_dir)
+        if art.gate is not None:
+            metrics["gate"] = {"heldout": art.gate.report(),
+                               "evaluation": evaluate_gated(cfg, art.store, art.controllers, art.gate, models)}
+            tables["gated"] = gated_table(metrics["gate"]["evaluation"])
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-        header, table = results_rows(metrics)
+        tables["results"] = results_rows(metrics)
         print_results(metrics, cfg)
-        log_summary(loggers, flat_metrics(metrics), images, (header, table))
+        if art.gate is not None:
+            print_gated_table(metrics["gate"]["evaluation"])
+            log.info("gate: %s", metrics["gate"]["heldout"]["verdict"])
+        log_summary(loggers, flat_metrics(metrics), images, tables)
     finally:
         finish(loggers)
     return metrics
 
 
-__all__ = ["run", "build_controller", "harvest_key", "controller_key"]
+__all__ = ["Artifacts", "load_artifacts", "run", "build_controller", "harvest_key", "controller_key"]

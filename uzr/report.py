@@ -204,6 +204,7 @@ COLUMN_TITLES = {
     "next_token_kl_student": "next-token KL student", "next_token_kl_injected": "next-token KL injected",
     "heldout_kl_controller": "held-out KL controller", "heldout_kl_student_self": "held-out KL student-self",
     "heldout_kl_recency": "held-out KL recency", "heldout_kl_uniform": "held-out KL uniform",
+    "facts_qa_teacher": "facts QA teacher", "facts_qa_student": "facts QA student", "facts_qa_injected": "facts QA injected",
     "harvest_artifact": "harvest", "controller_artifact": "controller", "wall_s": "wall s",
 }
 
@@ -304,6 +305,14 @@ def summary_lines(rows: list[dict]) -> list[str]:
                 if len(mine) > 1:
                     line += f", worst alpha {worst['alpha.value']} (Δ bpb {worst['bpb_delta']:+.4f})"
                 lines.append(line + ".")
+            qa = [r for r in injected if r.get("facts_qa_injected") is not None]
+            if qa:
+                deltas = [r["facts_qa_injected"] - r["facts_qa_student"] for r in qa]
+                lines.append(
+                    f"Facts QA accuracy (student {qa[0]['facts_qa_student']:.3f}, teacher {qa[0]['facts_qa_teacher']:.3f}, "
+                    f"chance 0.25): injection improves it in {sum(d > 0 for d in deltas)}, leaves it unchanged in "
+                    f"{sum(d == 0 for d in deltas)} and HURTS it in {sum(d < 0 for d in deltas)} of {len(qa)} injected "
+                    f"jobs (Δ from {min(deltas):+.3f} to {max(deltas):+.3f}).")
             habit = [r for r in injected if r["habit_attn_kl_injected"] is not None]
             if habit:
                 closer = sum(r["habit_attn_kl_injected"] < r["habit_attn_kl_student"] for r in habit)
@@ -339,6 +348,7 @@ CURVES = (
     ("attention KL to teacher (mean over layers)", "habit_attn_kl_injected", "habit_attn_kl_student"),
     ("|Δ normalised entropy| to teacher", "habit_norm_entropy_injected", "habit_norm_entropy_student"),
     ("|Δ locality| to teacher", "habit_locality_injected", "habit_locality_student"),
+    ("facts QA accuracy (chance 0.25)", "facts_qa_injected", "facts_qa_student"),
 )
 
 
@@ -347,10 +357,10 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     plt = _plt()
     series = series_names(rows)
     colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(series)}
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    fig, axes = plt.subplots(2, 4, figsize=(22, 9))
     for ax, (title, key, base) in zip(axes.flat, CURVES):
         for name in series:
-            mine = sorted((r for r in rows if r["series"] == name and r[key] is not None and r["alpha.value"] is not None),
+            mine = sorted((r for r in rows if r["series"] == name and r.get(key) is not None and r["alpha.value"] is not None),
                           key=lambda r: r["alpha.value"])
             if not mine:
                 continue
@@ -358,8 +368,9 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             ax.plot(xs, [r[key] for r in mine], "o-", color=colors[name], label=f"{name} injected")
             if base is not None:
                 ax.plot(xs, [r[base] for r in mine], "--", color=colors[name], alpha=0.6, label=f"{name} no injection")
-        if key == "bpb_injected":
-            teacher = [r["bpb_teacher"] for r in rows if r["bpb_teacher"] is not None]
+        if key in ("bpb_injected", "facts_qa_injected"):
+            teacher_key = "bpb_teacher" if key == "bpb_injected" else "facts_qa_teacher"
+            teacher = [r[teacher_key] for r in rows if r.get(teacher_key) is not None]
             if teacher:
                 ax.axhline(sum(teacher) / len(teacher), color="gray", ls=":", label="teacher")
         if key == "bpb_delta":
@@ -368,7 +379,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("alpha")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)
-    ax = axes.flat[5]  # controller held-out KL beside its baselines, per layer set
+    axes.flat[7].axis("off")
+    ax = axes.flat[6]  # controller held-out KL beside its baselines, per layer set
     layer_sets = list(dict.fromkeys(r["inject.layers"] for r in rows if r["heldout_kl_controller"] is not None))
     width = 0.8 / len(KL_METHODS)
     for i, method in enumerate(KL_METHODS):
@@ -391,18 +403,22 @@ def plot_grid(rows: list[dict], path: Path) -> None:
 
     series = series_names(rows)
     alphas = sorted({r["alpha.value"] for r in rows if r["alpha.value"] is not None})
-    panels = (("Δ bits per byte (injected − student)", "bpb_delta", None),
-              ("Δ attention KL to teacher (injected − student)", "habit_attn_kl_injected", "habit_attn_kl_student"))
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 2.4 * len(alphas), 1.5 + 0.6 * len(series)), squeeze=False)
-    for ax, (title, key, base) in zip(axes[0], panels):
+    # (title, value, its no-injection baseline, +1 if higher is worse / -1 if higher is better)
+    panels = [("Δ bits per byte (injected − student)", "bpb_delta", None, 1),
+              ("Δ attention KL to teacher (injected − student)", "habit_attn_kl_injected", "habit_attn_kl_student", 1)]
+    if any(r.get("facts_qa_injected") is not None for r in rows):
+        panels.append(("Δ facts QA accuracy (injected − student)", "facts_qa_injected", "facts_qa_student", -1))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2 + 2.4 * len(alphas) * len(panels) / 2,
+                                                      1.5 + 0.6 * len(series)), squeeze=False)
+    for ax, (title, key, base, worse) in zip(axes[0], panels):
         grid = np.full((len(series), len(alphas)), np.nan)
         for r in rows:
-            if r[key] is None or r["alpha.value"] is None:
+            if r.get(key) is None or r["alpha.value"] is None:
                 continue
             grid[series.index(r["series"]), alphas.index(r["alpha.value"])] = r[key] - (r[base] if base else 0.0)
         finite = grid[np.isfinite(grid)]
         span = (float(np.abs(finite).max()) if finite.size else 0.0) or 1.0
-        ax.imshow(grid, cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
+        ax.imshow(worse * grid, cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
         for (i, j), value in np.ndenumerate(grid):
             if np.isfinite(value):
                 ax.text(j, i, f"{value:+.4f}", ha="center", va="center", fontsize=8)

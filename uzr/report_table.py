@@ -23,6 +23,10 @@ def results_rows(metrics: dict) -> tuple[list[str], list[list]]:
     if ev:
         bpb = ev["bits_per_byte"]
         rows.append(["bits per byte (ref = teacher)", bpb["teacher"], bpb["student"], bpb["injected"]])
+        qa = ev.get("facts_qa")
+        if qa:
+            rows.append([f"facts QA accuracy, {qa['num_prompts']} prompts (ref = teacher)", qa["teacher"], qa["student"],
+                         qa["injected"]])
         if "next_token_kl" in ev:
             rows.append(["next-token KL to teacher", None, ev["next_token_kl"]["student"], ev["next_token_kl"]["injected"]])
         for layer, gaps in ev["habit_distance"].items():
@@ -63,6 +67,12 @@ def verdict(metrics: dict) -> list[str]:
         )
         if bpb["teacher"] >= bpb["student"]:
             lines.append("the teacher is not ahead of the student on this text: no gap for injection to close")
+        qa = ev.get("facts_qa")
+        if qa and qa["student"] is not None:
+            delta = qa["injected"] - qa["student"]
+            change = "does not change" if delta == 0 else "improves" if delta > 0 else "HURTS"
+            lines.append(f"injection {change} facts QA accuracy (student {qa['student']:.3f} -> {qa['injected']:.3f}; "
+                         f"teacher {qa['teacher']:.3f}, chance 0.25, {qa['num_prompts']} prompts)")
     return lines
 
 

@@ -20,6 +20,10 @@ characters of the text through the fast tokenizers' offset mappings:
   no mass (only degenerate cases, such as a student BOS with no teacher BOS) puts all of its mass
   on itself and is counted in ``self_fallback_rows``.
 
+Leading block. ``TokenAligner.leading(n)`` aligns only the first ``n`` student tokens, from the
+teacher's leading ``teacher_rows(n)`` rows and keys: a harvest that stores the distributions of the
+first ``n`` positions needs no more of the teacher's head-mean than that block.
+
 Special-token policy. A *special* token is one with a zero-width span (start == end), e.g. BOS or an
 attention-sink token. If both sequences start with a special token (both have BOS), teacher
 position 0 maps to student position 0, as a query and as a key. Otherwise teacher specials carry no
@@ -32,6 +36,7 @@ teacher row of the previous student token (position 0: teacher position 0). Iden
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 from collections.abc import Sequence
 
@@ -150,6 +155,33 @@ class TokenAligner:
         aligner.teacher_input_ids = torch.tensor(t_ids, dtype=torch.long)
         aligner.student_input_ids = torch.tensor(list(st["input_ids"]), dtype=torch.long)
         return aligner
+
+    def teacher_rows(self, n: int) -> int:
+        """Teacher rows (and keys) that the first ``n`` student rows read; all of them for ``n >= n_student``.
+
+        ``query_map`` is monotone and teacher rows are causal, so student rows ``< n`` read teacher rows
+        ``<= query_map[n - 1]`` whose mass lies on teacher keys ``<= query_map[n - 1]``.
+        """
+        return self.n_teacher if n >= self.n_student else int(self.query_map[n - 1]) + 1
+
+    def leading(self, n: int) -> TokenAligner:
+        """The aligner of the first ``n`` student tokens and the :meth:`teacher_rows` teacher tokens.
+
+        Its ``align`` takes the leading ``(T', T')`` teacher block and gives the leading ``(n, n)`` block
+        of the full alignment (student keys ``>= n`` lie after every kept row: causality drops them
+        anyway). Its ``diagnostics`` count only those rows. ``n >= n_student`` gives ``self``.
+        """
+        if n >= self.n_student:
+            return self
+        t = self.teacher_rows(n)
+        block = copy.copy(self)
+        block.n_student, block.n_teacher = n, t
+        block.student_offsets, block.teacher_offsets = self.student_offsets[:n], self.teacher_offsets[:t]
+        block.query_map, block.key_transfer = self.query_map[:n], self.key_transfer[:t, :n]
+        if self.teacher_input_ids is not None:
+            block.teacher_input_ids, block.student_input_ids = self.teacher_input_ids[:t], self.student_input_ids[:n]
+        block._stats, block._device_cache = [], {}
+        return block
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._device_cache:

@@ -3,7 +3,8 @@
 Both models run with the ``uzr`` attention function and a :class:`~uzr.attention.LayerRecorder` on every
 layer, so statistics come from the scores inside the attention call (float32, query blocks) and the
 full ``(H, S, S)`` weights are never kept. Only the mapped teacher layers and the injected student
-layers keep a head-mean distribution.
+layers keep a head-mean distribution, and only for the leading ``D = min(S, max_dist_len)`` positions
+(a dense ``(D, D)`` block per layer: the store would otherwise grow with ``S^2``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,15 @@ class RecordedModel:
         self.hidden[module.layer_idx] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor) -> dict:
-        """Returns stats {name: (L, H, S)}, head_mean {layer: (S, S)}, hidden {layer: (S, D)}, final (1, S, D)."""
-        out = self.model.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    def forward(self, ids: torch.Tensor, dist_rows: int | None = None) -> dict:
+        """Returns stats {name: (L, H, S)}, head_mean {layer: (S', S')}, hidden {layer: (S, D)}, final (1, S, D).
+
+        ``dist_rows``: head-mean rows (and keys) kept, ``S' = min(S, dist_rows)``; None: all.
+        """
+        for index in self.keep_head_mean:
+            self.modules[index].uzr_recorder.dist_rows = dist_rows
+        # use_cache=False: nothing decodes after a harvest pass, and the KV cache is ~150 MB at S=4096
+        out = self.model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         stats: dict[str, list[torch.Tensor]] = {name: [] for name in STAT_NAMES}
         head_mean = {}
         for index, module in enumerate(self.modules):
@@ -70,12 +77,14 @@ class Harvester:
     Args:
         layers: injected student layers; ``teacher_layers``: the teacher layer mapped to each.
         max_length: student tokens per text; the teacher sees the same characters.
+        max_dist_len: the distributions cover the leading ``min(S, max_dist_len)`` student positions.
     """
 
     def __init__(self, teacher, teacher_tok, student, student_tok, layers: list[int], teacher_layers: list[int],
-                 window: int = 8, block_size: int = 256, max_length: int = 256):
+                 window: int = 8, block_size: int = 256, max_length: int = 256, max_dist_len: int = 512):
         self.teacher_tok, self.student_tok = teacher_tok, student_tok
         self.layers, self.teacher_layers, self.max_length = list(layers), list(teacher_layers), max_length
+        self.max_dist_len = max_dist_len
         self.teacher = RecordedModel(teacher, window, block_size, keep_head_mean=sorted(set(teacher_layers)))
         self.student = RecordedModel(student, window, block_size, keep_head_mean=layers, capture_hidden=layers)
         self.device = next(student.parameters()).device
@@ -89,16 +98,19 @@ class Harvester:
         aligner = TokenAligner.from_text(text, self.teacher_tok, self.student_tok, self.max_length)
         t_ids = aligner.teacher_input_ids[None].to(self.teacher.model.device)  # (1, T)
         s_ids = aligner.student_input_ids[None].to(self.device)  # (1, S)
-        t_out = self.teacher.forward(t_ids)
-        s_out = self.student.forward(s_ids)
+        # the stored distributions: leading D student rows, from the teacher rows those read
+        block = aligner.leading(min(s_ids.shape[1], self.max_dist_len))
+        t_out = self.teacher.forward(t_ids, dist_rows=block.n_teacher)
+        s_out = self.student.forward(s_ids, dist_rows=block.n_student)
         next_ids = torch.roll(t_ids, -1, 1)  # token predicted at each position (last one unused)
         confidence = next_token_stats(self.teacher.model, t_out["final"], next_ids)  # (1, T) each
         qmap = aligner.query_map.to(confidence["entropy"].device)
         row = {
             "text": text,
             "input_ids": s_ids[0].cpu().numpy().astype(np.int32),
-            "teacher_entropy": confidence["entropy"][0, qmap].cpu().numpy().astype(np.float32),
-            "teacher_maxprob": confidence["maxprob"][0, qmap].cpu().numpy().astype(np.float32),
+            # "next": the teacher's next-token distribution (teacher_entropy is an attention statistic)
+            "teacher_next_entropy": confidence["entropy"][0, qmap].cpu().numpy().astype(np.float32),
+            "teacher_next_maxprob": confidence["maxprob"][0, qmap].cpu().numpy().astype(np.float32),
         }
         for name, value in t_out["stats"].items():
             row[f"teacher_{name}"] = f16(aligner.gather_query_stats(value))  # (Lt, Ht, S)
@@ -106,9 +118,9 @@ class Harvester:
             row[f"student_{name}"] = f16(value)  # (Ls, Hs, S)
         for layer, t_layer in zip(self.layers, self.teacher_layers):
             row[f"hidden_L{layer}"] = f16(s_out["hidden"][layer])
-            row[f"teacher_dist_L{layer}"] = f16(aligner.align(t_out["head_mean"][t_layer]))
-            row[f"student_dist_L{layer}"] = f16(s_out["head_mean"][layer])
-        diag = aligner.diagnostics
+            row[f"teacher_dist_L{layer}"] = f16(block.align(t_out["head_mean"][t_layer]))  # (D, D)
+            row[f"student_dist_L{layer}"] = f16(s_out["head_mean"][layer])  # (D, D)
+        diag = block.diagnostics  # over the aligned (stored) rows
         row["align_dropped_mass"] = float(diag["dropped_mass_mean"])
         row["align_self_fallback_rows"] = int(diag["self_fallback_rows"])
         row["teacher_len"] = int(t_ids.shape[1])

@@ -35,10 +35,12 @@ class HarvesterFactory:
     window: int = 8
     block_size: int = 256
     max_length: int = 256
+    max_dist_len: int = 512
 
     def __call__(self, device) -> Harvester:
         return Harvester(self.teacher.to(device), self.teacher_tok, self.student.to(device), self.student_tok,
-                         self.layers, self.teacher_layers, self.window, self.block_size, self.max_length)
+                         self.layers, self.teacher_layers, self.window, self.block_size, self.max_length,
+                         self.max_dist_len)
 
 
 class ShardDataset(Dataset):

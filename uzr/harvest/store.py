@@ -3,19 +3,22 @@
 Each shard is a ``datasets`` folder (``save_to_disk``) renamed into place when complete, so a killed
 harvest resumes from its last complete shard. Reading concatenates the shards memory-mapped.
 
-Arrays are stored flat (float16 unless noted) and reshaped on read from ``layout.json``:
+Arrays are stored flat (float16 unless noted) and reshaped on read from ``layout.json``. ``S`` is the
+text's student token count, ``D = min(S, max_dist_len)``: the distributions cover the leading ``D`` query
+rows and keys only (a causal row ``< D`` sees no key ``>= D``, so each stored row is whole), everything
+else covers all ``S`` positions.
 
 =========================  ==================  =====================================================
 column                     shape               meaning
 =========================  ==================  =====================================================
 input_ids                  (S,) int32          student tokens
 hidden_L{l}                (S, D)              student hidden state entering attention of layer l
-teacher_dist_L{l}          (S, S)              head-mean teacher attention (mapped layer) on the student grid
-student_dist_L{l}          (S, S)              the student's own head-mean attention (baseline)
+teacher_dist_L{l}          (D, D)              head-mean teacher attention (mapped layer) on the student grid
+student_dist_L{l}          (D, D)              the student's own head-mean attention (baseline)
 teacher_{stat}             (L_t, H_t, S)       teacher statistics gathered at the mapped query positions
 student_{stat}             (L_s, H_s, S)       student statistics
-teacher_entropy            (S,) float32        teacher next-token entropy (nats) at the mapped position
-teacher_maxprob            (S,) float32        teacher next-token max probability
+teacher_next_entropy       (S,) float32        teacher next-token entropy (nats) at the mapped position
+teacher_next_maxprob       (S,) float32        teacher next-token max probability
 =========================  ==================  =====================================================
 """
 
@@ -48,12 +51,17 @@ class StoreLayout:
     student_num_layers: int
     student_num_heads: int
     locality_window: int
+    max_dist_len: int | None = None  # distributions cover min(S, this) leading positions; None: all S
+
+    def dist_len(self, seq_len: int) -> int:
+        """``D``: rows and keys of the stored distributions of a text of ``seq_len`` tokens."""
+        return seq_len if self.max_dist_len is None else min(seq_len, self.max_dist_len)
 
     def shape(self, column: str, seq_len: int) -> tuple[int, ...]:
         if column.startswith("hidden_"):
             return (seq_len, self.hidden_size)
         if column.startswith(("teacher_dist_", "student_dist_")):
-            return (seq_len, seq_len)
+            return (self.dist_len(seq_len),) * 2
         if column.startswith("teacher_") and column.removeprefix("teacher_") in STAT_NAMES:
             return (self.teacher_num_layers, self.teacher_num_heads, seq_len)
         if column.startswith("student_") and column.removeprefix("student_") in STAT_NAMES:
