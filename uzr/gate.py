@@ -969,14 +969,16 @@ def _alpha_settings(cfg: RunConfig, spec: GateSpec) -> list[tuple[str, AlphaSpec
 
 @torch.no_grad()
 def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, gate: GateModule, models,
-                   num_texts: int | None = None, num_prompts: int | None = None) -> dict:
+                   num_texts: int | None = None, num_prompts: int | None = None,
+                   known_qa: Mapping[str, float | None] | None = None) -> dict:
     """Facts-QA accuracy and bits per byte for no injection, constant alphas and gated alphas.
 
     QA (:mod:`uzr.facts_qa`): the held-out answerable prompts (``evaluate.qa_prompts`` of them, or
     ``num_prompts``); the gated rows hold each prompt's gate value (the gate at its last token, from an
     uninjected pass) for all its candidates. Bits per byte: the store's held-out rows
     (``evaluate.num_texts``, or ``num_texts``), gate per position (causal). The teacher's own QA
-    accuracy and bits per byte sit beside them.
+    accuracy and bits per byte sit beside them. ``known_qa``: accuracies already measured on the same
+    prompts (``none``, ``teacher``, e.g. by the evaluate stage), reused instead of scored again.
 
     Returns ``{"table": {setting: {"qa_accuracy", "bits_per_byte", "mean_gate_qa"?, "mean_gate_text"?}},
     "teacher": {...}, "gate_by_kind": {"answerable", "unanswerable"}, "num_prompts", "num_texts", ...}``;
@@ -1015,9 +1017,14 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
         # one gate value per prompt, held for each of its (len(candidates), S) scoring rows
         return lambda p: injector_for(alpha, torch.full((len(p.candidates), 1), prompt_gate[p.id]))
 
-    accuracy = {name: qa_accuracy(student, tok, tqdm(qa, desc=f"facts QA: {name}", leave=False), spec.prompt_format,
-                                  qa_injector(alpha))
+    known = dict(known_qa or {})
+    accuracy = {name: known[name] if name in known else
+                qa_accuracy(student, tok, tqdm(qa, desc=f"facts QA: {name}", leave=False), spec.prompt_format,
+                            qa_injector(alpha))
                 for name, alpha in settings}
+    if "teacher" not in known:
+        teacher, ttok = models.get("teacher")
+        known["teacher"] = qa_accuracy(teacher, ttok, tqdm(qa, desc="facts QA: teacher", leave=False), spec.prompt_format)
 
     # --- bits per byte on held-out store rows, gate per position
     rows = store.rows("heldout")
@@ -1056,11 +1063,9 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
             entry["mean_gate_qa"] = float(np.mean([prompt_gate[p.id] for p in qa])) if qa else None
             entry["mean_gate_text"] = gate_sum / gate_count if gate_count else None
         table[name] = entry
-    teacher, ttok = models.get("teacher")
     return {
         "table": table,
-        "teacher": {"qa_accuracy": qa_accuracy(teacher, ttok, tqdm(qa, desc="facts QA: teacher", leave=False),
-                                               spec.prompt_format),
+        "teacher": {"qa_accuracy": known["teacher"],
                     "bits_per_byte": t_nll / (math.log(2) * t_bytes) if t_bytes else None},
         "gate_by_kind": by_kind, "num_prompts": len(qa), "num_texts": n, "gate_level": gate.level,
         "qa_score": QA_SCORE,

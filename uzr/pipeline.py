@@ -263,8 +263,11 @@ def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict
         if "evaluate" in stages:
             metrics["evaluate"], images = evaluate(cfg, art.store, art.controllers, models, out_dir)
         if art.gate is not None:
-            metrics["gate"] = {"heldout": art.gate.report(),
-                               "evaluation": evaluate_gated(cfg, art.store, art.controllers, art.gate, models)}
+            # the evaluate stage already scored the plain student and the teacher on the same QA prompts
+            qa = metrics.get("evaluate", {}).get("facts_qa")
+            known = {"none": qa["student"], "teacher": qa["teacher"]} if qa else None
+            metrics["gate"] = {"heldout": art.gate.report(), "evaluation": evaluate_gated(
+                cfg, art.store, art.controllers, art.gate, models, known_qa=known)}
             tables["gated"] = gated_table(metrics["gate"]["evaluation"])
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         tables["results"] = results_rows(metrics)
