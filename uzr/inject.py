@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from transformers import Cache
 
 from uzr.attention import AttentionEdit, attention_modules, causal_allowed, use_uzr_attention
 from uzr.controller import masked_log_softmax
@@ -139,7 +140,8 @@ class Injector:
     def _capture(self, module, args, kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         self._hidden[module.layer_idx] = hidden  # (B, q, D): the normalised input of the attention
-        cache = kwargs.get("past_key_values")
+        # Found by type, not by keyword: transformers 5.24 renamed ``past_key_values`` to ``cache`` here.
+        cache = next((v for v in kwargs.values() if isinstance(v, Cache)), None)
         if cache is None or cache.get_seq_length(module.layer_idx) == 0:
             self._key_cache.pop(module.layer_idx, None)  # a new sequence starts
         return None
