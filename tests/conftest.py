@@ -23,6 +23,9 @@ def composed(*overrides: str):
     """The Hydra config of ``train.yaml`` with ``overrides``, composed as a run would."""
     from hydra import compose, initialize_config_dir
 
+    from uzr.config import register_configs
+
+    register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides), return_hydra_config=False)
 
@@ -32,7 +35,6 @@ def resolved(*overrides: str):
     from uzr.config import resolve_config
 
     cfg = composed(*overrides)
-    cfg.cache_dir = "/tmp/unused"  # the default interpolates hydra:runtime, absent outside a run
     return resolve_config(cfg)
 
 

@@ -36,11 +36,11 @@ def test_qwen_reference_pair_is_complete():
 
 
 def test_stored_distribution_length_defaults_to_512_and_can_be_set():
-    from uzr.pipeline import harvest_key
+    from uzr.runner import artifact_keys
 
     default, short = resolved("+experiment=default"), resolved("+experiment=default", "harvest.max_dist_len=2")
     assert (default.harvest.max_dist_len, short.harvest.max_dist_len) == (512, 2)
-    assert harvest_key(default)[0] != harvest_key(short)[0]  # a store is never reused across lengths
+    assert artifact_keys(default, ["harvest"]) != artifact_keys(short, ["harvest"])  # a store is never reused across lengths
 
 
 def test_command_line_overrides_reach_the_run():

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from uzr.config import LOCALITY_WINDOW
 from uzr.controller import (
     BilinearController,
     ControllerModule,
@@ -115,7 +116,7 @@ def test_spec_validation_names_key_value_and_choices():
         coerce_spec({"mse_weight": -1.0})
     with pytest.raises(ValueError, match=r"bogus.*valid keys: arch"):
         coerce_spec({"bogus": 1})
-    assert coerce_spec(None) == ControllerSpec()
+    assert coerce_spec(None) == ControllerSpec(locality_window=LOCALITY_WINDOW)  # a standalone spec gets the default window
 
 
 def test_relative_bucket_exact_then_log():

@@ -266,7 +266,7 @@ def test_prompt_split_is_deterministic_and_seeded():
 
 def test_generate_answers_entropy_and_tokenizer_restored(tiny_models):
     """The recorded mean entropy is the entropy of the greedy steps; padding settings are restored."""
-    from uzr.gate import generate_answers
+    from uzr.generation import generate_answers
     from uzr.tokenizers import build_tiny_tokenizer
 
     model, _ = tiny_models["llama"]

@@ -13,7 +13,7 @@ from .conftest import ROOT
 
 
 def run_live(tmp_path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "uzr.live", "+experiment=smoke", "logger=csv", f"cache_dir={tmp_path / 'cache'}", *args]
+    cmd = [sys.executable, "-m", "uzr.live", "+experiment=smoke", "logger=csv", f"paths.cache_dir={tmp_path / 'cache'}", *args]
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin",
            "HOME": str(tmp_path)}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -61,13 +61,12 @@ def test_live_rejects_bad_config_before_loading(tmp_path):
 def test_evaluate_gated_table_on_smoke(live_cache):
     from uzr.gate import evaluate_gated, gated_table
     from uzr.live import compose_config, ensure_artifacts
-    from uzr.pipeline import ModelPool
 
     tmp, _ = live_cache
-    cfg = compose_config(["+experiment=smoke", f"cache_dir={tmp / 'cache'}", "gate.eval_alphas=[1.0]"])
-    models = ModelPool(cfg)
-    art = ensure_artifacts(cfg, models, build=False)
-    result = evaluate_gated(cfg, art.store, art.controllers, art.gate, models, num_texts=2, num_prompts=6)
+    cfg = compose_config(["+experiment=smoke", f"paths.cache_dir={tmp / 'cache'}", "gate.eval_alphas=[1.0]"])
+    run = ensure_artifacts(cfg, build=False)
+    store, controllers, gate = (run.artifacts[n] for n in ("harvest", "controller", "gate"))
+    result = evaluate_gated(cfg, store, controllers.controllers, gate, run.models, num_texts=2, num_prompts=6)
     table = result["table"]
     assert list(table) == ["none", "constant@0.5", "constant@1", "gated@0.5", "gated@1"]
     assert result["num_prompts"] == 6 and result["num_texts"] == 2

@@ -12,7 +12,7 @@ from .conftest import ROOT
 
 
 def run_train(tmp_path, *overrides: str, timeout: int = 600, run_dir: str = "run") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "uzr.train", *overrides, f"cache_dir={tmp_path / 'cache'}",
+    cmd = [sys.executable, "-m", "uzr.train", *overrides, f"paths.cache_dir={tmp_path / 'cache'}",
            f"hydra.run.dir={tmp_path / run_dir}"]
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin",
            "HOME": str(tmp_path), "UZR_CACHE": str(tmp_path / "cache")}

@@ -54,7 +54,7 @@ _BLOCKED_MAIN = (
 
 def blocked_train(tmp: Path, cache: Path, run_dir: str, *overrides: str, timeout: int = 600):
     cmd = [sys.executable, "-c", _BLOCKED_MAIN, "+experiment=smoke", "logger=csv", *overrides,
-           f"cache_dir={cache}", f"hydra.run.dir={tmp / run_dir}"]
+           f"paths.cache_dir={cache}", f"hydra.run.dir={tmp / run_dir}"]
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
            "PATH": "/usr/bin:/bin", "HOME": str(tmp), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -154,12 +154,13 @@ def _corpus_file(content: str):
     """A text_file corpus: the config validates; the harvest stops at the corpus, before any model."""
 
     def attempt(tmp_path):
-        from uzr.pipeline import ModelPool, build_store
+        from uzr.harvest.stage import HarvestStage
+        from uzr.runner import ModelPool, RunContext
 
         path = tmp_path / "corpus.txt"
         path.write_text(content)
         cfg = resolved("+experiment=smoke", "data=text_file", f"data.path={path}")
-        build_store(tmp_path / "store", cfg, ModelPool(cfg))
+        HarvestStage().build(RunContext(cfg, tmp_path, ModelPool(cfg)), tmp_path / "store")
 
     return attempt
 
@@ -202,13 +203,11 @@ INVALID = [
 def test_invalid_input_is_rejected_before_any_model_loads(attempt, errors, message, tmp_path, monkeypatch):
     """Every documented invalid value fails with the key, the bad value and what is valid; no model loads."""
     import uzr.models
-    import uzr.pipeline
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was rejected")
 
     monkeypatch.setattr(uzr.models, "load_model", no_loading)
-    monkeypatch.setattr(uzr.pipeline, "load_model", no_loading)
     with pytest.raises(errors) as err:
         attempt(tmp_path)
     assert re.search(message, str(err.value), re.S), str(err.value)

@@ -21,7 +21,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_metrics(layers: list[int], alpha: float, hurt: float, zero_exact: bool = True) -> dict:
-    """metrics.json as uzr.pipeline writes it; injected bpb = student + hurt * alpha."""
+    """metrics.json as uzr.runner writes it; injected bpb = student + hurt * alpha."""
     student = 1.25 + 0.01 * len(layers)
     injected = student + hurt * alpha + (0.0 if zero_exact or alpha else 1e-3)
     habit = {
@@ -55,7 +55,7 @@ def write_sweep(root: Path, hurt: float = 0.1, zero_exact: bool = True, figures:
             job = sweep / f"{num}-{','.join(overrides[1:])}"
             (job / ".hydra").mkdir(parents=True)
             (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-            config = {"name": "smoke", "seed": 0, "cache_dir": f"/tmp/c{num}",
+            config = {"name": "smoke", "seed": 0, "paths": {"cache_dir": f"/tmp/c{num}"},
                       "alpha": {"schedule": "constant", "value": alpha, "warmup_steps": 16},
                       "inject": {"layers": layers, "teacher_layers": None, "mode": "bias"},
                       "logger": {"group": "12-00-00-000001"}}
@@ -113,7 +113,7 @@ def test_table_has_one_row_per_job_with_the_metrics_values(tmp_path):
         assert row["controller_artifact"] == ("built " if config["alpha"]["value"] == 0 else "reused ") + \
             m["artifacts"]["controller"]["key"]
         assert float(row["facts_qa_injected"]) == m["evaluate"]["facts_qa"]["injected"]
-    assert "cache_dir" not in rows[0], "keys that differ per job but do not describe it are no columns"
+    assert not any(k.startswith("paths") for k in rows[0]), "keys that differ per job but do not describe it are no columns"
     table = (tmp_path / "out" / "results.md").read_text().strip().splitlines()
     assert len(table) == 2 + len(rows) and all(line.count("|") == table[0].count("|") for line in table)
     assert len(result["rows"]) == len(rows)

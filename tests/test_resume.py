@@ -23,7 +23,7 @@ SMOKE = ["+experiment=smoke", "data.num_texts=24", "harvest.shard_size=2", "logg
 
 
 def command(tmp_path, *overrides):
-    return [sys.executable, "-m", "uzr.train", *SMOKE, *overrides, f"cache_dir={tmp_path / 'cache'}",
+    return [sys.executable, "-m", "uzr.train", *SMOKE, *overrides, f"paths.cache_dir={tmp_path / 'cache'}",
             f"hydra.run.dir={tmp_path / 'run'}"]
 
 

@@ -200,7 +200,7 @@ def compose_jobs(experiment: str, *extra: str):
     from uzr.config import resolve_config
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        base = [f"+experiment={experiment}", "cache_dir=/nonexistent", *extra]
+        base = [f"+experiment={experiment}", "paths.cache_dir=/nonexistent", *extra]
         cfg = compose("train", overrides=base, return_hydra_config=True)
         params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()]
         (batch,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
@@ -208,7 +208,7 @@ def compose_jobs(experiment: str, *extra: str):
 
 
 def test_ablation_grid_composes_and_shares_one_store():
-    from uzr.pipeline import controller_key, harvest_key
+    from uzr.runner import artifact_keys
 
     cfg, jobs = compose_jobs("alpha_layer_ablation")
     assert len(jobs) == 12
@@ -216,9 +216,10 @@ def test_ablation_grid_composes_and_shares_one_store():
         (a, layers) for a in (0, 0.25, 0.5, 1) for layers in ((8,), (15,), (8, 15, 22))}
     teacher, student = jobs[0][1].teacher.name, jobs[0][1].student.name
     assert (teacher, student) == ("gemma3_270m", "smollm2_135m")
-    harvest = {harvest_key(r)[0] for _, r in jobs}
+    keys = [artifact_keys(r, ["controller"]) for _, r in jobs]
+    harvest = {k["harvest"] for k in keys}
     assert len(harvest) == 1, "every job of the grid must share one harvest store"
-    controllers = {controller_key(r, next(iter(harvest)))[0] for _, r in jobs}
+    controllers = {k["controller"] for k in keys}
     assert len(controllers) == 3, "one controller per layer set, shared across alpha"
     assert "alpha_layer_ablation" in cfg.hydra.sweep.dir
 

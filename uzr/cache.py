@@ -21,13 +21,13 @@ from pathlib import Path
 from filelock import FileLock
 
 MANIFEST = "manifest.json"
-# Bump when the layout of an artifact kind changes, so old caches are rebuilt rather than misread.
-SCHEMA_VERSION = {"harvest": 3, "controller": 1, "gate": 1}
 
 
-def content_key(kind: str, payload: dict) -> str:
-    """Stable 16-hex-digit key of a JSON-serialisable payload (plus the kind's schema version)."""
-    blob = json.dumps({"kind": kind, "schema": SCHEMA_VERSION.get(kind, 1), **payload}, sort_keys=True, default=str)
+
+def content_key(kind: str, payload: dict, version: int) -> str:
+    """Stable 16-hex-digit key of a JSON-serialisable payload, the artifact kind and its version
+    (the stage's version in :data:`uzr.stages.REGISTRY`: bumped when the artifact changes meaning)."""
+    blob = json.dumps({"kind": kind, "schema": version, **payload}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

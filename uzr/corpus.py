@@ -16,44 +16,30 @@ text are stripped), so accents, emoji, CJK and right-to-left scripts round-trip 
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 
+from uzr.config.corpus import (  # noqa: F401  (re-exported)
+    LONG_TEXT,
+    SOURCES,
+    CorpusSpec,
+    invalid,
+    resolve_paths,
+    validate_corpus_spec,
+)
+
 log = logging.getLogger(__name__)
 
-SOURCES = ("pydoc", "text_file", "jsonl", "hub")
-LONG_TEXT = ("truncate", "window")
 _NEWLINE = re.compile(r"\r\n|\r|\n")
 _SPACE = re.compile(r"\s+")
-_GLOB_CHARS = set("*?[")
-
-
-@dataclass
-class CorpusSpec:
-    """Where texts come from and how they are cut (plain types only: it is a Hydra structured config)."""
-
-    name: str = "pydoc"
-    source: str = "pydoc"  # one of SOURCES
-    path: str | None = None  # file or glob, for text_file / jsonl
-    text_field: str = "text"  # jsonl field, and the hub dataset's text column
-    hub_id: str | None = None
-    hub_config: str | None = None
-    hub_split: str = "train"
-    num_texts: int = 200  # total texts after filtering, train + heldout; 0 = all
-    heldout_fraction: float = 0.2
-    seed: int = 0
-    min_chars: int = 200
-    max_chars: int = 1200
-    long_text: str = "truncate"  # one of LONG_TEXT
 
 
 class CorpusNotAvailableError(RuntimeError):
@@ -74,82 +60,6 @@ class Corpus:
     @property
     def heldout(self) -> datasets.Dataset:
         return self.splits["heldout"]
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _bad(key: str, value: Any, valid: str) -> ValueError:
-    return ValueError(f"corpus.{key}={value!r} is invalid: {valid}")
-
-
-def validate_corpus_spec(spec: CorpusSpec | Mapping[str, Any]) -> CorpusSpec:
-    """Check a spec (a ``CorpusSpec``, dict or DictConfig) and return it as a ``CorpusSpec``.
-
-    Raises ``ValueError`` naming the key, the bad value and the valid choices or range, and
-    ``FileNotFoundError`` naming ``path`` when it matches no file, before anything is read.
-    """
-    if not isinstance(spec, CorpusSpec):
-        if not isinstance(spec, Mapping):
-            from omegaconf import DictConfig, OmegaConf  # only needed for Hydra configs
-
-            if not isinstance(spec, DictConfig):
-                raise TypeError(f"corpus spec must be a CorpusSpec or a mapping, got {type(spec).__name__}")
-            spec = OmegaConf.to_container(spec, resolve=True)
-        known = {f.name for f in fields(CorpusSpec)}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ValueError(f"corpus: unknown keys {unknown}; valid keys are {sorted(known)}")
-        spec = CorpusSpec(**spec)
-    s = spec
-    if not isinstance(s.name, str) or not s.name:
-        raise _bad("name", s.name, "expected a non-empty string")
-    if s.source not in SOURCES:
-        raise _bad("source", s.source, f"expected one of {list(SOURCES)}")
-    if s.long_text not in LONG_TEXT:
-        raise _bad("long_text", s.long_text, f"expected one of {list(LONG_TEXT)}")
-    if not _is_int(s.num_texts) or not (s.num_texts == 0 or s.num_texts >= 2):
-        raise _bad("num_texts", s.num_texts, "expected an integer >= 2 (train + heldout), or 0 for all")
-    if isinstance(s.heldout_fraction, bool) or not isinstance(s.heldout_fraction, (int, float)) \
-            or not 0 < s.heldout_fraction < 1:
-        raise _bad("heldout_fraction", s.heldout_fraction, "expected a number in the open interval (0, 1)")
-    if not _is_int(s.seed) or s.seed < 0:
-        raise _bad("seed", s.seed, "expected an integer >= 0")
-    if not _is_int(s.min_chars) or s.min_chars < 1:
-        raise _bad("min_chars", s.min_chars, "expected an integer >= 1")
-    if not _is_int(s.max_chars) or s.max_chars < s.min_chars:
-        raise _bad("max_chars", s.max_chars, f"expected an integer >= min_chars={s.min_chars!r}")
-    if not isinstance(s.text_field, str) or not s.text_field:
-        raise _bad("text_field", s.text_field, "expected a non-empty string")
-    if s.source in ("text_file", "jsonl"):
-        if not s.path:
-            raise _bad("path", s.path, f"source={s.source!r} needs a file path or glob")
-        _resolve_paths(s.path)  # fail on a missing file now, not halfway through a run
-    if s.source == "hub" and not s.hub_id:
-        raise _bad("hub_id", s.hub_id, "source='hub' needs a dataset id, e.g. 'Salesforce/wikitext'")
-    return s
-
-
-def _resolve_paths(path: str) -> list[Path]:
-    """The files ``path`` names: itself, or the sorted matches of a glob (sorted for determinism)."""
-    expanded = str(Path(path).expanduser())
-    if _GLOB_CHARS & set(expanded):
-        files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
-        if not files:
-            raise FileNotFoundError(f"corpus.path={path!r}: the glob matches no file")
-        return files
-    p = Path(expanded)
-    if not p.is_file():
-        what = "is a directory, not a file (use a glob such as 'dir/*.txt')" if p.is_dir() else "does not exist"
-        raise FileNotFoundError(f"corpus.path={path!r} {what} (resolved to {p.absolute()})")
-    return [p]
-
-
-# --------------------------------------------------------------------------- reading sources
 
 
 def _read_utf8(path: Path) -> str:
@@ -176,12 +86,12 @@ def _pydoc_docs() -> Iterator[tuple[str, list[str]]]:
 
 
 def _text_file_docs(path: str) -> Iterator[tuple[str, list[str]]]:
-    for f in _resolve_paths(path):
+    for f in resolve_paths(path):
         yield str(f), _lines(_read_utf8(f))
 
 
 def _jsonl_docs(path: str, text_field: str, stats: dict[str, int]) -> Iterator[tuple[str, list[str]]]:
-    for f in _resolve_paths(path):
+    for f in resolve_paths(path):
         for n, line in enumerate(_lines(_read_utf8(f)), 1):
             if not line.strip():
                 stats["skipped_empty"] += 1
@@ -209,7 +119,7 @@ def _hub_docs(spec: CorpusSpec) -> Iterator[tuple[str, list[str]]]:
             f"(source=text_file or jsonl) instead. Cause: {type(e).__name__}: {e}"
         ) from e
     if spec.text_field not in ds.column_names:
-        raise _bad("text_field", spec.text_field, f"{spec.hub_id!r} has columns {ds.column_names}")
+        raise invalid("text_field", spec.text_field, f"{spec.hub_id!r} has columns {ds.column_names}")
     # Rows like wikitext's are lines of one long document (paragraphs separated by empty rows);
     # a trailing newline in a row is its line end, not an extra blank line.
     lines = [ln for row in ds[spec.text_field] for ln in _lines((row or "").removesuffix("\n"))]

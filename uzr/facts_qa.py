@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from uzr.inject import Injector
+from uzr.masks import pad_sequences
 from uzr.next_token import lm_head_logits
 from uzr.prompts import Prompt, PromptSet, adds_special_tokens, answer_prefix, format_prompt, resolve_format
 
@@ -25,17 +26,6 @@ def qa_prompts(prompt_seed: int, heldout_fraction: float, limit: int = 0) -> lis
     """The held-out answerable prompts of the built-in set (the first ``limit`` of them; 0 = all)."""
     prompts = [p for p in PromptSet(prompt_seed, heldout_fraction).heldout if p.answerable]
     return prompts[:limit] if limit else prompts
-
-
-def pad_sequences(seqs: Sequence, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists to ``(B, S)`` ids and a ``(B, S)`` bool mask of real tokens."""
-    seqs = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)], mask[b, : len(s)] = s, True
-    return ids, mask
 
 
 @torch.no_grad()
@@ -87,3 +77,20 @@ def qa_accuracy(model, tokenizer, prompts: Sequence[Prompt], prompt_format: str 
                                     answer_prefix(style), injector, adds_special_tokens(style))
         right += int(int(np.argmax(scores)) == p.correct_index())
     return right / len(prompts)
+
+
+def plain_qa_accuracy(run, role: str) -> float | None:
+    """Facts-QA accuracy of the uninjected ``role`` (``"student"`` or ``"teacher"``) on the run's held-out
+    prompts, scored once per run (``run``: a :class:`uzr.runner.RunContext`): the evaluate and gate
+    stages report the same number for the same model."""
+    from tqdm.auto import tqdm
+
+    cfg = run.cfg
+
+    def score() -> float | None:
+        prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
+        model, tokenizer = run.models.get(role)
+        return qa_accuracy(model, tokenizer, tqdm(prompts, desc=f"facts QA: {role}", unit="prompt", leave=False),
+                           cfg.gate.prompt_format)
+
+    return run.memo(("facts_qa", role), score)

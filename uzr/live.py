@@ -3,11 +3,11 @@
 ``python -m uzr.live +experiment=default`` opens an interactive prompt (rich output); ``--prompt
 "What is the capital of France?"`` answers one prompt and exits; ``--json`` prints the same as JSON.
 Other arguments are Hydra overrides, exactly as for ``uzr.train`` (``alpha.value=1.0``,
-``gate=prompt``, ``cache_dir=...``).
+``gate=prompt``, ``paths.cache_dir=...``).
 
 The config is composed like ``uzr.train`` (``conf/train.yaml`` + overrides) and validated before any
 model loads. The harvest store, controller and gate come from the artifact cache; whichever is missing
-is built by the pipeline's own stage functions (the first call of a new configuration takes as long as
+is built by the stages themselves (:func:`uzr.runner.load_stages`) (the first call of a new configuration takes as long as
 the stages do). The gate value of a prompt is the gate at its last token, from an uninjected student
 pass; generation is greedy, up to the end of the first line of the answer, with alpha per injected
 layer = ``alpha.value × alpha.layer_weights[l] × gate`` (schedule ``gated``; with
@@ -37,39 +37,38 @@ def compose_config(overrides: list[str]):
     """Compose ``conf/train.yaml`` with Hydra overrides and validate it; returns ``RunConfig``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
 
-    from uzr.config import resolve_config
+    from uzr.config import CONF_DIR, register_configs, resolve_config
 
+    register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="live"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # for ${hydra:runtime.cwd} in cache_dir
-    with open_dict(cfg):
-        del cfg["hydra"]
+        cfg = compose("train", overrides=list(overrides))
     return resolve_config(cfg)
 
 
-def ensure_artifacts(cfg, models, loggers=None, build: bool = True):
-    """Harvest store, controller and gate of ``cfg`` from the cache, built where missing (``build``)."""
-    from uzr.pipeline import load_artifacts
+def ensure_artifacts(cfg, build: bool = True, loggers=None):
+    """A :class:`~uzr.runner.RunContext` holding the harvest store, controller and gate of ``cfg`` from the
+    cache, built where missing (``build``)."""
+    from uzr.runner import ModelPool, RunContext, load_stages
 
+    stages = ("harvest", "controller", "gate")
     with tempfile.TemporaryDirectory(prefix="uzr-live-") as tmp:
-        stages = ("harvest", "controller", "gate")
-        return load_artifacts(cfg, models, loggers or [], Path(tmp), stages, build=stages if build else ())
+        run = RunContext(cfg, Path(tmp), ModelPool(cfg), loggers or [])
+        load_stages(run, stages, build=stages if build else ())
+    return run
 
 
 class LiveSession:
     """Answers prompts with and without gated injection."""
 
-    def __init__(self, cfg, models, artifacts, max_new_tokens: int = 32):
+    def __init__(self, cfg, run, max_new_tokens: int = 32):
         import torch
 
-        self.cfg, self.models, self.art, self.max_new_tokens = cfg, models, artifacts, max_new_tokens
-        self.student, self.tok = models.get("student")
-        device = next(self.student.parameters()).device
-        self.controllers = {int(k): v.to(device).eval() for k, v in artifacts.controllers.items()}
+        self.cfg, self.run, self.max_new_tokens = cfg, run, max_new_tokens
+        self.student, self.tok = run.models.get("student")
+        self.controllers = run.artifacts["controller"].controllers
+        self.gate = run.artifacts["gate"]
         self.layers = list(cfg.inject.layers)
         self.torch = torch
 
@@ -80,7 +79,8 @@ class LiveSession:
         return AlphaSpec("gated", a.value, entropy_local=a.entropy_local, layer_weights=dict(a.layer_weights))
 
     def answer(self, prompt: str) -> dict:
-        from uzr.gate import generate_answers, sequence_parts
+        from uzr.gate import sequence_parts
+        from uzr.generation import generate_answers
         from uzr.inject import Injector
         from uzr.prompts import adds_special_tokens, format_prompt, resolve_format
 
@@ -91,7 +91,7 @@ class LiveSession:
         text = format_prompt(prompt, self.tok, style)
         ids = list(self.tok(text, add_special_tokens=special)["input_ids"])
         parts = sequence_parts(self.student, self.controllers, [ids], self.layers)[0]
-        gate = self.art.gate.prompt_value(parts)
+        gate = self.gate.prompt_value(parts)
         alpha = self.alpha_spec()
         applied = {}
         for i, layer in enumerate(self.layers):
@@ -106,13 +106,13 @@ class LiveSession:
         injected = generate_answers(self.student, self.tok, [text], self.max_new_tokens, batch_size=1,
                                     injector=injector, add_special_tokens=special)[0]
         return {
-            "prompt": prompt, "formatted_prompt": text, "gate": gate, "gate_level": self.art.gate.level,
+            "prompt": prompt, "formatted_prompt": text, "gate": gate, "gate_level": self.gate.level,
             "alpha": applied, "alpha_base": alpha.value, "schedule": "gated", "mode": self.cfg.inject.mode,
             "entropy_local": alpha.entropy_local,
             "answers": {"student": plain["answer"], "injected": injected["answer"]},
             "student_mean_entropy": {"student": plain["mean_entropy"], "injected": injected["mean_entropy"]},
             "student": self.cfg.student.name, "teacher": self.cfg.teacher.name,
-            "artifacts": self.art.info,
+            "artifacts": self.run.info,
         }
 
 
@@ -156,14 +156,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
 
-    from uzr.pipeline import ModelPool
-
     console = Console(stderr=args.json)
-    models = ModelPool(cfg)
     # Stage output (Lightning, progress) goes to stderr so that --json leaves stdout clean.
     with contextlib.redirect_stdout(sys.stderr):
-        artifacts = ensure_artifacts(cfg, models)
-        session = LiveSession(cfg, models, artifacts, args.max_new_tokens)
+        session = LiveSession(cfg, ensure_artifacts(cfg), args.max_new_tokens)
     if args.prompt is not None:
         with contextlib.redirect_stdout(sys.stderr):
             result = session.answer(args.prompt)
@@ -173,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             render(result, console)
         return 0
     console.print(f"[bold]uzr live[/bold]: {cfg.teacher.name} -> {cfg.student.name}, layers {list(cfg.inject.layers)}, "
-                  f"{artifacts.gate.level}-level gate ({artifacts.gate.report().get('verdict', '')})")
+                  f"{session.gate.level}-level gate ({session.gate.report().get('verdict', '')})")
     console.print("Type a prompt (empty line or Ctrl-D to quit).")
     while True:
         try:

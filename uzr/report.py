@@ -38,7 +38,7 @@ KL_METHODS = ("controller", "student_self", "recency", "uniform")
 # Config keys that are shown as their own columns (the sweep axes users vary most).
 AXES = ("alpha.value", "alpha.schedule", "inject.layers", "inject.mode")
 # Keys that differ between jobs without describing the experiment.
-IGNORED_KEYS = ("logger.", "cache_dir", "hydra.", "device")
+IGNORED_KEYS = ("logger.", "paths.", "hydra.", "device")
 # evaluate metrics with their own columns; any other {"student", "injected"[, "teacher"]} dict gets columns too
 KNOWN_EVAL = ("bits_per_byte", "habit_distance", "next_token_kl", "num_texts")
 

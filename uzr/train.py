@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from uzr.config import resolve_config
+from uzr.config import register_configs, resolve_config
 
 # Offline first: nothing in a default run may reach the network (DESIGN.md §10).
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -20,6 +20,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+register_configs()  # the schema is the first default of conf/train.yaml
 JOB_INFO = "job.json"  # machine and wall time of one run, beside metrics.json (read by uzr.report)
 
 
@@ -67,11 +68,11 @@ def machine_info() -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     run_cfg = resolve_config(cfg)  # fails before any model loads
-    from uzr.pipeline import run  # heavy imports after validation
+    from uzr.runner import run  # heavy imports after validation
 
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    config_dict = OmegaConf.to_container(OmegaConf.structured(run_cfg))  # resolved, every default filled in
     group = sweep_group(hydra_cfg)
     if run_cfg.logger.group is None and group is not None:  # an explicit logger.group wins
         run_cfg.logger.group = config_dict["logger"]["group"] = group

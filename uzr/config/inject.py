@@ -1,0 +1,65 @@
+"""The ``inject`` and ``alpha`` config groups: where, how and how strongly to inject (torch-free)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+SCHEDULES = ("constant", "linear", "cosine", "entropy_local", "gated")
+MODES = ("bias", "mix")
+
+
+@dataclass
+class AlphaSpec:
+    """Injection strength. ``value`` is the base alpha; the schedule shapes it per query row.
+
+    ``linear``/``cosine`` warm up from 0 to ``value`` over ``warmup_steps`` decoding steps;
+    ``entropy_local`` scales by ``1 - normalised entropy`` of the controller's row;
+    ``gated`` multiplies by the gate's output (and by the entropy-local factor if ``entropy_local``).
+    ``layer_weights`` maps a student layer to a multiplier (default 1).
+    """
+
+    schedule: str = "constant"
+    value: float = 0.5
+    warmup_steps: int = 16
+    entropy_local: bool = False
+    layer_weights: dict[int, float] = field(default_factory=dict)
+
+
+def validate_alpha(spec: AlphaSpec) -> None:
+    if spec.schedule not in SCHEDULES:
+        raise ValueError(f"alpha.schedule={spec.schedule!r} is unknown; valid choices: {', '.join(SCHEDULES)}")
+    if not math.isfinite(spec.value) or spec.value < 0:
+        raise ValueError(f"alpha.value={spec.value} must be a finite number >= 0")
+    if spec.warmup_steps < 1:
+        raise ValueError(f"alpha.warmup_steps={spec.warmup_steps} must be >= 1")
+    for layer, weight in spec.layer_weights.items():
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"alpha.layer_weights[{layer}]={weight} must be a finite number >= 0")
+
+
+def injected_layers_valid(layers: list[int], num_layers: int) -> None:
+    """Fail fast on bad layer lists before any model loads."""
+    if not layers:
+        raise ValueError("inject.layers is empty; give at least one student layer, e.g. inject.layers=[4]")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"inject.layers={layers} contains duplicates")
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad:
+        raise ValueError(f"inject.layers={layers}: {bad} outside the student's layers 0..{num_layers - 1}")
+
+
+@dataclass
+class InjectSpec:
+    """Which student layers get the teacher's habits, from which teacher layers, and how."""
+
+    layers: list[int] = field(default_factory=lambda: [4, 15, 26])  # 0-based student layers
+    # Teacher layer mapped to each injected layer; None = proportional depth round(l * (Lt-1)/(Ls-1)).
+    teacher_layers: list[int] | None = None
+    mode: str = "bias"  # one of MODES
+
+
+def validate_inject(spec: InjectSpec, student_layers: int) -> None:
+    injected_layers_valid(spec.layers, student_layers)
+    if spec.mode not in MODES:
+        raise ValueError(f"inject.mode={spec.mode!r} is unknown; valid choices: {', '.join(MODES)}")

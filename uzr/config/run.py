@@ -1,0 +1,265 @@
+"""The run configuration: one schema over the Hydra config groups, validated up front.
+
+``resolve_config(cfg)`` merges the composed Hydra config into :class:`RunConfig` (a typo'd key or a
+wrongly typed value fails here, naming the key), then validates only what the selected stages read
+(:mod:`uzr.stages`): each group's ranges and choices, and the cross-group constraints (layer indices
+against the student's declared depth, the teacher-layer mapping against the teacher's) — all before
+any model is loaded. Every default lives in the dataclasses below; the YAML files under ``conf/``
+hold only what differs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from uzr.config.controller import LOCALITY_WINDOW, ControllerSpec
+from uzr.config.controller import validate_spec as validate_controller
+from uzr.config.corpus import CorpusSpec, validate_corpus_spec
+from uzr.config.gate import GateSpec, validate_gate_spec
+from uzr.config.inject import AlphaSpec, InjectSpec, validate_alpha, validate_inject
+from uzr.config.model import ModelSpec
+from uzr.config.model import validate_spec as validate_model
+from uzr.stages import REGISTRY, groups_read, unknown_stages
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+@dataclass
+class HarvestSpec:
+    # Student layers stored (a superset of inject.layers, so a sweep over layers shares one store);
+    # None = inject.layers.
+    layers: list[int] | None = None
+    max_length: int = 256  # student tokens per text (longer texts are truncated)
+    # Head-mean distributions are stored for the leading min(S, this) positions only: they take S^2
+    # per layer, everything else (statistics, hidden states) covers all S.
+    max_dist_len: int = 512
+    block_size: int = 256  # query rows per block in the statistics (memory grows linearly with S)
+    locality_window: int = LOCALITY_WINDOW  # keys with i - j < window count as local (DESIGN.md §4)
+    shard_size: int = 16  # texts per resumable shard
+    max_bad_fraction: float = 0.05  # stop if more texts than this have non-finite attention scores
+    devices: int = 1  # processes for Trainer.predict (accelerator from trainer.accelerator)
+    strategy: str = "auto"  # e.g. ddp, ddp_spawn: each rank writes whole shards into one store
+
+
+@dataclass
+class EvaluateSpec:
+    num_texts: int = 40  # held-out texts to evaluate (0 = all)
+    figure: bool = True
+    # Facts QA (uzr/facts_qa.py) on the held-out answerable prompts of the built-in set; the split and
+    # prompt format are the gate's (gate.prompt_seed, gate.heldout_fraction, gate.prompt_format), so a
+    # prompt-level gate never trains on a QA question.
+    facts_qa: bool = True
+    qa_prompts: int = 0  # held-out answerable prompts scored (0 = all)
+
+
+@dataclass
+class TrainerSpec:
+    """Lightning Trainer options for the training stages (and the harvest's accelerator)."""
+
+    accelerator: str = "cpu"
+    devices: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    deterministic: bool = True
+    log_every_n_steps: int = 5
+
+
+@dataclass
+class LoggerSpec:
+    wandb: bool = True
+    wandb_mode: str = "offline"  # offline | online | disabled
+    project: str = "uzr"
+    group: str | None = None
+    csv: bool = True
+
+
+@dataclass
+class PathsSpec:
+    # Shared artifact cache (harvest stores, controllers, gates, converted models), reused across runs
+    # and sweeps. None: $UZR_CACHE if set, else .cache/uzr under the directory you launch from.
+    cache_dir: str | None = None
+
+
+def resolve_cache_dir(value: str | None = None) -> Path:
+    """The artifact cache folder: ``value``, else ``$UZR_CACHE``, else ``./.cache/uzr``."""
+    value = value or os.environ.get("UZR_CACHE")
+    return Path(value).expanduser() if value else Path.cwd() / ".cache" / "uzr"
+
+
+@dataclass
+class RunConfig:
+    """One run. Groups a run's stages do not read may be absent (None)."""
+
+    teacher: ModelSpec | None = None
+    student: ModelSpec | None = None
+    data: CorpusSpec | None = None
+    inject: InjectSpec | None = None
+    alpha: AlphaSpec | None = None
+    controller: ControllerSpec | None = None
+    gate: GateSpec | None = None
+    harvest: HarvestSpec = field(default_factory=HarvestSpec)
+    evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
+    trainer: TrainerSpec = field(default_factory=TrainerSpec)
+    logger: LoggerSpec = field(default_factory=LoggerSpec)
+    paths: PathsSpec = field(default_factory=PathsSpec)
+    stages: list[str] = field(default_factory=lambda: list(REGISTRY))
+    name: str = "run"
+    seed: int = 0
+    device: str = "cpu"
+
+    @property
+    def cache_dir(self) -> Path:
+        return resolve_cache_dir(self.paths.cache_dir)
+
+
+def proportional_teacher_layer(cfg: RunConfig, layer: int) -> int:
+    lt, ls = cfg.teacher.num_layers, cfg.student.num_layers
+    return round(layer * (lt - 1) / max(ls - 1, 1))
+
+
+def teacher_layer_map(cfg: RunConfig) -> list[int]:
+    """The teacher layer mapped to each injected student layer."""
+    if cfg.inject.teacher_layers is not None:
+        return list(cfg.inject.teacher_layers)
+    return [proportional_teacher_layer(cfg, layer) for layer in cfg.inject.layers]
+
+
+def harvest_layers(cfg: RunConfig) -> tuple[list[int], list[int]]:
+    """Student layers the store holds and the teacher layer of each (injected layers use their mapping)."""
+    injected = cfg.inject.layers if cfg.inject is not None else []
+    mapping = dict(zip(injected, teacher_layer_map(cfg))) if injected else {}
+    layers = sorted(set(cfg.harvest.layers or []) | set(injected))
+    return layers, [mapping.get(layer, proportional_teacher_layer(cfg, layer)) for layer in layers]
+
+
+def register_configs() -> None:
+    """Register the schema as ``run_schema`` (the first default of ``conf/train.yaml``), so a composed
+    config carries every default and a typo'd key fails at composition."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def resolve_config(cfg: DictConfig) -> RunConfig:
+    """Merge a composed Hydra config into the schema and validate it; raises ValueError on bad input."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), plain)
+        run: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"invalid config: {err.msg} (key: {getattr(err, 'full_key', '?')})") from None
+    validate(run)
+    return run
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group in ``conf/`` (for error messages)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def validate(cfg: RunConfig) -> None:
+    """Validate the groups the selected stages read, and the constraints between them."""
+    bad = unknown_stages(cfg.stages)
+    if bad:
+        raise ValueError(f"stages={cfg.stages}: unknown {bad}; valid stages: {', '.join(REGISTRY)}")
+    required, optional = groups_read(cfg.stages)
+    for group in sorted(required):
+        if getattr(cfg, group) is None:
+            readers = [s.name for s in REGISTRY.values() if group in s.reads and s.name in cfg.stages]
+            options = ", ".join(group_options(group)) or "see conf/"
+            raise ValueError(f"stages {readers or cfg.stages} read the '{group}' config group, which this config "
+                             f"lacks; add {group}=<option> (options: {options}) or drop those stages")
+    groups = required | {g for g in optional if getattr(cfg, g) is not None}
+    if cfg.logger.wandb_mode not in ("offline", "online", "disabled"):
+        raise ValueError(f"logger.wandb_mode={cfg.logger.wandb_mode!r}; valid choices: offline, online, disabled")
+    for role in ("teacher", "student"):
+        if role in groups:
+            validate_model(getattr(cfg, role), role)
+    if "data" in groups:
+        validate_corpus_spec(cfg.data)
+    if "controller" in groups:
+        _follow_harvest_window(cfg.controller, cfg.harvest)
+        validate_controller(cfg.controller)
+    if "alpha" in groups:
+        validate_alpha(cfg.alpha)
+    if "gate" in groups:
+        validate_gate_spec(cfg.gate)
+    if "inject" in groups:
+        _validate_injection(cfg, groups)
+    if "harvest" in groups:
+        _validate_harvest(cfg)
+    if "evaluate" in groups:
+        _validate_evaluate(cfg.evaluate)
+
+
+def _validate_injection(cfg: RunConfig, groups: set[str]) -> None:
+    validate_inject(cfg.inject, cfg.student.num_layers)
+    mapping = teacher_layer_map(cfg)
+    if len(mapping) != len(cfg.inject.layers):
+        raise ValueError(
+            f"inject.teacher_layers={mapping} must have one teacher layer per injected layer "
+            f"(inject.layers={cfg.inject.layers})"
+        )
+    bad = [t for t in mapping if not 0 <= t < cfg.teacher.num_layers]
+    if bad:
+        raise ValueError(
+            f"inject.teacher_layers={mapping}: {bad} outside the teacher's layers 0..{cfg.teacher.num_layers - 1}"
+        )
+    if "alpha" in groups:
+        for bad_layer in cfg.alpha.layer_weights:
+            if bad_layer not in cfg.inject.layers:
+                raise ValueError(f"alpha.layer_weights names layer {bad_layer}, not in inject.layers={cfg.inject.layers}")
+    if "controller" in groups:
+        c, h = cfg.controller, cfg.harvest
+        if c.arch == "seed_mlp" and c.max_len < h.max_length:
+            raise ValueError(
+                f"controller.max_len={c.max_len} < harvest.max_length={h.max_length}: the seed_mlp "
+                "controller only predicts up to max_len positions; raise controller.max_len"
+            )
+
+
+def _follow_harvest_window(c: ControllerSpec, h: HarvestSpec) -> None:
+    """One locality window for the harvest's statistics and the controller's loss."""
+    if c.locality_window is None:
+        c.locality_window = h.locality_window
+    elif c.locality_window != h.locality_window:
+        raise ValueError(
+            f"controller.locality_window={c.locality_window} differs from harvest.locality_window="
+            f"{h.locality_window}: the controller's locality loss would measure another habit than the store "
+            "holds; set only harvest.locality_window (the controller follows it)")
+
+
+def _validate_harvest(cfg: RunConfig) -> None:
+    h = cfg.harvest
+    if h.layers is None and cfg.inject is None:
+        raise ValueError("the harvest stores hidden states of chosen student layers: set harvest.layers=[...] "
+                         "or select an inject group (inject.layers)")
+    if h.layers is not None:
+        bad = [layer for layer in h.layers if not 0 <= layer < cfg.student.num_layers]
+        if bad:
+            raise ValueError(f"harvest.layers={h.layers}: {bad} outside the student's layers 0..{cfg.student.num_layers - 1}")
+    if h.max_length < 2:
+        raise ValueError(f"harvest.max_length={h.max_length} must be >= 2 (a text needs a token to predict)")
+    if h.max_dist_len < 2:
+        raise ValueError(
+            f"harvest.max_dist_len={h.max_dist_len} must be >= 2 (the stored distributions cover that many leading "
+            "positions; one row attends only to itself); set harvest.max_dist_len=512 or more"
+        )
+    if h.block_size < 1 or h.locality_window < 1 or h.shard_size < 1:
+        raise ValueError("harvest.block_size, harvest.locality_window and harvest.shard_size must be >= 1")
+    if not (0 <= h.max_bad_fraction <= 1 and math.isfinite(h.max_bad_fraction)):
+        raise ValueError(f"harvest.max_bad_fraction={h.max_bad_fraction} must be in [0, 1]")
+
+
+def _validate_evaluate(ev: EvaluateSpec) -> None:
+    if ev.num_texts < 0:
+        raise ValueError(f"evaluate.num_texts={ev.num_texts} must be >= 0 (0 = all held-out texts)")
+    if ev.qa_prompts < 0:
+        raise ValueError(f"evaluate.qa_prompts={ev.qa_prompts} must be >= 0 (0 = all held-out QA prompts)")

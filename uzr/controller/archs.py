@@ -1,0 +1,143 @@
+"""Controller architectures: bilinear with a relative-position bias, and the reference seed MLP."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from uzr.config.controller import ControllerSpec, coerce_spec
+
+
+def relative_bucket(distance: Tensor, num_buckets: int, max_distance: int) -> Tensor:
+    """Bucket index of relative distance ``i - j`` (negative clamped to 0).
+
+    Exact for distances below ``num_buckets // 2``, log-spaced up to ``max_distance``, where the last
+    bucket starts. distance: any shape, long. Returns the same shape, long in [0, num_buckets).
+    """
+    d = distance.clamp_min(0)
+    exact = num_buckets // 2
+    ratio = torch.log(d.float().clamp_min(1) / exact) / math.log(max_distance / exact)
+    far = (exact + (ratio * (num_buckets - exact)).long()).clamp(exact, num_buckets - 1)
+    return torch.where(d < exact, d, far)
+
+
+def _positions(pos: Tensor | None, S: int, device: torch.device) -> Tensor:
+    return torch.arange(S, device=device) if pos is None else pos.to(device=device, dtype=torch.long)
+
+
+class Controller(nn.Module):
+    """Common controller API (see module docstring). Subclasses set ``query_dim`` and ``key_dim``."""
+
+    query_dim: int
+    key_dim: int
+
+    def __init__(self, spec: ControllerSpec, hidden_size: int):
+        super().__init__()
+        self.spec = spec
+        self.hidden_size = int(hidden_size)
+
+    def _cast(self, h: Tensor) -> Tensor:
+        # Hidden states come from the store as float16; compute in the parameters' dtype (float32).
+        if h.shape[-1] != self.hidden_size:
+            raise ValueError(f"controller expects hidden size {self.hidden_size}, got {tuple(h.shape)}")
+        return h.to(next(self.parameters()).dtype)
+
+    def query_features(self, h: Tensor) -> Tensor:  # (B, S, D) -> (B, S, query_dim)
+        raise NotImplementedError
+
+    def key_features(self, h: Tensor) -> Tensor:  # (B, S, D) -> (B, S, key_dim)
+        raise NotImplementedError
+
+    def logits_from_features(self, q_feat: Tensor, k_feat: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h: (B, S, D) -> unmasked logits (B, S, S), positions ``arange(S)``."""
+        pos = torch.arange(h.shape[1], device=h.device)
+        return self.logits_from_features(self.query_features(h), self.key_features(h), pos, pos)
+
+
+class BilinearController(Controller):
+    """``logits_ij = q(h_i) . k(h_j) / sqrt(key_dim) + b(bucket(i - j))`` — any length, expresses locality."""
+
+    def __init__(self, spec: ControllerSpec, hidden_size: int):
+        super().__init__(spec, hidden_size)
+        D, Hd, dk = self.hidden_size, spec.mlp_hidden, spec.key_dim
+        self.query_dim = self.key_dim = dk
+        self.norm = nn.LayerNorm(D)  # hidden-state scales vary a lot across layers and models
+        self.q = nn.Sequential(nn.Linear(D, Hd), nn.GELU(), nn.Linear(Hd, dk))
+        self.k = nn.Sequential(nn.Linear(D, Hd), nn.GELU(), nn.Linear(Hd, dk))
+        # Start with a mild preference for the nearest tokens; training reshapes it freely.
+        self.rel_bias = nn.Parameter(-0.5 * torch.log1p(torch.arange(spec.num_buckets, dtype=torch.float32)))
+
+    def query_features(self, h: Tensor) -> Tensor:
+        """h: (B, S, D) -> (B, S, key_dim)."""
+        return self.q(self.norm(self._cast(h)))
+
+    def key_features(self, h: Tensor) -> Tensor:
+        """h: (B, S, D) -> (B, S, key_dim); cacheable per decoded token."""
+        return self.k(self.norm(self._cast(h)))
+
+    def logits_from_features(self, q_feat: Tensor, k_feat: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """q_feat (B, Sq, dk), k_feat (B, Sk, dk), q_pos (Sq,)|(B, Sq), k_pos (Sk,)|(B, Sk) -> (B, Sq, Sk)."""
+        k_feat = k_feat.to(q_feat.dtype)
+        scores = q_feat @ k_feat.transpose(-1, -2) / math.sqrt(self.key_dim)  # (B, Sq, Sk)
+        q_pos = _positions(q_pos, q_feat.shape[1], q_feat.device)
+        k_pos = _positions(k_pos, k_feat.shape[1], q_feat.device)
+        rel = q_pos[..., :, None] - k_pos[..., None, :]  # (Sq, Sk) or (B, Sq, Sk)
+        bucket = relative_bucket(rel, self.spec.num_buckets, self.spec.max_distance)
+        return scores + self.rel_bias[bucket].to(scores.dtype)  # (B, Sq, Sk)
+
+
+class SeedMLPController(Controller):
+    """Reference ``Linear(D, H) -> ReLU -> LayerNorm -> Linear(H, max_len)`` (``H = mlp_hidden``, 512 there): logits over absolute
+    key positions ``0 .. max_len - 1``, a function of the query alone.
+
+    Query features are those ``max_len`` logits; key features are empty ``(B, Sk, 0)`` and
+    ``logits_from_features`` gathers the query's logits at the absolute key positions.
+    """
+
+    def __init__(self, spec: ControllerSpec, hidden_size: int):
+        super().__init__(spec, hidden_size)
+        self.query_dim, self.key_dim = spec.max_len, 0
+        width = spec.mlp_hidden  # the reference system's 512 (conf/controller/seed_mlp.yaml)
+        self.net = nn.Sequential(nn.Linear(self.hidden_size, width), nn.ReLU(), nn.LayerNorm(width),
+                                 nn.Linear(width, spec.max_len))
+
+    def query_features(self, h: Tensor) -> Tensor:
+        """h: (B, S, D) -> (B, S, max_len) logits over absolute key positions."""
+        return self.net(self._cast(h))
+
+    def key_features(self, h: Tensor) -> Tensor:
+        """h: (B, S, D) -> (B, S, 0): the seed MLP has no key side."""
+        return h.new_zeros(*h.shape[:2], 0, dtype=torch.float32)
+
+    def logits_from_features(self, q_feat: Tensor, k_feat: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """q_feat (B, Sq, max_len), k_feat (B, Sk, 0), k_pos (Sk,)|(B, Sk) -> (B, Sq, Sk); q_pos unused."""
+        B, Sq, _ = q_feat.shape
+        k_pos = _positions(k_pos, k_feat.shape[1], q_feat.device)
+        if k_pos.numel() and int(k_pos.max()) >= self.spec.max_len:
+            raise ValueError(
+                f"seed_mlp controller covers key positions < max_len={self.spec.max_len}, got position "
+                f"{int(k_pos.max())}; use arch=bilinear for long inputs or retrain with a larger controller.max_len")
+        if k_pos.dim() == 1:
+            k_pos = k_pos.expand(B, -1)
+        return q_feat.gather(-1, k_pos[:, None, :].expand(B, Sq, -1))  # (B, Sq, Sk)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h: (B, S, D) -> (B, S, S) logits (the first S absolute positions)."""
+        if h.shape[1] > self.spec.max_len:
+            raise ValueError(
+                f"seed_mlp controller handles sequences up to max_len={self.spec.max_len} tokens, got "
+                f"{h.shape[1]}; shorten the inputs, raise controller.max_len and retrain, or use arch=bilinear")
+        return self.query_features(h)[:, :, : h.shape[1]]
+
+
+def build_controller(spec: ControllerSpec | Mapping[str, Any] | None, hidden_size: int) -> Controller:
+    """Instantiate the architecture named by ``spec.arch``."""
+    spec = coerce_spec(spec)
+    return {"bilinear": BilinearController, "seed_mlp": SeedMLPController}[spec.arch](spec, hidden_size)

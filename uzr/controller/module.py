@@ -1,0 +1,162 @@
+"""The Lightning module that trains one controller per injected layer and reports held-out KL."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from uzr.config.controller import ControllerSpec, coerce_spec
+from uzr.controller.archs import build_controller
+from uzr.controller.baselines import RecencyPrior
+from uzr.controller.loss import controller_loss, row_kl, uniform_probs
+from uzr.masks import causal_mask, masked_log_softmax
+
+METHODS = ("controller", "uniform", "recency", "student_self")
+
+
+class ControllerModule(L.LightningModule):
+    """Trains one controller per injected student layer and reports held-out KL against baselines.
+
+    Batch: ``{"mask": (B, S) bool, "hidden": {str(layer): (B, S, D)}, "target": {str(layer): (B, S, S)},
+    "student_self": {str(layer): (B, S, S)}}`` (``student_self`` optional). The recency prior is fitted
+    once at fit start from the datamodule's (or the trainer's) train dataloader, or by calling
+    :meth:`fit_baselines` beforehand.
+    """
+
+    def __init__(self, hidden_size: int, layers: Sequence[int],
+                 spec: ControllerSpec | Mapping[str, Any] | None = None):
+        super().__init__()
+        self.spec = coerce_spec(spec)
+        self.hidden_size = int(hidden_size)
+        self.layers = [int(x) for x in layers]
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers={list(layers)!r} is invalid; valid: a non-empty list of distinct layer indices")
+        self.save_hyperparameters({"hidden_size": self.hidden_size, "layers": self.layers,
+                                   "spec": dataclasses.asdict(self.spec)})
+        self.controllers = nn.ModuleDict({str(x): build_controller(self.spec, self.hidden_size) for x in self.layers})
+        # Baselines are not parameters and are not part of the controller artifact.
+        self.recency = {str(x): RecencyPrior(self.spec.max_distance) for x in self.layers}
+        self._report: dict[str, float] = {}
+        self._warned_no_recency = False
+
+    # -- baselines
+    @torch.no_grad()
+    def fit_baselines(self, train_dataloader: Iterable[Mapping[str, Any]]) -> None:
+        """Fit the per-layer recency priors on training batches."""
+        for prior in self.recency.values():
+            prior.reset()
+        for batch in train_dataloader:
+            for key, prior in self.recency.items():
+                prior.accumulate(batch["target"][key], batch["mask"])
+        trainer = self._trainer
+        for prior in self.recency.values():
+            if trainer is not None and trainer.world_size > 1:
+                # Shards differ per rank; the MLE only depends on the pooled statistics.
+                prior.mass = trainer.strategy.reduce(prior.mass.to(self.device), reduce_op="sum").cpu()
+                prior.rows_by_len = trainer.strategy.reduce(prior.rows_by_len.to(self.device), reduce_op="sum").cpu()
+            prior.finalize()
+
+    def on_fit_start(self) -> None:
+        if all(p.fitted for p in self.recency.values()):
+            return
+        dm = self.trainer.datamodule
+        if dm is not None:
+            loader = dm.train_dataloader()
+        else:
+            self.trainer.fit_loop.setup_data()
+            loader = self.trainer.train_dataloader
+        if loader is None:  # e.g. limit_train_batches=0: nothing to fit on; validation skips the prior
+            warnings.warn("no train dataloader to fit the recency prior on", stacklevel=2)
+            return
+        self.fit_baselines(loader)
+
+    # -- training
+    def _layer_losses(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+        mask = batch["mask"].bool()  # (B, S)
+        total, outs, logits = 0.0, {}, {}
+        for key, ctrl in self.controllers.items():
+            logits[key] = ctrl(batch["hidden"][key])  # (B, S, S)
+            outs[key] = controller_loss(logits[key], batch["target"][key], mask, self.spec)
+            total = total + outs[key]["loss"]
+        return total, outs, logits
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        total, outs, _ = self._layer_losses(batch)
+        B = batch["mask"].shape[0]
+        for key, out in outs.items():
+            self.log(f"train/kl/L{key}", out["kl"], batch_size=B)
+        self.log("train/loss", total, prog_bar=True, batch_size=B)
+        return total
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # No weight decay on biases, LayerNorm and the relative-position bias: decay would pull them to 0.
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": self.spec.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.spec.lr)
+
+    # -- validation
+    def on_validation_epoch_start(self) -> None:
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        n = len(self.layers)
+        self._kl_sum = torch.zeros(n, len(METHODS), dtype=dtype, device=self.device)  # (layers, methods)
+        self._rows = torch.zeros(n, len(METHODS), dtype=dtype, device=self.device)
+        self._loss_sum = torch.zeros(2, dtype=dtype, device=self.device)  # (sum of B * loss, sum of B)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        total, _, logits = self._layer_losses(batch)
+        mask = batch["mask"].bool()  # (B, S)
+        B = mask.shape[0]
+        self._loss_sum += torch.stack([total.detach() * B, total.new_tensor(float(B))]).to(self._loss_sum.dtype)
+        allowed = causal_mask(mask)  # (B, S, S)
+        uniform = uniform_probs(mask)  # (B, S, S)
+        for li, key in enumerate(self.controllers.keys()):
+            target = batch["target"][key]
+            preds = {"controller": masked_log_softmax(logits[key], allowed).exp(), "uniform": uniform}
+            if self.recency[key].fitted:
+                preds["recency"] = self.recency[key].probs(mask)
+            elif not self._warned_no_recency:
+                warnings.warn("recency prior not fitted (call fit_baselines); its KL is not reported", stacklevel=2)
+                self._warned_no_recency = True
+            if key in batch.get("student_self", {}):
+                preds["student_self"] = batch["student_self"][key]
+            for name, probs in preds.items():
+                kl_sum, n = row_kl(target, probs, allowed)
+                mi = METHODS.index(name)
+                self._kl_sum[li, mi] += kl_sum.to(self._kl_sum.dtype)
+                self._rows[li, mi] += n.to(self._rows.dtype)
+
+    def on_validation_epoch_end(self) -> None:
+        strategy = self.trainer.strategy
+        kl_sum = strategy.reduce(self._kl_sum, reduce_op="sum")  # (layers, methods)
+        rows = strategy.reduce(self._rows, reduce_op="sum")
+        loss_sum = strategy.reduce(self._loss_sum, reduce_op="sum")
+        report: dict[str, float] = {}
+        for li, key in enumerate(self.controllers.keys()):
+            report[f"val/rows/L{key}"] = float(rows[li, 0])
+            for mi, name in enumerate(METHODS):
+                if rows[li, mi] > 0:
+                    report[f"val/kl/L{key}/{name}"] = float(kl_sum[li, mi] / rows[li, mi])
+        for mi, name in enumerate(METHODS):
+            # Pool rows over layers: a row-weighted mean, not a mean of batch means. Only reported when
+            # every layer has the method, so the mean always covers the same layers.
+            if bool((rows[:, mi] > 0).all()):
+                report[f"val/kl/{name}"] = float(kl_sum[:, mi].sum() / rows[:, mi].sum())
+        if loss_sum[1] > 0:
+            report["val/loss"] = float(loss_sum[0] / loss_sum[1])
+        for name, value in report.items():
+            if not name.startswith("val/rows/"):
+                self.log(name, value, prog_bar=name in ("val/loss", "val/kl/controller"))
+        self._report = report
+
+    def heldout_report(self) -> dict[str, float]:
+        """Last validation numbers as plain floats: ``val/kl/L{layer}/{method}``, ``val/kl/{method}``
+        (row-weighted over layers), ``val/rows/L{layer}`` and ``val/loss``; methods: controller,
+        uniform, recency, student_self."""
+        return dict(self._report)

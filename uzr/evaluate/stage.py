@@ -1,0 +1,88 @@
+"""The evaluate stage: the student with and without injection on held-out text and facts QA, beside the teacher.
+
+Not cached: it runs in every run (an alpha sweep evaluates each alpha) and writes its section of
+``metrics.json`` and the heatmap figure into the run's folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from uzr.config import RunConfig
+from uzr.evaluate.passes import Evaluator, heatmap_figure, student_pass
+from uzr.facts_qa import QA_SCORE, plain_qa_accuracy, qa_accuracy, qa_prompts
+from uzr.inject import Injector
+from uzr.masks import masked_log_softmax
+
+
+class EvaluateStage:
+    def key_payload(self, cfg: RunConfig, upstream: Mapping[str, str]) -> dict:
+        return {}  # not cached
+
+    def build(self, run, folder: Path) -> None:
+        return None
+
+    def load(self, run, folder: Path) -> None:
+        return None
+
+    def report(self, run, artifact) -> dict:
+        cfg = run.cfg
+        store, controllers = run.artifacts["harvest"], run.artifacts["controller"].controllers
+        student, student_tok = run.models.get("student")
+        rows = store.rows("heldout")
+        n = len(rows) if cfg.evaluate.num_texts == 0 else min(cfg.evaluate.num_texts, len(rows))
+        selected = [rows[i] for i in tqdm(range(n), desc="load held-out rows", leave=False)]
+        teacher, teacher_tok = run.models.get("teacher")
+        same_vocab = teacher_tok.get_vocab() == student_tok.get_vocab()  # next-token KL needs one vocabulary
+        layers = list(cfg.inject.layers)
+        evaluator = Evaluator(student, student_tok, layers, cfg.harvest.locality_window, cfg.harvest.max_length)
+
+        def make_injector() -> Injector:
+            return Injector(controllers, cfg.alpha, cfg.inject.mode, prompt_len=0)
+
+        metrics = evaluator.evaluate(tqdm(selected, desc="evaluate", unit="text"), make_injector,
+                                     teacher if same_vocab else None, same_vocab)
+        if cfg.evaluate.facts_qa:
+            metrics["facts_qa"] = facts_qa(run, make_injector)
+        if cfg.evaluate.figure and selected:
+            run.images["heatmaps"] = figure(run.out_dir / "figures", selected[0], controllers, student, layers[0], cfg,
+                                            make_injector)
+        return metrics
+
+
+def facts_qa(run, make_injector) -> dict:
+    """Facts-QA accuracy of teacher, student and injected student on the same held-out prompts."""
+    cfg = run.cfg
+    prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
+    student, student_tok = run.models.get("student")
+    return {
+        "teacher": plain_qa_accuracy(run, "teacher"),
+        "student": plain_qa_accuracy(run, "student"),
+        "injected": qa_accuracy(student, student_tok, tqdm(prompts, desc="facts QA: injected", unit="prompt",
+                                                           leave=False),
+                                cfg.gate.prompt_format, lambda prompt: make_injector()),
+        "num_prompts": len(prompts), "score": QA_SCORE,
+    }
+
+
+def figure(folder: Path, row: dict, controllers: dict, student, layer: int, cfg: RunConfig, make_injector) -> Path:
+    """teacher | controller | student | injected heatmaps of one held-out text at ``layer``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = torch.as_tensor(row["input_ids"], dtype=torch.long, device=cfg.device)[None]
+    d = row[f"teacher_dist_L{layer}"].shape[-1]  # every panel shows the stored leading (d, d) block
+    plain = student_pass(student, ids, [layer], cfg.harvest.locality_window, dist_rows=d)
+    injected = student_pass(student, ids, [layer], cfg.harvest.locality_window, make_injector(), dist_rows=d)
+    with torch.no_grad():
+        hidden = torch.as_tensor(row[f"hidden_L{layer}"][:d], dtype=torch.float32, device=cfg.device)[None]
+        s = hidden.shape[1]
+        allowed = torch.ones(1, s, s, dtype=torch.bool, device=cfg.device).tril()
+        ctrl = masked_log_softmax(controllers[layer](hidden), allowed).exp()[0] * allowed[0]
+    path = folder / f"heatmaps_L{layer}.png"
+    heatmap_figure(path, row[f"teacher_dist_L{layer}"].astype("float32"), ctrl.cpu().numpy(),
+                   plain.head_mean[layer].cpu().numpy(), injected.head_mean[layer].cpu().numpy(), layer,
+                   f"(alpha={cfg.alpha.value}, {cfg.alpha.schedule}, {cfg.inject.mode})")
+    return path

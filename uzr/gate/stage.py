@@ -1,0 +1,173 @@
+"""The gate stage: labels and features from the store and the controller, training, the artifact."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from uzr.cache import atomic_write
+from uzr.config.gate import (
+    CAUTIOUS,
+    CONFIDENT,
+    EVAL_ONLY_FIELDS,
+    WAFFLE,
+    GateSpec,
+    coerce_gate_spec,
+)
+from uzr.gate.checkpoint import load_gate, save_gate
+from uzr.gate.evaluation import evaluate_gated, gated_table, print_gated_table
+from uzr.gate.features import (
+    feature_names,
+    pool_prefix,
+    sequence_parts,
+    token_ids,
+    token_matrix,
+)
+from uzr.gate.labels import (
+    prompt_labels,
+    teacher_answers,
+    teacher_uncertainty,
+    token_label_threshold,
+    token_labels,
+)
+from uzr.gate.model import GateModule, fit_gate
+from uzr.prompts import PROMPTS_VERSION, PromptSet, adds_special_tokens, format_prompt, resolve_format
+
+if TYPE_CHECKING:
+    from uzr.config import RunConfig
+    from uzr.harvest.store import HarvestStore
+
+log = logging.getLogger(__name__)
+
+# Bump when feature extraction changes meaning: part of the gate artifact's cache key.
+FEATURES_VERSION = 1
+LABELS_FILE = "labels.jsonl"  # the prompt-level labels, one JSON line per prompt, for inspection
+
+
+def gate_payload(cfg: RunConfig, controller_key: str) -> dict:
+    """What determines the gate artifact: the controller's key plus the gate's training knobs."""
+    gate = dataclasses.asdict(cfg.gate)
+    for name in EVAL_ONLY_FIELDS:
+        gate.pop(name, None)
+    return {
+        "controller": controller_key, "gate": gate, "seed": cfg.seed, "features_version": FEATURES_VERSION,
+        "prompts_version": PROMPTS_VERSION if cfg.gate.label == "prompt" else None,
+        "trainer": {"accelerator": cfg.trainer.accelerator, "precision": cfg.trainer.precision,
+                    "deterministic": cfg.trainer.deterministic},
+    }
+
+
+def _subsample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
+    return np.arange(n) if n <= limit else np.sort(rng.choice(n, limit, replace=False))
+
+
+def token_dataset(student, controllers: Mapping, store: HarvestStore, layers: Sequence[int], spec: GateSpec,
+                  seed: int = 0, batch_size: int = 8) -> dict[str, Any]:
+    """Per-position gate inputs and token-level labels for the store's train and held-out rows."""
+    rng = np.random.default_rng(seed)
+    data: dict[str, Any] = {}
+    threshold = None
+    for split in ("train", "heldout"):
+        rows = store.rows(split)
+        if len(rows) == 0:
+            raise ValueError(f"harvest store {store.folder} has no {split} rows to train the gate on")
+        items = [rows[i] for i in range(len(rows))]
+        uncertain = [teacher_uncertainty(r) for r in items]
+        entropies = [u for u, _ in uncertain]
+        source = uncertain[0][1]
+        if threshold is None:
+            threshold = token_label_threshold(entropies, spec)
+        parts = sequence_parts(student, controllers, [r["input_ids"] for r in items], layers, batch_size)
+        x = torch.cat([pool_prefix(token_matrix(p, spec.features), spec.pool) for p in parts])
+        y = torch.from_numpy(np.concatenate([token_labels(e, threshold) for e in entropies]))
+        keep = torch.from_numpy(_subsample(len(y), spec.max_tokens if split == "train" else max(spec.max_tokens // 2, 1), rng))
+        data[split] = (x[keep], y[keep])
+    data["label_info"] = {"threshold": threshold, "source": source, "rule": f"{source} < threshold = confident"}
+    return data
+
+
+def prompt_dataset(student, student_tok, teacher, teacher_tok, controllers: Mapping, layers: Sequence[int],
+                   spec: GateSpec, folder: Path | None = None, batch_size: int = 32) -> dict[str, Any]:
+    """Prompt-level labels from the teacher's answers and the student's gate inputs at each prompt's
+    last token; writes ``labels.jsonl`` into ``folder`` for inspection."""
+    prompts = PromptSet(spec.prompt_seed, spec.heldout_fraction).all
+    answers = teacher_answers(teacher, teacher_tok, [p.question for p in prompts], spec, batch_size)
+    labels, thresholds = prompt_labels([(a["answer"], a["mean_entropy"]) for a in answers],
+                                       [p.split == "train" for p in prompts], spec)
+    style = resolve_format(student_tok, spec.prompt_format)
+    texts = [format_prompt(p.question, student_tok, style) for p in prompts]
+    parts = sequence_parts(student, controllers, [token_ids(student_tok, t, adds_special_tokens(style)) for t in texts],
+                           layers)
+    x = torch.stack([pool_prefix(token_matrix(p, spec.features), spec.pool)[-1] for p in parts])
+    y = torch.tensor([lab == CONFIDENT for lab in labels])
+    if folder is not None:
+        lines = [json.dumps({"id": p.id, "question": p.question, "kind": p.kind, "split": p.split, **a, "label": lab})
+                 for p, a, lab in zip(prompts, answers, labels)]
+        atomic_write(Path(folder) / LABELS_FILE, lambda f: Path(f).write_text("\n".join(lines) + "\n"))
+    counts: dict[str, dict[str, int]] = {}
+    for p, lab in zip(prompts, labels):
+        counts.setdefault(f"{p.split}/{p.kind}", {CONFIDENT: 0, CAUTIOUS: 0, WAFFLE: 0})[lab] += 1
+    train = torch.tensor([p.split == "train" for p in prompts])
+    return {"train": (x[train], y[train]), "heldout": (x[~train], y[~train]),
+            "label_info": {**thresholds, "label_counts": counts, "prompts": len(prompts),
+                           "rule": "CONFIDENT = mean answer entropy < confident_below and no hedging phrase"}}
+
+
+def train_gate(folder: Path, cfg: RunConfig, store: HarvestStore, controllers: Mapping, models,
+               loggers=None) -> dict:
+    """The gate stage: build labels and features, train, save ``gate.safetensors`` + ``gate.json`` into
+    ``folder``. ``models``: the pipeline's ModelPool (``models.get("student")`` / ``("teacher")``).
+    Returns manifest extras ``{"heldout": report}``."""
+    spec = coerce_gate_spec(cfg.gate)
+    layers = list(cfg.inject.layers)
+    student, student_tok = models.get("student")
+    if spec.label == "token":
+        data = token_dataset(student, controllers, store, layers, spec, cfg.seed)
+    else:
+        teacher, teacher_tok = models.get("teacher")
+        data = prompt_dataset(student, student_tok, teacher, teacher_tok, controllers, layers, spec, Path(folder))
+    names = feature_names(layers, student.config.hidden_size, spec.features, spec.pool)
+    t = cfg.trainer
+    module = fit_gate(*data["train"], *data["heldout"], spec, names, spec.label, layers, loggers,
+                      {"accelerator": t.accelerator, "precision": t.precision, "deterministic": t.deterministic,
+                       "log_every_n_steps": t.log_every_n_steps}, cfg.seed, checkpoints=Path(folder) / "checkpoints")
+    module.extra_report = {"labels": data["label_info"]}
+    report = module.evaluate_heldout(*data["heldout"], *data["train"])
+    log.info("gate: %s", report["verdict"])
+    save_gate(module, folder, {"student": cfg.student.name, "teacher": cfg.teacher.name,
+                               "hidden_size": student.config.hidden_size})
+    shutil.rmtree(Path(folder) / "checkpoints", ignore_errors=True)  # the artifact is gate.safetensors
+    return {"heldout": report, "resumed": module.resumed}
+
+
+class GateStage:
+    def key_payload(self, cfg: RunConfig, upstream: Mapping[str, str]) -> dict:
+        return gate_payload(cfg, upstream["controller"])
+
+    def build(self, run, folder: Path) -> dict:
+        return train_gate(folder, run.cfg, run.artifacts["harvest"], run.artifacts["controller"].controllers,
+                          run.models, run.loggers)
+
+    def load(self, run, folder: Path) -> GateModule:
+        gate, _ = load_gate(folder, expected={"layers": list(run.cfg.inject.layers), "student": run.cfg.student.name})
+        return gate
+
+    def report(self, run, gate: GateModule) -> dict:
+        from uzr.facts_qa import plain_qa_accuracy
+
+        evaluation = evaluate_gated(run.cfg, run.artifacts["harvest"], run.artifacts["controller"].controllers, gate,
+                                    run.models, plain_qa=lambda role: plain_qa_accuracy(run, role))
+        run.tables["gated"] = gated_table(evaluation)
+        return {"heldout": gate.report(), "evaluation": evaluation}
+
+    def present(self, run, section: dict) -> None:
+        print_gated_table(section["evaluation"])
+        log.info("gate: %s", section["heldout"]["verdict"])

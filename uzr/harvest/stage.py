@@ -1,0 +1,62 @@
+"""The harvest stage: teacher and student run over the corpus; their attention habits go to an Arrow store."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from uzr.config import RunConfig, harvest_layers
+from uzr.corpus import load_corpus
+from uzr.harvest.runner import HarvesterFactory, run_harvest
+from uzr.harvest.store import HarvestStore, StoreLayout
+from uzr.resources import check_free_disk, estimate_store_bytes
+
+log = logging.getLogger(__name__)
+
+
+class HarvestStage:
+    def key_payload(self, cfg: RunConfig, upstream: Mapping[str, str]) -> dict:
+        payload = {
+            "teacher": dataclasses.asdict(cfg.teacher), "student": dataclasses.asdict(cfg.student),
+            "data": dataclasses.asdict(cfg.data), "harvest": dataclasses.asdict(cfg.harvest),
+            "layers": harvest_layers(cfg),
+        }
+        payload["harvest"].pop("layers")  # folded into "layers" above: only the effective set counts
+        return payload
+
+    def build(self, run, folder: Path) -> dict:
+        """Harvest every corpus text into shards under ``folder``; resumes after the last complete shard."""
+        cfg, h = run.cfg, run.cfg.harvest
+        corpus = load_corpus(cfg.data)
+        texts = [(t, "train") for t in corpus.train["text"]] + [(t, "heldout") for t in corpus.heldout["text"]]
+        store = HarvestStore(folder)
+        layers, mapping = harvest_layers(cfg)
+        check_free_disk(folder, estimate_store_bytes(  # before any model loads
+            len(texts), h.max_length, cfg.student.hidden_size, len(layers), cfg.teacher.num_layers,
+            cfg.teacher.num_heads, cfg.student.num_layers, cfg.student.num_heads, max_dist_len=h.max_dist_len,
+        ))
+        teacher, teacher_tok = run.models.get("teacher")
+        student, student_tok = run.models.get("student")
+        store.write_layout(StoreLayout(
+            layers=layers, teacher_layers=mapping, hidden_size=student.config.hidden_size,
+            teacher_num_layers=teacher.config.num_hidden_layers, teacher_num_heads=teacher.config.num_attention_heads,
+            student_num_layers=student.config.num_hidden_layers, student_num_heads=student.config.num_attention_heads,
+            locality_window=h.locality_window, max_dist_len=h.max_dist_len,
+        ))
+        make_harvester = HarvesterFactory(teacher, teacher_tok, student, student_tok, layers, mapping,
+                                          h.locality_window, h.block_size, h.max_length, h.max_dist_len)
+        trainer_kwargs = {"accelerator": cfg.trainer.accelerator, "devices": h.devices, "strategy": h.strategy}
+        summary = run_harvest(store, texts, make_harvester, h.shard_size, h.max_bad_fraction, trainer_kwargs)
+        truncated = int(sum(store.dataset().with_format(None)["truncated_tokens"]))
+        if truncated:
+            log.info("harvest: %d of %d texts were cut at harvest.max_length=%d tokens", truncated, len(texts),
+                     h.max_length)
+        return {**summary, "truncated_at_max_length": truncated, "corpus_stats": corpus.stats}
+
+    def load(self, run, folder: Path) -> HarvestStore:
+        return HarvestStore(folder)
+
+    def report(self, run, store: HarvestStore) -> None:
+        return None  # the store's key and path are in metrics.json -> artifacts

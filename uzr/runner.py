@@ -1,0 +1,132 @@
+"""The runner: walks the selected stages in dependency order over the shared artifact cache.
+
+For each stage of the plan (:func:`uzr.stages.plan`: the selected stages and what they need) the
+runner computes its cache key from the config and the keys of the stages it needs, takes its artifact
+from the cache or builds it (only selected stages build; a needed stage that is not selected must be
+cached, and the error names it), loads it, and asks it for its section of ``metrics.json``.
+``metrics.json`` → ``artifacts`` records each artifact's key, path and whether this run built it.
+Nothing here knows a particular stage: adding one is a module and a line in :data:`uzr.stages.REGISTRY`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uzr.cache import ArtifactCache, content_key
+from uzr.config import RunConfig
+from uzr.stages import StageInfo, plan
+
+log = logging.getLogger(__name__)
+
+
+class ModelPool:
+    """Loads teacher and student on first use, once per run."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self._loaded = cfg, {}
+
+    def get(self, role: str):
+        if role not in self._loaded:
+            from uzr.models import load_model
+
+            spec = getattr(self.cfg, role)
+            start = time.perf_counter()
+            self._loaded[role] = load_model(spec, device=self.cfg.device, cache_dir=self.cfg.cache_dir, role=role)
+            log.info("loaded %s %s in %.1fs", role, spec.name, time.perf_counter() - start)
+        return self._loaded[role]
+
+
+@dataclass
+class RunContext:
+    """What the stages of one run share: config, models, loggers, the artifacts loaded so far."""
+
+    cfg: RunConfig
+    out_dir: Path
+    models: ModelPool
+    loggers: list = field(default_factory=list)
+    artifacts: dict[str, Any] = field(default_factory=dict)  # stage name -> loaded artifact
+    info: dict[str, dict] = field(default_factory=dict)  # stage name -> {"key", "built", "path"}
+    images: dict[str, Path] = field(default_factory=dict)  # logged figures
+    tables: dict[str, tuple[list[str], list[list]]] = field(default_factory=dict)  # logged tables
+    _memo: dict[Any, Any] = field(default_factory=dict)
+
+    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per run for ``key``: stages share measurements (e.g. the plain student's
+        facts-QA accuracy) without passing them to each other."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+
+def stage_key(info: StageInfo, cfg: RunConfig, upstream: dict[str, str]) -> tuple[str, dict]:
+    payload = info.implementation().key_payload(cfg, upstream)
+    return content_key(info.name, payload, info.version), payload
+
+
+def artifact_keys(cfg: RunConfig, selected: Iterable[str]) -> dict[str, str]:
+    """The cache key of every cached stage in the plan of ``selected`` (nothing is built or loaded)."""
+    keys: dict[str, str] = {}
+    for info in plan(list(selected)):
+        if info.cached:
+            keys[info.name] = stage_key(info, cfg, {need: keys[need] for need in info.needs})[0]
+    return keys
+
+
+def load_stages(run: RunContext, selected: Iterable[str], build: Iterable[str] | None = None) -> list[StageInfo]:
+    """Bring the artifacts of ``selected`` (and what they need) into ``run.artifacts``; the stages in
+    ``build`` (default: ``selected``) build theirs when missing. Returns the plan."""
+    selected = list(selected)
+    build = set(selected if build is None else build)
+    cache = ArtifactCache(run.cfg.cache_dir)
+    stages = plan(selected)
+    for info in stages:
+        impl = info.implementation()
+        if not info.cached:
+            continue
+        upstream = {need: run.info[need]["key"] for need in info.needs}
+        key, payload = stage_key(info, run.cfg, upstream)
+        path, built = cache.get_or_build(info.name, key, payload, lambda folder, impl=impl: impl.build(run, folder),
+                                         allow_build=info.name in build)
+        run.info[info.name] = {"key": key, "built": built, "path": str(path)}
+        run.artifacts[info.name] = impl.load(run, path)
+    return stages
+
+
+def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict:
+    """Run the selected stages; writes ``metrics.json`` into ``out_dir`` and returns the metrics."""
+    import lightning as L
+
+    from uzr.loggers import finish, log_summary, make_loggers
+    from uzr.report_table import flat_metrics, print_results, results_rows
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_ctx = RunContext(cfg, out_dir, ModelPool(cfg), make_loggers(cfg.logger, out_dir, run_name, config_dict))
+    metrics: dict = {"name": run_name}
+    try:
+        stages = load_stages(run_ctx, cfg.stages)
+        metrics["artifacts"] = run_ctx.info
+        impls = {info.name: info.implementation() for info in stages}
+        for info in stages:
+            section = impls[info.name].report(run_ctx, run_ctx.artifacts.get(info.name))
+            if section is not None:
+                metrics[info.name] = section
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        header, rows = results_rows(metrics)
+        if rows:
+            run_ctx.tables["results"] = (header, rows)
+            print_results(metrics, cfg)
+        for info in stages:
+            present = getattr(impls[info.name], "present", None)
+            if present is not None and info.name in metrics:
+                present(run_ctx, metrics[info.name])
+        log_summary(run_ctx.loggers, flat_metrics(metrics), run_ctx.images, run_ctx.tables)
+    finally:
+        finish(run_ctx.loggers)
+    return metrics
