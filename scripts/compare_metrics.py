@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 SKIP = ("name", "artifacts.", "gate.heldout.resumed")
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtol", type=float, default=1e-6)
     parser.add_argument("--atol", type=float, default=1e-9)
     args = parser.parse_args(argv)
-    before, after = (json.loads(open(p).read()) for p in (args.before, args.after))
+    before, after = (json.loads(Path(p).read_text()) for p in (args.before, args.after))
     problems, max_abs, max_rel = compare(before, after, args.rtol, args.atol)
     for line in problems:
         print(line)

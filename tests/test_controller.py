@@ -353,12 +353,12 @@ def test_load_rejects_damaged_files(tmp_path):
     weights.write_bytes(blob[: len(blob) // 2])  # truncated
     with pytest.raises(ValueError, match="controller.safetensors.*truncated"):
         load_controller(tmp_path)
-    # Without the recorded hash, safetensors' own failure is still turned into a clear error.
+    # Without the recorded hash the weights cannot be checked: refused, never read unchecked.
     meta_path = tmp_path / "controller.json"
     meta = json.loads(meta_path.read_text())
     del meta["weights_sha256"]
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="cannot read .*controller.safetensors"):
+    with pytest.raises(ValueError, match="records no weights_sha256.*controller.safetensors cannot be checked"):
         load_controller(tmp_path)
     weights.unlink()
     with pytest.raises(FileNotFoundError, match="controller.safetensors is missing"):
