@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from uzr.hooks import injected
 from uzr.inject import Injector
 from uzr.masks import pad_sequences
 from uzr.next_token import lm_head_logits
@@ -46,13 +47,8 @@ def candidate_logprobs(model, tokenizer, prompt_text: str, candidates: Sequence[
         spans.append(scored)
     ids, mask = pad_sequences(seqs, tokenizer.pad_token_id or 0)
     ids, mask = ids.to(device), mask.to(device)
-    if injector is not None:
-        injector.attach(model)
-    try:
+    with injected(model, injector):
         final = model.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, S, D)
-    finally:
-        if injector is not None:
-            injector.remove()
     out = []
     for b, positions in enumerate(spans):
         pos = torch.tensor(positions, device=device)

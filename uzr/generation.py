@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from uzr.hooks import injected
 from uzr.inject import Injector
 from uzr.models import model_device
 
@@ -74,18 +75,13 @@ def generate_answers(model, tokenizer, texts: Sequence[str], max_new_tokens: int
                             ).to(model_device(model))
             n_prompt = enc["input_ids"].shape[1]
             recorder = _EntropyRecorder()
-            if injector is not None:
-                injector.attach(model)
-            try:
+            with injected(model, injector):
                 out = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                     logits_processor=LogitsProcessorList([recorder]),
                     stopping_criteria=StoppingCriteriaList([_LineStop(tokenizer, n_prompt)]),
                     top_p=None, top_k=None, temperature=None,
                 )
-            finally:
-                if injector is not None:
-                    injector.remove()
             new = out[:, n_prompt:].cpu()
             ents = torch.stack(recorder.steps, 1) if recorder.steps else torch.zeros(len(chunk), 0)  # (B, T)
             for b in range(len(chunk)):

@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import Cache
 
 from uzr.attention import AttentionEdit, attention_modules, causal_allowed, use_uzr_attention
 from uzr.config.inject import MODES, SCHEDULES, AlphaSpec, validate_alpha  # noqa: F401
-from uzr.masks import masked_log_softmax
+from uzr.hooks import ModelEdit, kv_cache, layer_input
+from uzr.masks import masked_log_softmax, normalised_entropy
 
 
 def alpha_rows(spec: AlphaSpec, layer: int, steps: torch.Tensor, ctrl_norm_entropy: torch.Tensor | None,
@@ -51,7 +51,7 @@ def alpha_rows(spec: AlphaSpec, layer: int, steps: torch.Tensor, ctrl_norm_entro
     return alpha
 
 
-class Injector:
+class Injector(ModelEdit):
     """Adds the controllers' predictions to the student's attention at the chosen layers.
 
     Args:
@@ -99,17 +99,9 @@ class Injector:
     def reset(self) -> None:
         self._hidden, self._key_cache, self._prefill_len = {}, {}, {}
 
-    def __enter__(self) -> Injector:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
     def _capture(self, module, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self._hidden[module.layer_idx] = hidden  # (B, q, D): the normalised input of the attention
-        # Found by type, not by keyword: transformers 5.24 renamed ``past_key_values`` to ``cache`` here.
-        cache = next((v for v in kwargs.values() if isinstance(v, Cache)), None)
+        self._hidden[module.layer_idx] = layer_input(args, kwargs)  # (B, q, D): the normalised input of the attention
+        cache = kv_cache(kwargs)
         if cache is None or cache.get_seq_length(module.layer_idx) == 0:
             self._key_cache.pop(module.layer_idx, None)  # a new sequence starts
         return None
@@ -151,10 +143,7 @@ class Injector:
         probs = logp.exp() * allowed if needs_entropy or self.mode == "mix" else None  # (B, q, k)
         norm_entropy = None
         if needs_entropy:  # only these schedules read it: decoding skips the work otherwise
-            n_keys = allowed.sum(-1).float().clamp(min=1)  # (B|1, q)
-            norm_entropy = torch.where(
-                n_keys > 1, -torch.special.xlogy(probs, probs).sum(-1) / n_keys.log().clamp(min=1e-12), 0.0
-            )
+            norm_entropy = normalised_entropy(-torch.special.xlogy(probs, probs).sum(-1), allowed.sum(-1))  # (B, q)
         prompt_len = self.prompt_len if self.prompt_len is not None else self._prefill_len[layer]
         steps = (q_pos - (prompt_len - 1)).clamp(min=0)
         alpha = alpha_rows(self.alpha, layer, steps, norm_entropy, self.gate).to(logp.device)  # (B|1, q)

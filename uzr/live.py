@@ -73,15 +73,12 @@ class LiveSession:
         self.torch = torch
 
     def alpha_spec(self):
-        from uzr.inject import AlphaSpec
-
-        a = self.cfg.alpha
-        return AlphaSpec("gated", a.value, entropy_local=a.entropy_local, layer_weights=dict(a.layer_weights))
+        return self.cfg.alpha.variant("gated", self.cfg.alpha.value)
 
     def answer(self, prompt: str) -> dict:
         from uzr.gate import sequence_parts
         from uzr.generation import generate_answers
-        from uzr.inject import Injector
+        from uzr.inject import Injector, alpha_rows
         from uzr.prompts import adds_special_tokens, format_prompt, resolve_format
 
         torch = self.torch
@@ -93,12 +90,10 @@ class LiveSession:
         parts = sequence_parts(self.student, self.controllers, [ids], self.layers)[0]
         gate = self.gate.prompt_value(parts)
         alpha = self.alpha_spec()
-        applied = {}
-        for i, layer in enumerate(self.layers):
-            value = alpha.value * alpha.layer_weights.get(layer, 1.0) * gate
-            if alpha.entropy_local:
-                value *= float((1 - parts["ctrl_entropy"][:, i]).mean())
-            applied[f"L{layer}"] = value
+        # the alpha each layer gets: the schedule's own formula, at the prompt's mean controller entropy
+        step, gate_t = torch.zeros(1), torch.tensor([[gate]])
+        applied = {f"L{layer}": float(alpha_rows(alpha, layer, step, parts["ctrl_entropy"][:, i].mean().reshape(1, 1),
+                                                 gate_t)) for i, layer in enumerate(self.layers)}
         plain = generate_answers(self.student, self.tok, [text], self.max_new_tokens, batch_size=1,
                                  add_special_tokens=special)[0]
         injector = Injector(self.controllers, alpha, self.cfg.inject.mode, prompt_len=None)

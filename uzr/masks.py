@@ -1,4 +1,4 @@
-"""Masks shared by every system: which (query, key) pairs may attend, and softmax over them."""
+"""Masks shared by every system: which (query, key) pairs may attend, softmax and entropy over them."""
 
 from __future__ import annotations
 
@@ -47,3 +47,10 @@ def pad_sequences(seqs: Sequence, pad_id: int = 0) -> tuple[torch.Tensor, torch.
     for b, s in enumerate(seqs):
         ids[b, : len(s)], mask[b, : len(s)] = s, True
     return ids, mask
+
+
+def normalised_entropy(entropy: torch.Tensor, n_keys: torch.Tensor) -> torch.Tensor:
+    """Entropy divided by its maximum ``log n`` over a row's ``n`` allowed keys: in [0, 1], and 0 for a
+    row with at most one key. entropy: (...) nats; n_keys: (...) key counts (broadcastable)."""
+    n = n_keys.float()
+    return torch.where(n > 1, entropy / n.clamp(min=2).log(), torch.zeros_like(entropy))

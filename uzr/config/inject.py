@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 SCHEDULES = ("constant", "linear", "cosine", "entropy_local", "gated")
 MODES = ("bias", "mix")
@@ -24,6 +24,10 @@ class AlphaSpec:
     warmup_steps: int = 16
     entropy_local: bool = False
     layer_weights: dict[int, float] = field(default_factory=dict)
+
+    def variant(self, schedule: str, value: float) -> AlphaSpec:
+        """This alpha (layer weights, warm-up, entropy-local) with another schedule and base value."""
+        return replace(self, schedule=schedule, value=value)
 
 
 def validate_alpha(spec: AlphaSpec) -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from uzr.config.controller import ControllerSpec, coerce_spec
-from uzr.masks import allowed_pairs, causal_mask, masked_log_softmax
+from uzr.masks import allowed_pairs, causal_mask, masked_log_softmax, normalised_entropy
 
 # Floor on predicted probabilities inside row_kl, so a baseline stored in float16 that underflowed
 # to 0 where the teacher has mass gets a large finite KL instead of inf.
@@ -33,7 +33,7 @@ def _norm_entropy_and_locality(p: Tensor, logp: Tensor, allowed: Tensor, window:
     # p * logp, not xlogy(p, p): its gradient stays finite where p == 0 (masked keys).
     H = -(p * logp).sum(-1)  # (B, S)
     n = allowed.sum(-1).float()  # (B, S)
-    Hn = torch.where(n > 1, H / n.clamp_min(2).log(), torch.zeros_like(H))  # (B, S)
+    Hn = normalised_entropy(H, n)  # (B, S)
     idx = torch.arange(S, device=p.device)
     near = (idx[:, None] - idx[None, :]) < window  # (S, S); causality comes from `allowed`
     loc = (p * (allowed & near)).sum(-1)  # (B, S)

@@ -1,20 +1,12 @@
 """Evaluation: bits per byte with and without injection, habit distance, next-token KL, facts QA, heatmaps.
 
-:mod:`~uzr.evaluate.passes` holds the measurements on one text, :mod:`~uzr.evaluate.stage` the stage
-that runs them over the held-out rows of the store beside the teacher's own numbers.
+:mod:`~uzr.evaluate.passes` holds what is measured on one text, :mod:`~uzr.evaluate.texts` the one
+function that scores any list of settings over held-out texts, and :mod:`~uzr.evaluate.stage` the
+stage that reports them beside the teacher's own numbers.
 """
 
-from uzr.evaluate.passes import (
-    HABITS,
-    Evaluator,
-    StudentPass,
-    habit_gap,
-    heatmap_figure,
-    mean_dicts,
-    next_token_kl,
-    nonfinite_message,
-    student_pass,
-)
+from uzr.evaluate.passes import HABITS, StudentPass, habit_gap, heatmap_figure, next_token_kl, student_pass
+from uzr.evaluate.texts import PLAIN, Setting, TextScores, heldout_rows, injection_setting, score_settings
 
-__all__ = ["HABITS", "Evaluator", "StudentPass", "habit_gap", "heatmap_figure", "mean_dicts", "next_token_kl",
-           "nonfinite_message", "student_pass"]
+__all__ = ["HABITS", "PLAIN", "Setting", "StudentPass", "TextScores", "habit_gap", "heatmap_figure",
+           "heldout_rows", "injection_setting", "next_token_kl", "score_settings", "student_pass"]

@@ -1,13 +1,8 @@
-"""Evaluation: bits per byte with and without injection, habit distance, next-token KL, heatmaps.
-
-Everything is measured on the store's held-out rows, so the teacher's aligned attention (for habit
-distance) and its own bits per byte (harvested beside it) come with each text and the teacher need
-not be loaded again. Every injected number sits beside the uninjected student and the teacher.
-"""
+"""What is measured on one text: a student pass (plain or edited) with its next-token loss and recorded
+attention, the habit distance of that attention to the teacher's, next-token KL, and the heatmap figure."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,9 +10,8 @@ import torch
 
 from uzr.attention import LayerRecorder, attention_modules, use_uzr_attention
 from uzr.harvest.stats import distribution_stats
-from uzr.inject import Injector
+from uzr.hooks import ModelEdit, injected
 from uzr.next_token import lm_head_logits, next_token_stats
-from uzr.text_bytes import predicted_bytes
 
 HABITS = ("norm_entropy", "locality")
 
@@ -31,8 +25,8 @@ class StudentPass:
 
 @torch.no_grad()
 def student_pass(student, ids: torch.Tensor, layers: list[int], window: int,
-                 injector: Injector | None = None, dist_rows: int | None = None) -> StudentPass:
-    """One forward of the student (injected if ``injector``), recording head-mean attention at ``layers``
+                 injector: ModelEdit | None = None, dist_rows: int | None = None) -> StudentPass:
+    """One forward of the student (edited by ``injector`` if given), recording head-mean attention at ``layers``
     for the leading ``dist_rows`` positions (None: all)."""
     use_uzr_attention(student)
     modules = attention_modules(student)
@@ -42,13 +36,10 @@ def student_pass(student, ids: torch.Tensor, layers: list[int], window: int,
     # One flag per decoder layer (kept on the device, read only on failure): which layer went non-finite.
     finite: dict[int, torch.Tensor] = {}
     watch = [module.register_forward_hook(_finite_flag(finite, index)) for index, module in enumerate(modules)]
-    if injector is not None:
-        injector.attach(student)
     try:
-        out = student.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        with injected(student, injector):
+            out = student.model(input_ids=ids, attention_mask=torch.ones_like(ids))
     finally:
-        if injector is not None:
-            injector.remove()
         for handle in watch:
             handle.remove()
         head_mean = {layer: modules[layer].uzr_recorder.result()[1][0] for layer in layers}
@@ -74,7 +65,7 @@ def _finite_flag(flags: dict[int, torch.Tensor], index: int):
     return hook
 
 
-def nonfinite_message(injector: Injector | None, finite: dict[int, torch.Tensor], lost: list[int]) -> str:
+def nonfinite_message(injector, finite: dict[int, torch.Tensor], lost: list[int]) -> str:
     """What went non-finite, where, and with which injection (layers, alpha, schedule, mode)."""
     first = next((index for index in sorted(finite) if not bool(finite[index])), None)
     where = []
@@ -113,57 +104,6 @@ def next_token_kl(teacher, teacher_final: torch.Tensor, student, student_final: 
     t = torch.log_softmax(lm_head_logits(teacher, teacher_final), -1)
     s = torch.log_softmax(lm_head_logits(student, student_final), -1)
     return float((t.exp() * (t - s)).sum(-1).mean())
-
-
-class Evaluator:
-    """Runs the student over held-out store rows, plain and injected, and aggregates the metrics."""
-
-    def __init__(self, student, tokenizer, layers: list[int], window: int, max_length: int):
-        self.student, self.tokenizer, self.layers = student, tokenizer, list(layers)
-        self.window, self.max_length = window, max_length
-        self.device = next(student.parameters()).device
-
-    def evaluate(self, rows, make_injector, teacher=None, teacher_tokenizer_same: bool = False) -> dict:
-        """``rows``: held-out store rows; ``make_injector()``: a fresh Injector for the injected run."""
-        totals = {"student": 0.0, "injected": 0.0, "teacher": 0.0, "bytes": 0, "teacher_bytes": 0}
-        habits = {"student": [], "injected": []}
-        kls = {"student": [], "injected": []}
-        for row in rows:
-            enc = self.tokenizer(row["text"], return_offsets_mapping=True, truncation=True, max_length=self.max_length)
-            ids = torch.as_tensor(row["input_ids"], dtype=torch.long, device=self.device)[None]
-            n_bytes = predicted_bytes(row["text"], [tuple(o) for o in enc["offset_mapping"]])
-            totals["bytes"] += n_bytes
-            totals["teacher"] += float(row["teacher_nll_sum"])
-            totals["teacher_bytes"] += int(row["teacher_bytes"])
-            # habits are compared on the leading (d, d) block, the part of the teacher's rows the store keeps
-            d = row[f"teacher_dist_L{self.layers[0]}"].shape[-1]
-            passes = {
-                "student": student_pass(self.student, ids, self.layers, self.window, dist_rows=d),
-                "injected": student_pass(self.student, ids, self.layers, self.window, make_injector(), d),
-            }
-            for name, result in passes.items():
-                totals[name] += float(result.nll.sum())
-                habits[name].append({
-                    layer: habit_gap(result.head_mean[layer], torch.as_tensor(row[f"teacher_dist_L{layer}"]), self.window)
-                    for layer in self.layers
-                })
-                if teacher is not None and teacher_tokenizer_same:
-                    with torch.no_grad():
-                        t_final = teacher.model(input_ids=ids.to(teacher.device)).last_hidden_state
-                    kls[name].append(next_token_kl(teacher, t_final, self.student, result.final))
-        bpb = {name: totals[name] / (math.log(2) * totals["bytes"]) for name in ("student", "injected")}
-        bpb["teacher"] = totals["teacher"] / (math.log(2) * totals["teacher_bytes"])
-        metrics = {
-            "bits_per_byte": bpb,
-            "habit_distance": {
-                f"L{layer}": {name: mean_dicts([h[layer] for h in habits[name]]) for name in habits}
-                for layer in self.layers
-            },
-            "num_texts": len(habits["student"]),
-        }
-        if kls["student"]:
-            metrics["next_token_kl"] = {name: float(np.mean(v)) for name, v in kls.items()}
-        return metrics
 
 
 def heatmap_figure(path, teacher: np.ndarray, controller: np.ndarray, student: np.ndarray, injected: np.ndarray,

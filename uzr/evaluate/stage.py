@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from uzr.config import RunConfig
-from uzr.evaluate.passes import Evaluator, heatmap_figure, student_pass
+from uzr.evaluate.passes import heatmap_figure, student_pass
+from uzr.evaluate.texts import PLAIN, heldout_rows, injection_setting, score_settings
 from uzr.facts_qa import QA_SCORE, plain_qa_accuracy, qa_accuracy, qa_prompts
 from uzr.inject import Injector
 from uzr.masks import masked_log_softmax
@@ -33,23 +35,31 @@ class EvaluateStage:
         cfg = run.cfg
         store, controllers = run.artifacts["harvest"], run.artifacts["controller"].controllers
         student, student_tok = run.models.get("student")
-        rows = store.rows("heldout")
-        n = len(rows) if cfg.evaluate.num_texts == 0 else min(cfg.evaluate.num_texts, len(rows))
-        selected = [rows[i] for i in tqdm(range(n), desc="load held-out rows", leave=False)]
         teacher, teacher_tok = run.models.get("teacher")
         same_vocab = teacher_tok.get_vocab() == student_tok.get_vocab()  # next-token KL needs one vocabulary
         layers = list(cfg.inject.layers)
-        evaluator = Evaluator(student, student_tok, layers, cfg.harvest.locality_window, cfg.harvest.max_length)
+        rows = heldout_rows(store, cfg.evaluate.num_texts)
+        injected = injection_setting("injected", controllers, cfg.alpha, cfg.inject.mode)
+        scores = score_settings(student, student_tok, rows, [PLAIN, injected], layers, cfg.harvest.locality_window,
+                                cfg.harvest.max_length, teacher if same_vocab else None, run.memo)
+        names = {"student": PLAIN.name, "injected": injected.name}
+        metrics = {
+            "bits_per_byte": {**{k: scores.bits_per_byte(v) for k, v in names.items()},
+                              "teacher": scores.teacher_bits_per_byte()},
+            "habit_distance": {f"L{layer}": {k: scores.habit_distance(v, [layer])[f"L{layer}"] for k, v in names.items()}
+                               for layer in layers},
+            "num_texts": len(rows),
+        }
+        if same_vocab:
+            metrics["next_token_kl"] = {k: float(np.mean(scores.settings[v].next_token_kl)) for k, v in names.items()}
 
         def make_injector() -> Injector:
             return Injector(controllers, cfg.alpha, cfg.inject.mode, prompt_len=0)
 
-        metrics = evaluator.evaluate(tqdm(selected, desc="evaluate", unit="text"), make_injector,
-                                     teacher if same_vocab else None, same_vocab)
         if cfg.evaluate.facts_qa:
             metrics["facts_qa"] = facts_qa(run, make_injector)
-        if cfg.evaluate.figure and selected:
-            run.images["heatmaps"] = figure(run.out_dir / "figures", selected[0], controllers, student, layers[0], cfg,
+        if cfg.evaluate.figure and rows:
+            run.images["heatmaps"] = figure(run.out_dir / "figures", rows[0], controllers, student, layers[0], cfg,
                                             make_injector)
         return metrics
 

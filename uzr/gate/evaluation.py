@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -16,14 +15,13 @@ from uzr.config.gate import (
     GateSpec,
     coerce_gate_spec,
 )
+from uzr.evaluate.texts import PLAIN, heldout_rows, injection_setting, score_settings
 from uzr.facts_qa import QA_SCORE, qa_accuracy, qa_prompts
-from uzr.gate.features import controllers_on, sequence_parts, token_ids
+from uzr.gate.features import controllers_on, gate_positions, sequence_parts, token_ids
 from uzr.gate.model import GateModule
 from uzr.inject import AlphaSpec, Injector
 from uzr.models import model_device
-from uzr.next_token import next_token_stats
 from uzr.prompts import PromptSet, adds_special_tokens, format_prompt, resolve_format
-from uzr.text_bytes import predicted_bytes
 
 if TYPE_CHECKING:
     from uzr.config import RunConfig
@@ -31,20 +29,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-def _alpha_settings(cfg: RunConfig, spec: GateSpec) -> list[tuple[str, AlphaSpec | None]]:
+def alpha_settings(cfg: RunConfig, spec: GateSpec) -> list[tuple[str, AlphaSpec | None]]:
+    """``none``, then ``constant@a`` and ``gated@a`` for every ``a`` in ``gate.eval_alphas`` (+ ``alpha.value``),
+    each the run's alpha (layer weights, entropy-local) with that schedule and value."""
     alphas = sorted({float(a) for a in spec.eval_alphas} | ({float(cfg.alpha.value)} if cfg.alpha.value > 0 else set()))
-    weights = dict(cfg.alpha.layer_weights)
     settings: list[tuple[str, AlphaSpec | None]] = [("none", None)]
-    settings += [(f"constant@{a:g}", AlphaSpec("constant", a, layer_weights=weights)) for a in alphas]
-    settings += [(f"gated@{a:g}", AlphaSpec("gated", a, entropy_local=cfg.alpha.entropy_local, layer_weights=weights))
-                 for a in alphas]
+    settings += [(f"constant@{a:g}", cfg.alpha.variant("constant", a)) for a in alphas]
+    settings += [(f"gated@{a:g}", cfg.alpha.variant("gated", a)) for a in alphas]
     return settings
 
 
 @torch.no_grad()
 def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, gate: GateModule, models,
                    num_texts: int | None = None, num_prompts: int | None = None,
-                   plain_qa: Callable[[str], float | None] | None = None) -> dict:
+                   plain_qa: Callable[[str], float | None] | None = None, memo: Callable | None = None) -> dict:
     """Facts-QA accuracy and bits per byte for no injection, constant alphas and gated alphas.
 
     QA (:mod:`uzr.facts_qa`): the held-out answerable prompts (``evaluate.qa_prompts`` of them, or
@@ -53,7 +51,8 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     (``evaluate.num_texts``, or ``num_texts``), gate per position (causal). The teacher's own QA
     accuracy and bits per byte sit beside them. ``plain_qa(role)``: the facts-QA accuracy of the
     uninjected ``"student"`` or the ``"teacher"`` on the same prompts, measured once per run and shared
-    with the evaluate stage (default: scored here).
+    with the evaluate stage (default: scored here); ``memo``: the run's memo, so texts the evaluate stage
+    already scored in the same setting are not scored again.
 
     Returns ``{"table": {setting: {"qa_accuracy", "bits_per_byte", "mean_gate_qa"?, "mean_gate_text"?}},
     "teacher": {...}, "gate_by_kind": {"answerable", "unanswerable"}, "num_prompts", "num_texts", ...}``;
@@ -66,7 +65,7 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     device = model_device(student)
     ctrls = controllers_on(controllers, device)
     gate = gate.to("cpu").eval()
-    settings = _alpha_settings(cfg, spec)
+    settings = alpha_settings(cfg, spec)
 
     def injector_for(alpha: AlphaSpec | None, gate_values: Tensor) -> Injector | None:
         if alpha is None:
@@ -103,39 +102,28 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
                 for name, alpha in settings}
     teacher_qa = plain_qa("teacher")
 
-    # --- bits per byte on held-out store rows, gate per position
-    rows = store.rows("heldout")
-    wanted = cfg.evaluate.num_texts if num_texts is None else num_texts
-    n = len(rows) if wanted == 0 else min(wanted, len(rows))
-    nll = {name: 0.0 for name, _ in settings}
-    n_bytes, t_nll, t_bytes, gate_sum, gate_count = 0, 0.0, 0, 0.0, 0
-    for i in tqdm(range(n), desc="bits per byte: gated vs constant", unit="text", leave=False):
-        row = rows[i]
-        ids = [int(t) for t in np.asarray(row["input_ids"]).reshape(-1)]
-        enc = tok(row["text"], return_offsets_mapping=True, truncation=True, max_length=cfg.harvest.max_length)
-        n_bytes += predicted_bytes(row["text"], [tuple(o) for o in enc["offset_mapping"]])
-        t_nll += float(row["teacher_nll_sum"])
-        t_bytes += int(row["teacher_bytes"])
-        seq_parts = sequence_parts(student, ctrls, [ids], layers, with_nll=True)[0]
-        g = gate.positions(seq_parts)[None]  # (1, S)
-        gate_sum, gate_count = gate_sum + float(g.sum()), gate_count + g.numel()
-        ids_t = torch.tensor([ids], device=device)
-        for name, alpha in settings:
-            if alpha is None:
-                nll[name] += float(seq_parts["nll"].sum())
-                continue
-            inj = injector_for(alpha, g)
-            inj.attach(student)
-            try:
-                final = student.model(input_ids=ids_t, attention_mask=torch.ones_like(ids_t)).last_hidden_state
-            finally:
-                inj.remove()
-            nll[name] += float(next_token_stats(student, final[:, :-1], ids_t[:, 1:])["nll"].sum())
+    # --- bits per byte on held-out store rows, gate per position (the evaluate stage's path and texts)
+    rows = heldout_rows(store, cfg.evaluate.num_texts if num_texts is None else num_texts)
+    gate_cache: dict[tuple, Tensor] = {}
+
+    def gate_values(ids: Tensor) -> Tensor:  # (1, S), from an uninjected pass; once per text
+        key = tuple(ids.reshape(-1).tolist())
+        if key not in gate_cache:
+            gate_cache[key] = gate_positions(gate, student, ctrls, ids, layers).to(device)
+        return gate_cache[key]
+
+    text_settings = [PLAIN if alpha is None else injection_setting(name, ctrls, alpha, cfg.inject.mode, gate_values)
+                     for name, alpha in settings]
+    scores = score_settings(student, tok, rows, text_settings, layers, cfg.harvest.locality_window,
+                            cfg.harvest.max_length, memo=memo, desc="bits per byte: gated vs constant")
+    text_gates = [gate_values(torch.as_tensor(np.asarray(r["input_ids"]), device=device).reshape(1, -1)) for r in rows]
+    gate_count = sum(g.numel() for g in text_gates)
+    gate_sum = sum(float(g.sum()) for g in text_gates)
 
     table = {}
     for name, _ in settings:
         entry = {"qa_accuracy": accuracy[name],
-                 "bits_per_byte": nll[name] / (math.log(2) * n_bytes) if n_bytes else None}
+                 "bits_per_byte": scores.bits_per_byte(name)}
         if name.startswith("gated"):
             entry["mean_gate_qa"] = float(np.mean([prompt_gate[p.id] for p in qa])) if qa else None
             entry["mean_gate_text"] = gate_sum / gate_count if gate_count else None
@@ -143,8 +131,8 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     return {
         "table": table,
         "teacher": {"qa_accuracy": teacher_qa,
-                    "bits_per_byte": t_nll / (math.log(2) * t_bytes) if t_bytes else None},
-        "gate_by_kind": by_kind, "num_prompts": len(qa), "num_texts": n, "gate_level": gate.level,
+                    "bits_per_byte": scores.teacher_bits_per_byte()},
+        "gate_by_kind": by_kind, "num_prompts": len(qa), "num_texts": len(rows), "gate_level": gate.level,
         "qa_score": QA_SCORE,
     }
 

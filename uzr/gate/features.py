@@ -14,7 +14,8 @@ from uzr.attention import attention_modules
 from uzr.config.gate import (
     FEATURES,
 )
-from uzr.masks import causal_mask, masked_log_softmax, pad_sequences
+from uzr.hooks import capture_inputs
+from uzr.masks import causal_mask, masked_log_softmax, normalised_entropy, pad_sequences
 from uzr.models import model_device
 from uzr.next_token import next_token_stats
 
@@ -40,30 +41,22 @@ def sequence_parts(student, controllers: Mapping, sequences: Sequence, layers: S
     if missing:
         raise ValueError(f"no controller for injected layer(s) {missing}; controllers cover {sorted(ctrls)}")
     modules = attention_modules(student)
-    captured: dict[int, Tensor] = {}
-
-    def capture(module, args, kwargs):
-        captured[module.layer_idx] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-    handles = [modules[x].register_forward_pre_hook(capture, with_kwargs=True) for x in layers]
     results: list[dict[str, Tensor]] = []
-    try:
+    with capture_inputs({x: modules[x] for x in layers}) as captured:
         for start in range(0, len(sequences), batch_size):
             ids, mask = pad_sequences(sequences[start:start + batch_size])
             ids, mask = ids.to(device), mask.to(device)
-            captured.clear()
             final = student.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, S, D)
             targets = torch.roll(ids, -1, 1) if with_nll else None
             nt = next_token_stats(student, final, targets)
             allowed = causal_mask(mask)  # (B, S, S)
-            n_keys = allowed.sum(-1).float()  # (B, S)
+            n_keys = allowed.sum(-1)  # (B, S)
             ent_cols, peak_cols, hidden_cols = [], [], []
             for layer in layers:
                 h = captured[layer].float()  # (B, S, D)
                 logp = masked_log_softmax(ctrls[layer](h), allowed)  # (B, S, S)
                 p = logp.exp() * allowed
-                H = -(p * logp).sum(-1)
-                ent_cols.append(torch.where(n_keys > 1, H / n_keys.clamp(min=2).log(), torch.zeros_like(H)))
+                ent_cols.append(normalised_entropy(-(p * logp).sum(-1), n_keys))  # (B, S)
                 peak_cols.append(p.amax(-1))
                 hidden_cols.append(h)
             parts = {
@@ -76,9 +69,6 @@ def sequence_parts(student, controllers: Mapping, sequences: Sequence, layers: S
                 if with_nll:
                     row["nll"] = nt["nll"][b, : n - 1].float().cpu()
                 results.append(row)
-    finally:
-        for handle in handles:
-            handle.remove()
     return results
 
 

@@ -164,7 +164,7 @@ class GateStage:
         from uzr.facts_qa import plain_qa_accuracy
 
         evaluation = evaluate_gated(run.cfg, run.artifacts["harvest"], run.artifacts["controller"].controllers, gate,
-                                    run.models, plain_qa=lambda role: plain_qa_accuracy(run, role))
+                                    run.models, plain_qa=lambda role: plain_qa_accuracy(run, role), memo=run.memo)
         run.tables["gated"] = gated_table(evaluation)
         return {"heldout": gate.report(), "evaluation": evaluation}
 

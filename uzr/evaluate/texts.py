@@ -1,0 +1,152 @@
+"""One evaluation for every setting: the student on held-out texts, plain or edited, on one path.
+
+A :class:`Setting` names a way to run the student (``none``, ``constant@0.5``, ``gated@1``, and
+later oracles or weight-space adapters) and makes a fresh :class:`~uzr.hooks.ModelEdit` for each text.
+:func:`score_settings` runs every setting on every text through the same
+:func:`~uzr.evaluate.passes.student_pass` — so two settings that coincide give identical numbers —
+and keeps per text what paired comparisons need: its loss in nats and its bytes. A ``memo`` (the run's
+:meth:`~uzr.runner.RunContext.memo`) shares passes between the stages of a run through the setting's
+``key``: the gate table's ``none`` row is the evaluate stage's plain student, not a second
+measurement of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from uzr.evaluate.passes import habit_gap, mean_dicts, next_token_kl, student_pass
+from uzr.hooks import ModelEdit
+from uzr.inject import Injector
+from uzr.text_bytes import predicted_bytes
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A way to run the student. ``edit(ids)`` gives a fresh edit for one text's ids (1, S), or None
+    for the plain student; ``key`` identifies the computation (equal keys must give equal numbers)."""
+
+    name: str
+    key: Hashable
+    edit: Callable[[torch.Tensor], ModelEdit | None] = field(default=lambda ids: None, compare=False)
+
+
+@dataclass
+class SettingScores:
+    """Per-text results of one setting over the same texts as every other setting."""
+
+    nll: list[float] = field(default_factory=list)  # summed next-token loss of each text (nats)
+    habits: list[dict[int, dict[str, float]]] = field(default_factory=list)  # text -> layer -> habit gaps
+    next_token_kl: list[float] = field(default_factory=list)  # text -> mean KL to the teacher (same vocabulary)
+
+
+@dataclass
+class TextScores:
+    """:func:`score_settings`' result: per setting, and the texts' byte counts and teacher losses."""
+
+    settings: dict[str, SettingScores]
+    bytes: list[int]  # predicted UTF-8 bytes of each text (tokens 1..S-1)
+    teacher_nll: list[float]  # the teacher's summed loss on each text (from the harvest)
+    teacher_bytes: list[int]
+
+    def bits_per_byte(self, name: str) -> float | None:
+        total = sum(self.bytes)
+        return sum(self.settings[name].nll) / (math.log(2) * total) if total else None
+
+    def teacher_bits_per_byte(self) -> float | None:
+        total = sum(self.teacher_bytes)
+        return sum(self.teacher_nll) / (math.log(2) * total) if total else None
+
+    def habit_distance(self, name: str, layers: Sequence[int]) -> dict[str, dict[str, float]]:
+        habits = self.settings[name].habits
+        return {f"L{layer}": mean_dicts([h[layer] for h in habits]) for layer in layers}
+
+
+@torch.no_grad()
+def score_settings(student, tokenizer, rows: Sequence[dict], settings: Sequence[Setting], layers: Sequence[int],
+                   window: int, max_length: int, teacher=None, memo: Callable | None = None,
+                   desc: str = "evaluate") -> TextScores:
+    """Every setting on every held-out store row, one :func:`student_pass` each.
+
+    Args:
+        rows: store rows (``text``, ``input_ids``, ``teacher_dist_L{layer}``, ``teacher_nll_sum``, ``teacher_bytes``).
+        layers: student layers whose head-mean attention is recorded and compared with the teacher's
+            aligned rows (the leading block the store keeps); ``window``: locality window (tokens).
+        teacher: a model with the student's vocabulary, for next-token KL (None: not measured).
+        memo: ``memo(key, compute)`` shared with other stages; passes are keyed by (setting key, text).
+    """
+    memo = memo or (lambda key, compute: compute())
+    device = next(student.parameters()).device
+    out = TextScores({s.name: SettingScores() for s in settings}, [], [], [])
+    for index, row in enumerate(tqdm(rows, desc=desc, unit="text")):
+        enc = tokenizer(row["text"], return_offsets_mapping=True, truncation=True, max_length=max_length)
+        out.bytes.append(predicted_bytes(row["text"], [tuple(o) for o in enc["offset_mapping"]]))
+        out.teacher_nll.append(float(row["teacher_nll_sum"]))
+        out.teacher_bytes.append(int(row["teacher_bytes"]))
+        ids = torch.as_tensor(np.asarray(row["input_ids"]), dtype=torch.long, device=device).reshape(1, -1)
+        teacher_rows = {layer: torch.as_tensor(row[f"teacher_dist_L{layer}"]) for layer in layers}
+        teacher_final = None
+        if teacher is not None:
+            teacher_final = memo(("teacher_final", index, row["text"]),
+                                 partial(_teacher_final, teacher, ids))
+        for setting in settings:
+            scores = memo(("text", setting.key, index, row["text"], tuple(layers), window, teacher is not None),
+                          partial(_measure, student, ids, setting, layers, window, teacher_rows, teacher, teacher_final))
+            target = out.settings[setting.name]
+            target.nll.append(scores["nll"])
+            target.habits.append(scores["habits"])
+            if "next_token_kl" in scores:
+                target.next_token_kl.append(scores["next_token_kl"])
+    return out
+
+
+def _teacher_final(teacher, ids: torch.Tensor) -> torch.Tensor:
+    return teacher.model(input_ids=ids.to(teacher.device)).last_hidden_state  # (1, S, D)
+
+
+def _measure(student, ids: torch.Tensor, setting: Setting, layers: Sequence[int], window: int,
+             teacher_rows: dict[int, torch.Tensor], teacher, teacher_final: torch.Tensor | None) -> dict:
+    """One setting on one text: its summed loss, its habit gaps per layer, and its next-token KL."""
+    d = teacher_rows[layers[0]].shape[-1]  # the leading (d, d) block the store keeps
+    result = student_pass(student, ids, list(layers), window, setting.edit(ids), d)
+    scores = {"nll": float(result.nll.sum()),
+              "habits": {layer: habit_gap(result.head_mean[layer], teacher_rows[layer], window) for layer in layers}}
+    if teacher_final is not None:
+        scores["next_token_kl"] = next_token_kl(teacher, teacher_final, student, result.final)
+    return scores
+
+
+def heldout_rows(store, num_texts: int) -> list[dict]:
+    """The first ``num_texts`` held-out rows of the store (0 = all)."""
+    rows = store.rows("heldout")
+    n = len(rows) if num_texts == 0 else min(num_texts, len(rows))
+    return [rows[i] for i in tqdm(range(n), desc="load held-out rows", leave=False)]
+
+
+def alpha_key(alpha) -> str:
+    """A hashable identity of an alpha schedule (for :attr:`Setting.key`)."""
+    return json.dumps(dataclasses.asdict(alpha), sort_keys=True, default=str)
+
+
+def injection_setting(name: str, controllers: dict, alpha, mode: str,
+                      gate_values: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Setting:
+    """The student with the controllers injected at ``alpha`` (schedule ``gated``: ``gate_values(ids)``
+    gives the gate per position, (1, S)); warm-up schedules treat the whole text as generated."""
+    def edit(ids: torch.Tensor) -> Injector:
+        injector = Injector(controllers, alpha, mode, prompt_len=0)
+        if alpha.schedule == "gated":
+            injector.gate = gate_values(ids)
+        return injector
+
+    return Setting(name, ("inject", mode, alpha_key(alpha)), edit)
+
+
+PLAIN = Setting("none", ("plain",))
