@@ -413,3 +413,10 @@ def test_store_with_distributions_shorter_than_the_text_trains(tmp_path, one_thr
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))  # it stepped
     report = module.heldout_report()
     assert report["val/rows/L1"] == 6 + 16 + 16 and math.isfinite(report["val/kl/controller"])
+
+
+def test_seed_mlp_width_comes_from_the_config():
+    """controller.mlp_hidden sets the seed MLP's width (conf/controller/seed_mlp.yaml: the reference 512)."""
+    ctrl = build_controller(ControllerSpec(arch="seed_mlp", mlp_hidden=24, max_len=16), 32)
+    widths = [m.out_features for m in ctrl.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [24, 16]

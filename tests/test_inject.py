@@ -122,3 +122,20 @@ def test_alpha_schedules_values():
 def test_bad_alpha_rejected(bad, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         Injector({}, AlphaSpec(**bad))
+
+
+def test_injector_is_a_model_edit_removed_even_when_the_pass_fails(tiny_models):
+    """``with injected(model, edit):`` detaches the edit on error too; the model is then exactly the plain one."""
+    from uzr.hooks import ModelEdit, injected
+
+    model, tok = tiny_models["qwen2"]
+    enc = batch(tok, "right")
+    plain = logits(model, enc)
+    injector = Injector(controllers_for(model, [1]), AlphaSpec(value=2.0), "bias")
+    assert isinstance(injector, ModelEdit)
+    with pytest.raises(RuntimeError, match="boom"), injected(model, injector):
+        assert not torch.equal(logits(model, enc), plain)
+        raise RuntimeError("boom")
+    assert not any(hasattr(m.self_attn, "uzr_injector") for m in model.model.layers)
+    assert not any(m.self_attn._forward_pre_hooks for m in model.model.layers)
+    assert torch.equal(logits(model, enc), plain)
