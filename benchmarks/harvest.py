@@ -2,7 +2,7 @@
 
 For the packaged teacher (Gemma 3 270M, ``conf/teacher/gemma3_270m.yaml``) at each sequence length S
 (batch 1, random token ids) this compares three forward passes of the decoder stack
-(``model.model``, i.e. without the LM head, which none of the three needs over all positions):
+(``decoder_of(model)``, i.e. without the LM head, which none of the three needs over all positions):
 
 - ``plain``: attention ``sdpa``, no statistics;
 - ``harvest``: the ``uzr`` attention function with a :class:`~uzr.attention.LayerRecorder` on every
@@ -166,24 +166,26 @@ def run_case(model, case: str, ids, args) -> dict:
     """One forward pass of ``case``; returns its statistics (and head-means) so they are really computed."""
     import torch
 
-    from uzr.attention import LayerRecorder, attention_modules, use_uzr_attention
+    from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
     from uzr.harvest.stats import BlockGeometry, attention_stats
 
     mask = torch.ones_like(ids)
     modules = attention_modules(model)
+    decoder = decoder_of(model)  # the decoder stack, without the LM head
     with torch.no_grad():
         if case == "plain":
             model.set_attn_implementation("sdpa")
-            out = model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
             return {"last": out.last_hidden_state[:, -1].float()}
         if case == "harvest":
             use_uzr_attention(model)
             for index, module in enumerate(modules):
                 module.uzr_recorder = LayerRecorder(
-                    args.window, index in args.mapped_layers, args.block_size, dist_rows=args.max_dist_len or None,
+                    args.window, index in args.mapped_layers, block_size=args.block_size,
+                    dist_rows=args.max_dist_len or None,
                 )
             try:
-                out = model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
                 results = [module.uzr_recorder.result() for module in modules]
                 bad = sum(module.uzr_recorder.nonfinite_rows for module in modules)
             finally:
@@ -193,7 +195,7 @@ def run_case(model, case: str, ids, args) -> dict:
                     "head_mean": {i: results[i][1] for i in args.mapped_layers}, "nonfinite_rows": bad}
         if case == "naive":
             model.set_attn_implementation("eager")
-            out = model.model(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
+            out = decoder(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
             s = ids.shape[1]
             geometry = BlockGeometry.for_block(0, s, s, s, ids.device)
             stats, head_mean = [], {}

@@ -32,10 +32,10 @@ class HarvesterFactory:
     student_tok: object
     layers: list[int]
     teacher_layers: list[int]
-    window: int = 8
-    block_size: int = 256
-    max_length: int = 256
-    max_dist_len: int = 512
+    window: int
+    block_size: int
+    max_length: int
+    max_dist_len: int
 
     def __call__(self, device) -> Harvester:
         return Harvester(self.teacher.to(device), self.teacher_tok, self.student.to(device), self.student_tok,
