@@ -126,9 +126,13 @@ class LayerRecorder:
         return out
 
     def result(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """The standard reducers' results: ({name: (B, H, S)}, head-mean (B, S', S') or None); clears."""
+        """The standard reducers' results: ({name: (B, H, S)}, head-mean (B, S', S') or None); clears.
+
+        ``({}, None)`` after no call (e.g. a forward pass that failed before this layer).
+        """
         out = self.take()
-        return HabitStats.named(out[HabitStats.name]), out.get(HeadMeanRows.name)
+        habits = out.get(HabitStats.name)
+        return ({} if habits is None else HabitStats.named(habits)), out.get(HeadMeanRows.name)
 
     def _begin(self, batch: int, heads: int, q_len: int, k_len: int, device) -> None:
         for reducer in self.reducers:
