@@ -2,7 +2,7 @@
 
 For the packaged teacher (Gemma 3 270M, ``conf/teacher/gemma3_270m.yaml``) at each sequence length S
 (batch 1, random token ids) this compares three forward passes of the decoder stack
-(``model.model``, i.e. without the LM head, which none of the three needs over all positions):
+(``decoder_of(model)``, i.e. without the LM head, which none of the three needs over all positions):
 
 - ``plain``: attention ``sdpa``, no statistics;
 - ``harvest``: the ``uzr`` attention function with a :class:`~uzr.attention.LayerRecorder` on every
@@ -22,7 +22,10 @@ pages dropped and faulted in again would otherwise count as the case's memory), 
 run could reuse pages freed while loading and look free), records its baseline and runs the case once
 at S:
 
-- time: wall-clock seconds of that run;
+- time: wall-clock seconds of that run, and its CPU seconds (``time.process_time``: user + system time of
+  all the process's threads). With ``--clock cpu`` the table uses the CPU seconds: on a machine shared with
+  other jobs, time spent waiting for a core inflates the wall clock but not the CPU time (which still
+  feels contention for caches and memory bandwidth);
 - memory on CPU: the peak resident set size during the run minus the resident set size just before
   it. The kernel's high-water mark (``VmHWM``) is reset right before the run by writing ``5`` to
   ``/proc/self/clear_refs`` and read afterwards, so the figure is the real peak of the process's
@@ -67,6 +70,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # measure the uzr of this checkout, not whichever one the venv has installed
 CASES = ("plain", "harvest", "naive")
 
 
@@ -166,24 +170,26 @@ def run_case(model, case: str, ids, args) -> dict:
     """One forward pass of ``case``; returns its statistics (and head-means) so they are really computed."""
     import torch
 
-    from uzr.attention import LayerRecorder, attention_modules, use_uzr_attention
+    from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
     from uzr.harvest.stats import BlockGeometry, attention_stats
 
     mask = torch.ones_like(ids)
     modules = attention_modules(model)
+    decoder = decoder_of(model)  # the decoder stack, without the LM head
     with torch.no_grad():
         if case == "plain":
             model.set_attn_implementation("sdpa")
-            out = model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
             return {"last": out.last_hidden_state[:, -1].float()}
         if case == "harvest":
             use_uzr_attention(model)
             for index, module in enumerate(modules):
                 module.uzr_recorder = LayerRecorder(
-                    args.window, index in args.mapped_layers, args.block_size, dist_rows=args.max_dist_len or None,
+                    args.window, index in args.mapped_layers, block_size=args.block_size,
+                    dist_rows=args.max_dist_len or None,
                 )
             try:
-                out = model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
                 results = [module.uzr_recorder.result() for module in modules]
                 bad = sum(module.uzr_recorder.nonfinite_rows for module in modules)
             finally:
@@ -193,7 +199,7 @@ def run_case(model, case: str, ids, args) -> dict:
                     "head_mean": {i: results[i][1] for i in args.mapped_layers}, "nonfinite_rows": bad}
         if case == "naive":
             model.set_attn_implementation("eager")
-            out = model.model(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
+            out = decoder(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
             s = ids.shape[1]
             geometry = BlockGeometry.for_block(0, s, s, s, ids.device)
             stats, head_mean = [], {}
@@ -215,19 +221,19 @@ def child_measure(args) -> None:
     run_case(model, args.case, _ids(model, 32, args.device), args)  # kernels and thread pools set up
     ids = _ids(model, args.length, args.device)
     meter.start()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         result = run_case(model, args.case, ids, args)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         peak = meter.stop()
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         if "memory" not in str(err).lower() and not isinstance(err, (torch.OutOfMemoryError, MemoryError)):
             raise
         print(json.dumps({"oom": True, "error": str(err)[:200]}))
         return
-    print(json.dumps({"seconds": seconds, "peak_mb": peak, "method": meter.method,
+    print(json.dumps({"wall_seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mb": peak, "method": meter.method,
                       "nonfinite_rows": result.get("nonfinite_rows", 0)}))
 
 
@@ -274,6 +280,13 @@ def _forward_args(args) -> list[str]:
     return out
 
 
+def _pipeline_block_size() -> int:
+    """``harvest.block_size`` of the pipeline config (``conf/train.yaml``): the benchmark measures what runs."""
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(ROOT / "conf" / "train.yaml").harvest.block_size)
+
+
 def _naive_bytes(args, length: int) -> float:
     """Bytes of the weights output_attentions returns: layers x heads x S^2 in the model dtype."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -309,8 +322,11 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch default)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the sweep; fastest time, largest peak kept")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="time in the table: wall clock, or the process's CPU seconds (steadier when shared)")
     parser.add_argument("--window", type=int, default=8, help="locality window")
-    parser.add_argument("--block-size", type=int, default=64, help="query rows per block (harvest)")
+    parser.add_argument("--block-size", type=int, default=_pipeline_block_size(),
+                        help="query rows per block (default: harvest.block_size of conf/train.yaml, %(default)s)")
     parser.add_argument("--max-dist-len", type=int, default=512,
                         help="head-mean kept for the leading min(S, this) rows and keys, as harvest.max_dist_len "
                              "(0: all S x S)")
@@ -352,14 +368,18 @@ def main(argv=None) -> None:
                     continue
                 got = _child(args, "measure", case, length)
                 method = got.get("method", method)
+                shown = "OOM" if got.get("oom") else (f"{got['wall_seconds']:.2f} s wall, {got['cpu_seconds']:.2f} s cpu, "
+                                                      f"{got['peak_mb']:.0f} MB")
+                print(f"  round {round_ + 1} S={length} {case}: {shown}", flush=True)
+                if not got.get("oom"):
+                    got["seconds"] = got[f"{args.clock}_seconds"]
                 old = cells.get((length, case))
                 if old and not old.get("oom") and not got.get("oom"):
                     got = {**got, "seconds": min(old["seconds"], got["seconds"]),
                            "peak_mb": max(old["peak_mb"], got["peak_mb"])}
                 cells[length, case] = got
-                shown = "OOM" if got.get("oom") else f"{got['seconds']:.2f} s, {got['peak_mb']:.0f} MB"
-                print(f"  round {round_ + 1} S={length} {case}: {shown}", flush=True)
-    print(f"\nmemory: peak above the loaded model ({method}); time: wall clock of one forward pass")
+    clock = "wall clock" if args.clock == "wall" else "CPU seconds (process_time)"
+    print(f"\nmemory: peak above the loaded model ({method}); time: {clock} of one forward pass")
     header = (f"{'S':>6} | {'plain s':>8} {'MB':>7} | {'harvest s':>9} {'MB':>7} | {'naive s':>8} {'MB':>9} |"
               f" {'time b/a':>8} {'mem b/a':>7} | {'time c/b':>8} {'mem c/b':>7}")
     print(header)

@@ -63,7 +63,7 @@ def test_sliding_window_normalised_entropy_uses_visible_keys(tiny_models):
     use_uzr_attention(model)
     module = attention_modules(model)[0]  # layer 0 is a sliding-window layer
     assert model.config.layer_types[0] == "sliding_attention"
-    module.uzr_recorder = LayerRecorder(window=4, keep_head_mean=True)
+    module.uzr_recorder = LayerRecorder(window=4, keep_head_mean=True, block_size=64)
     try:
         with torch.no_grad():
             model(ids)

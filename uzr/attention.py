@@ -6,8 +6,9 @@ padding). A model switched to ``attn_implementation="uzr"`` behaves exactly like
 attention module carries one of these attributes:
 
 - ``module.uzr_recorder``: a :class:`LayerRecorder`; the layer then runs blocked eager attention in
-  float32 and hands each block of scores to :func:`~uzr.harvest.stats.score_block_stats` (statistics,
-  head-mean rows) without ever materialising all layers' ``(B, H, S, S)`` weights;
+  float32 and hands each block of scores to the recorder's reducers (:mod:`uzr.harvest.reducers`:
+  statistics, head-mean rows, or any other :class:`~uzr.harvest.reducers.Reducer`) without ever
+  materialising all layers' ``(B, H, S, S)`` weights;
 - ``module.uzr_injector``: an object with ``attention_edit(module, query, key, mask)`` returning an
   :class:`AttentionEdit` (additive log-prior or probability mix), or ``None`` to leave the layer alone.
 
@@ -19,24 +20,26 @@ The blocked pass (:func:`_blocked_eager`) is built for long inputs:
   mask and forward pass): a sliding-window layer costs ``O(S * window)``, a causal layer half of ``S^2``;
 - grouped-query heads share their key/value head without ``repeat_kv``; keys and values are converted
   to float32 once per layer, never per block;
-- the probabilities are never normalised into a separate tensor: ``e = exp(s - max)`` gives the output
-  (``e @ V / Z``) and the statistics (see :mod:`uzr.harvest.stats`);
-- the head-mean can be limited to the leading ``LayerRecorder.dist_rows`` query rows: a dense block
-  filled only by the query blocks that hold those rows, so it does not grow with the sequence length.
+- the probabilities are never normalised into a separate tensor: ``e = exp(s - max)`` and ``1 / Z`` give
+  the output (``e @ V / Z``) and whatever the reducers record (see :class:`~uzr.harvest.reducers.ScoreBlock`);
+- scores and ``e`` live in one reused scratch buffer; reducers preallocate their per-call results (the
+  head-mean can be limited to the leading ``dist_rows`` query rows, so it does not grow with the length).
 """
 
 from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from uzr.harvest.stats import STAT_NAMES, BlockGeometry, score_block_stats
+from uzr.harvest.reducers import HabitStats, HeadMeanRows, Reducer, ScoreBlock
+from uzr.harvest.stats import BlockGeometry
 
 ATTN_IMPLEMENTATION = "uzr"
 # Score given to disallowed keys: exp(MASKED - max) is exactly 0, and 0 * MASKED is 0 (no NaN), unlike -inf.
@@ -57,56 +60,88 @@ class AttentionEdit:
     mix_alpha: torch.Tensor | None = None
 
 
-@dataclass
 class LayerRecorder:
-    """Collects attention statistics (and optionally head-mean rows) of one layer for one forward pass.
+    """What one layer records during a forward pass: the results of its reducers, per attention call.
 
     Args:
-        window: locality window in tokens.
-        keep_head_mean: also keep the head-averaged distribution of the query rows.
-        block_size: most query rows per block.
-        dist_rows: keep the head-mean only for query rows ``< dist_rows`` and keys ``< dist_rows``
-            (plus the cached keys before the call's first query), ``None``: every row and key. For a
-            causal layer those rows see no later key, so the block holds their whole distribution while
-            its memory stays ``O(dist_rows^2)`` at any sequence length. Statistics always cover every row.
+        window: locality window in tokens of the standard :class:`~uzr.harvest.reducers.HabitStats`
+            (default 8).
+        keep_head_mean: also run :class:`~uzr.harvest.reducers.HeadMeanRows` (head-averaged distribution).
+        block_size: most query rows per block (required: the pipeline's ``harvest.block_size`` is the one
+            default).
+        dist_rows: rows (and keys) of the head-mean kept, see :class:`~uzr.harvest.reducers.HeadMeanRows`.
         max_block_elems: most scores per block (heads x rows x keys); lowers the rows per block for
             long inputs so the block buffers stay small.
+        reducers: the reducers to run instead of the standard ones (then ``window``, ``keep_head_mean``
+            and ``dist_rows`` are not given); names must be distinct.
 
-    After a forward pass: ``stats[name]``: list of (B, H, q) float32 tensors (one per attention call),
-    ``head_mean``: list of (B, q', k') float32 tensors (``q' = min(q, dist_rows)``), ``nonfinite_rows``:
-    number of (batch, head, query) rows with an allowed non-finite score (NaN or inf, e.g. a
-    half-precision overflow upstream). Those rows get NaN statistics and zero probability, so a harvest
-    can skip the text and report it, never store NaN or a silently truncated row.
+    After a forward pass, :meth:`take` gives ``{reducer name: result}`` (the calls of the pass concatenated
+    along each reducer's ``query_dim``); :meth:`result` the standard pair. ``nonfinite_rows``: number of
+    (batch, head, query) rows with an allowed non-finite score (NaN or inf, e.g. a half-precision
+    overflow upstream). Those rows get zero probability (and NaN statistics), so a harvest can skip the
+    text and report it, never store NaN or a silently truncated row.
     """
 
-    window: int = 8
-    keep_head_mean: bool = False
-    block_size: int = 64
-    dist_rows: int | None = None
-    max_block_elems: int = 1 << 22
-    stats: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    head_mean: list[torch.Tensor] = field(default_factory=list)
-    nonfinite_rows: int = 0
+    def __init__(self, window: int | None = None, keep_head_mean: bool = False, *, block_size: int,
+                 dist_rows: int | None = None, max_block_elems: int = 1 << 22,
+                 reducers: Sequence[Reducer] | None = None):
+        if reducers is None:
+            reducers = [HabitStats(8 if window is None else window)]
+            if keep_head_mean:
+                reducers.append(HeadMeanRows(dist_rows))
+        elif window is not None or keep_head_mean or dist_rows is not None:
+            raise ValueError("LayerRecorder: give reducers=[...] or window/keep_head_mean/dist_rows, not both")
+        if block_size < 1:
+            raise ValueError(f"LayerRecorder: block_size={block_size} must be >= 1")
+        for reducer in reducers:
+            if not isinstance(reducer, Reducer):
+                raise TypeError(f"LayerRecorder: {type(reducer).__name__} lacks the Reducer methods "
+                                "(name, query_dim, start, add, finish)")
+        names = [reducer.name for reducer in reducers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"LayerRecorder: reducer names must be distinct, got {names}")
+        self.reducers = list(reducers)
+        self.block_size, self.max_block_elems = block_size, max_block_elems
+        self.outputs: dict[str, list[torch.Tensor]] = {}
+        self.nonfinite_rows = 0
 
-    def head_mean_shape(self, q_len: int, k_len: int) -> tuple[int, int]:
-        """(rows, keys) of the head-mean block kept for a call with ``q_len`` queries and ``k_len`` keys."""
-        if self.dist_rows is None or self.dist_rows >= q_len:
-            return q_len, k_len
-        return self.dist_rows, min(self.dist_rows + k_len - q_len, k_len)  # queries sit at the end of the keys
+    def __getitem__(self, name: str) -> Reducer:
+        """The reducer called ``name`` (e.g. ``recorder["head_mean"].dist_rows = 512``)."""
+        for reducer in self.reducers:
+            if reducer.name == name:
+                return reducer
+        raise KeyError(f"no reducer {name!r}; this recorder has {[r.name for r in self.reducers]}")
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """``{reducer name: result}`` of the calls since the last take (concatenated along ``query_dim``); clears.
+
+        ``nonfinite_rows`` is left for the caller to read (and reset).
+        """
+        out = {}
+        for reducer in self.reducers:
+            parts = self.outputs.get(reducer.name)
+            if parts:
+                out[reducer.name] = parts[0] if len(parts) == 1 else torch.cat(parts, reducer.query_dim)
+        self.outputs = {}
+        return out
 
     def result(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Returns ({name: (B, H, S)}, head-mean (B, S', S') or None); clears the recorder.
+        """The standard reducers' results: ({name: (B, H, S)}, head-mean (B, S', S') or None); clears.
 
-        ``nonfinite_rows`` is left for the caller to read (and reset) after the call.
+        ``({}, None)`` after no call (e.g. a forward pass that failed before this layer).
         """
-        stats = {name: parts[0] if len(parts) == 1 else torch.cat(parts, -1) for name, parts in self.stats.items()}
-        head_mean = None
-        if len(self.head_mean) == 1:
-            head_mean = self.head_mean[0]
-        elif self.head_mean:
-            head_mean = torch.cat(self.head_mean, 1)
-        self.stats, self.head_mean = {}, []
-        return stats, head_mean
+        out = self.take()
+        habits = out.get(HabitStats.name)
+        return ({} if habits is None else HabitStats.named(habits)), out.get(HeadMeanRows.name)
+
+    def _begin(self, batch: int, heads: int, q_len: int, k_len: int, device) -> None:
+        for reducer in self.reducers:
+            reducer.start(batch, heads, q_len, k_len, device)
+
+    def _end(self, bad_rows: torch.Tensor) -> None:
+        self.nonfinite_rows += int(bad_rows)
+        for reducer in self.reducers:
+            self.outputs.setdefault(reducer.name, []).append(reducer.finish())
 
 
 def causal_allowed(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device) -> torch.Tensor:
@@ -238,54 +273,13 @@ def _upper_triangle(rows: int, device) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------- the passes
-class _Sink:
-    """Where one attention call's statistics and head-mean rows go (preallocated, filled per block)."""
-
-    def __init__(self, recorder: LayerRecorder, batch: int, heads: int, q_len: int, k_len: int, device):
-        self.recorder = recorder
-        self.stats = torch.zeros(len(STAT_NAMES), batch, heads, q_len, device=device)  # STAT_NAMES order
-        self.dense = None
-        if recorder.keep_head_mean:
-            rows, keys = recorder.head_mean_shape(q_len, k_len)
-            self.dense = torch.zeros(batch, rows, keys, device=device)  # (B, q', k')
-        self.bad = torch.zeros((), dtype=torch.long, device=device)
-
-    def finish(self) -> None:
-        recorder = self.recorder
-        recorder.nonfinite_rows += int(self.bad)
-        for name, value in zip(STAT_NAMES, self.stats):
-            recorder.stats.setdefault(name, []).append(value)
-        if self.dense is not None:
-            recorder.head_mean.append(self.dense)
-
-
-def _add_head_mean(dense: torch.Tensor, blk: _Block, e: torch.Tensor, inv_z: torch.Tensor, bad: torch.Tensor) -> None:
-    """Writes the head-mean of the block's rows that ``dense`` keeps into ``dense`` (B, q', k'), in place.
-
-    ``e``: (B, H, n, w) unnormalised probabilities of keys ``[blk.lo, blk.hi)``, ``inv_z``: (B, H, n) their
-    1 / Z, ``bad``: (B, H, n) non-finite rows. Rows partition into blocks, so each entry is written once;
-    in a causal layer a kept row sees no key beyond ``k'``, so cutting the span loses no mass.
-    """
-    rows = min(blk.stop, dense.shape[1]) - blk.start
-    keys = min(blk.hi, dense.shape[2]) - blk.lo
-    if rows <= 0 or keys <= 0:  # a block past the kept rows adds nothing (the common case at long S)
-        return
-    if bool(bad.any()):
-        e.masked_fill_(bad[..., None], 0.0)
-    e = e[:, :, :rows, :keys]  # (B, H, r, c)
-    weights = (inv_z[:, :, :rows] / e.shape[1])[..., None]  # (B, H, r, 1)
-    mean = dense[:, blk.start:blk.start + rows, blk.lo:blk.lo + keys]  # written in place, no temporary
-    torch.mul(e[:, 0], weights[:, 0], out=mean)
-    for h in range(1, e.shape[1]):
-        mean.addcmul_(e[:, h], weights[:, h])
-
-
 def _blocked_eager(module, query, key, value, attention_mask, scaling, recorder, bias, softcap, window=None):
-    """Eager attention over query blocks in float32, statistics recorded on the way.
+    """Eager attention over query blocks in float32; every block goes through the recorder's reducers.
 
     Args:
         query: (B, H, q, D); key/value: (B, H_kv, k, D) (not repeated for GQA).
         attention_mask: bool (B|1, 1, q, k) (True = attend) or None (causal; all keys for ``q = 1``).
+        recorder: the layer's :class:`LayerRecorder`.
         bias: optional (B|1, 1|H, q, k) added to the scores. ``window``: sliding window hint (block sizes).
     Returns:
         (B, q, H, D) in the query's dtype. Rows without allowed keys or with non-finite scores are 0.
@@ -305,13 +299,14 @@ def _blocked_eager(module, query, key, value, attention_mask, scaling, recorder,
     values = value.float().contiguous()
     d_v = values.shape[-1]
     out = query.new_empty(batch, q_len, heads, d_v)
-    sink = _Sink(recorder, batch, heads, q_len, k_len, query.device)
+    recorder._begin(batch, heads, q_len, k_len, query.device)
+    bad_rows = torch.zeros((), dtype=torch.long, device=query.device)
     rows = _rows_per_block(recorder, heads, q_len, k_len, window)
     for blk in _plan(attention_mask, q_len, k_len, rows, causal):
         n = blk.stop - blk.start
         width = blk.hi - blk.lo
         q_first = blk.start + offset
-        if width <= 0:  # every row is padding: zero output, zero statistics
+        if width <= 0:  # every row is padding: zero output, reducers keep their zero rows
             out[:, blk.start:blk.stop] = 0
             continue
         q_blk = (query[:, :, blk.start:blk.stop].float() * scaling).reshape(batch, kv_heads, n_rep * n, -1)
@@ -319,7 +314,7 @@ def _blocked_eager(module, query, key, value, attention_mask, scaling, recorder,
         buffers = _workspace(2 * size, query.device)
         scores = buffers[:size].view(batch, kv_heads, n_rep * n, width)
         torch.matmul(q_blk, keys[:, :, blk.lo:blk.hi].transpose(-1, -2), out=scores)
-        scores = scores.view(batch, heads, n, width)
+        scores = scores.view(batch, heads, n, width)  # (B, H, n, w)
         if softcap is not None:
             scores.div_(softcap).tanh_().mul_(softcap)
         if bias is not None:
@@ -332,27 +327,33 @@ def _blocked_eager(module, query, key, value, attention_mask, scaling, recorder,
             first = q_first + 1 - blk.lo  # column of the key right after the block's first query
             if first < width:
                 scores[..., first:].masked_fill_(_upper_triangle(n, query.device)[:, : width - first], MASKED)
-            n_keys = torch.arange(q_first + 1 - blk.lo, q_first + 1 - blk.lo + n, device=query.device)
+            n_keys = torch.arange(q_first + 1 - blk.lo, q_first + 1 - blk.lo + n, device=query.device)  # (n,)
         else:
-            n_keys = torch.full((n,), width, device=query.device)
-        future = None
-        if blk.future:
-            j = torch.arange(blk.lo, blk.hi, device=query.device, dtype=torch.float32)
-            i = torch.arange(q_first, q_first + n, device=query.device, dtype=torch.float32)
-            future = (j[None, :] - i[:, None]).clamp(min=0)
+            n_keys = torch.full((n,), width, device=query.device)  # (n,)
+        n_keys = n_keys.float().expand(batch, heads, n)  # (B, H, n)
         scores.sub_(scores.amax(-1, keepdim=True))  # t = s - max
-        e = torch.exp(scores, out=buffers[size:2 * size].view(batch, heads, n, width))
-        stats, inv_z, valid, bad = score_block_stats(scores, e, n_keys, q_first, blk.lo, recorder.window, future)
-        sink.bad += bad.sum()
-        sink.stats[..., blk.start:blk.stop] = stats
-        if sink.dense is not None:
-            _add_head_mean(sink.dense, blk, e, inv_z, bad)
+        # a row is finite iff every t is: NaN and +inf scores give NaN, -inf (or overflow) gives -inf
+        finite = torch.isfinite(scores.amin(-1))  # (B, H, n)
+        e = torch.exp(scores, out=buffers[size:2 * size].view(batch, heads, n, width))  # (B, H, n, w)
+        z = e @ torch.ones(width, device=query.device)  # (B, H, n)
+        real = n_keys > 0
+        valid = real & finite
+        inv_z = torch.where(valid, 1.0 / z, torch.zeros_like(z))  # (B, H, n)
+        bad = real & ~finite
+        any_bad = bool(bad.any())  # the block's one host sync
+        if any_bad:
+            bad_rows += bad.sum()
+            e.masked_fill_(bad[..., None], 0.0)  # no reducer and no output sees their NaN
+        block = ScoreBlock(blk.start, blk.stop, blk.lo, blk.hi, q_first, blk.future, scores, e, z, inv_z,
+                           n_keys, valid, bad)
+        for reducer in recorder.reducers:
+            reducer.add(block)
         o = torch.matmul(e.view(batch, kv_heads, n_rep * n, width), values[:, :, blk.lo:blk.hi])
-        o = o.view(batch, heads, n, d_v).mul_(inv_z[..., None])
-        if bool(bad.any()):
-            o.masked_fill_(bad[..., None], 0.0)  # NaN rows -> 0
+        o = o.view(batch, heads, n, d_v).mul_(inv_z[..., None])  # (B, H, n, D)
+        if any_bad:
+            o.masked_fill_(bad[..., None], 0.0)  # NaN rows -> 0 (also if V is not finite)
         out[:, blk.start:blk.stop] = o.transpose(1, 2)
-    sink.finish()
+    recorder._end(bad_rows)
     return out
 
 
@@ -410,7 +411,28 @@ def use_uzr_attention(model) -> None:
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
+def decoder_of(model) -> torch.nn.Module:
+    """The text decoder stack of ``model`` (the module with ``.layers``), found through its public API.
+
+    ``model.get_decoder()`` gives the decoder of a causal LM (``LlamaForCausalLM`` -> ``LlamaModel``) and
+    the language model of a vision-language ``...ForConditionalGeneration``; a bare decoder returns itself.
+    Calling it with ``input_ids`` runs the text stack without the LM head (``last_hidden_state`` is final,
+    post-norm). Raises ``ValueError`` naming the model class when no decoder layers are found.
+    """
+    get_decoder = getattr(model, "get_decoder", None)  # absent on a plain nn.Module
+    candidates = [get_decoder() if callable(get_decoder) else None, getattr(model, "model", None), model]
+    for candidate in candidates:
+        if isinstance(getattr(candidate, "layers", None), torch.nn.ModuleList):
+            return candidate
+    found = ", ".join(dict.fromkeys(type(c).__name__ for c in candidates if c is not None))
+    raise ValueError(f"{type(model).__name__}: no decoder layers found (looked for .layers on {found} via "
+                     "get_decoder()); uzr hooks decoder stacks with layers[i].self_attn")
+
+
 def attention_modules(model) -> list[torch.nn.Module]:
-    """The self-attention module of every decoder layer, in layer order."""
-    layers = model.model.layers if hasattr(model, "model") else model.layers
+    """The self-attention module of every decoder layer of ``model`` (see :func:`decoder_of`), in layer order."""
+    layers = decoder_of(model).layers
+    missing = [i for i, layer in enumerate(layers) if not hasattr(layer, "self_attn")]
+    if missing:
+        raise ValueError(f"{type(model).__name__}: decoder layers {missing[:5]} have no self_attn module")
     return [layer.self_attn for layer in layers]

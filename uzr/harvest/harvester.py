@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from uzr.attention import LayerRecorder, attention_modules, use_uzr_attention
+from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
 from uzr.harvest.align import TokenAligner
 from uzr.harvest.stats import STAT_NAMES
 from uzr.next_token import next_token_stats
@@ -26,10 +26,11 @@ class RecordedModel:
                  capture_hidden: list[int] = ()):
         use_uzr_attention(model)
         self.model = model
+        self.decoder = decoder_of(model)  # the text stack: LM head applied only where needed
         self.modules = attention_modules(model)
         self.keep_head_mean = list(keep_head_mean)
         for index, module in enumerate(self.modules):
-            module.uzr_recorder = LayerRecorder(window, index in self.keep_head_mean, block_size)
+            module.uzr_recorder = LayerRecorder(window, index in self.keep_head_mean, block_size=block_size)
         self.hidden: dict[int, torch.Tensor] = {}
         self.handles = [
             self.modules[layer].register_forward_pre_hook(self._capture, with_kwargs=True)
@@ -46,9 +47,9 @@ class RecordedModel:
         ``dist_rows``: head-mean rows (and keys) kept, ``S' = min(S, dist_rows)``; None: all.
         """
         for index in self.keep_head_mean:
-            self.modules[index].uzr_recorder.dist_rows = dist_rows
+            self.modules[index].uzr_recorder["head_mean"].dist_rows = dist_rows
         # use_cache=False: nothing decodes after a harvest pass, and the KV cache is ~150 MB at S=4096
-        out = self.model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        out = self.decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         stats: dict[str, list[torch.Tensor]] = {name: [] for name in STAT_NAMES}
         head_mean = {}
         for index, module in enumerate(self.modules):
@@ -76,12 +77,14 @@ class Harvester:
 
     Args:
         layers: injected student layers; ``teacher_layers``: the teacher layer mapped to each.
+        window: locality window (``harvest.locality_window``); ``block_size``: query rows per block
+            (``harvest.block_size``).
         max_length: student tokens per text; the teacher sees the same characters.
         max_dist_len: the distributions cover the leading ``min(S, max_dist_len)`` student positions.
     """
 
     def __init__(self, teacher, teacher_tok, student, student_tok, layers: list[int], teacher_layers: list[int],
-                 window: int = 8, block_size: int = 256, max_length: int = 256, max_dist_len: int = 512):
+                 window: int, block_size: int, max_length: int = 256, max_dist_len: int = 512):
         self.teacher_tok, self.student_tok = teacher_tok, student_tok
         self.layers, self.teacher_layers, self.max_length = list(layers), list(teacher_layers), max_length
         self.max_dist_len = max_dist_len

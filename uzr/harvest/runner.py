@@ -4,6 +4,7 @@ Shards are fixed ranges of the corpus (``shard_size`` texts), so their contents 
 many processes share the work: with ``strategy=ddp`` each rank gets whole shards from Lightning's
 distributed sampler and writes them into the same store folder, and the merged store equals the
 single-process one. Shards already on disk are skipped, so a killed harvest resumes where it stopped.
+Progress is shown per text (rate and ETA, rank 0's share), not per shard.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from uzr.harvest.harvester import Harvester, row_is_finite
 from uzr.harvest.store import HarvestStore
@@ -32,10 +34,10 @@ class HarvesterFactory:
     student_tok: object
     layers: list[int]
     teacher_layers: list[int]
-    window: int = 8
-    block_size: int = 256
-    max_length: int = 256
-    max_dist_len: int = 512
+    window: int
+    block_size: int
+    max_length: int
+    max_dist_len: int
 
     def __call__(self, device) -> Harvester:
         return Harvester(self.teacher.to(device), self.teacher_tok, self.student.to(device), self.student_tok,
@@ -56,6 +58,16 @@ class ShardDataset(Dataset):
         return self.shards[i]
 
 
+def _one_shard(items: list):
+    """``collate_fn`` of batches of one shard: the shard itself (module level, so ``ddp_spawn`` can pickle it).
+
+    Batches of one (rather than ``batch_size=None``) give the loader a batch sampler, which Lightning's
+    predict loop wraps to track the batch indices it hands to the prediction writer.
+    """
+    (shard,) = items
+    return shard
+
+
 class HarvestTask(L.LightningModule):
     """Runs the :class:`Harvester` on each shard; returns ``(shard index, rows, bad text indices)``.
 
@@ -67,12 +79,26 @@ class HarvestTask(L.LightningModule):
         super().__init__()
         self._make_harvester, self.shard_size = make_harvester, shard_size
         self._harvester: Harvester | None = None
+        self._progress = None
         self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def _texts_of_this_rank(self) -> int | None:
+        """Texts in the shards this process will predict (its sampler's share), None if unknown."""
+        loader = self.trainer.predict_dataloaders
+        try:
+            return sum(len(loader.dataset[i][1]) for i in loader.batch_sampler.sampler)
+        except (AttributeError, TypeError):
+            return None
 
     def on_predict_start(self) -> None:
         self._harvester = self._make_harvester(self.device)
+        self._progress = tqdm(total=self._texts_of_this_rank(), desc="harvest", unit="text", dynamic_ncols=True,
+                              disable=not self.trainer.is_global_zero)
 
     def on_predict_end(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
         if self._harvester is not None:
             self._harvester.close()
             self._harvester = None
@@ -86,6 +112,7 @@ class HarvestTask(L.LightningModule):
                 rows.append({**row, "split": split})
             else:
                 bad.append(index * self.shard_size + offset)
+            self._progress.update(1)
         return index, rows, bad
 
 
@@ -123,11 +150,12 @@ def run_harvest(store: HarvestStore, texts: list[tuple[str, str]], make_harveste
         log.info("harvest resumes: %d of %d shards already in %s", len(shards) - len(todo), len(shards), store.folder)
     writer = ShardWriter(store, len(texts), max_bad_fraction)
     if todo:
-        trainer = L.Trainer(
-            logger=False, enable_checkpointing=False, enable_model_summary=False, callbacks=[writer],
-            **(trainer_kwargs or {"accelerator": "cpu", "devices": 1}),
-        )
-        loader = torch.utils.data.DataLoader(ShardDataset(todo), batch_size=None, shuffle=False)
+        # Lightning's own bar would tick once per shard: the task shows progress per text instead
+        trainer = L.Trainer(**{
+            "logger": False, "enable_checkpointing": False, "enable_model_summary": False, "enable_progress_bar": False,
+            "callbacks": [writer], **(trainer_kwargs or {"accelerator": "cpu", "devices": 1}),
+        })
+        loader = torch.utils.data.DataLoader(ShardDataset(todo), batch_size=1, shuffle=False, collate_fn=_one_shard)
         trainer.predict(HarvestTask(make_harvester, shard_size), loader, return_predictions=False)
     if writer.bad:
         log.warning("harvest skipped %d texts with non-finite statistics: %s", len(writer.bad), writer.bad[:20])

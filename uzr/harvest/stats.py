@@ -13,7 +13,8 @@ Two ways in:
 - :func:`attention_stats` / :func:`distribution_stats` from probabilities (the reference definitions,
   used for head-mean or aligned distributions);
 - :func:`score_block_stats` from the exponentiated, max-shifted scores of one block inside the
-  attention function. It never forms the probabilities: ``H_i = log Z_i - sum_j e_ij t_ij / Z_i``
+  attention function (via the :class:`~uzr.harvest.reducers.HabitStats` reducer). It never forms the
+  probabilities: ``H_i = log Z_i - sum_j e_ij t_ij / Z_i``
   (``t = s - max s``, ``e = exp t``, ``Z = sum e``), the distance sum is one matrix-vector product and
   locality reads only the ``window`` diagonals next to the query.
 """
@@ -119,18 +120,25 @@ def _diagonal_band_sum(e: torch.Tensor, base: int, window: int) -> torch.Tensor:
 def score_block_stats(
     t: torch.Tensor,
     e: torch.Tensor,
+    z: torch.Tensor,
+    inv_z: torch.Tensor,
+    valid: torch.Tensor,
+    bad: torch.Tensor,
     n_keys: torch.Tensor,
     q_first: int,
     k_first: int,
     window: int,
     future: torch.Tensor | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Statistics of one block of attention rows from shifted scores, without forming probabilities.
 
     Args:
         t: (B, H, q, k) float32 scores minus their row maximum (disallowed keys hugely negative).
         e: (B, H, q, k) ``exp(t)``: 0 at disallowed keys; contiguous.
-        n_keys: (B|1, 1|H, q) or (q,) number of allowed keys per row (0 for padding rows).
+        z: (B, H, q) row sums of ``e``; ``inv_z``: (B, H, q) ``1 / z`` on valid rows, 0 elsewhere.
+        valid: (B, H, q) bool: rows with allowed keys and finite scores; ``bad``: rows with allowed keys
+            and a non-finite score (NaN, inf).
+        n_keys: (B, H, q) float32 number of allowed keys per row (0 for padding rows).
         q_first: absolute position of the block's first query; queries are consecutive.
         k_first: absolute position of the block's first key (column 0 of ``t``/``e``); keys are consecutive.
         window: locality window in tokens.
@@ -138,24 +146,15 @@ def score_block_stats(
             see keys after itself (never for causal masks).
 
     Returns:
-        ``(stats, inv_z, valid, bad)``: stats (4, B, H, q) stacked in ``STAT_NAMES`` order; ``inv_z`` (B, H, q) one over
-        the row sums of ``e`` (0 on rows that are not valid); ``valid`` (B, H, q) bool: rows with allowed
-        keys and finite scores; ``bad``: rows with allowed keys and a non-finite score (NaN, inf).
-        Padding rows (no allowed key) get 0 statistics, bad rows NaN statistics.
+        (4, B, H, q) float32 statistics stacked in ``STAT_NAMES`` order. Padding rows (no allowed key) get
+        0 statistics, bad rows NaN statistics.
     """
     rows, cols = e.shape[-2], e.shape[-1]
     device = e.device
-    ones = torch.ones(cols, device=device)
     # distances relative to the block's first query keep float32 sums exact to ~rows * eps
     rel = (q_first - k_first) - torch.arange(cols, device=device, dtype=torch.float32)  # (k,) = q_first - j
-    z = e @ ones  # (B, H, q)
     dist = e @ rel  # sum_j e_ij (q_first - j)
     et = torch.einsum("bhqk,bhqk->bhq", e, t)  # sum_j e_ij t_ij
-    finite = torch.isfinite(z) & torch.isfinite(et)
-    n_keys = n_keys.float().expand(z.shape)
-    real = n_keys > 0
-    valid = real & finite
-    inv_z = torch.where(valid, 1.0 / z, torch.zeros_like(z))
     entropy = torch.log(z) - et * inv_z
     offsets = torch.arange(rows, device=device, dtype=torch.float32)  # i - q_first
     mean_distance = offsets + dist * inv_z
@@ -164,8 +163,7 @@ def score_block_stats(
     locality = _diagonal_band_sum(e, q_first - k_first, window) * inv_z
     norm_entropy = entropy / torch.log(n_keys.clamp(min=2))
     stacked = torch.stack([entropy, norm_entropy, locality, mean_distance])  # (4, B, H, q) in STAT_NAMES order
-    bad = real & ~finite
     fill = torch.where(bad, float("nan"), 0.0)  # padding rows 0, rows with non-finite scores NaN
     stacked = torch.where(valid, stacked, fill)
     stacked[1] = torch.where(n_keys > 1, stacked[1], fill)  # one allowed key: normalised entropy 0
-    return stacked, inv_z, valid, bad
+    return stacked
