@@ -281,10 +281,10 @@ def _forward_args(args) -> list[str]:
 
 
 def _pipeline_block_size() -> int:
-    """``harvest.block_size`` of the pipeline config (``conf/train.yaml``): the benchmark measures what runs."""
-    from omegaconf import OmegaConf
+    """``harvest.block_size`` of the pipeline's schema (``uzr/config/run.py``): the benchmark measures what runs."""
+    from uzr.config import HarvestSpec
 
-    return int(OmegaConf.load(ROOT / "conf" / "train.yaml").harvest.block_size)
+    return HarvestSpec().block_size
 
 
 def _naive_bytes(args, length: int) -> float:
@@ -326,7 +326,7 @@ def main(argv=None) -> None:
                         help="time in the table: wall clock, or the process's CPU seconds (steadier when shared)")
     parser.add_argument("--window", type=int, default=8, help="locality window")
     parser.add_argument("--block-size", type=int, default=_pipeline_block_size(),
-                        help="query rows per block (default: harvest.block_size of conf/train.yaml, %(default)s)")
+                        help="query rows per block (default: harvest.block_size of the schema, %(default)s)")
     parser.add_argument("--max-dist-len", type=int, default=512,
                         help="head-mean kept for the leading min(S, this) rows and keys, as harvest.max_dist_len "
                              "(0: all S x S)")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from uzr.attention import decoder_of
 from uzr.hooks import injected
 from uzr.inject import Injector
 from uzr.masks import pad_sequences
@@ -48,7 +49,7 @@ def candidate_logprobs(model, tokenizer, prompt_text: str, candidates: Sequence[
     ids, mask = pad_sequences(seqs, tokenizer.pad_token_id or 0)
     ids, mask = ids.to(device), mask.to(device)
     with injected(model, injector):
-        final = model.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, S, D)
+        final = decoder_of(model)(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, S, D)
     out = []
     for b, positions in enumerate(spans):
         pos = torch.tensor(positions, device=device)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from uzr.attention import LayerRecorder, attention_modules, use_uzr_attention
+from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
 from uzr.harvest.stats import distribution_stats
 from uzr.hooks import ModelEdit, injected
 from uzr.next_token import lm_head_logits, next_token_stats
@@ -38,7 +38,7 @@ def student_pass(student, ids: torch.Tensor, layers: list[int], window: int,
     watch = [module.register_forward_hook(_finite_flag(finite, index)) for index, module in enumerate(modules)]
     try:
         with injected(student, injector):
-            out = student.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            out = decoder_of(student)(input_ids=ids, attention_mask=torch.ones_like(ids))
     finally:
         for handle in watch:
             handle.remove()

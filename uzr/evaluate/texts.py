@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from uzr.attention import decoder_of
 from uzr.evaluate.passes import habit_gap, mean_dicts, next_token_kl, student_pass
 from uzr.hooks import ModelEdit
 from uzr.inject import Injector
@@ -109,7 +110,7 @@ def score_settings(student, tokenizer, rows: Sequence[dict], settings: Sequence[
 
 
 def _teacher_final(teacher, ids: torch.Tensor) -> torch.Tensor:
-    return teacher.model(input_ids=ids.to(teacher.device)).last_hidden_state  # (1, S, D)
+    return decoder_of(teacher)(input_ids=ids.to(teacher.device)).last_hidden_state  # (1, S, D)
 
 
 def _measure(student, ids: torch.Tensor, setting: Setting, layers: Sequence[int], window: int,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from uzr.attention import attention_modules
+from uzr.attention import attention_modules, decoder_of
 from uzr.config.gate import (
     FEATURES,
 )
@@ -46,7 +46,7 @@ def sequence_parts(student, controllers: Mapping, sequences: Sequence, layers: S
         for start in range(0, len(sequences), batch_size):
             ids, mask = pad_sequences(sequences[start:start + batch_size])
             ids, mask = ids.to(device), mask.to(device)
-            final = student.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, S, D)
+            final = decoder_of(student)(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, S, D)
             targets = torch.roll(ids, -1, 1) if with_nll else None
             nt = next_token_stats(student, final, targets)
             allowed = causal_mask(mask)  # (B, S, S)

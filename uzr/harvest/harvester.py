@@ -15,6 +15,7 @@ import torch
 from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
 from uzr.harvest.align import TokenAligner
 from uzr.harvest.stats import STAT_NAMES
+from uzr.hooks import layer_input
 from uzr.next_token import next_token_stats
 from uzr.text_bytes import predicted_bytes
 
@@ -38,7 +39,7 @@ class RecordedModel:
         ]
 
     def _capture(self, module, args, kwargs):
-        self.hidden[module.layer_idx] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()
+        self.hidden[module.layer_idx] = layer_input(args, kwargs).detach()
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, dist_rows: int | None = None) -> dict:

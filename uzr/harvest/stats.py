@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from uzr.masks import normalised_entropy
+
 STAT_NAMES = ("entropy", "norm_entropy", "locality", "mean_distance")
 
 
@@ -64,8 +66,7 @@ def attention_stats(
     probs = probs.float()
     entropy = -torch.special.xlogy(probs, probs).sum(-1)  # (..., q)
     n_keys = allowed.sum(-1).expand(entropy.shape).float()  # (..., q)
-    log_n = torch.log(n_keys.clamp(min=1))
-    norm_entropy = torch.where(n_keys > 1, entropy / log_n.clamp(min=1e-12), torch.zeros_like(entropy))
+    norm_entropy = normalised_entropy(entropy, n_keys)
     distance = geometry.distance()  # (q, k)
     local = (distance < window) & (distance >= 0)  # (q, k)
     locality = (probs * local).sum(-1)
