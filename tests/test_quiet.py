@@ -1,4 +1,5 @@
-"""uzr.quiet drops the known third-party noise and nothing else."""
+"""uzr.quiet drops the known third-party noise and nothing else; the W&B logger no longer triggers wandb's
+``anonymous`` warning."""
 
 from __future__ import annotations
 
@@ -78,3 +79,12 @@ def test_lightning_console_steps_aside_only_while_the_root_logger_prints():
     finally:
         root.handlers = saved
 
+
+def test_wandb_logger_does_not_pass_anonymous(tmp_path):
+    from types import SimpleNamespace
+
+    from uzr.loggers import make_loggers
+
+    spec = SimpleNamespace(csv=False, wandb=True, wandb_mode="offline", project="p", group=None)
+    (logger,) = make_loggers(spec, tmp_path, "run", {"a": 1})
+    assert "anonymous" not in logger._wandb_init and logger._wandb_init["project"] == "p"
