@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= offline
 VENV := .venv/bin
 
-.PHONY: setup run test lint
+.PHONY: setup run test lint lock
 setup:
 	@bash scripts/setup.sh
 
@@ -19,3 +19,8 @@ test: setup
 
 lint: setup
 	$(VENV)/ruff check .
+
+# Regenerate requirements.lock in a temporary venv (scripts/lock.sh; see the lock's header before committing).
+# LOCK_OUT=/tmp/new.lock writes elsewhere; LOCK_ARGS=transformers==X.Y moves one package on purpose.
+lock:
+	@LOCK_OUT="$(LOCK_OUT)" LOCK_ARGS='$(LOCK_ARGS)' bash scripts/lock.sh

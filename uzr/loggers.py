@@ -38,11 +38,25 @@ def make_loggers(spec, out_dir: Path, run_name: str, config: dict) -> list[Logge
     if spec.wandb and spec.wandb_mode != "disabled":
         # Offline by default: the environment may pin it (WANDB_MODE) but a config opt-in wins.
         mode = spec.wandb_mode if spec.wandb_mode == "online" else os.environ.get("WANDB_MODE", "offline")
-        loggers.append(WandbLogger(
+        loggers.append(wandb_logger(
             project=spec.project, name=run_name, group=spec.group, save_dir=str(out_dir), mode=mode,
             config=wandb_config(config), reinit="finish_previous",
         ))
     return loggers
+
+
+def wandb_logger(**kwargs) -> WandbLogger:
+    """Lightning's WandbLogger without the ``anonymous`` argument it always hands to ``wandb.init``.
+
+    Lightning passes ``anonymous=None`` when not asked for anything, and wandb (0.31 in the lock) warns "The
+    anonymous setting has no effect and will be removed" for *any* value passed; left out, the setting is
+    unset and wandb stays quiet. Only Lightning's own default is removed: uzr never asks for anonymity.
+    """
+    logger = WandbLogger(**kwargs)
+    init = getattr(logger, "_wandb_init", None)  # the keyword arguments of the deferred wandb.init
+    if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+        del init["anonymous"]
+    return logger
 
 
 def log_summary(loggers: list[Logger], metrics: dict[str, float], images: dict[str, Path] | None = None,

@@ -13,12 +13,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from uzr.config import register_configs, resolve_config
+from uzr.quiet import quiet_third_party
 
 # Offline first: nothing in a default run may reach the network (DESIGN.md §10).
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+quiet_third_party()  # known third-party noise only (uzr/quiet.py); every other warning still shows
 
 register_configs()  # the schema is the first default of conf/train.yaml
 JOB_INFO = "job.json"  # machine and wall time of one run, beside metrics.json (read by uzr.report)
