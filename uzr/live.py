@@ -30,6 +30,10 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+from uzr.quiet import quiet_third_party  # noqa: E402  (after the environment: offline before any import)
+
+quiet_third_party()
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
