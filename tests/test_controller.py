@@ -420,3 +420,13 @@ def test_seed_mlp_width_comes_from_the_config():
     ctrl = build_controller(ControllerSpec(arch="seed_mlp", mlp_hidden=24, max_len=16), 32)
     widths = [m.out_features for m in ctrl.modules() if isinstance(m, torch.nn.Linear)]
     assert widths == [24, 16]
+
+
+def test_every_configurable_architecture_is_built():
+    """uzr.config's ARCHS (validated without torch) and the controller registry name the same architectures."""
+    from uzr.config import ARCHS
+    from uzr.controller.archs import CONTROLLERS
+
+    assert set(ARCHS) == set(CONTROLLERS)
+    for arch in ARCHS:
+        assert isinstance(build_controller(ControllerSpec(arch=arch, max_len=8), 16), CONTROLLERS[arch])

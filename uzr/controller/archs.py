@@ -137,7 +137,12 @@ class SeedMLPController(Controller):
         return self.query_features(h)[:, :, : h.shape[1]]
 
 
+# One line per architecture (its name also goes into uzr.config.controller.ARCHS, which validates configs
+# without importing torch); a new controller (e.g. an iterative latent-reasoning one) subclasses Controller.
+CONTROLLERS: dict[str, type[Controller]] = {"bilinear": BilinearController, "seed_mlp": SeedMLPController}
+
+
 def build_controller(spec: ControllerSpec | Mapping[str, Any] | None, hidden_size: int) -> Controller:
     """Instantiate the architecture named by ``spec.arch``."""
     spec = coerce_spec(spec)
-    return {"bilinear": BilinearController, "seed_mlp": SeedMLPController}[spec.arch](spec, hidden_size)
+    return CONTROLLERS[spec.arch](spec, hidden_size)
