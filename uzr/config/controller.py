@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from uzr.config.fields import from_mapping
+
 ARCHS = ("bilinear", "seed_mlp")
 LOCALITY_WINDOW = 8  # the default locality window (tokens), for the harvest and the controller alike
 
@@ -32,9 +34,6 @@ class ControllerSpec:
     weight_decay: float = 0.01
     max_epochs: int = 20
     batch_size: int = 8
-
-
-_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(ControllerSpec))
 
 
 def validate_spec(spec: ControllerSpec) -> ControllerSpec:
@@ -68,13 +67,7 @@ def validate_spec(spec: ControllerSpec) -> ControllerSpec:
 
 def coerce_spec(spec: ControllerSpec | Mapping[str, Any] | None) -> ControllerSpec:
     """ControllerSpec from a spec, a mapping (dict / OmegaConf DictConfig) or None (defaults); validated."""
-    if spec is None:
-        spec = ControllerSpec()
-    elif not isinstance(spec, ControllerSpec):
-        unknown = sorted(set(spec) - set(_SPEC_FIELDS))
-        if unknown:
-            raise ValueError(f"unknown controller key(s) {unknown}; valid keys: {', '.join(_SPEC_FIELDS)}")
-        spec = ControllerSpec(**{k: spec[k] for k in spec})
+    spec = from_mapping(ControllerSpec, spec, "controller")
     if spec.locality_window is None:
         spec = dataclasses.replace(spec, locality_window=LOCALITY_WINDOW)
     return validate_spec(spec)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from uzr.config.fields import from_mapping
 
 LABELS = ("token", "prompt")
 FEATURES = ("hidden", "ctrl_entropy", "ctrl_peak", "student_entropy")
@@ -107,12 +108,6 @@ def validate_gate_spec(spec: GateSpec) -> GateSpec:
 
 
 def coerce_gate_spec(spec: GateSpec | Mapping[str, Any] | None) -> GateSpec:
-    if spec is None:
-        spec = GateSpec()
-    elif not isinstance(spec, GateSpec):
-        known = {f.name for f in dataclasses.fields(GateSpec)}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ValueError(f"unknown gate key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
-        spec = GateSpec(**{k: (list(v) if k in ("hedges", "features", "eval_alphas") else v) for k, v in spec.items()})
+    """GateSpec from a spec, a mapping or None (defaults); validated."""
+    spec = from_mapping(GateSpec, spec, "gate")
     return validate_gate_spec(spec)
