@@ -94,10 +94,10 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     if plain_qa is None:
         def plain_qa(role: str) -> float | None:
             model, model_tok = models.get(role)
-            return qa_accuracy(model, model_tok, tqdm(qa, desc=f"facts QA: {role}", leave=False), spec.prompt_format)
+            return qa_accuracy(model, model_tok, tqdm(qa, desc=f"facts QA: {role}", unit="prompt", leave=False), spec.prompt_format)
 
     accuracy = {name: plain_qa("student") if alpha is None else
-                qa_accuracy(student, tok, tqdm(qa, desc=f"facts QA: {name}", leave=False), spec.prompt_format,
+                qa_accuracy(student, tok, tqdm(qa, desc=f"facts QA: {name}", unit="prompt", leave=False), spec.prompt_format,
                             qa_injector(alpha))
                 for name, alpha in settings}
     teacher_qa = plain_qa("teacher")
