@@ -60,15 +60,16 @@ class Injector(ModelEdit):
         alpha: the schedule; ``mode``: ``bias`` or ``mix``.
         prompt_len: decoding steps are counted from here; ``None`` takes the length of each prefill,
             ``0`` treats a whole text as generated (how warm-up schedules apply to bits per byte).
+        gate: (B, 1) or (B, q) gate output in [0, 1], read by schedule ``gated``.
     """
 
     def __init__(self, controllers: dict[int, torch.nn.Module], alpha: AlphaSpec, mode: str = "bias",
-                 prompt_len: int | None = None):
+                 prompt_len: int | None = None, gate: torch.Tensor | None = None):
         if mode not in MODES:
             raise ValueError(f"inject.mode={mode!r} is unknown; valid choices: {', '.join(MODES)}")
         validate_alpha(alpha)
         self.controllers, self.alpha, self.mode, self.prompt_len = controllers, alpha, mode, prompt_len
-        self.gate: torch.Tensor | None = None  # (B, 1) or (B, q), set by the caller for ``gated``
+        self.gate = gate  # (B, 1) or (B, q) gate output for schedule ``gated``; may be set later
         self._hidden: dict[int, torch.Tensor] = {}
         self._key_cache: dict[int, torch.Tensor] = {}
         self._prefill_len: dict[int, int] = {}

@@ -100,8 +100,8 @@ class LiveSession:
                                                  gate_t)) for i, layer in enumerate(self.layers)}
         plain = generate_answers(self.student, self.tok, [text], self.max_new_tokens, batch_size=1,
                                  add_special_tokens=special)[0]
-        injector = Injector(self.controllers, alpha, self.cfg.inject.mode, prompt_len=None)
-        injector.gate = torch.tensor([[gate]], device=next(self.student.parameters()).device)
+        injector = Injector(self.controllers, alpha, self.cfg.inject.mode, prompt_len=None,
+                            gate=torch.tensor([[gate]], device=next(self.student.parameters()).device))
         injected = generate_answers(self.student, self.tok, [text], self.max_new_tokens, batch_size=1,
                                     injector=injector, add_special_tokens=special)[0]
         return {

@@ -20,7 +20,7 @@ from typing import Any
 
 from uzr.cache import ArtifactCache, content_key
 from uzr.config import RunConfig
-from uzr.stages import StageInfo, plan
+from uzr.stages import Stage, StageInfo, plan
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ class RunContext:
         return self._memo[key]
 
 
-def stage_key(info: StageInfo, cfg: RunConfig, upstream: dict[str, str]) -> tuple[str, dict]:
-    payload = info.implementation().key_payload(cfg, upstream)
+def stage_key(info: StageInfo, impl: Stage, cfg: RunConfig, upstream: dict[str, str]) -> tuple[str, dict]:
+    payload = impl.key_payload(cfg, upstream)
     return content_key(info.name, payload, info.version), payload
 
 
@@ -74,28 +74,29 @@ def artifact_keys(cfg: RunConfig, selected: Iterable[str]) -> dict[str, str]:
     keys: dict[str, str] = {}
     for info in plan(list(selected)):
         if info.cached:
-            keys[info.name] = stage_key(info, cfg, {need: keys[need] for need in info.needs})[0]
+            keys[info.name] = stage_key(info, info.implementation(), cfg, {need: keys[need] for need in info.needs})[0]
     return keys
 
 
-def load_stages(run: RunContext, selected: Iterable[str], build: Iterable[str] | None = None) -> list[StageInfo]:
+def load_stages(run: RunContext, selected: Iterable[str], build: Iterable[str] | None = None) -> dict[str, Stage]:
     """Bring the artifacts of ``selected`` (and what they need) into ``run.artifacts``; the stages in
-    ``build`` (default: ``selected``) build theirs when missing. Returns the plan."""
+    ``build`` (default: ``selected``) build theirs when missing. Returns the plan as ``{name: implementation}``,
+    in dependency order."""
     selected = list(selected)
     build = set(selected if build is None else build)
     cache = ArtifactCache(run.cfg.cache_dir)
-    stages = plan(selected)
-    for info in stages:
-        impl = info.implementation()
+    impls: dict[str, Stage] = {}
+    for info in plan(selected):
+        impl = impls[info.name] = info.implementation()
         if not info.cached:
             continue
         upstream = {need: run.info[need]["key"] for need in info.needs}
-        key, payload = stage_key(info, run.cfg, upstream)
+        key, payload = stage_key(info, impl, run.cfg, upstream)
         path, built = cache.get_or_build(info.name, key, payload, lambda folder, impl=impl: impl.build(run, folder),
                                          allow_build=info.name in build)
         run.info[info.name] = {"key": key, "built": built, "path": str(path)}
         run.artifacts[info.name] = impl.load(run, path)
-    return stages
+    return impls
 
 
 def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict:
@@ -110,22 +111,21 @@ def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict
     run_ctx = RunContext(cfg, out_dir, ModelPool(cfg), make_loggers(cfg.logger, out_dir, run_name, config_dict))
     metrics: dict = {"name": run_name}
     try:
-        stages = load_stages(run_ctx, cfg.stages)
+        impls = load_stages(run_ctx, cfg.stages)
         metrics["artifacts"] = run_ctx.info
-        impls = {info.name: info.implementation() for info in stages}
-        for info in stages:
-            section = impls[info.name].report(run_ctx, run_ctx.artifacts.get(info.name))
+        for name, impl in impls.items():
+            section = impl.report(run_ctx, run_ctx.artifacts.get(name))
             if section is not None:
-                metrics[info.name] = section
+                metrics[name] = section
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         header, rows = results_rows(metrics)
         if rows:
             run_ctx.tables["results"] = (header, rows)
             print_results(metrics, cfg)
-        for info in stages:
-            present = getattr(impls[info.name], "present", None)
-            if present is not None and info.name in metrics:
-                present(run_ctx, metrics[info.name])
+        for name, impl in impls.items():
+            present = getattr(impl, "present", None)
+            if present is not None and name in metrics:
+                present(run_ctx, metrics[name])
         log_summary(run_ctx.loggers, flat_metrics(metrics), run_ctx.images, run_ctx.tables)
     finally:
         finish(run_ctx.loggers)

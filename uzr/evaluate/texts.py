@@ -142,10 +142,8 @@ def injection_setting(name: str, controllers: dict, alpha, mode: str,
     """The student with the controllers injected at ``alpha`` (schedule ``gated``: ``gate_values(ids)``
     gives the gate per position, (1, S)); warm-up schedules treat the whole text as generated."""
     def edit(ids: torch.Tensor) -> Injector:
-        injector = Injector(controllers, alpha, mode, prompt_len=0)
-        if alpha.schedule == "gated":
-            injector.gate = gate_values(ids)
-        return injector
+        gate = gate_values(ids) if alpha.schedule == "gated" else None
+        return Injector(controllers, alpha, mode, prompt_len=0, gate=gate)
 
     return Setting(name, ("inject", mode, alpha_key(alpha)), edit)
 

@@ -70,10 +70,8 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     def injector_for(alpha: AlphaSpec | None, gate_values: Tensor) -> Injector | None:
         if alpha is None:
             return None
-        inj = Injector(ctrls, alpha, cfg.inject.mode, prompt_len=0)
-        if alpha.schedule == "gated":
-            inj.gate = gate_values.to(device)
-        return inj
+        gate_now = gate_values.to(device) if alpha.schedule == "gated" else None
+        return Injector(ctrls, alpha, cfg.inject.mode, prompt_len=0, gate=gate_now)
 
     # --- gate value per held-out prompt, answerable and not
     heldout = PromptSet(spec.prompt_seed, spec.heldout_fraction).heldout
