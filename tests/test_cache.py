@@ -217,16 +217,16 @@ def test_verify_cli_default_dir_is_under_the_working_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "UZR_CACHE"}
     env["PYTHONPATH"] = str(ROOT)  # this checkout's uzr, run from another folder
     proc = subprocess.run([sys.executable, "-m", "uzr.cache", "verify"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.startswith(f"DAMAGED  harvest/k0: {folder.resolve()} does not match its manifest "
                                   f"(changed: layout.json)")
     empty = subprocess.run([sys.executable, "-m", "uzr.cache", "verify", "--cache-dir", str(tmp_path / "none")],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert (empty.returncode, empty.stdout) == (0, "") and f"no artifacts in {tmp_path / 'none'}" in empty.stderr
 
 
 def test_cache_module_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", "import uzr.cache, sys; assert 'torch' not in sys.modules"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr

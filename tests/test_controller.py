@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import lightning as L
 import pytest
@@ -278,12 +277,8 @@ def test_training_beats_uniform_recency_and_student_self(one_thread):
     train, val = _synthetic(256, S, D, gen), _synthetic(96, S, D, gen)
     spec = ControllerSpec(key_dim=16, mlp_hidden=64, lr=1e-2, weight_decay=0.0, batch_size=16, max_epochs=20)
     module = ControllerModule(hidden_size=D, layers=[1, 3], spec=spec)
-    start = time.perf_counter()
     _trainer(spec.max_epochs).fit(module, datamodule=_DM(train, val, spec.batch_size))
-    elapsed = time.perf_counter() - start
     rep = module.heldout_report()
-    print(f"\nfit {elapsed:.1f}s  " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(rep.items())))
-    assert elapsed < 30
     assert rep["val/rows/L1"] == sum(int(b["mask"].sum()) for b in val)
     for layer in ("1", "3"):
         c = rep[f"val/kl/L{layer}/controller"]

@@ -225,13 +225,12 @@ def test_packaged_models_convert_once_then_load_from_cache(spec, tmp_path, monke
     monkeypatch.setattr(models, "_convert_gguf", lambda *a: conversions.append(a) or convert(*a))
 
     def load():
-        start = time.perf_counter()
         model, tok = load_model(spec, cache_dir=tmp_path)
         with torch.no_grad():
             logits = model(**tok(["The capital of France is"], return_tensors="pt")).logits
-        return model, logits, time.perf_counter() - start
+        return model, logits
 
-    model, first, first_s = load()
+    model, first = load()
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size) == (
         spec.num_layers,
@@ -243,10 +242,9 @@ def test_packaged_models_convert_once_then_load_from_cache(spec, tmp_path, monke
     assert len(folders) == 1 and len(conversions) == 1
     assert (folders[0] / "model.safetensors").exists() and (folders[0] / "tokenizer.json").exists()
 
-    _, second, second_s = load()
+    _, second = load()
     assert len(conversions) == 1  # served from the converted cache, no GGUF work
     assert torch.isfinite(first).all() and torch.equal(first, second)
-    assert second_s < first_s / 3, (first_s, second_s)
 
 
 def test_gguf_conversion_runs_once_under_concurrent_loads(monkeypatch, tmp_path):

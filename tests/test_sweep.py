@@ -6,6 +6,7 @@ sweep is shared by several tests (module-scoped fixture) to keep the suite short
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import struct
@@ -126,6 +127,10 @@ def test_one_wandb_run_per_job_grouped_by_sweep_and_named_by_overrides(alpha_swe
         assert "alpha" not in config, "the config is flattened to dotted keys"
         info = json.loads((job / "job.json").read_text())
         assert info["wandb_group"] == sweep.name and info["machine"]["cpu_count"] >= 1
+        # the environment is traceable: the versions the job ran with, in job.json and in W&B
+        for package in ("torch", "transformers", "lightning", "hydra-core", "datasets"):
+            assert info["versions"][package] == importlib.metadata.version(package), package
+            assert config[f"versions.{package}"] == info["versions"][package]
     assert len(ids) == len(jobs)
 
 

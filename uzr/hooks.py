@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from transformers import Cache
 
 
 class ModelEdit(ABC):
@@ -58,12 +57,6 @@ def injected(model, edit: ModelEdit | None) -> Iterator[Any]:
 def layer_input(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
     """The hidden state a module was called with: (B, q, D)."""
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-
-def kv_cache(kwargs: Mapping[str, Any]) -> Cache | None:
-    """The KV cache among a module's keyword arguments, found by type (its keyword name changed in
-    transformers 5.24: ``past_key_values`` -> ``cache``)."""
-    return next((v for v in kwargs.values() if isinstance(v, Cache)), None)
 
 
 @contextmanager

@@ -8,7 +8,8 @@ each injected layer; the attention function then asks :meth:`Injector.attention_
 - ``mix``: output = (1 - alpha) * output + alpha * (P_ctrl @ V).
 
 During decoding the query length is 1, so the controller's key features are cached per layer like a
-KV cache. ``remove()`` detaches everything and restores the original model exactly.
+KV cache; a call whose keys are exactly its queries starts a new sequence (no private keyword of the
+model's code is read). A layer whose alpha is 0 for the whole run is not hooked at all. ``remove()`` detaches everything and restores the original model exactly.
 """
 
 from __future__ import annotations
@@ -19,13 +20,48 @@ import torch
 
 from uzr.attention import AttentionEdit, attention_modules, causal_allowed, use_uzr_attention
 from uzr.config.inject import MODES, SCHEDULES, AlphaSpec, validate_alpha  # noqa: F401
-from uzr.hooks import ModelEdit, kv_cache, layer_input
+from uzr.hooks import ModelEdit, layer_input
 from uzr.masks import masked_log_softmax, normalised_entropy
+
+
+def scheduled_alpha(spec: AlphaSpec, layer: int, steps: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Alpha of each query row before any entropy factor: value x layer weight x warm-up x gate.
+
+    Args:
+        steps: (q,) decoding step of each query row (0 for the prompt).
+        gate: (B, q) or (B, 1) gate output in [0, 1] (schedule ``gated``).
+    Returns:
+        (B or 1, q) float32 alpha. Where it is 0 the entropy factor of :func:`alpha_rows` keeps it 0, so
+        a row that is 0 here needs no controller logits.
+    """
+    base = layer_alpha(spec, layer)
+    ramp = (steps.float() / spec.warmup_steps).clamp(max=1.0)[None]  # (1, q)
+    if spec.schedule == "linear":
+        alpha = base * ramp
+    elif spec.schedule == "cosine":
+        alpha = base * (1 - torch.cos(math.pi * ramp)) / 2
+    else:
+        alpha = torch.full_like(ramp, base)
+    if spec.schedule == "gated":
+        if gate is None:
+            raise ValueError("alpha.schedule='gated' needs a trained gate; run the gate stage first")
+        alpha = alpha * gate
+    return alpha
+
+
+def layer_alpha(spec: AlphaSpec, layer: int) -> float:
+    """``alpha.value`` x the layer's weight: the most alpha the layer ever gets (0: never injected)."""
+    return spec.value * spec.layer_weights.get(layer, 1.0)
+
+
+def needs_entropy(spec: AlphaSpec) -> bool:
+    """Whether the schedule scales alpha by (1 - the controller row's normalised entropy)."""
+    return spec.schedule == "entropy_local" or (spec.schedule == "gated" and spec.entropy_local)
 
 
 def alpha_rows(spec: AlphaSpec, layer: int, steps: torch.Tensor, ctrl_norm_entropy: torch.Tensor | None,
                gate: torch.Tensor | None = None) -> torch.Tensor:
-    """Alpha for each query row.
+    """Alpha for each query row: :func:`scheduled_alpha`, times (1 - entropy) where the schedule asks.
 
     Args:
         steps: (q,) decoding step of each query row (0 for the prompt).
@@ -34,21 +70,8 @@ def alpha_rows(spec: AlphaSpec, layer: int, steps: torch.Tensor, ctrl_norm_entro
     Returns:
         (B or 1, q) float32 alpha.
     """
-    base = spec.value * spec.layer_weights.get(layer, 1.0)
-    ramp = (steps.float() / spec.warmup_steps).clamp(max=1.0)[None]  # (1, q)
-    if spec.schedule == "linear":
-        alpha = base * ramp
-    elif spec.schedule == "cosine":
-        alpha = base * (1 - torch.cos(math.pi * ramp)) / 2
-    else:
-        alpha = torch.full_like(ramp, base)
-    if spec.schedule == "entropy_local" or (spec.schedule == "gated" and spec.entropy_local):
-        alpha = alpha * (1 - ctrl_norm_entropy)
-    if spec.schedule == "gated":
-        if gate is None:
-            raise ValueError("alpha.schedule='gated' needs a trained gate; run the gate stage first")
-        alpha = alpha * gate
-    return alpha
+    alpha = scheduled_alpha(spec, layer, steps, gate)
+    return alpha * (1 - ctrl_norm_entropy) if needs_entropy(spec) else alpha
 
 
 class Injector(ModelEdit):
@@ -83,6 +106,8 @@ class Injector(ModelEdit):
         for layer in self.controllers:
             if not 0 <= layer < len(modules):
                 raise ValueError(f"inject.layers contains {layer}; the student has layers 0..{len(modules) - 1}")
+        # A layer whose alpha is 0 for the whole run is left untouched: its controller never runs.
+        for layer in (layer for layer in self.controllers if layer_alpha(self.alpha, layer) != 0):
             module = modules[layer]
             module.uzr_injector = self
             self._handles.append(module.register_forward_pre_hook(self._capture, with_kwargs=True))
@@ -102,54 +127,63 @@ class Injector(ModelEdit):
 
     def _capture(self, module, args, kwargs):
         self._hidden[module.layer_idx] = layer_input(args, kwargs)  # (B, q, D): the normalised input of the attention
-        cache = kv_cache(kwargs)
-        if cache is None or cache.get_seq_length(module.layer_idx) == 0:
-            self._key_cache.pop(module.layer_idx, None)  # a new sequence starts
         return None
 
     # --- the edit ----------------------------------------------------------------------------
-    def controller_logprobs(self, layer: int, q_len: int, k_len: int, mask) -> tuple[torch.Tensor, ...]:
-        """Log-probabilities (B, q, k) of the controller at ``layer``, the allowed mask (B|1, q, k) and the
-        queries' positions (q,) in the sequence.
+    def _advance(self, layer: int, q_len: int, k_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Extends the layer's cache of controller key features by this call's rows.
 
-        The controller's key features of every position seen so far are cached; a sliding-window
-        layer's KV cache may hold only the last ``k_len`` of them, so the newest ``k_len`` are used.
+        Where a sequence starts is read off the attention call itself, not off the model's private
+        keyword arguments: a call whose keys are exactly its queries (``k_len == q_len``) has nothing
+        before it, so it is a prefill or a pass without a KV cache; a call with more keys than queries
+        continues the sequence whose keys are cached here. Returns the hidden state (B, q, D) float32,
+        the keys seen so far (B, seen, dk) and the queries' positions (q,) in the sequence.
         """
         ctrl = self.controllers[layer]
         hidden = self._hidden.pop(layer).float()  # (B, q, D)
         keys = ctrl.key_features(hidden)  # (B, q, dk)
-        if layer in self._key_cache:
-            keys = torch.cat([self._key_cache[layer], keys], 1)  # (B, seen, dk)
-        else:
+        if k_len == q_len:
             self._prefill_len[layer] = q_len
+        elif layer in self._key_cache:
+            keys = torch.cat([self._key_cache[layer], keys], 1)  # (B, seen, dk)
         self._key_cache[layer] = keys
         seen = keys.shape[1]
         if seen < k_len:
             raise RuntimeError(
                 f"injector saw {seen} positions at layer {layer} but attention has {k_len} keys: "
-                "attach the injector before the prefill (before generate()), not in the middle of a sequence"
+                "attach the injector before the prefill (before generate()), not in the middle of a sequence, "
+                "and use a dynamic KV cache (a static cache's keys include empty slots)"
             )
-        q_pos = torch.arange(seen - q_len, seen, device=hidden.device)
+        return hidden, keys, torch.arange(seen - q_len, seen, device=hidden.device)
+
+    def controller_logprobs(self, layer: int, hidden: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
+                            k_len: int, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities (B, q, k) of the controller at ``layer`` and the allowed mask (B|1, q, k).
+
+        A sliding-window layer's KV cache may hold only the last ``k_len`` keys, so the newest ``k_len``
+        of the cached controller keys are used.
+        """
+        ctrl, seen, q_len = self.controllers[layer], keys.shape[1], hidden.shape[1]
         k_pos = torch.arange(seen - k_len, seen, device=hidden.device)
         logits = ctrl.logits_from_features(ctrl.query_features(hidden), keys[:, seen - k_len:], q_pos, k_pos)
         allowed = causal_allowed(mask, q_len, k_len, hidden.device)[:, 0]  # (B|1, q, k)
-        return masked_log_softmax(logits, allowed.expand_as(logits)), allowed, q_pos
+        return masked_log_softmax(logits, allowed.expand_as(logits)), allowed
 
     def attention_edit(self, module, query, key, mask) -> AttentionEdit | None:
         layer = module.layer_idx
         q_len, k_len = query.shape[2], key.shape[2]
-        logp, allowed, q_pos = self.controller_logprobs(layer, q_len, k_len, mask)
-        schedule = self.alpha.schedule
-        needs_entropy = schedule == "entropy_local" or (schedule == "gated" and self.alpha.entropy_local)
-        probs = logp.exp() * allowed if needs_entropy or self.mode == "mix" else None  # (B, q, k)
-        norm_entropy = None
-        if needs_entropy:  # only these schedules read it: decoding skips the work otherwise
-            norm_entropy = normalised_entropy(-torch.special.xlogy(probs, probs).sum(-1), allowed.sum(-1))  # (B, q)
+        hidden, keys, q_pos = self._advance(layer, q_len, k_len)
         prompt_len = self.prompt_len if self.prompt_len is not None else self._prefill_len[layer]
         steps = (q_pos - (prompt_len - 1)).clamp(min=0)
-        alpha = alpha_rows(self.alpha, layer, steps, norm_entropy, self.gate).to(logp.device)  # (B|1, q)
+        alpha = scheduled_alpha(self.alpha, layer, steps, self.gate).to(hidden.device)  # (B|1, q)
         if not bool((alpha != 0).any()):
-            return None  # exact parity with the plain model
+            return None  # e.g. a warm-up's prompt: keys are cached for later steps, no logits are needed
+        logp, allowed = self.controller_logprobs(layer, hidden, keys, q_pos, k_len, mask)
+        probs = logp.exp() * allowed if needs_entropy(self.alpha) or self.mode == "mix" else None  # (B, q, k)
+        if needs_entropy(self.alpha):
+            alpha = alpha * (1 - normalised_entropy(-torch.special.xlogy(probs, probs).sum(-1), allowed.sum(-1)))
+            if not bool((alpha != 0).any()):
+                return None  # exact parity with the plain model
         if self.mode == "mix":
             return AttentionEdit(mix_probs=probs, mix_alpha=alpha.expand(probs.shape[0], -1)[..., None])
         bias = torch.where(allowed, alpha[..., None] * logp, torch.zeros_like(logp))  # (B, q, k)

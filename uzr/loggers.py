@@ -30,8 +30,11 @@ def make_loggers(spec, out_dir: Path, run_name: str, config: dict) -> list[Logge
     """Loggers for one run; W&B files go to ``out_dir/wandb`` (sync later with ``wandb sync``).
 
     One W&B run per Hydra job: named by the job's overrides, grouped by ``spec.group`` (a multirun
-    sets it to the sweep folder), with the flattened config (:func:`wandb_config`).
+    sets it to the sweep folder), with the flattened config (:func:`wandb_config`) and the versions of
+    the packages it ran with (``versions.transformers``, ...).
     """
+    from uzr.environment import package_versions
+
     loggers: list[Logger] = []
     if spec.csv:
         loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
@@ -40,7 +43,7 @@ def make_loggers(spec, out_dir: Path, run_name: str, config: dict) -> list[Logge
         mode = spec.wandb_mode if spec.wandb_mode == "online" else os.environ.get("WANDB_MODE", "offline")
         loggers.append(wandb_logger(
             project=spec.project, name=run_name, group=spec.group, save_dir=str(out_dir), mode=mode,
-            config=wandb_config(config), reinit="finish_previous",
+            config=wandb_config({**config, "versions": package_versions()}), reinit="finish_previous",
         ))
     return loggers
 

@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from uzr.config import register_configs, resolve_config
+from uzr.environment import machine_info, package_versions
 from uzr.quiet import quiet_third_party
 
 # Offline first: nothing in a default run may reach the network (DESIGN.md §10).
@@ -51,22 +52,6 @@ def sweep_group(hydra_cfg) -> str | None:
     return "_".join(parts)[:128] or None  # W&B caps group names at 128 characters
 
 
-def machine_info() -> dict:
-    """Where a run ran: recorded per job so a sweep's report can name its machine."""
-    import platform
-
-    import torch
-
-    info = {
-        "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
-        "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    if hasattr(os, "sched_getaffinity"):
-        info["cpus_usable"] = len(os.sched_getaffinity(0))
-    return info
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     run_cfg = resolve_config(cfg)  # fails before any model loads
@@ -83,7 +68,7 @@ def main(cfg: DictConfig) -> float | None:
     metrics = run(run_cfg, out_dir, config_dict, f"{cfg.name}:{run_name(hydra_cfg)}")
     (out_dir / JOB_INFO).write_text(json.dumps({
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "started_unix": started,
-        "wall_s": round(time.time() - started, 2), "machine": machine_info(),
+        "wall_s": round(time.time() - started, 2), "machine": machine_info(), "versions": package_versions(),
         "hydra_mode": str(hydra_cfg.mode.name if hydra_cfg.mode else None), "wandb_group": run_cfg.logger.group,
     }, indent=2))
     ev = metrics.get("evaluate")
