@@ -60,6 +60,8 @@ BAD = [
     (["+experiment=default", "inject.teacher_layers=[3,9,18]"], r"\[18\] outside the teacher's layers 0..17"),
     (["+experiment=default", "inject.teacher_layers=[3]"], r"one teacher layer per injected layer"),
     (["+experiment=default", "inject.mode=add"], r"inject.mode='add' is unknown; valid choices: bias, mix"),
+    (["+experiment=default", "inject.source=oracle"],
+     r"inject.source='oracle' is unknown; valid choices: controller, teacher, student_self, uniform, shuffled"),
     (["+experiment=default", "harvest.max_length=1"], r"harvest.max_length=1 must be >= 2"),
     (["+experiment=default", "harvest.max_dist_len=1"], r"harvest.max_dist_len=1 must be >= 2.*harvest.max_dist_len=512"),
     (["+experiment=default", "stages=[harvest,train]"], r"unknown \['train'\]; valid stages: harvest, controller, gate, evaluate"),

@@ -51,7 +51,8 @@ class AttentionEdit:
     """What the injector does to one layer call.
 
     ``bias``: (B, 1, q, k) added to the scores (mode ``bias``), or ``None``.
-    ``mix_probs``/``mix_alpha``: (B, q, k) controller probabilities and (B, q, 1) weights; the output
+    ``mix_probs``/``mix_alpha``: (B, q, k) prior probabilities (or (B, H, q, k), one per head) and (B, q, 1)
+    weights; the output
     becomes ``(1 - a) * out + a * (P_ctrl @ V)`` (mode ``mix``).
     """
 
@@ -358,9 +359,10 @@ def _blocked_eager(module, query, key, value, attention_mask, scaling, recorder,
 
 
 def _mix(output, value, edit: AttentionEdit, n_heads: int):
-    """(1 - a) * output + a * (P_ctrl @ V), with P_ctrl shared by all heads."""
+    """(1 - a) * output + a * (P_ctrl @ V), with P_ctrl (B, q, k) shared by all heads or (B, H, q, k) per head."""
     value = repeat_kv(value, n_heads // value.shape[1])  # (B, H, k, D)
-    ctrl = torch.einsum("bqk,bhkd->bqhd", edit.mix_probs.to(value.dtype), value)  # (B, q, H, D)
+    heads = "bhqk" if edit.mix_probs.dim() == 4 else "bqk"
+    ctrl = torch.einsum(f"{heads},bhkd->bqhd", edit.mix_probs.to(value.dtype), value)  # (B, q, H, D)
     a = edit.mix_alpha.to(output.dtype)[..., None]  # (B, q, 1, 1)
     return (1 - a) * output + a * ctrl
 

@@ -15,6 +15,7 @@ model's code is read). A layer whose alpha is 0 for the whole run is not hooked 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -22,6 +23,7 @@ from uzr.attention import AttentionEdit, attention_modules, causal_allowed, use_
 from uzr.config.inject import MODES, SCHEDULES, AlphaSpec, validate_alpha  # noqa: F401
 from uzr.hooks import ModelEdit, layer_input
 from uzr.masks import masked_log_softmax, normalised_entropy
+from uzr.priors import AttentionCall, AttentionPrior, ControllerPrior
 
 
 def scheduled_alpha(spec: AlphaSpec, layer: int, steps: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,23 +77,26 @@ def alpha_rows(spec: AlphaSpec, layer: int, steps: torch.Tensor, ctrl_norm_entro
 
 
 class Injector(ModelEdit):
-    """Adds the controllers' predictions to the student's attention at the chosen layers.
+    """Adds a prior over keys (by default the controllers' predictions) to the student's attention at the
+    chosen layers.
 
     Args:
-        controllers: ``{layer: controller}``; each controller offers ``query_features(h)``,
-            ``key_features(h)`` and ``logits_from_features(qf, kf, q_pos, k_pos)``.
+        source: ``{layer: controller}`` (each offers ``query_features(h)``, ``key_features(h)`` and
+            ``logits_from_features(qf, kf, q_pos, k_pos)``), or any :class:`~uzr.priors.AttentionPrior`
+            (the teacher oracle and the controls of ``inject.source``).
         alpha: the schedule; ``mode``: ``bias`` or ``mix``.
         prompt_len: decoding steps are counted from here; ``None`` takes the length of each prefill,
             ``0`` treats a whole text as generated (how warm-up schedules apply to bits per byte).
         gate: (B, 1) or (B, q) gate output in [0, 1], read by schedule ``gated``.
     """
 
-    def __init__(self, controllers: dict[int, torch.nn.Module], alpha: AlphaSpec, mode: str = "bias",
+    def __init__(self, source: Mapping[int, torch.nn.Module] | AttentionPrior, alpha: AlphaSpec, mode: str = "bias",
                  prompt_len: int | None = None, gate: torch.Tensor | None = None):
         if mode not in MODES:
             raise ValueError(f"inject.mode={mode!r} is unknown; valid choices: {', '.join(MODES)}")
         validate_alpha(alpha)
-        self.controllers, self.alpha, self.mode, self.prompt_len = controllers, alpha, mode, prompt_len
+        self.prior = source if isinstance(source, AttentionPrior) else ControllerPrior(source)
+        self.alpha, self.mode, self.prompt_len = alpha, mode, prompt_len
         self.gate = gate  # (B, 1) or (B, q) gate output for schedule ``gated``; may be set later
         self._hidden: dict[int, torch.Tensor] = {}
         self._key_cache: dict[int, torch.Tensor] = {}
@@ -103,11 +108,11 @@ class Injector(ModelEdit):
     def attach(self, model) -> Injector:
         use_uzr_attention(model)
         modules = attention_modules(model)
-        for layer in self.controllers:
+        for layer in self.prior.layers:
             if not 0 <= layer < len(modules):
                 raise ValueError(f"inject.layers contains {layer}; the student has layers 0..{len(modules) - 1}")
         # A layer whose alpha is 0 for the whole run is left untouched: its controller never runs.
-        for layer in (layer for layer in self.controllers if layer_alpha(self.alpha, layer) != 0):
+        for layer in (layer for layer in self.prior.layers if layer_alpha(self.alpha, layer) != 0):
             module = modules[layer]
             module.uzr_injector = self
             self._handles.append(module.register_forward_pre_hook(self._capture, with_kwargs=True))
@@ -139,9 +144,8 @@ class Injector(ModelEdit):
         continues the sequence whose keys are cached here. Returns the hidden state (B, q, D) float32,
         the keys seen so far (B, seen, dk) and the queries' positions (q,) in the sequence.
         """
-        ctrl = self.controllers[layer]
         hidden = self._hidden.pop(layer).float()  # (B, q, D)
-        keys = ctrl.key_features(hidden)  # (B, q, dk)
+        keys = self.prior.key_features(layer, hidden)  # (B, q, dk); dk = 0 for priors without key features
         if k_len == q_len:
             self._prefill_len[layer] = q_len
         elif layer in self._key_cache:
@@ -156,18 +160,20 @@ class Injector(ModelEdit):
             )
         return hidden, keys, torch.arange(seen - q_len, seen, device=hidden.device)
 
-    def controller_logprobs(self, layer: int, hidden: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
-                            k_len: int, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities (B, q, k) of the controller at ``layer`` and the allowed mask (B|1, q, k).
+    def prior_logprobs(self, module, query, key, mask, hidden: torch.Tensor, keys: torch.Tensor,
+                       q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities (B, 1|H, q, k) of the prior at ``module``'s layer and the allowed mask (B|1, q, k).
 
         A sliding-window layer's KV cache may hold only the last ``k_len`` keys, so the newest ``k_len``
-        of the cached controller keys are used.
+        of the cached key features are used.
         """
-        ctrl, seen, q_len = self.controllers[layer], keys.shape[1], hidden.shape[1]
-        k_pos = torch.arange(seen - k_len, seen, device=hidden.device)
-        logits = ctrl.logits_from_features(ctrl.query_features(hidden), keys[:, seen - k_len:], q_pos, k_pos)
+        seen, q_len, k_len = keys.shape[1], hidden.shape[1], key.shape[2]
         allowed = causal_allowed(mask, q_len, k_len, hidden.device)[:, 0]  # (B|1, q, k)
-        return masked_log_softmax(logits, allowed.expand_as(logits)), allowed
+        call = AttentionCall(module, hidden, query, key, allowed, q_pos,
+                             torch.arange(seen - k_len, seen, device=hidden.device))
+        scores = self.prior.scores(module.layer_idx, call, keys[:, seen - k_len:])  # (B, 1|H, q, k)
+        scores = scores.expand(hidden.shape[0], *scores.shape[1:])
+        return masked_log_softmax(scores, allowed[:, None].expand_as(scores)), allowed
 
     def attention_edit(self, module, query, key, mask) -> AttentionEdit | None:
         layer = module.layer_idx
@@ -178,13 +184,15 @@ class Injector(ModelEdit):
         alpha = scheduled_alpha(self.alpha, layer, steps, self.gate).to(hidden.device)  # (B|1, q)
         if not bool((alpha != 0).any()):
             return None  # e.g. a warm-up's prompt: keys are cached for later steps, no logits are needed
-        logp, allowed = self.controller_logprobs(layer, hidden, keys, q_pos, k_len, mask)
-        probs = logp.exp() * allowed if needs_entropy(self.alpha) or self.mode == "mix" else None  # (B, q, k)
-        if needs_entropy(self.alpha):
-            alpha = alpha * (1 - normalised_entropy(-torch.special.xlogy(probs, probs).sum(-1), allowed.sum(-1)))
+        logp, allowed = self.prior_logprobs(module, query, key, mask, hidden, keys, q_pos)  # (B, P, q, k), P = 1|H
+        allowed = allowed[:, None]  # (B|1, 1, q, k)
+        probs = logp.exp() * allowed if needs_entropy(self.alpha) or self.mode == "mix" else None  # (B, P, q, k)
+        if needs_entropy(self.alpha):  # of the head-mean row: one alpha per query row
+            mean = probs.mean(1)  # (B, q, k)
+            alpha = alpha * (1 - normalised_entropy(-torch.special.xlogy(mean, mean).sum(-1), allowed[:, 0].sum(-1)))
             if not bool((alpha != 0).any()):
                 return None  # exact parity with the plain model
         if self.mode == "mix":
-            return AttentionEdit(mix_probs=probs, mix_alpha=alpha.expand(probs.shape[0], -1)[..., None])
-        bias = torch.where(allowed, alpha[..., None] * logp, torch.zeros_like(logp))  # (B, q, k)
-        return AttentionEdit(bias=bias[:, None])  # (B, 1, q, k)
+            mix = probs[:, 0] if probs.shape[1] == 1 else probs  # (B, q, k) shared, or (B, H, q, k) per head
+            return AttentionEdit(mix_probs=mix, mix_alpha=alpha.expand(probs.shape[0], -1)[..., None])
+        return AttentionEdit(bias=torch.where(allowed, alpha[:, None, :, None] * logp, torch.zeros_like(logp)))

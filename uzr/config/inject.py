@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 
 SCHEDULES = ("constant", "linear", "cosine", "entropy_local", "gated")
 MODES = ("bias", "mix")
+# What is injected (uzr.priors): the method, its oracle ceiling, and three controls.
+SOURCES = ("controller", "teacher", "student_self", "uniform", "shuffled")
 
 
 @dataclass
@@ -61,9 +63,12 @@ class InjectSpec:
     # Teacher layer mapped to each injected layer; None = proportional depth round(l * (Lt-1)/(Ls-1)).
     teacher_layers: list[int] | None = None
     mode: str = "bias"  # one of MODES
+    source: str = "controller"  # one of SOURCES: what is injected (see uzr.priors)
 
 
 def validate_inject(spec: InjectSpec, student_layers: int) -> None:
     injected_layers_valid(spec.layers, student_layers)
     if spec.mode not in MODES:
         raise ValueError(f"inject.mode={spec.mode!r} is unknown; valid choices: {', '.join(MODES)}")
+    if spec.source not in SOURCES:
+        raise ValueError(f"inject.source={spec.source!r} is unknown; valid choices: {', '.join(SOURCES)}")

@@ -80,7 +80,7 @@ def nonfinite_message(injector, finite: dict[int, torch.Tensor], lost: list[int]
     alpha = injector.alpha
     weights = f", layer_weights={dict(alpha.layer_weights)}" if alpha.layer_weights else ""
     return (
-        f"non-finite values in the student forward pass with injection at layers {sorted(injector.controllers)} "
+        f"non-finite values in the student forward pass with injection at layers {sorted(injector.prior.layers)} "
         f"(alpha={alpha.value}, schedule={alpha.schedule}{weights}, mode={injector.mode}){detail}; "
         f"check the controller's outputs or lower alpha"
     )

@@ -1,0 +1,123 @@
+"""What the injector injects: the prior over keys that an injected layer's attention is pulled toward.
+
+``inject.source`` chooses it (DESIGN.md §6; issue 13's controls):
+
+- ``controller``: the trained controller's prediction from the student's own hidden states (the method);
+- ``teacher``: the teacher's attention rows on the same text, aligned to the student's tokens (the
+  oracle ceiling: what a perfect controller would inject);
+- ``student_self``: the student's own attention at that layer (injecting it only sharpens what the
+  student already does: any effect is not the teacher's);
+- ``uniform``: equal scores on every allowed key (in ``bias`` mode a no-op, since softmax ignores a
+  per-row constant; in ``mix`` mode it blends in the mean of the values);
+- ``shuffled``: controller rows computed for a *different* text of the same length (a prior on
+  attention that is not this text's: separates "any prior" from "the right one").
+
+A prior gives unnormalised log-scores over the keys of one attention call, for all heads at once
+(``(B, 1, q, k)``, head-mean targets) or per head (``(B, H, q, k)``); the injector masks and normalises
+them. Priors that depend on earlier positions (the controller) cache per-position key features, which the
+injector keeps like a KV cache.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from transformers.integrations.sdpa_attention import repeat_kv
+
+from uzr.masks import masked_log_softmax
+
+
+@dataclass
+class AttentionCall:
+    """One call of an injected layer's attention, as the prior sees it.
+
+    ``hidden``: (B, q, D) float32 input of the attention; ``query``: (B, H, q, Dh); ``key``: (B, H_kv, k, Dh)
+    (KV cache included); ``allowed``: (B|1, q, k) bool; ``q_pos``/``k_pos``: (q,)/(k,) positions in the
+    sequence.
+    """
+
+    module: torch.nn.Module
+    hidden: torch.Tensor
+    query: torch.Tensor
+    key: torch.Tensor
+    allowed: torch.Tensor
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+
+
+class AttentionPrior(ABC):
+    """A prior over keys for each of ``layers``."""
+
+    def __init__(self, layers):
+        self.layers = tuple(layers)
+
+    def key_features(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, q, d) features of this call's positions, cached by the injector for later calls; d may be 0."""
+        return hidden.new_zeros(*hidden.shape[:2], 0)
+
+    @abstractmethod
+    def scores(self, layer: int, call: AttentionCall, keys: torch.Tensor) -> torch.Tensor:
+        """(B, 1|H, q, k) log-scores; ``keys``: (B, k, d) cached key features of the call's keys."""
+
+
+class ControllerPrior(AttentionPrior):
+    """The controllers' predictions (``{layer: controller}``; see :mod:`uzr.controller.archs`)."""
+
+    def __init__(self, controllers: Mapping[int, torch.nn.Module]):
+        super().__init__(controllers)
+        self.controllers = dict(controllers)
+
+    def key_features(self, layer, hidden):
+        return self.controllers[layer].key_features(hidden)
+
+    def scores(self, layer, call, keys):
+        ctrl = self.controllers[layer]
+        return ctrl.logits_from_features(ctrl.query_features(call.hidden), keys, call.q_pos, call.k_pos)[:, None]
+
+
+class UniformPrior(AttentionPrior):
+    """Equal scores on every key."""
+
+    def scores(self, layer, call, keys):
+        return call.hidden.new_zeros(call.hidden.shape[0], 1, call.q_pos.numel(), call.k_pos.numel())
+
+
+class StudentSelfPrior(AttentionPrior):
+    """The student's own attention at the layer: head-mean (``per_head=False``) or each head's own."""
+
+    def __init__(self, layers, per_head: bool = False):
+        super().__init__(layers)
+        self.per_head = per_head
+
+    def scores(self, layer, call, keys):
+        query = call.query.float()  # (B, H, q, Dh)
+        key = repeat_kv(call.key.float(), query.shape[1] // call.key.shape[1])  # (B, H, k, Dh)
+        scaling = getattr(call.module, "scaling", query.shape[-1] ** -0.5)
+        logp = masked_log_softmax(query @ key.transpose(-1, -2) * scaling, call.allowed[:, None])  # (B, H, q, k)
+        if self.per_head:
+            return logp
+        return torch.logsumexp(logp, 1, keepdim=True) - torch.log(torch.tensor(float(logp.shape[1])))
+
+
+class RowsPrior(AttentionPrior):
+    """Fixed rows for a known text: ``{layer: (B, 1|H, S, S) log-probabilities}`` over its positions.
+
+    The teacher oracle (the teacher's aligned rows of this text) and the shuffled control (the controller's
+    rows of another text) are rows; a call may cover any span of the text, never beyond ``S``.
+    """
+
+    def __init__(self, rows: Mapping[int, torch.Tensor], what: str):
+        super().__init__(rows)
+        self.rows, self.what = dict(rows), what
+
+    def scores(self, layer, call, keys):
+        rows = self.rows[layer]  # (B, 1|H, S, S)
+        end = int(call.k_pos[-1]) + 1
+        if end > rows.shape[-1]:
+            raise ValueError(f"inject.source: the {self.what} rows of layer {layer} cover {rows.shape[-1]} "
+                             f"positions but the text has {end}; score texts no longer than the rows "
+                             "(harvest.max_dist_len bounds the teacher rows the harvest keeps)")
+        return rows[..., call.q_pos, :][..., call.k_pos].to(call.hidden.device)
