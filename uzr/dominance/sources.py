@@ -51,12 +51,12 @@ def load_processor(spec, tokenizer):
     around its tokenizer (CLIP preprocessing, one token per patch)."""
     if spec.source == "tiny":
         from transformers import LlavaProcessor
-        from transformers.models.clip.image_processing_clip import CLIPImageProcessor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # no torchvision
 
         from uzr.models import TINY_IMAGE_SIZE, TINY_PATCH_SIZE
 
         size = TINY_IMAGE_SIZE
-        images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=TINY_PATCH_SIZE,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
     from transformers import AutoProcessor

@@ -78,7 +78,7 @@ class DominanceStage:
         if injects(d):
             from uzr.runner import load_stages
 
-            load_stages(run, ["controller"])  # cached, or built (with its harvest) when missing
+            load_stages(run, ["controller"], build=["harvest", "controller"])  # cached, or built when missing
             controllers = run.artifacts["controller"].controllers
         vision = d.source in VISION_SOURCES
         if vision:
@@ -137,7 +137,7 @@ class DominanceStage:
         from rich.console import Console
         from rich.table import Table
 
-        console = Console()
+        console = Console(width=max(Console().width, 170))
         for key, title in (("dominance", "attention dominance: mean ± std [95% bootstrap interval] over samples"),
                            ("dominance_paired", "paired: injected − student, 95% bootstrap interval")):
             if key not in run.tables:
