@@ -229,7 +229,33 @@ def test_stage_end_to_end_on_tiny_vlm(tmp_path):
     mdi = stats["stages"]["early"]["MDI"]
     assert mdi["n"] == 3 and mdi["ci95"][0] <= mdi["mean"] <= mdi["ci95"][1]
     rows = [json.loads(line) for line in (tmp_path / "run" / "dominance_samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and rows[0]["MDI"][0] == pytest.approx(
-        np.mean([r["MDI"][0] for r in rows[:1]]))
+    assert len(rows) == 3
+    assert np.mean([r["MDI"][0] for r in rows]) == pytest.approx(mdi["mean"], rel=1e-4)  # early = layer 0
     assert (tmp_path / "run" / "figures" / "dominance_layers.png").stat().st_size > 0
     assert section["sweep_row"]["teacher/text_image/early/MDI"] == pytest.approx(mdi["mean"])
+
+
+def test_sweep_report_tabulates_dominance_jobs(tmp_path):
+    import csv
+    import json
+
+    import yaml
+
+    from uzr.report import write_report
+
+    sweep = tmp_path / "sweep"
+    for num, (queries, alpha) in enumerate([("generated", 0.5), ("prompt", 0.5), ("generated", 1.0)]):
+        job = sweep / f"{num}-dominance.queries={queries},alpha.value={alpha}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"dominance.queries={queries}"]))
+        (job / "config.yaml").write_text(yaml.safe_dump({
+            "name": "dominance_text", "alpha": {"schedule": "constant", "value": alpha},
+            "inject": {"layers": [4], "mode": "bias"}, "dominance": {"queries": queries, "stage_width": 2}}))
+        row = {"student/instruction_passage/early/MDI": 1.5 + num, "injected-student/instruction_passage/early/MDI": 0.1}
+        (job / "metrics.json").write_text(json.dumps({"name": "x", "artifacts": {}, "dominance": {"sweep_row": row}}))
+    result = write_report(sweep, tmp_path / "out", "dominance_sweep")
+    with open(result["files"]["csv"]) as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(r["dominance.queries"] for r in rows) == ["generated", "generated", "prompt"]  # the varied key
+    assert sorted(float(r["dominance student/instruction_passage/early/MDI"]) for r in rows) == [1.5, 2.5, 3.5]
+    assert "dominance injected-student/instruction_passage/early/MDI" in result["files"]["markdown"].read_text()

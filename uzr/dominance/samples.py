@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from uzr.dominance.groups import NEITHER, image_labels, image_token_id, special_flags, span_labels
+from uzr.dominance.groups import NEITHER, image_labels, image_token_id, span_labels, special_flags
 
 TEXT_GROUPS = ("instruction", "passage", "answer")
 VISION_GROUPS = ("text", "image", "answer")
