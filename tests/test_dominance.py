@@ -259,3 +259,22 @@ def test_sweep_report_tabulates_dominance_jobs(tmp_path):
     assert sorted(r["dominance.queries"] for r in rows) == ["generated", "generated", "prompt"]  # the varied key
     assert sorted(float(r["dominance student/instruction_passage/early/MDI"]) for r in rows) == [1.5, 2.5, 3.5]
     assert "dominance injected-student/instruction_passage/early/MDI" in result["files"]["markdown"].read_text()
+
+
+def test_anchor_rows_compare_published_values_with_our_interval():
+    from uzr.dominance.summary import anchor_comparison
+
+    def stats(mean, lo, hi):
+        return {"mean": mean, "std": 1.0, "ci95": [lo, hi], "n": 100, "dropped": 0}
+
+    stages = {"early": {"MDI": stats(1.6, 1.4, 1.8), "AEI_T": stats(1.0, 0.9, 1.1)},
+              "middle": {"MDI": stats(6.0, 5.0, 7.0), "AEI_T": stats(3.4, 3.0, 3.8)},
+              "late": {"MDI": stats(4.5, 4.0, 5.0), "AEI_T": stats(2.0, 1.5, 2.5)}}
+    settings = {"teacher": {"text_image": {"queries": "generated", "stages": stages}}}
+    rows = anchor_comparison(settings, "llava_1_5_7b")
+    paper = {(r["index"], r["stage"]): r for r in rows if r["reference_queries"] == "generated"}
+    assert paper[("MDI", "early")]["published"] == 1.58 and paper[("MDI", "early")]["inside_interval"]
+    assert not paper[("MDI", "middle")]["inside_interval"] and not paper[("AEI_T", "late")]["inside_interval"]
+    reimpl = [r for r in rows if r["reference_queries"] == "prompt"]
+    assert {r["stage"]: r["published"] for r in reimpl} == {"early": 2.19, "middle": 5.72, "late": 4.47}
+    assert all(r["our_queries"] == "generated" for r in rows) and anchor_comparison(settings, None) == []

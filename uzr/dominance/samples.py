@@ -116,7 +116,7 @@ def vision_prompt_text(processor, prompt: str) -> str:
     """The formatted prompt with one image placeholder: the processor's chat template, else LLaVA-1.5's."""
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return f"USER: {processor.image_token}\n{prompt} ASSISTANT:"
 
 
