@@ -278,3 +278,14 @@ def test_anchor_rows_compare_published_values_with_our_interval():
     reimpl = [r for r in rows if r["reference_queries"] == "prompt"]
     assert {r["stage"]: r["published"] for r in reimpl} == {"early": 2.19, "middle": 5.72, "late": 4.47}
     assert all(r["our_queries"] == "generated" for r in rows) and anchor_comparison(settings, None) == []
+
+
+def test_vision_language_configs_load_with_the_image_text_class(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, LlamaConfig, LlavaConfig
+
+    from uzr.models import _auto_class
+
+    LlavaConfig().save_pretrained(tmp_path / "vlm")
+    LlamaConfig().save_pretrained(tmp_path / "lm")
+    assert _auto_class(tmp_path / "vlm", {}) is AutoModelForImageTextToText
+    assert _auto_class(tmp_path / "lm", {}) is AutoModelForCausalLM

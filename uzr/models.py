@@ -174,10 +174,13 @@ def _from_pretrained(path, spec: ModelSpec, device: str, attn_implementation: st
 def _auto_class(path, extra: dict):
     """``AutoModelForImageTextToText`` for a vision-language config (it has a ``vision_config``: LLaVA,
     Qwen2.5-VL), else ``AutoModelForCausalLM``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 
-    config = AutoConfig.from_pretrained(path, **{k: v for k, v in extra.items() if k in ("revision", "trust_remote_code")})
-    return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    try:  # the config's JSON only (no model code runs)
+        config, _ = PretrainedConfig.get_config_dict(path, revision=extra.get("revision"))
+    except OSError:  # no readable config: the causal-LM loader reports what is missing, as before
+        return AutoModelForCausalLM
+    return AutoModelForImageTextToText if config.get("vision_config") is not None else AutoModelForCausalLM
 
 
 def _check_declared(spec: ModelSpec, config, role: str) -> None:
