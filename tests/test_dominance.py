@@ -193,6 +193,9 @@ def test_tiny_llava_image_groups_and_streamed_masses_equal_eager(tiny_llava):
     (["inject.mode=mix"], "inject.mode='mix': dominance measures"),
     (["~inject"], r"read the 'inject' config group.*dominance.models includes 'injected'"),
     (["dominance.stage_width=0"], "dominance.stage_width=0 must be >= 1"),
+    (["dominance.source=mmmu_pro", "dominance.models=[teacher]"],
+     "needs a vision-language teacher, but teacher=gemma3_270m is a text model"),
+    (["dominance.source=synthetic"], "uzr has no controller for them: drop 'injected'"),
 ])
 def test_bad_dominance_config_fails_before_loading(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -98,11 +98,18 @@ def validate_dominance(cfg) -> None:
             raise ValueError(f"inject.mode={cfg.inject.mode!r}: dominance measures the attention probabilities the "
                              "recorder sees, which in mix mode leave out the mixed-in controller share; use "
                              "inject.mode=bias or drop 'injected' from dominance.models")
+    if d.source in VISION_SOURCES and injects(d):
+        raise ValueError(f"dominance.source={d.source} measures vision-language models; uzr has no controller for "
+                         "them: drop 'injected' from dominance.models")
     for role in dict.fromkeys("student" if r == "injected" else r for r in d.models):
         spec = getattr(cfg, role)
         if spec is None:
             raise ValueError(f"dominance.models includes '{role}' but the config has no {role} group; add "
                              f"{role}=<option>")
+        if d.source in VISION_SOURCES and (spec.source == "gguf_package" or
+                                           (spec.source == "tiny" and spec.architecture != "llava")):
+            raise ValueError(f"dominance.source={d.source} needs a vision-language {role}, but {role}={spec.name} is a "
+                             f"text model; use {role}=llava_1_5_7b, qwen2_5_vl_7b or tiny_llava")
         _validate_stages(d, spec.num_layers, role)
 
 

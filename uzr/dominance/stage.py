@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from uzr.attention import attention_modules
 from uzr.config.dominance import VISION_SOURCES, injects, splits_of
 from uzr.dominance.groups import require_groups
 from uzr.dominance.indices import stage_layers
@@ -95,7 +96,7 @@ class DominanceStage:
         for setting in d.models:
             role = "student" if setting == "injected" else setting
             model, tok = run.models.get(role)
-            layers = len(_modules(model))
+            layers = len(attention_modules(model))
             stages[setting] = stage_layers(layers, d.stage_width, {"early": d.early, "middle": d.middle, "late": d.late})
             make_edit = _edit_factory(controllers, cfg) if setting == "injected" else None
             prepare = _preparer(model, tok, getattr(cfg, role), vision)
@@ -171,12 +172,6 @@ def sweep_row(section: dict) -> dict[str, float]:
         for stage, values in stages.items():
             row[f"injected-student/{split}/{stage}/MDI"] = values["MDI"]["diff"]
     return row
-
-
-def _modules(model):
-    from uzr.attention import attention_modules
-
-    return attention_modules(model)
 
 
 def _edit_factory(controllers, cfg):
