@@ -81,8 +81,7 @@ class DominanceStage:
 
             load_stages(run, ["controller"], build=["harvest", "controller"])  # cached, or built when missing
             controllers = run.artifacts["controller"].controllers
-        vision = d.source in VISION_SOURCES
-        if vision:
+        if d.source in VISION_SOURCES:
             from uzr.dominance.sources import vision_items
 
             items = vision_items(d)
@@ -90,31 +89,9 @@ class DominanceStage:
             from uzr.dominance.sources import text_items
 
             items = text_items(cfg)
-        splits = splits_of(d)
-        need_answer = d.queries == "generated" or any(SPLITS[s].prompt_queries is None for s in splits)
         data, stages, answers = {}, {}, {}
         for setting in d.models:
-            role = "student" if setting == "injected" else setting
-            model, tok = run.models.get(role)
-            layers = len(attention_modules(model))
-            stages[setting] = stage_layers(layers, d.stage_width, {"early": d.early, "middle": d.middle, "late": d.late})
-            make_edit = _edit_factory(controllers, cfg) if setting == "injected" else None
-            prepare = _preparer(model, tok, getattr(cfg, role), vision)
-            rows: dict[str, list] = {s: [] for s in splits}
-            answers[setting] = []
-            for k, item in enumerate(tqdm(items, desc=f"dominance: {setting}", unit="sample", leave=False)):
-                prepared: Prepared = prepare(item)
-                rec = run_sample(model, prepared.inputs, prepared.label_fn, len(prepared.groups),
-                                 max_new_tokens=d.max_new_tokens if need_answer else 0,
-                                 block_size=cfg.harvest.block_size, pad_id=tok.pad_token_id, make_edit=make_edit)
-                labels = prepared.label_fn(rec.answer_ids)
-                answers[setting].append(tok.decode(rec.answer_ids, skip_special_tokens=True))
-                for split in splits:
-                    rows[split].append(split_data(labels, prepared.groups, rec.row_mass, rec.n_prompt, split,
-                                                  d.queries, f"sample {k} of {setting}"))
-            data[setting] = {split: SplitData(np.stack([r[0] for r in rs]), np.array([r[1] for r in rs], np.float64),
-                                              np.array([r[2] for r in rs]), query_mode(split, d.queries))
-                             for split, rs in rows.items()}
+            data[setting], stages[setting], answers[setting] = measure_setting(run, setting, items, controllers)
         settings = summarise(data, stages, d.bootstrap, d.seed)
         section = {"source": d.source, "queries": d.queries, "num_samples": len(items), "settings": settings,
                    "consistency": consistency_report(data)}
@@ -158,6 +135,34 @@ class DominanceStage:
         console.print(f"• consistency MDI = AEI_T / AEI_O: {c['checked']} (sample, layer) rows, {c['violations']} "
                       f"violated{' — FLAGGED: ' + json.dumps(c['flagged'][:3]) if c['violations'] else ''}, "
                       f"{c['undefined']} undefined (no mass on either group)")
+
+
+def measure_setting(run, setting: str, items: list, controllers) -> tuple[dict, dict, list[str]]:
+    """One setting over every sample: ({split: SplitData}, {stage: layers}, answers)."""
+    cfg, d = run.cfg, run.cfg.dominance
+    role = "student" if setting == "injected" else setting
+    model, tok = run.models.get(role)
+    stages = stage_layers(len(attention_modules(model)), d.stage_width,
+                          {"early": d.early, "middle": d.middle, "late": d.late})
+    splits = splits_of(d)
+    need_answer = d.queries == "generated" or any(SPLITS[s].prompt_queries is None for s in splits)
+    make_edit = _edit_factory(controllers, cfg) if setting == "injected" else None
+    prepare = _preparer(model, tok, getattr(cfg, role), d.source in VISION_SOURCES)
+    rows: dict[str, list] = {s: [] for s in splits}
+    answers = []
+    for k, item in enumerate(tqdm(items, desc=f"dominance: {setting}", unit="sample", leave=False)):
+        prepared: Prepared = prepare(item)
+        rec = run_sample(model, prepared.inputs, prepared.label_fn, len(prepared.groups),
+                         max_new_tokens=d.max_new_tokens if need_answer else 0, block_size=cfg.harvest.block_size,
+                         pad_id=tok.pad_token_id, make_edit=make_edit)
+        labels = prepared.label_fn(rec.answer_ids)
+        answers.append(tok.decode(rec.answer_ids, skip_special_tokens=True))
+        for split in splits:
+            rows[split].append(split_data(labels, prepared.groups, rec.row_mass, rec.n_prompt, split, d.queries,
+                                          f"sample {k} of {setting}"))
+    data = {split: SplitData(np.stack([r[0] for r in rs]), np.array([r[1] for r in rs], np.float64),
+                             np.array([r[2] for r in rs]), query_mode(split, d.queries)) for split, rs in rows.items()}
+    return data, stages, answers
 
 
 def sweep_row(section: dict) -> dict[str, float]:
