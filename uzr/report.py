@@ -165,6 +165,8 @@ def job_row(job: Job, sweep: Path, extra_keys: list[str]) -> dict:
         for side in ("teacher", "student", "injected"):
             if isinstance(value.get(side), (int, float)) and not isinstance(value.get(side), bool):
                 row[f"{key}_{side}"] = float(value[side])
+    for key, value in ((m.get("dominance") or {}).get("sweep_row") or {}).items():  # setting/split/stage/index: mean
+        row[f"dominance {key}"] = value
     kl = (m.get("controller") or {}).get("heldout_kl", {})
     for method in KL_METHODS:
         row[f"heldout_kl_{method}"] = kl.get(method)

@@ -68,6 +68,9 @@ REGISTRY: dict[str, StageInfo] = {s.name: s for s in (
     StageInfo("evaluate", ("controller",), ("teacher", "student", "inject", "alpha", "gate", "harvest", "evaluate"),
               1, "uzr.evaluate.stage:EvaluateStage", cached=False,
               summary="bits per byte, facts QA, habit distance and heatmaps, injected vs not vs teacher"),
+    StageInfo("dominance", (), ("dominance",), 1, "uzr.dominance.stage:DominanceStage", cached=False,
+              optional=("teacher", "student", "data", "inject", "alpha"),  # + controller when it injects
+              summary="attention dominance (MDI / AEI / A_T) per layer and stage on two token groups"),
 )}
 
 

@@ -9,7 +9,7 @@ from typing import Any
 SOURCES = ("hub", "gguf_package", "tiny")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
-ARCHITECTURES = ("llama", "gemma3", "qwen2")
+ARCHITECTURES = ("llama", "gemma3", "qwen2", "llava")  # llava: tiny LLaVA-style VLM (CLIP + llama)
 TINY_TOKENIZERS = ("bpe", "char")
 
 

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from uzr.config.controller import LOCALITY_WINDOW, ControllerSpec
 from uzr.config.controller import validate_spec as validate_controller
 from uzr.config.corpus import CorpusSpec, validate_corpus_spec
+from uzr.config.dominance import DominanceSpec, extra_stages, validate_dominance
 from uzr.config.gate import GateSpec, validate_gate_spec
 from uzr.config.inject import AlphaSpec, InjectSpec, validate_alpha, validate_inject
 from uzr.config.model import ModelSpec
@@ -28,6 +29,8 @@ from uzr.config.model import validate_spec as validate_model
 from uzr.stages import REGISTRY, groups_read, unknown_stages
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Stages of the folded-in systems (DESIGN.md §9): selected by their experiments (stages=[...]), not by default.
+SYSTEM_STAGES = ("dominance",)
 
 
 @dataclass
@@ -105,12 +108,13 @@ class RunConfig:
     alpha: AlphaSpec | None = None
     controller: ControllerSpec | None = None
     gate: GateSpec | None = None
+    dominance: DominanceSpec | None = None
     harvest: HarvestSpec = field(default_factory=HarvestSpec)
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     logger: LoggerSpec = field(default_factory=LoggerSpec)
     paths: PathsSpec = field(default_factory=PathsSpec)
-    stages: list[str] = field(default_factory=lambda: list(REGISTRY))
+    stages: list[str] = field(default_factory=lambda: [s for s in REGISTRY if s not in SYSTEM_STAGES])
     name: str = "run"
     seed: int = 0
     device: str = "cpu"
@@ -171,13 +175,16 @@ def validate(cfg: RunConfig) -> None:
     bad = unknown_stages(cfg.stages)
     if bad:
         raise ValueError(f"stages={cfg.stages}: unknown {bad}; valid stages: {', '.join(REGISTRY)}")
-    required, optional = groups_read(cfg.stages)
+    stages = [*cfg.stages, *extra_stages(cfg)]  # stages a selected stage needs only for some settings
+    required, optional = groups_read(stages)
     for group in sorted(required):
         if getattr(cfg, group) is None:
-            readers = [s.name for s in REGISTRY.values() if group in s.reads and s.name in cfg.stages]
+            readers = [s.name for s in REGISTRY.values() if group in s.reads and s.name in stages]
             options = ", ".join(group_options(group)) or "see conf/"
+            why = (" (dominance.models includes 'injected', which needs the controller; or drop 'injected')"
+                   if set(readers) & set(extra_stages(cfg)) else "")
             raise ValueError(f"stages {readers or cfg.stages} read the '{group}' config group, which this config "
-                             f"lacks; add {group}=<option> (options: {options}) or drop those stages")
+                             f"lacks; add {group}=<option> (options: {options}) or drop those stages{why}")
     groups = required | {g for g in optional if getattr(cfg, g) is not None}
     if cfg.logger.wandb_mode not in ("offline", "online", "disabled"):
         raise ValueError(f"logger.wandb_mode={cfg.logger.wandb_mode!r}; valid choices: offline, online, disabled")
@@ -199,6 +206,8 @@ def validate(cfg: RunConfig) -> None:
         _validate_harvest(cfg)
     if "evaluate" in groups:
         _validate_evaluate(cfg.evaluate)
+    if "dominance" in groups:
+        validate_dominance(cfg)
 
 
 def _validate_injection(cfg: RunConfig, groups: set[str]) -> None:

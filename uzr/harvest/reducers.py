@@ -146,3 +146,42 @@ class HeadMeanRows:
     def finish(self) -> torch.Tensor:
         out, self.out = self.out, None
         return out
+
+
+class GroupMass:
+    """Attention mass of every (batch, head, query) row on each group of keys (DESIGN.md §9, MDI / AEI).
+
+    Args:
+        groups: (B or 1, K, G) float32 indicator of the call's keys (KV cache included, ``K = k_len``):
+            ``groups[b, j, g] = 1`` when key ``j`` belongs to group ``g``; a key in no group (BOS,
+            padding, chat markers) has a zero row. Set ``.groups`` before each forward pass.
+
+    Each block costs one matmul of its unnormalised probabilities with the block's slice of the indicator,
+    ``(B, H, n, w) @ (B, 1, w, G)``, scaled by ``1 / Z``: no attention map is kept, so memory is that of
+    the block plus the (B, H, q, G) result. Result: (B, H, q, G) float32; rows without allowed keys (or
+    with non-finite scores) are 0.
+    """
+
+    name = "group_mass"
+    query_dim = -2
+
+    def __init__(self, groups: torch.Tensor | None = None):
+        self.groups = groups
+        self.out: torch.Tensor | None = None
+
+    def start(self, batch: int, heads: int, q_len: int, k_len: int, device) -> None:
+        if self.groups is None or self.groups.shape[-2] != k_len:
+            have = None if self.groups is None else tuple(self.groups.shape)
+            raise ValueError(f"GroupMass: the key-group indicator must cover the call's {k_len} keys, got {have} "
+                             "(one recorded forward over the whole sequence, not cached decoding steps)")
+        self.groups = self.groups.to(device=device, dtype=torch.float32)
+        self.out = torch.zeros(batch, heads, q_len, self.groups.shape[-1], device=device)  # (B, H, q, G)
+
+    def add(self, block: ScoreBlock) -> None:
+        onehot = self.groups[:, None, block.lo:block.hi]  # (B|1, 1, w, G)
+        mass = torch.matmul(block.e, onehot)  # (B, H, n, G)
+        self.out[:, :, block.start:block.stop] = mass * block.inv_z[..., None]
+
+    def finish(self) -> torch.Tensor:
+        out, self.out = self.out, None
+        return out
