@@ -130,7 +130,7 @@ def test_relative_bucket_exact_then_log():
 # ----------------------------------------------------------------------------------- architectures
 
 
-@pytest.mark.parametrize("arch", ["bilinear", "seed_mlp"])
+@pytest.mark.parametrize("arch", ["bilinear", "seed_mlp", "lru"])
 def test_shapes_and_incremental_decoding_equals_forward(arch):
     torch.manual_seed(0)
     B, S, D, P = 2, 11, 16, 4
@@ -307,7 +307,7 @@ def test_fit_without_datamodule_fits_baselines_from_train_loader(one_thread):
 # ------------------------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("arch", ["bilinear", "seed_mlp"])
+@pytest.mark.parametrize("arch", ["bilinear", "seed_mlp", "lru"])
 def test_save_load_round_trip(tmp_path, arch):
     torch.manual_seed(0)
     module = ControllerModule(16, [2, 5], ControllerSpec(arch=arch, key_dim=8, mlp_hidden=16, max_len=12))

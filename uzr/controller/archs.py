@@ -137,9 +137,51 @@ class SeedMLPController(Controller):
         return self.query_features(h)[:, :, : h.shape[1]]
 
 
+class LRUController(BilinearController):
+    """The bilinear controller whose query/key features a latent reasoning unit refines first:
+    ``c = W h`` (key_dim), ``c' = LRU(c)`` iterated with halting (``spec.lru_*``), then
+    ``q = W_q c'``, ``k = W_k c'`` and the bilinear logits with the relative-position bias.
+
+    The LRU mixes no positions (``mix_kernel=1``), so each position's features depend on its own hidden
+    state only and key features stay cacheable per decoded token. ``last_aux`` holds the auxiliary
+    losses of the latest call and ``last_steps`` (B, S) its iterations N per position.
+    """
+
+    def __init__(self, spec: ControllerSpec, hidden_size: int):
+        super().__init__(spec, hidden_size)
+        from uzr.reasoning import LatentReasoningUnit
+
+        dk = spec.key_dim
+        self.inp = nn.Sequential(nn.Linear(self.hidden_size, spec.mlp_hidden), nn.GELU(), nn.Linear(spec.mlp_hidden, dk))
+        self.lru = LatentReasoningUnit(dk, max_steps=spec.lru_max_steps, mode=spec.lru_halting,
+                                       threshold=spec.lru_threshold, exit_tol=spec.lru_exit_tol, mix_kernel=1)
+        self.q, self.k = nn.Linear(dk, dk), nn.Linear(dk, dk)
+        self.last_aux: dict[str, Tensor] = {}
+        self.last_steps: Tensor | None = None
+
+    def refine(self, h: Tensor, mask: Tensor | None = None) -> Tensor:
+        """h: (B, S, D) -> refined latent (B, S, key_dim); records ``last_aux`` and ``last_steps``."""
+        out = self.lru(self.inp(self.norm(self._cast(h))), mask)
+        self.last_aux, self.last_steps = out.aux, out.halted.steps
+        return out.output
+
+    def query_features(self, h: Tensor) -> Tensor:
+        return self.q(self.refine(h))
+
+    def key_features(self, h: Tensor) -> Tensor:
+        return self.k(self.refine(h))
+
+    def forward(self, h: Tensor, mask: Tensor | None = None) -> Tensor:
+        """h: (B, S, D) -> (B, S, S) logits; the LRU runs once for both sides (mask: (B, S) real tokens)."""
+        c = self.refine(h, mask)
+        pos = torch.arange(h.shape[1], device=h.device)
+        return self.logits_from_features(self.q(c), self.k(c), pos, pos)
+
+
 # One line per architecture (its name also goes into uzr.config.controller.ARCHS, which validates configs
 # without importing torch); a new controller (e.g. an iterative latent-reasoning one) subclasses Controller.
-CONTROLLERS: dict[str, type[Controller]] = {"bilinear": BilinearController, "seed_mlp": SeedMLPController}
+CONTROLLERS: dict[str, type[Controller]] = {"bilinear": BilinearController, "seed_mlp": SeedMLPController,
+                                             "lru": LRUController}
 
 
 def build_controller(spec: ControllerSpec | Mapping[str, Any] | None, hidden_size: int) -> Controller:

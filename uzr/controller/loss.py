@@ -69,6 +69,14 @@ def controller_loss(logits: Tensor, target: Tensor, mask: Tensor, spec: Controll
     return {"loss": loss, "kl": kl, "mse": mse, "stats": stats}
 
 
+def auxiliary_loss(aux: dict[str, Tensor], spec: ControllerSpec) -> Tensor:
+    """ZeroModel's auxiliary losses of an iterative (``lru``) controller, weighted:
+    ``stability_weight * stability + sparsity_weight * sparsity + ponder_weight * ponder``
+    (``aux`` from :class:`uzr.reasoning.LatentReasoningUnit`; each a scalar)."""
+    return (spec.stability_weight * aux["stability"] + spec.sparsity_weight * aux["sparsity"]
+            + spec.ponder_weight * aux["ponder"])
+
+
 def row_kl(target: Tensor, pred_probs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Summed KL(target row || predicted row) over real rows, and the number of rows.
 

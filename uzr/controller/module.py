@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from uzr.config.controller import ControllerSpec, coerce_spec
 from uzr.controller.archs import build_controller
 from uzr.controller.baselines import RecencyPrior
-from uzr.controller.loss import controller_loss, row_kl, uniform_probs
+from uzr.controller.loss import auxiliary_loss, controller_loss, row_kl, target_rows, uniform_probs
 from uzr.masks import causal_mask, masked_log_softmax
 
 METHODS = ("controller", "uniform", "recency", "student_self")
@@ -81,8 +81,13 @@ class ControllerModule(L.LightningModule):
         mask = batch["mask"].bool()  # (B, S)
         total, outs, logits = 0.0, {}, {}
         for key, ctrl in self.controllers.items():
-            logits[key] = ctrl(batch["hidden"][key])  # (B, S, S)
+            iterative = self.spec.arch == "lru"
+            logits[key] = ctrl(batch["hidden"][key], mask) if iterative else ctrl(batch["hidden"][key])  # (B, S, S)
             outs[key] = controller_loss(logits[key], batch["target"][key], mask, self.spec)
+            if iterative:
+                outs[key]["aux"] = auxiliary_loss(ctrl.last_aux, self.spec)
+                outs[key]["steps"] = ctrl.last_steps  # (B, S) iterations per position
+                outs[key]["loss"] = outs[key]["loss"] + outs[key]["aux"]
             total = total + outs[key]["loss"]
         return total, outs, logits
 
@@ -108,10 +113,13 @@ class ControllerModule(L.LightningModule):
         self._kl_sum = torch.zeros(n, len(METHODS), dtype=dtype, device=self.device)  # (layers, methods)
         self._rows = torch.zeros(n, len(METHODS), dtype=dtype, device=self.device)
         self._loss_sum = torch.zeros(2, dtype=dtype, device=self.device)  # (sum of B * loss, sum of B)
+        self._iterations: list[Tensor] = []  # lru: (mean iterations, teacher entropy) per text and layer
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        total, _, logits = self._layer_losses(batch)
+        total, outs, logits = self._layer_losses(batch)
         mask = batch["mask"].bool()  # (B, S)
+        if self.spec.arch == "lru":
+            self._record_iterations(outs, batch, mask)
         B = mask.shape[0]
         self._loss_sum += torch.stack([total.detach() * B, total.new_tensor(float(B))]).to(self._loss_sum.dtype)
         allowed = causal_mask(mask)  # (B, S, S)
@@ -150,10 +158,37 @@ class ControllerModule(L.LightningModule):
                 report[f"val/kl/{name}"] = float(kl_sum[:, mi].sum() / rows[:, mi].sum())
         if loss_sum[1] > 0:
             report["val/loss"] = float(loss_sum[0] / loss_sum[1])
+        report.update(self._iteration_report())
         for name, value in report.items():
             if not name.startswith("val/rows/"):
                 self.log(name, value, prog_bar=name in ("val/loss", "val/kl/controller"))
         self._report = report
+
+    # -- lru: iterations per text against a difficulty proxy
+    @torch.no_grad()
+    def _record_iterations(self, outs: Mapping[str, Any], batch: Mapping[str, Any], mask: Tensor) -> None:
+        """Per text and layer: mean LRU iterations over real tokens, and the difficulty proxy, the mean
+        entropy (nats) of the teacher's attention rows."""
+        allowed = causal_mask(mask)
+        n_tok = mask.sum(-1).clamp_min(1)
+        for key, out in outs.items():
+            t, valid = target_rows(batch["target"][key], allowed)  # (B, S, S), (B, S)
+            entropy = -(torch.xlogy(t, t)).sum(-1)  # (B, S)
+            steps = (out["steps"].float() * mask).sum(-1) / n_tok  # (B,)
+            ent = (entropy * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+            self._iterations.append(torch.stack([steps, ent], -1).double().cpu())
+
+    def _iteration_report(self) -> dict[str, float]:
+        """``val/lru/mean_iterations`` and ``val/lru/iterations_entropy_corr`` (Pearson, over texts)."""
+        if not self._iterations:
+            return {}
+        x = torch.cat(self._iterations)  # (texts x layers, 2)
+        report = {"val/lru/mean_iterations": float(x[:, 0].mean())}
+        centred = x - x.mean(0)
+        denom = centred.norm(dim=0).prod()
+        if len(x) > 1 and denom > 0:
+            report["val/lru/iterations_entropy_corr"] = float((centred[:, 0] * centred[:, 1]).sum() / denom)
+        return report
 
     def heldout_report(self) -> dict[str, float]:
         """Last validation numbers as plain floats: ``val/kl/L{layer}/{method}``, ``val/kl/{method}``

@@ -63,4 +63,7 @@ def heldout_summary(report: dict, layers: list[int]) -> dict:
     summary["heldout_kl_by_layer"] = {
         f"L{layer}": {m: report.get(f"val/kl/L{layer}/{m}") for m in METHODS} for layer in layers
     }
+    lru = {k.removeprefix("val/lru/"): v for k, v in report.items() if k.startswith("val/lru/")}
+    if lru:  # controller=lru: mean iterations per text and their correlation with teacher attention entropy
+        summary["lru"] = lru
     return summary
