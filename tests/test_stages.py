@@ -65,7 +65,7 @@ def test_only_the_groups_a_stage_reads_are_validated():
     # ... and fails as soon as a selected stage reads it
     with pytest.raises(ValueError, match=r"controller.lr=-1.0 is invalid"):
         resolved("+experiment=smoke", "stages=[controller]", "controller.lr=-1")
-    with pytest.raises(ValueError, match=r"read the 'controller' config group.*options: bilinear, seed_mlp"):
+    with pytest.raises(ValueError, match=r"read the 'controller' config group.*options: bilinear, lru, seed_mlp"):
         resolved(*TINY, "inject.layers=[1,2]", "stages=[controller]", "~controller")
     with pytest.raises(ValueError, match=r"set harvest.layers=\[...\] or select an inject group"):
         resolved(*TINY, "stages=[harvest]", "~inject")
