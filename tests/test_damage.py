@@ -85,7 +85,8 @@ def test_no_damage_is_bit_identical(damage):
     model, tok = load_model(gemma())
     damaged_model, _ = load_model(gemma(**damage))
     assert torch.equal(run(damaged_model, tok).logits, run(model, tok).logits)
-    assert getattr(damaged_model.config, "uzr_damage", None) == (None if not damage else damaged_model.config.uzr_damage)
+    record = getattr(damaged_model.config, "uzr_damage", None)
+    assert record is None if not damage else (record["kind"], record["layers"]) == (damage["kind"], damage["layers"])
 
 
 def test_permute_heads_moves_query_heads_and_nothing_else():
@@ -181,3 +182,15 @@ def test_a_damaged_student_never_shares_an_undamaged_store():
     plain = resolved("+experiment=positive_control", "student.damage.layers=[]", "inject.layers=[4]").student
     assert "damage" not in key_fields(plain)
     assert key_fields(plain) == {k: v for k, v in dataclasses.asdict(plain).items() if k != "damage"}
+
+
+def test_specs_from_plain_mappings_carry_their_damage():
+    from uzr.config.model import as_spec
+
+    plain = {**dataclasses.asdict(gemma()), "damage": {"layers": [1], "kind": "permute_heads", "strength": 0.5}}
+    assert as_spec(plain).damage == DamageSpec(layers=[1], kind="permute_heads", strength=0.5)
+    with pytest.raises(ValueError, match=r"damage\.strenght"):
+        as_spec({**plain, "damage": {"strenght": 2.0}})
+    with pytest.raises(ValueError, match=r"model\.damage\.kind='permute_heads'.*quantization='8bit'"):
+        replace(as_spec(plain), quantization="8bit").validate()
+    replace(gemma(layers=[1], strength=2.0), quantization="8bit").validate()  # temperature needs no weight edit
