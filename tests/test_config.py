@@ -8,7 +8,7 @@ from uzr.config import teacher_layer_map
 
 from .conftest import composed, resolved
 
-EXPERIMENTS = ["default", "smoke", "qwen"]
+EXPERIMENTS = ["default", "smoke", "qwen", "positive_control"]
 
 
 

@@ -8,6 +8,9 @@ Three sources:
   as safetensors under ``<cache_dir>/models/<name>-<sha256[:16]>/`` and later loads take seconds.
 - ``tiny``: a randomly initialised model of a given architecture, for tests.
 
+A spec with ``damage.layers`` gets its attention damaged in those layers after loading
+(:mod:`uzr.damage`); the converted-weights cache always holds the undamaged model.
+
 Heavy imports (torch, transformers) happen inside the functions so that configs can import
 `ModelSpec` cheaply.
 """
@@ -110,6 +113,10 @@ def load_model(
         _check_declared(spec, model.config, role)
     if tok.pad_token is None:  # batched harvesting pads; the EOS token is the usual stand-in
         tok.pad_token = tok.eos_token
+    if spec.damage.layers:  # the positive control's student: attention damaged in chosen layers
+        from uzr.damage import apply_damage
+
+        apply_damage(model, spec.damage, role)
     model.eval()
     model.requires_grad_(False)
     return model, tok

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from uzr.config import RunConfig, harvest_layers
+from uzr.config.model import key_fields
 from uzr.corpus import load_corpus
 from uzr.harvest.runner import HarvesterFactory, run_harvest
 from uzr.harvest.store import HarvestStore, StoreLayout
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 class HarvestStage:
     def key_payload(self, cfg: RunConfig, upstream: Mapping[str, str]) -> dict:
         payload = {
-            "teacher": dataclasses.asdict(cfg.teacher), "student": dataclasses.asdict(cfg.student),
+            # the model specs without an empty damage: damaged students never share an undamaged store
+            "teacher": key_fields(cfg.teacher), "student": key_fields(cfg.student),
             "data": dataclasses.asdict(cfg.data), "harvest": dataclasses.asdict(cfg.harvest),
             "layers": harvest_layers(cfg),
         }
