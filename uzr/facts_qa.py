@@ -5,23 +5,41 @@ authors, units, arithmetic) each carry four candidate answers. A model gets a pr
 correct candidate has the highest summed log-likelihood of its tokens after the formatted question
 (teacher-forced, no generation). Scoring by likelihood keeps the metric free of answer parsing and
 comparable between teacher, student and injected student.
+
+Speed. A prompt is a few dozen tokens and its candidates one to three more, so scoring one padded batch
+of four full sequences per prompt spent most of its time on per-call overhead and on running the same
+prompt tokens four times. :func:`score_candidates` scores many prompts per forward pass:
+
+- the plain model (nothing injected or recorded: the sdpa path) shares prefixes through a KV cache —
+  the tokens every sequence of the batch starts with (the chat template's system turn) run once, each
+  prompt's own tokens once, then only the candidates' few tokens per sequence;
+- an edited model (an :class:`~uzr.inject.Injector`) runs full sequences, right-padded, many prompts per
+  batch: the injector keeps per-layer state across calls (controller key features), so no KV reuse there.
+
+The uninjected teacher and student are scored once per model and prompt set and kept in the artifact
+cache (:func:`cached_plain_scores`), so the evaluate stage, the gate table and every job of a sweep read
+one result.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from uzr.attention import decoder_of
-from uzr.hooks import injected
-from uzr.inject import Injector
+from uzr.hooks import ModelEdit, injected
 from uzr.masks import pad_sequences
-from uzr.next_token import lm_head_logits
+from uzr.next_token import target_logprobs
 from uzr.prompts import Prompt, PromptSet, adds_special_tokens, answer_prefix, format_prompt, resolve_format
 
 QA_SCORE = "summed log-likelihood of the answer tokens among 4 candidates"
+QA_CACHE_VERSION = 1  # bump when the scores of the cached plain models change meaning
 
 
 def qa_prompts(prompt_seed: int, heldout_fraction: float, limit: int = 0) -> list[Prompt]:
@@ -30,64 +48,224 @@ def qa_prompts(prompt_seed: int, heldout_fraction: float, limit: int = 0) -> lis
     return prompts[:limit] if limit else prompts
 
 
-@torch.no_grad()
-def candidate_logprobs(model, tokenizer, prompt_text: str, candidates: Sequence[str], prefix: str = " ",
-                       injector: Injector | None = None, add_special_tokens: bool = True) -> list[float]:
-    """Summed log-probability (nats) of each candidate's tokens after ``prompt_text + prefix``
-    (teacher-forced, one right-padded batch of ``len(candidates)`` sequences). A candidate's tokens are
-    those whose characters end after the prompt, so a token that straddles the boundary counts."""
-    device = next(model.parameters()).device
-    seqs, spans = [], []
+@dataclass(frozen=True)
+class CandidateRow:
+    """One (prompt, candidate) sequence: its token ids and the indices of the tokens that are scored
+    (each read from the logits at the index before it)."""
+
+    ids: tuple[int, ...]
+    scored: tuple[int, ...]
+
+
+def candidate_rows(tokenizer, prompt_text: str, candidates: Sequence[str], prefix: str = " ",
+                   add_special_tokens: bool = True) -> list[CandidateRow]:
+    """Tokenise ``prompt_text + prefix + candidate`` for each candidate. A candidate's tokens are those whose
+    characters end after the prompt, so a token that straddles the boundary counts."""
+    rows = []
     for cand in candidates:
         enc = tokenizer(prompt_text + prefix + cand, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
-        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-        scored = [j for j, (s, e) in enumerate(offsets) if e > len(prompt_text) and e > s and j > 0]
+        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        scored = tuple(j for j, (s, e) in enumerate(offsets) if e > len(prompt_text) and e > s and j > 0)
         if not scored:
             raise ValueError(f"candidate {cand!r} has no tokens after the prompt")
-        seqs.append(ids)
-        spans.append(scored)
-    ids, mask = pad_sequences(seqs, tokenizer.pad_token_id or 0)
-    ids, mask = ids.to(device), mask.to(device)
-    with injected(model, injector):
-        final = decoder_of(model)(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, S, D)
-    out = []
-    for b, positions in enumerate(spans):
-        pos = torch.tensor(positions, device=device)
-        logp = torch.log_softmax(lm_head_logits(model, final[b, pos - 1]), -1)  # (n, V)
-        out.append(float(logp.gather(-1, ids[b, pos][:, None]).sum()))
+        rows.append(CandidateRow(tuple(enc["input_ids"]), scored))
+    return rows
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by every sequence."""
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+def _window_may_bind(model, length: int) -> bool:
+    """True if a sliding-window layer could cut a sequence of ``length`` padded positions: then padding may
+    only sit before the first real token (left), where it never enters a real query's window."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None)
+    return bool(window) and length > window
+
+
+def _plain_final(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int) -> tuple[torch.Tensor, list[int]]:
+    """Final hidden states of every row's unshared tail, with shared prefixes run once through a KV cache.
+
+    Three passes: (1) the tokens every row starts with, batch 1; (2) each prompt's own shared tokens, one row
+    per prompt, left-padded after (1); (3) each row's remaining tokens, right-padded, on its prompt's cache
+    row. Each prefix stops one token before the row's first scored token, so that the logits predicting it
+    come from pass (3). Positions are passed explicitly, so padding never shifts rotary positions.
+
+    Returns ``(final (B, R, D), starts)``: row ``b``'s token ``j`` has its hidden state at ``final[b, j - starts[b]]``.
+    """
+    device = next(model.parameters()).device
+    decoder = decoder_of(model)
+    rows = [r for group in groups for r in group]
+    owner = torch.tensor([k for k, group in enumerate(groups) for _ in group], device=device)
+    own = [min(_common_prefix([r.ids for r in group]), min(r.scored[0] for r in group) - 1) for group in groups]
+    shared = min(_common_prefix([r.ids for r in rows]), *own)
+    if _window_may_bind(model, max(len(r.ids) for r in rows) + max(own)):
+        shared = 0  # padding between the shared prefix and a prompt would move a sliding window
+    cache, past = DynamicCache(), []  # past: (P, ·) masks of what the cache holds, per prompt
+    if shared:
+        decoder(input_ids=torch.tensor([rows[0].ids[:shared]], device=device), cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(len(groups))
+        past.append(torch.ones(len(groups), shared, dtype=torch.long, device=device))
+    parts = [group[0].ids[shared:n] for group, n in zip(groups, own)]
+    width = max(len(p) for p in parts)
+    if width:
+        ids = torch.full((len(parts), width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros(len(parts), width, dtype=torch.long, device=device)
+        for k, part in enumerate(parts):
+            if part:
+                ids[k, width - len(part):] = torch.tensor(part, device=device)
+                mask[k, width - len(part):] = 1
+        past.append(mask)
+        positions = shared + (mask.cumsum(1) - 1).clamp(min=0)  # (P, width)
+        decoder(input_ids=ids, attention_mask=torch.cat(past, 1), position_ids=positions, cache=cache, use_cache=True)
+    starts = [own[k] for k in owner.tolist()]
+    ids, mask = pad_sequences([r.ids[s:] for r, s in zip(rows, starts)], pad_id)
+    ids, mask = ids.to(device), mask.to(device).long()
+    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(ids.shape[1], device=device)
+    if past:
+        cache.batch_select_indices(owner)
+        mask = torch.cat([torch.cat(past, 1)[owner], mask], 1)
+    final = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache if past else None,
+                    use_cache=False).last_hidden_state  # (B, R, D)
+    return final, starts
+
+
+def _edited_final(model, rows: Sequence[CandidateRow], pad_id: int, edit: ModelEdit | None) -> torch.Tensor:
+    """Final hidden states (B, S, D) of full right-padded sequences, with ``edit`` attached for the pass."""
+    device = next(model.parameters()).device
+    ids, mask = pad_sequences([r.ids for r in rows], pad_id)
+    with injected(model, edit):
+        return decoder_of(model)(input_ids=ids.to(device), attention_mask=mask.to(device).long()).last_hidden_state
+
+
+@torch.no_grad()
+def score_candidates(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int,
+                     edit: ModelEdit | None = None, share_prefix: bool = True) -> list[list[float]]:
+    """Summed log-probability (nats) of each candidate's scored tokens, for a batch of prompts in one pass.
+
+    Args:
+        groups: per prompt, its candidate rows (:func:`candidate_rows`).
+        edit: attached for the pass (e.g. an :class:`~uzr.inject.Injector` built for ``sum(len(g))`` rows in
+            order); with an edit, full sequences run (no prefix reuse).
+        share_prefix: run shared prefixes once through a KV cache (plain model only); False runs full
+            right-padded sequences, the reference the shared path is tested against.
+    Returns: per prompt, one score per candidate.
+    """
+    rows = [r for group in groups for r in group]
+    if edit is None and share_prefix:
+        final, starts = _plain_final(model, groups, pad_id)
+    else:
+        final, starts = _edited_final(model, rows, pad_id, edit), [0] * len(rows)
+    device = final.device
+    b = torch.tensor([i for i, r in enumerate(rows) for _ in r.scored], device=device)
+    j = torch.tensor([p for r in rows for p in r.scored], device=device)
+    start = torch.tensor([starts[i] for i, r in enumerate(rows) for _ in r.scored], device=device)
+    targets = torch.tensor([r.ids[p] for r in rows for p in r.scored], device=device)
+    logp = target_logprobs(model, final[b, j - 1 - start], targets)  # (N,) one per scored token
+    sums = torch.zeros(len(rows), device=device).index_add_(0, b, logp).tolist()
+    out, k = [], 0
+    for group in groups:
+        out.append(sums[k:k + len(group)])
+        k += len(group)
     return out
 
 
-def qa_accuracy(model, tokenizer, prompts: Sequence[Prompt], prompt_format: str = "auto",
-                injector_for: Callable[[Prompt], Injector | None] | None = None) -> float | None:
-    """Fraction of ``prompts`` whose correct candidate scores highest; None for no prompts.
+def candidate_logprobs(model, tokenizer, prompt_text: str, candidates: Sequence[str], prefix: str = " ",
+                       injector: ModelEdit | None = None, add_special_tokens: bool = True) -> list[float]:
+    """Summed log-probability (nats) of each candidate's tokens after ``prompt_text + prefix`` (one prompt;
+    see :func:`score_candidates`)."""
+    rows = candidate_rows(tokenizer, prompt_text, candidates, prefix, add_special_tokens)
+    return score_candidates(model, [rows], tokenizer.pad_token_id or 0, injector)[0]
 
-    ``prompt_format``: qa | chat | auto (see :func:`uzr.prompts.resolve_format`); ``injector_for``
-    gives a fresh injector per prompt (None = the plain model)."""
+
+def qa_scores(model, tokenizer, prompts: Sequence[Prompt], prompt_format: str = "auto",
+              edit_for: Callable[[list[Prompt]], ModelEdit | None] | None = None, batch_size: int = 16,
+              desc: str | None = None, share_prefix: bool = True) -> list[list[float]]:
+    """Candidate scores of every prompt, ``batch_size`` prompts per forward pass.
+
+    ``edit_for(row_prompts)``: a fresh edit for one batch, given the prompt of each of its rows in order
+    (``len(candidates)`` rows per prompt, e.g. to give each row its prompt's gate value); None = the plain
+    model. ``desc``: label of a progress bar counting prompts (None: no bar)."""
+    from tqdm.auto import tqdm
+
+    style = resolve_format(tokenizer, prompt_format)
+    prefix, special, pad_id = answer_prefix(style), adds_special_tokens(style), tokenizer.pad_token_id or 0
+    groups = [candidate_rows(tokenizer, format_prompt(p.question, tokenizer, style), p.candidates, prefix, special)
+              for p in prompts]
+    # Similar lengths in one batch waste less padding; the scores go back to the prompts' order.
+    order = sorted(range(len(prompts)), key=lambda i: (len(groups[i][0].ids), i))
+    scores: list[list[float]] = [[] for _ in prompts]
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False, disable=desc is None) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            edit = edit_for([prompts[i] for i in batch for _ in prompts[i].candidates]) if edit_for else None
+            for i, s in zip(batch, score_candidates(model, [groups[i] for i in batch], pad_id, edit, share_prefix)):
+                scores[i] = s
+            bar.update(len(batch))
+    return scores
+
+
+def accuracy_of(prompts: Sequence[Prompt], scores: Sequence[Sequence[float]]) -> float | None:
+    """Fraction of prompts whose correct candidate has the highest score; None for no prompts."""
     if not prompts:
         return None
-    style = resolve_format(tokenizer, prompt_format)
-    right = 0
-    for p in prompts:
-        injector = injector_for(p) if injector_for is not None else None
-        scores = candidate_logprobs(model, tokenizer, format_prompt(p.question, tokenizer, style), p.candidates,
-                                    answer_prefix(style), injector, adds_special_tokens(style))
-        right += int(int(np.argmax(scores)) == p.correct_index())
-    return right / len(prompts)
+    return sum(int(np.argmax(s)) == p.correct_index() for p, s in zip(prompts, scores)) / len(prompts)
+
+
+def qa_accuracy(model, tokenizer, prompts: Sequence[Prompt], prompt_format: str = "auto",
+                edit_for: Callable[[list[Prompt]], ModelEdit | None] | None = None, batch_size: int = 16,
+                desc: str | None = None) -> float | None:
+    """Fraction of ``prompts`` whose correct candidate scores highest; None for no prompts.
+
+    ``prompt_format``: qa | chat | auto (see :func:`uzr.prompts.resolve_format`); ``edit_for``: see
+    :func:`qa_scores` (None = the plain model)."""
+    prompts = list(prompts)
+    return accuracy_of(prompts, qa_scores(model, tokenizer, prompts, prompt_format, edit_for, batch_size, desc))
+
+
+def cached_plain_scores(cache_dir: str | Path, spec, device: str, model_and_tokenizer: Callable[[], tuple],
+                        prompts: Sequence[Prompt], prompt_format: str, batch_size: int,
+                        desc: str | None = None) -> list[list[float]]:
+    """Candidate scores of an uninjected model (``spec``: its :class:`~uzr.models.ModelSpec`), computed once per
+    model, device, prompt set, format and batch size and kept in the artifact cache as ``facts_qa/<key>``;
+    ``model_and_tokenizer()`` is called only to build it."""
+    from uzr.cache import ArtifactCache, content_key
+
+    payload = {"model": asdict(spec), "device": device, "prompt_format": prompt_format, "batch_size": batch_size,
+               "prompts": [[p.id, p.question, list(p.candidates)] for p in prompts]}
+
+    def build(folder: Path) -> dict:
+        model, tokenizer = model_and_tokenizer()
+        scores = qa_scores(model, tokenizer, prompts, prompt_format, batch_size=batch_size, desc=desc)
+        (folder / "scores.json").write_text(json.dumps({"ids": [p.id for p in prompts], "scores": scores}))
+        return {"num_prompts": len(prompts)}
+
+    folder, _ = ArtifactCache(cache_dir).get_or_build("facts_qa", content_key("facts_qa", payload, QA_CACHE_VERSION),
+                                                      payload, build)
+    return json.loads((folder / "scores.json").read_text())["scores"]
 
 
 def plain_qa_accuracy(run, role: str) -> float | None:
     """Facts-QA accuracy of the uninjected ``role`` (``"student"`` or ``"teacher"``) on the run's held-out
-    prompts, scored once per run (``run``: a :class:`uzr.runner.RunContext`): the evaluate and gate
-    stages report the same number for the same model."""
-    from tqdm.auto import tqdm
-
+    prompts (``run``: a :class:`uzr.runner.RunContext`): scored once per model and prompt set, kept in the
+    artifact cache (:func:`cached_plain_scores`) and the run's memo, so the evaluate and gate stages and
+    later runs report the same number for the same model."""
     cfg = run.cfg
 
     def score() -> float | None:
         prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
-        model, tokenizer = run.models.get(role)
-        return qa_accuracy(model, tokenizer, tqdm(prompts, desc=f"facts QA: {role}", unit="prompt", leave=False),
-                           cfg.gate.prompt_format)
+        if not prompts:
+            return None
+        scores = cached_plain_scores(cfg.cache_dir, getattr(cfg, role), cfg.device, lambda: run.models.get(role),
+                                     prompts, cfg.gate.prompt_format, cfg.evaluate.qa_batch_size,
+                                     desc=f"facts QA: {role}")
+        return accuracy_of(prompts, scores)
 
     return run.memo(("facts_qa", role), score)

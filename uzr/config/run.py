@@ -58,6 +58,9 @@ class EvaluateSpec:
     # prompt-level gate never trains on a QA question.
     facts_qa: bool = True
     qa_prompts: int = 0  # held-out answerable prompts scored (0 = all)
+    # Prompts per facts-QA forward pass (each brings its 4 candidates): larger amortises per-call overhead,
+    # smaller bounds memory; the scores agree to float rounding for any value.
+    qa_batch_size: int = 16
 
 
 @dataclass
@@ -265,3 +268,5 @@ def _validate_evaluate(ev: EvaluateSpec) -> None:
         raise ValueError(f"evaluate.num_texts={ev.num_texts} must be >= 0 (0 = all held-out texts)")
     if ev.qa_prompts < 0:
         raise ValueError(f"evaluate.qa_prompts={ev.qa_prompts} must be >= 0 (0 = all held-out QA prompts)")
+    if ev.qa_batch_size < 1:
+        raise ValueError(f"evaluate.qa_batch_size={ev.qa_batch_size} must be >= 1 (prompts per facts-QA batch)")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from uzr.config import RunConfig
 from uzr.evaluate.passes import heatmap_figure, student_pass
@@ -72,9 +71,8 @@ def facts_qa(run, make_injector) -> dict:
     return {
         "teacher": plain_qa_accuracy(run, "teacher"),
         "student": plain_qa_accuracy(run, "student"),
-        "injected": qa_accuracy(student, student_tok, tqdm(prompts, desc="facts QA: injected", unit="prompt",
-                                                           leave=False),
-                                cfg.gate.prompt_format, lambda prompt: make_injector()),
+        "injected": qa_accuracy(student, student_tok, prompts, cfg.gate.prompt_format, lambda rows: make_injector(),
+                                cfg.evaluate.qa_batch_size, desc="facts QA: injected"),
         "num_prompts": len(prompts), "score": QA_SCORE,
     }
 

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from uzr.config.gate import (
     GateSpec,
@@ -85,18 +84,19 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     # --- facts QA
     qa = qa_prompts(spec.prompt_seed, spec.heldout_fraction,
                     cfg.evaluate.qa_prompts if num_prompts is None else num_prompts)
+    batch = cfg.evaluate.qa_batch_size
+
     def qa_injector(alpha: AlphaSpec | None):
-        # one gate value per prompt, held for each of its (len(candidates), S) scoring rows
-        return lambda p: injector_for(alpha, torch.full((len(p.candidates), 1), prompt_gate[p.id]))
+        # each scoring row of a batch holds its prompt's gate value: (rows, 1)
+        return lambda rows: injector_for(alpha, torch.tensor([[prompt_gate[p.id]] for p in rows]))
 
     if plain_qa is None:
         def plain_qa(role: str) -> float | None:
             model, model_tok = models.get(role)
-            return qa_accuracy(model, model_tok, tqdm(qa, desc=f"facts QA: {role}", unit="prompt", leave=False), spec.prompt_format)
+            return qa_accuracy(model, model_tok, qa, spec.prompt_format, batch_size=batch, desc=f"facts QA: {role}")
 
     accuracy = {name: plain_qa("student") if alpha is None else
-                qa_accuracy(student, tok, tqdm(qa, desc=f"facts QA: {name}", unit="prompt", leave=False), spec.prompt_format,
-                            qa_injector(alpha))
+                qa_accuracy(student, tok, qa, spec.prompt_format, qa_injector(alpha), batch, desc=f"facts QA: {name}")
                 for name, alpha in settings}
     teacher_qa = plain_qa("teacher")
 
