@@ -12,7 +12,7 @@ from uzr.facts_qa import _plain_final, candidate_logprobs, candidate_rows, qa_ac
 from uzr.hooks import injected
 from uzr.inject import AlphaSpec, Injector
 from uzr.next_token import lm_head_logits, next_token_kl, next_token_stats, target_logprobs
-from uzr.prompts import PromptSet, adds_special_tokens, answer_prefix, format_prompt
+from uzr.prompts import PromptSet, adds_special_tokens, answer_prefix, format_prompt, resolve_format
 
 
 def test_candidate_logprobs_match_a_full_forward(tiny_models):
@@ -197,3 +197,14 @@ def test_next_token_stats_in_blocks_equal_the_whole_softmax(tiny_models):
     s = torch.log_softmax(lm_head_logits(model, student), -1)
     kl = float((logp.exp() * (logp - s)).sum(-1).mean())
     assert next_token_kl(model, hidden, model, student, chunk=5) == pytest.approx(kl, rel=1e-5)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_packaged_pair_chat_prompts_score_the_same_shared_and_one_by_one(packaged_pair, role):
+    """The default pair's chat format shares the template's system turn across prompts: the cached-prefix
+    scores equal the old per-candidate scores on the real models (converted once per test session)."""
+    model, tok = packaged_pair[role]
+    prompts = qa_prompts(0, 0.25, limit=6)
+    style = resolve_format(tok, "auto")
+    assert_close(qa_scores(model, tok, prompts, "auto", batch_size=3), one_by_one(model, tok, prompts, style), 2e-4)
