@@ -57,6 +57,7 @@ def fastest(times: dict, name: str, fn, *args):
     out = fn(*args)
     elapsed = time.perf_counter() - start
     times[name] = min(times.get(name, float("inf")), elapsed)
+    print(f"  {name}: {elapsed:.2f} s", flush=True)
     return out
 
 

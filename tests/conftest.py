@@ -72,7 +72,7 @@ def share_models(cache_dir: Path, models: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def packaged_pair(converted_models):
+def packaged_pair(converted_models, tmp_path_factory):
     """{"teacher": (Gemma 3 270M, tokenizer), "student": (SmolLM2-135M, tokenizer)}, loaded once per session from
     the shared converted models; skips when the packages are not installed."""
     import importlib.util
@@ -83,5 +83,5 @@ def packaged_pair(converted_models):
     missing = [s.gguf_package for s in specs.values() if importlib.util.find_spec(s.gguf_package) is None]
     if missing:
         pytest.skip(f"packaged models not installed: {missing}")
-    cache = share_models(converted_models.parent / f"{converted_models.name}-cache", converted_models)
+    cache = share_models(tmp_path_factory.mktemp("packaged-cache"), converted_models)
     return {role: load_model(spec, cache_dir=cache, role=role) for role, spec in specs.items()}

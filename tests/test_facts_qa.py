@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from uzr.attention import decoder_of
-from uzr.facts_qa import _plain_final, candidate_logprobs, candidate_rows, qa_accuracy, qa_prompts, qa_scores
+from uzr.facts_qa import _plain_passes, candidate_logprobs, candidate_rows, qa_accuracy, qa_prompts, qa_scores
 from uzr.hooks import injected
 from uzr.inject import AlphaSpec, Injector
 from uzr.next_token import lm_head_logits, next_token_kl, next_token_stats, target_logprobs
@@ -124,11 +124,14 @@ def test_shared_prefix_covers_the_common_text_and_stops_before_the_first_answer_
     prompt's text to its candidates, and no prefix swallows the token before a scored one."""
     model, tok = tiny_models["llama"]
     groups = [candidate_rows(tok, format_prompt(p.question), p.candidates) for p in qa_prompts(0, 0.25, limit=4)]
-    final, starts = _plain_final(model, groups, tok.pad_token_id or 0)
+    passes = _plain_passes(model, groups, tok.pad_token_id or 0)
     rows = [r for g in groups for r in g]
-    assert min(starts) >= len(tok("Question: ", add_special_tokens=False)["input_ids"])
-    assert all(s <= r.scored[0] - 1 for s, r in zip(starts, rows))
-    assert final.shape[:2] == (len(rows), max(len(r.ids) - s for r, s in zip(rows, starts)))
+    assert sorted(i for ps in passes for i in ps.rows) == list(range(len(rows)))  # every row once
+    for ps in passes:
+        assert min(ps.starts) >= len(tok("Question: ", add_special_tokens=False)["input_ids"])
+        assert all(s <= rows[i].scored[0] - 1 for s, i in zip(ps.starts, ps.rows))
+        # one pass per tail length: no padding after the shared prefixes
+        assert {len(rows[i].ids) - s for s, i in zip(ps.starts, ps.rows)} == {ps.final.shape[1]}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])

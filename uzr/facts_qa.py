@@ -90,20 +90,28 @@ def _window_may_bind(model, length: int) -> bool:
     return bool(window) and length > window
 
 
-def _plain_final(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int) -> tuple[torch.Tensor, list[int]]:
-    """Final hidden states of every row's unshared tail, with shared prefixes run once through a KV cache.
+@dataclass
+class _Pass:
+    """Final hidden states of some rows: row ``rows[i]``'s token ``j`` is at ``final[i, j - starts[i]]``."""
 
-    Three passes: (1) the tokens every row starts with, batch 1; (2) each prompt's own shared tokens, one row
-    per prompt, left-padded after (1); (3) each row's remaining tokens, right-padded, on its prompt's cache
-    row. Each prefix stops one token before the row's first scored token, so that the logits predicting it
-    come from pass (3). Positions are passed explicitly, so padding never shifts rotary positions.
+    rows: list[int]
+    final: torch.Tensor  # (len(rows), R, D)
+    starts: list[int]
 
-    Returns ``(final (B, R, D), starts)``: row ``b``'s token ``j`` has its hidden state at ``final[b, j - starts[b]]``.
+
+def _plain_passes(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int) -> list[_Pass]:
+    """Final hidden states of every row's unshared tail, shared prefixes run once through a KV cache.
+
+    (1) The tokens every row starts with, batch 1; (2) each prompt's own shared tokens, one row per prompt,
+    left-padded after (1); (3) the rows' remaining tokens on their prompt's cache row, one pass per tail
+    length (tails are 1-6 tokens: padding them to the batch's longest doubled the work). Each prefix stops
+    one token before the row's first scored token, so the logits predicting it come from (3). Positions are
+    passed explicitly, so padding never shifts rotary positions.
     """
     device = next(model.parameters()).device
     decoder = decoder_of(model)
     rows = [r for group in groups for r in group]
-    owner = torch.tensor([k for k, group in enumerate(groups) for _ in group], device=device)
+    owner = [k for k, group in enumerate(groups) for _ in group]
     own = [min(_common_prefix([r.ids for r in group]), min(r.scored[0] for r in group) - 1) for group in groups]
     shared = min(_common_prefix([r.ids for r in rows]), *own)
     if _window_may_bind(model, max(len(r.ids) for r in rows) + max(own)):
@@ -125,30 +133,41 @@ def _plain_final(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int) -
         past.append(mask)
         positions = shared + (mask.cumsum(1) - 1).clamp(min=0)  # (P, width)
         decoder(input_ids=ids, attention_mask=torch.cat(past, 1), position_ids=positions, cache=cache, use_cache=True)
-    starts = [own[k] for k in owner.tolist()]
-    ids, mask = pad_sequences([r.ids[s:] for r, s in zip(rows, starts)], pad_id)
-    ids, mask = ids.to(device), mask.to(device).long()
-    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(ids.shape[1], device=device)
-    if past:
-        cache.batch_select_indices(owner)
-        mask = torch.cat([torch.cat(past, 1)[owner], mask], 1)
-    final = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache if past else None,
-                    use_cache=False).last_hidden_state  # (B, R, D)
-    return final, starts
+    past_mask = torch.cat(past, 1) if past else None  # (P, shared + width)
+    by_length: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_length.setdefault(len(r.ids) - own[owner[i]], []).append(i)
+    passes = []
+    for length, members in sorted(by_length.items()):
+        starts = [own[owner[i]] for i in members]
+        ids = torch.tensor([rows[i].ids[s:] for i, s in zip(members, starts)], device=device)  # (b, length)
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
+        mask, rows_cache = torch.ones_like(ids), None
+        if past_mask is not None:
+            select = torch.tensor([owner[i] for i in members], device=device)
+            rows_cache = DynamicCache()
+            for layer in cache.layers:  # this pass's rows of the prompts' cache, by index (the cache is kept)
+                rows_cache.update(layer.keys[select], layer.values[select], len(rows_cache.layers))
+            mask = torch.cat([past_mask[select], mask], 1)
+        final = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, cache=rows_cache,
+                        use_cache=False).last_hidden_state  # (b, length, D)
+        passes.append(_Pass(members, final, starts))
+    return passes
 
 
-def _edited_final(model, rows: Sequence[CandidateRow], pad_id: int, edit: ModelEdit | None) -> torch.Tensor:
-    """Final hidden states (B, S, D) of full right-padded sequences, with ``edit`` attached for the pass."""
+def _edited_pass(model, rows: Sequence[CandidateRow], pad_id: int, edit: ModelEdit | None) -> _Pass:
+    """Full right-padded sequences in one pass, with ``edit`` attached for it."""
     device = next(model.parameters()).device
     ids, mask = pad_sequences([r.ids for r in rows], pad_id)
     with injected(model, edit):
-        return decoder_of(model)(input_ids=ids.to(device), attention_mask=mask.to(device).long()).last_hidden_state
+        final = decoder_of(model)(input_ids=ids.to(device), attention_mask=mask.to(device).long()).last_hidden_state
+    return _Pass(list(range(len(rows))), final, [0] * len(rows))
 
 
 @torch.no_grad()
 def score_candidates(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int,
                      edit: ModelEdit | None = None, share_prefix: bool = True) -> list[list[float]]:
-    """Summed log-probability (nats) of each candidate's scored tokens, for a batch of prompts in one pass.
+    """Summed log-probability (nats) of each candidate's scored tokens, for a batch of prompts.
 
     Args:
         groups: per prompt, its candidate rows (:func:`candidate_rows`).
@@ -157,19 +176,37 @@ def score_candidates(model, groups: Sequence[Sequence[CandidateRow]], pad_id: in
         share_prefix: run shared prefixes once through a KV cache (plain model only); False runs full
             right-padded sequences, the reference the shared path is tested against.
     Returns: per prompt, one score per candidate.
+
+    The LM head (262k x 640 for Gemma 3) runs once per distinct hidden state: the state predicting a
+    prompt's first answer token is usually common to its candidates (the same prompt tokens before it).
     """
     rows = [r for group in groups for r in group]
-    if edit is None and share_prefix:
-        final, starts = _plain_final(model, groups, pad_id)
-    else:
-        final, starts = _edited_final(model, rows, pad_id, edit), [0] * len(rows)
-    device = final.device
-    b = torch.tensor([i for i, r in enumerate(rows) for _ in r.scored], device=device)
-    j = torch.tensor([p for r in rows for p in r.scored], device=device)
-    start = torch.tensor([starts[i] for i, r in enumerate(rows) for _ in r.scored], device=device)
-    targets = torch.tensor([r.ids[p] for r in rows for p in r.scored], device=device)
-    logp = target_logprobs(model, final[b, j - 1 - start], targets)  # (N,) one per scored token
-    sums = torch.zeros(len(rows), device=device).index_add_(0, b, logp).tolist()
+    first_row = [k0 for k0, group in zip(np.cumsum([0] + [len(g) for g in groups]), groups) for _ in group]
+    common = [_common_prefix([r.ids for r in group]) for group in groups for _ in group]
+    # an edit may treat a prompt's rows differently (e.g. per-row gate values): no state is shared under one
+    shared = edit is None and share_prefix
+    passes = _plain_passes(model, groups, pad_id) if shared else [_edited_pass(model, rows, pad_id, edit)]
+    where = {}  # row -> (pass, index in the pass)
+    for n, ps in enumerate(passes):
+        for i, row in enumerate(ps.rows):
+            where[row] = (n, i)
+    states: dict[tuple[int, int], int] = {}  # (row holding the state, token index) -> index into ``picked``
+    picked, index, owners, targets = [], [], [], []
+    for b, r in enumerate(rows):
+        for j in r.scored:
+            holder = int(first_row[b]) if shared and j - 1 < common[b] else b  # same tokens to j - 1: same state
+            n, i = where[holder]
+            key = (holder, j - 1)
+            if key not in states:
+                states[key] = len(picked)
+                picked.append(passes[n].final[i, j - 1 - passes[n].starts[i]])
+            index.append(states[key])
+            owners.append(b)
+            targets.append(r.ids[j])
+    device = passes[0].final.device
+    logp = target_logprobs(model, torch.stack(picked), torch.tensor(targets, device=device),
+                           torch.tensor(index, device=device))  # (N,) one per scored token
+    sums = torch.zeros(len(rows), device=device).index_add_(0, torch.tensor(owners, device=device), logp).tolist()
     out, k = [], 0
     for group in groups:
         out.append(sums[k:k + len(group)])

@@ -29,14 +29,20 @@ def _blocks(hidden: torch.Tensor, chunk: int):
 
 
 @torch.no_grad()
-def target_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """log p(target) of each position: hidden (N, D) final states, targets (N,) token ids -> (N,) float32."""
-    out = []
+def target_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None = None,
+                    chunk: int = CHUNK) -> torch.Tensor:
+    """log p(target) for each target: hidden (U, D) final states, targets (N,) token ids, rows (N,) the index
+    of each target's state in ``hidden`` (None: ``arange(N)``, one state per target) -> (N,) float32. A state
+    shared by several targets goes through the LM head once."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device) if rows is None else rows
+    out = torch.zeros(targets.shape[0], dtype=torch.float32, device=hidden.device)
     for start, block in _blocks(hidden, chunk):
         logits = lm_head_logits(model, block)  # (c, V)
-        t = targets[start:start + block.shape[0], None]
-        out.append(logits.gather(-1, t)[:, 0] - torch.logsumexp(logits, -1))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+        lse = torch.logsumexp(logits, -1)  # (c,)
+        sel = ((rows >= start) & (rows < start + block.shape[0])).nonzero()[:, 0]
+        local = rows[sel] - start
+        out[sel] = logits[local, targets[sel]] - lse[local]
+    return out
 
 
 @torch.no_grad()
