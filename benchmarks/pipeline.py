@@ -51,11 +51,14 @@ def compose(experiment: str, overrides: list[str]):
         return resolve_config(hydra_compose("train", overrides=[f"+experiment={experiment}", *overrides]))
 
 
-def fastest(times: dict, name: str, fn, *args):
-    """Run ``fn(*args)`` once, keep the fastest wall time under ``name``; returns its result."""
-    start = time.perf_counter()
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def fastest(times: dict, clock: str, name: str, fn, *args):
+    """Run ``fn(*args)`` once, keep the fastest time under ``name``; returns its result."""
+    start = CLOCK[clock]()
     out = fn(*args)
-    elapsed = time.perf_counter() - start
+    elapsed = CLOCK[clock]() - start
     times[name] = min(times.get(name, float("inf")), elapsed)
     print(f"  {name}: {elapsed:.2f} s", flush=True)
     return out
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qa-batch", type=int, default=None, help="prompts per pass (default: evaluate.qa_batch_size)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=sorted(CLOCK), default="wall",
+                        help="cpu: CPU seconds of the process (with --threads 1, robust to other jobs on the machine)")
     parser.add_argument("--cache-dir", default=None, help="converted-model cache (default: paths.cache_dir)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. harvest.max_length=64")
     args = parser.parse_args(argv)
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}")
     print(f"pair: {cfg.teacher.name} -> {cfg.student.name}; {args.texts} texts (max {cfg.harvest.max_length} "
-          f"tokens), QA batch {qa_batch} prompts, {args.rounds} rounds (fastest kept)")
+          f"tokens), QA batch {qa_batch} prompts, {args.rounds} rounds (fastest kept), {args.clock} clock")
 
     texts = list(load_corpus(cfg.data).train["text"])[:args.texts]
     layers, mapping = harvest_layers(cfg)
@@ -180,19 +185,19 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, float] = {}
     results = {}
     for _ in range(args.rounds):
-        fastest(times, "harvest", harvest)
-        fastest(times, "harvest plain", plain_forward)
+        fastest(times, args.clock, "harvest", harvest)
+        fastest(times, args.clock, "harvest plain", plain_forward)
         for role, edit in (("student", False), ("teacher", False), ("student", True)):
             name = f"{role}{' injected' if edit else ''}"
-            results[f"old {name}"] = fastest(times, f"qa old {name}", old_qa, role, edit)
-            results[f"new {name}"] = fastest(times, f"qa new {name}", new_qa, role, edit)
+            results[f"old {name}"] = fastest(times, args.clock, f"qa old {name}", old_qa, role, edit)
+            results[f"new {name}"] = fastest(times, args.clock, f"qa new {name}", new_qa, role, edit)
         for role in ("student", "teacher"):
-            fastest(times, f"qa plain {role}", plain_qa_forward, role)
-        fastest(times, "evaluate", evaluate)
-        fastest(times, "evaluate plain", plain_eval_forward)
+            fastest(times, args.clock, f"qa plain {role}", plain_qa_forward, role)
+        fastest(times, args.clock, "evaluate", evaluate)
+        fastest(times, args.clock, "evaluate plain", plain_eval_forward)
 
     n = len(prompts)
-    print(f"\n{'stage':<26}{'wall s':>9}{'throughput':>20}{'plain s':>9}{'stage/plain':>12}")
+    print(f"\n{'stage':<26}{args.clock + ' s':>9}{'throughput':>20}{'plain s':>9}{'stage/plain':>12}")
     print(f"{'harvest':<26}{times['harvest']:>9.2f}{tokens / times['harvest']:>14.0f} tok/s"
           f"{times['harvest plain']:>9.2f}{times['harvest'] / times['harvest plain']:>12.2f}")
     for name in ("student", "teacher", "student injected"):

@@ -236,8 +236,9 @@ def qa_scores(model, tokenizer, prompts: Sequence[Prompt], prompt_format: str = 
     prefix, special, pad_id = answer_prefix(style), adds_special_tokens(style), tokenizer.pad_token_id or 0
     groups = [candidate_rows(tokenizer, format_prompt(p.question, tokenizer, style), p.candidates, prefix, special)
               for p in prompts]
-    # Similar lengths in one batch waste less padding; the scores go back to the prompts' order.
-    order = sorted(range(len(prompts)), key=lambda i: (len(groups[i][0].ids), i))
+    # Prompts of similar length share a batch (less left padding of the prompt parts, less right padding of
+    # full sequences under an edit); the scores go back to the prompts' order.
+    order = sorted(range(len(prompts)), key=lambda i: (_common_prefix([r.ids for r in groups[i]]), i))
     scores: list[list[float]] = [[] for _ in prompts]
     with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False, disable=desc is None) as bar:
         for start in range(0, len(order), batch_size):
@@ -265,6 +266,19 @@ def qa_accuracy(model, tokenizer, prompts: Sequence[Prompt], prompt_format: str 
     :func:`qa_scores` (None = the plain model)."""
     prompts = list(prompts)
     return accuracy_of(prompts, qa_scores(model, tokenizer, prompts, prompt_format, edit_for, batch_size, desc))
+
+
+def injected_qa_accuracy(run_memo: Callable | None, model, tokenizer, prompts: Sequence[Prompt], prompt_format: str,
+                         make_edit: Callable[[list[Prompt]], ModelEdit | None], key: tuple, batch_size: int,
+                         desc: str | None = None) -> float | None:
+    """:func:`qa_accuracy` under an edit, once per run for ``key`` (e.g. the injection mode and alpha): the
+    evaluate stage's injected student at a constant alpha is the gate table's ``constant@alpha`` row."""
+    def compute() -> float | None:
+        return qa_accuracy(model, tokenizer, prompts, prompt_format, make_edit, batch_size, desc)
+
+    if run_memo is None:
+        return compute()
+    return run_memo(("facts_qa", "edited", *key, prompt_format, tuple(p.id for p in prompts)), compute)
 
 
 def cached_plain_scores(cache_dir: str | Path, spec, device: str, model_and_tokenizer: Callable[[], tuple],

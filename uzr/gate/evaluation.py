@@ -14,8 +14,8 @@ from uzr.config.gate import (
     GateSpec,
     coerce_gate_spec,
 )
-from uzr.evaluate.texts import PLAIN, heldout_rows, injection_setting, score_settings
-from uzr.facts_qa import QA_SCORE, qa_accuracy, qa_prompts
+from uzr.evaluate.texts import PLAIN, alpha_key, heldout_rows, injection_setting, score_settings
+from uzr.facts_qa import QA_SCORE, injected_qa_accuracy, qa_accuracy, qa_prompts
 from uzr.gate.features import controllers_on, gate_positions, sequence_parts, token_ids
 from uzr.gate.model import GateModule
 from uzr.inject import AlphaSpec, Injector
@@ -95,9 +95,13 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
             model, model_tok = models.get(role)
             return qa_accuracy(model, model_tok, qa, spec.prompt_format, batch_size=batch, desc=f"facts QA: {role}")
 
-    accuracy = {name: plain_qa("student") if alpha is None else
-                qa_accuracy(student, tok, qa, spec.prompt_format, qa_injector(alpha), batch, desc=f"facts QA: {name}")
-                for name, alpha in settings}
+    def injected_qa(name: str, alpha: AlphaSpec) -> float | None:
+        # gated rows depend on this run's gate: not shared; constant rows are shared with the evaluate stage
+        shared_memo = memo if alpha.schedule != "gated" else None
+        return injected_qa_accuracy(shared_memo, student, tok, qa, spec.prompt_format, qa_injector(alpha),
+                                    (cfg.inject.mode, alpha_key(alpha)), batch, desc=f"facts QA: {name}")
+
+    accuracy = {name: plain_qa("student") if alpha is None else injected_qa(name, alpha) for name, alpha in settings}
     teacher_qa = plain_qa("teacher")
 
     # --- bits per byte on held-out store rows, gate per position (the evaluate stage's path and texts)
