@@ -61,8 +61,9 @@ def next_token_stats(model, hidden: torch.Tensor, targets: torch.Tensor | None =
     flat_targets = targets.reshape(-1) if targets is not None else None
     parts: dict[str, list[torch.Tensor]] = {"entropy": [], "maxprob": [], "nll": []}
     for start, block in _blocks(hidden, chunk):
-        logp = lm_head_logits(model, block)  # (c, V) logits, turned into log-probs in place
-        logp -= torch.logsumexp(logp, -1, keepdim=True)
+        # log_softmax (not logits - logsumexp in place) keeps the harvest's stored numbers bit for bit; the
+        # logits block is freed as soon as it returns
+        logp = torch.log_softmax(lm_head_logits(model, block), -1)  # (c, V)
         if flat_targets is not None:
             parts["nll"].append(-logp.gather(-1, flat_targets[start:start + block.shape[0], None])[:, 0])
         probs = logp.exp()  # the second (c, V) block
