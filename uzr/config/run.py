@@ -118,6 +118,10 @@ class RunConfig:
     name: str = "run"
     seed: int = 0
     device: str = "cpu"
+    # torch intra-op threads for the run (null: torch's default, one per core). On a CPU machine shared with
+    # other jobs, 1 avoids threads waiting for each other: the smoke run took 35 s with 1 and 107 s with 2
+    # on the 2-core machine at load average ~6 (README, Performance).
+    threads: int | None = None
 
     @property
     def cache_dir(self) -> Path:
@@ -183,6 +187,8 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"stages {readers or cfg.stages} read the '{group}' config group, which this config "
                              f"lacks; add {group}=<option> (options: {options}) or drop those stages")
     groups = required | {g for g in optional if getattr(cfg, g) is not None}
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"threads={cfg.threads} must be >= 1 (torch intra-op threads), or null for torch's default")
     if cfg.logger.wandb_mode not in ("offline", "online", "disabled"):
         raise ValueError(f"logger.wandb_mode={cfg.logger.wandb_mode!r}; valid choices: offline, online, disabled")
     for role in ("teacher", "student"):
