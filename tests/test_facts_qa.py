@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from uzr.attention import decoder_of
-from uzr.facts_qa import _plain_passes, candidate_logprobs, candidate_rows, qa_accuracy, qa_prompts, qa_scores
+from uzr.facts_qa import _plain_states, candidate_logprobs, candidate_rows, qa_accuracy, qa_prompts, qa_scores
 from uzr.hooks import injected
 from uzr.inject import AlphaSpec, Injector
 from uzr.next_token import lm_head_logits, next_token_kl, next_token_stats, target_logprobs
@@ -119,19 +119,20 @@ def test_batched_prefix_shared_scores_equal_one_sequence_per_candidate(tiny_mode
     assert_close(qa_scores(model, tok, prompts, "qa", batch_size=len(prompts)), reference)
 
 
-def test_shared_prefix_covers_the_common_text_and_stops_before_the_first_answer_token(tiny_models):
-    """The path under test really shares: "Question: " is common to every row of the batch and each
-    prompt's text to its candidates, and no prefix swallows the token before a scored one."""
+def test_shared_prefix_covers_the_common_text_and_each_state_is_computed_once(tiny_models):
+    """The path under test really shares: each prompt's tokens run once (its last state predicts every
+    candidate's first token), and a tail runs only the candidate tokens that predict another one."""
     model, tok = tiny_models["llama"]
     groups = [candidate_rows(tok, format_prompt(p.question), p.candidates) for p in qa_prompts(0, 0.25, limit=4)]
-    passes = _plain_passes(model, groups, tok.pad_token_id or 0)
+    states = _plain_states(model, groups, tok.pad_token_id or 0)
     rows = [r for g in groups for r in g]
-    assert sorted(i for ps in passes for i in ps.rows) == list(range(len(rows)))  # every row once
-    for ps in passes:
-        assert min(ps.starts) >= len(tok("Question: ", add_special_tokens=False)["input_ids"])
-        assert all(s <= rows[i].scored[0] - 1 for s, i in zip(ps.starts, ps.rows))
-        # one pass per tail length: no padding after the shared prefixes
-        assert {len(rows[i].ids) - s for s, i in zip(ps.starts, ps.rows)} == {ps.final.shape[1]}
+    for i, r in enumerate(rows):
+        first = r.scored[0]
+        assert states.heads[i][1] == first - 1  # the prompt pass's state predicts the first answer token
+        tail = states.tails.get(i)
+        assert (tail is None) == (len(r.ids) - 1 == first)  # a one-token answer needs no tail pass
+        if tail is not None:
+            assert tail[1] == first and tail[0].shape[0] == len(r.ids) - 1 - first
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])

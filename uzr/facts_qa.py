@@ -90,32 +90,40 @@ def _window_may_bind(model, length: int) -> bool:
     return bool(window) and length > window
 
 
-@dataclass
-class _Pass:
-    """Final hidden states of some rows: row ``rows[i]``'s token ``j`` is at ``final[i, j - starts[i]]``."""
+class _States:
+    """Final hidden states by (row, token index), wherever a pass left them."""
 
-    rows: list[int]
-    final: torch.Tensor  # (len(rows), R, D)
-    starts: list[int]
+    def __init__(self):
+        self.tails: dict[int, tuple[torch.Tensor, int]] = {}  # row -> ((L, D) states of its tokens start.., start)
+        self.heads: dict[int, tuple[torch.Tensor, int]] = {}  # row -> ((D,) state, its token index)
+
+    def get(self, row: int, index: int) -> torch.Tensor:
+        head = self.heads.get(row)
+        if head is not None and head[1] == index:
+            return head[0]
+        tail, start = self.tails[row]
+        return tail[index - start]
 
 
-def _plain_passes(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int) -> list[_Pass]:
-    """Final hidden states of every row's unshared tail, shared prefixes run once through a KV cache.
+def _plain_states(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int) -> _States:
+    """Final hidden states that predict every scored token, shared prefixes run once through a KV cache.
 
-    (1) The tokens every row starts with, batch 1; (2) each prompt's own shared tokens, one row per prompt,
-    left-padded after (1); (3) the rows' remaining tokens on their prompt's cache row, one pass per tail
-    length (tails are 1-6 tokens: padding them to the batch's longest doubled the work). Each prefix stops
-    one token before the row's first scored token, so the logits predicting it come from (3). Positions are
-    passed explicitly, so padding never shifts rotary positions.
+    (1) The tokens every row starts with, batch 1; (2) each prompt's tokens up to its candidates' first scored
+    token, one row per prompt, left-padded after (1): its last column predicts that first token for every
+    candidate; (3) each row's remaining input tokens (its last token is only a target) on its prompt's
+    cache row, one pass per length (tails are 0-5 tokens: padding them to the longest doubled the work).
+    Positions are passed explicitly, so padding never shifts rotary positions.
     """
     device = next(model.parameters()).device
     decoder = decoder_of(model)
     rows = [r for group in groups for r in group]
     owner = [k for k, group in enumerate(groups) for _ in group]
-    own = [min(_common_prefix([r.ids for r in group]), min(r.scored[0] for r in group) - 1) for group in groups]
-    shared = min(_common_prefix([r.ids for r in rows]), *own)
+    own = [min(_common_prefix([r.ids for r in group]), min(r.scored[0] for r in group)) for group in groups]
+    # (1) leaves every prompt at least one token of its own, so (2)'s last column is that prompt's state
+    shared = max(0, min(_common_prefix([r.ids for r in rows]), *(n - 1 for n in own)))
     if _window_may_bind(model, max(len(r.ids) for r in rows) + max(own)):
         shared = 0  # padding between the shared prefix and a prompt would move a sliding window
+    states = _States()
     cache, past = DynamicCache(), []  # past: (P, ·) masks of what the cache holds, per prompt
     if shared:
         decoder(input_ids=torch.tensor([rows[0].ids[:shared]], device=device), cache=cache, use_cache=True)
@@ -132,15 +140,19 @@ def _plain_passes(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int) 
                 mask[k, width - len(part):] = 1
         past.append(mask)
         positions = shared + (mask.cumsum(1) - 1).clamp(min=0)  # (P, width)
-        decoder(input_ids=ids, attention_mask=torch.cat(past, 1), position_ids=positions, cache=cache, use_cache=True)
+        last = decoder(input_ids=ids, attention_mask=torch.cat(past, 1), position_ids=positions, cache=cache,
+                       use_cache=True).last_hidden_state[:, -1]  # (P, D): left padding puts every prompt's last here
+        for i, k in enumerate(owner):
+            if parts[k]:
+                states.heads[i] = (last[k], own[k] - 1)
     past_mask = torch.cat(past, 1) if past else None  # (P, shared + width)
     by_length: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
-        by_length.setdefault(len(r.ids) - own[owner[i]], []).append(i)
-    passes = []
+        if len(r.ids) - 1 > own[owner[i]]:
+            by_length.setdefault(len(r.ids) - 1 - own[owner[i]], []).append(i)
     for length, members in sorted(by_length.items()):
         starts = [own[owner[i]] for i in members]
-        ids = torch.tensor([rows[i].ids[s:] for i, s in zip(members, starts)], device=device)  # (b, length)
+        ids = torch.tensor([rows[i].ids[s:s + length] for i, s in zip(members, starts)], device=device)  # (b, length)
         positions = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
         mask, rows_cache = torch.ones_like(ids), None
         if past_mask is not None:
@@ -151,17 +163,20 @@ def _plain_passes(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int) 
             mask = torch.cat([past_mask[select], mask], 1)
         final = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, cache=rows_cache,
                         use_cache=False).last_hidden_state  # (b, length, D)
-        passes.append(_Pass(members, final, starts))
-    return passes
+        for b, (i, s) in enumerate(zip(members, starts)):
+            states.tails[i] = (final[b], s)
+    return states
 
 
-def _edited_pass(model, rows: Sequence[CandidateRow], pad_id: int, edit: ModelEdit | None) -> _Pass:
+def _edited_states(model, rows: Sequence[CandidateRow], pad_id: int, edit: ModelEdit | None) -> _States:
     """Full right-padded sequences in one pass, with ``edit`` attached for it."""
     device = next(model.parameters()).device
     ids, mask = pad_sequences([r.ids for r in rows], pad_id)
     with injected(model, edit):
         final = decoder_of(model)(input_ids=ids.to(device), attention_mask=mask.to(device).long()).last_hidden_state
-    return _Pass(list(range(len(rows))), final, [0] * len(rows))
+    states = _States()
+    states.tails = {i: (final[i], 0) for i in range(len(rows))}
+    return states
 
 
 @torch.no_grad()
@@ -185,25 +200,19 @@ def score_candidates(model, groups: Sequence[Sequence[CandidateRow]], pad_id: in
     common = [_common_prefix([r.ids for r in group]) for group in groups for _ in group]
     # an edit may treat a prompt's rows differently (e.g. per-row gate values): no state is shared under one
     shared = edit is None and share_prefix
-    passes = _plain_passes(model, groups, pad_id) if shared else [_edited_pass(model, rows, pad_id, edit)]
-    where = {}  # row -> (pass, index in the pass)
-    for n, ps in enumerate(passes):
-        for i, row in enumerate(ps.rows):
-            where[row] = (n, i)
-    states: dict[tuple[int, int], int] = {}  # (row holding the state, token index) -> index into ``picked``
+    states = _plain_states(model, groups, pad_id) if shared else _edited_states(model, rows, pad_id, edit)
+    keys: dict[tuple[int, int], int] = {}  # (row holding the state, token index) -> index into ``picked``
     picked, index, owners, targets = [], [], [], []
     for b, r in enumerate(rows):
         for j in r.scored:
             holder = int(first_row[b]) if shared and j - 1 < common[b] else b  # same tokens to j - 1: same state
-            n, i = where[holder]
-            key = (holder, j - 1)
-            if key not in states:
-                states[key] = len(picked)
-                picked.append(passes[n].final[i, j - 1 - passes[n].starts[i]])
-            index.append(states[key])
+            if (holder, j - 1) not in keys:
+                keys[holder, j - 1] = len(picked)
+                picked.append(states.get(holder, j - 1))
+            index.append(keys[holder, j - 1])
             owners.append(b)
             targets.append(r.ids[j])
-    device = passes[0].final.device
+    device = picked[0].device
     logp = target_logprobs(model, torch.stack(picked), torch.tensor(targets, device=device),
                            torch.tensor(index, device=device))  # (N,) one per scored token
     sums = torch.zeros(len(rows), device=device).index_add_(0, torch.tensor(owners, device=device), logp).tolist()
