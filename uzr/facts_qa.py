@@ -6,13 +6,16 @@ correct candidate has the highest summed log-likelihood of its tokens after the 
 (teacher-forced, no generation). Scoring by likelihood keeps the metric free of answer parsing and
 comparable between teacher, student and injected student.
 
-Speed. A prompt is a few dozen tokens and its candidates one to three more, so scoring one padded batch
-of four full sequences per prompt spent most of its time on per-call overhead and on running the same
-prompt tokens four times. :func:`score_candidates` scores many prompts per forward pass:
+Speed. A prompt is a few dozen tokens (the chat template's system turn alone is ~25 for SmolLM2) and its
+candidates one to six more, so scoring one padded batch of four full sequences per prompt ran the same
+prompt tokens four times (on the packaged pair it cost as much as a plain forward of every candidate
+sequence), and on tiny models per-call overhead dominated. :func:`score_candidates` scores many prompts
+per forward pass:
 
 - the plain model (nothing injected or recorded: the sdpa path) shares prefixes through a KV cache —
   the tokens every sequence of the batch starts with (the chat template's system turn) run once, each
-  prompt's own tokens once, then only the candidates' few tokens per sequence;
+  prompt's own tokens once (its last state predicts every candidate's first token), then only the
+  candidates' other input tokens per sequence; the LM head runs once per distinct state;
 - an edited model (an :class:`~uzr.inject.Injector`) runs full sequences, right-padded, many prompts per
   batch: the injector keeps per-layer state across calls (controller key features), so no KV reuse there.
 
