@@ -51,3 +51,37 @@ def tiny_models():
     from uzr.models import load_model
 
     return {family: load_model(model_spec(name)) for family, name in TINY.items()}
+
+
+@pytest.fixture(scope="session")
+def converted_models(tmp_path_factory) -> Path:
+    """One folder of converted packaged models (GGUF de-quantised once, tens of seconds per model) for the whole
+    test session: ``$UZR_TEST_MODELS`` when set (e.g. ``.cache/uzr/models`` of earlier runs), else a session
+    temporary folder. Tests that run packaged models point their cache's ``models`` here (:func:`share_models`)."""
+    given = os.environ.get("UZR_TEST_MODELS")
+    return Path(given) if given else tmp_path_factory.mktemp("converted-models")
+
+
+def share_models(cache_dir: Path, models: Path) -> Path:
+    """Make ``cache_dir/models`` the session's converted models (artifacts stay per test); returns ``cache_dir``."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    link = cache_dir / "models"
+    if not link.exists():
+        link.symlink_to(models, target_is_directory=True)
+    return cache_dir
+
+
+@pytest.fixture(scope="session")
+def packaged_pair(converted_models, tmp_path_factory):
+    """{"teacher": (Gemma 3 270M, tokenizer), "student": (SmolLM2-135M, tokenizer)}, loaded once per session from
+    the shared converted models; skips when the packages are not installed."""
+    import importlib.util
+
+    from uzr.models import load_model
+
+    specs = {"teacher": model_spec("teacher/gemma3_270m"), "student": model_spec("student/smollm2_135m")}
+    missing = [s.gguf_package for s in specs.values() if importlib.util.find_spec(s.gguf_package) is None]
+    if missing:
+        pytest.skip(f"packaged models not installed: {missing}")
+    cache = share_models(tmp_path_factory.mktemp("packaged-cache"), converted_models)
+    return {role: load_model(spec, cache_dir=cache, role=role) for role, spec in specs.items()}

@@ -69,6 +69,8 @@ BAD = [
     (["+experiment=default", "data=text_file", "data.path=/nonexistent/corpus.txt"], r"/nonexistent/corpus.txt"),
     (["+experiment=default", "controller.arch=transformer"], r"controller.arch"),
     (["+experiment=default", "teacher.quantization=3bit"], r"quantization"),
+    (["+experiment=default", "evaluate.qa_batch_size=0"], r"evaluate.qa_batch_size=0 must be >= 1"),
+    (["+experiment=default", "threads=0"], r"threads=0 must be >= 1"),
 ]
 
 

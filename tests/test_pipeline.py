@@ -8,10 +8,15 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, share_models
 
 
-def run_train(tmp_path, *overrides: str, timeout: int = 600, run_dir: str = "run") -> subprocess.CompletedProcess:
+def run_train(tmp_path, *overrides: str, timeout: int = 600, run_dir: str = "run",
+              models=None) -> subprocess.CompletedProcess:
+    """``python -m uzr.train`` with its own artifact cache under ``tmp_path``; ``models``: the session's converted
+    packaged models (fixture ``converted_models``), so a run of the real pair does not convert them again."""
+    if models is not None:
+        share_models(tmp_path / "cache", models)
     cmd = [sys.executable, "-m", "uzr.train", *overrides, f"paths.cache_dir={tmp_path / 'cache'}",
            f"hydra.run.dir={tmp_path / run_dir}"]
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin",
@@ -110,12 +115,12 @@ def test_bad_layer_fails_before_loading(tmp_path):
 
 
 @pytest.mark.real
-def test_real_packaged_pair_end_to_end(tmp_path):
+def test_real_packaged_pair_end_to_end(tmp_path, converted_models):
     """Gemma 3 270M -> SmolLM2-135M on a few short texts completes and writes metrics.json."""
     proc = run_train(
         tmp_path, "+experiment=default", "data.num_texts=6", "harvest.max_length=32", "inject.layers=[15]",
         "controller.max_epochs=1", "evaluate.num_texts=2", "evaluate.qa_prompts=4", "gate.eval_alphas=[1.0]",
-        "gate.max_epochs=2", "logger=csv", timeout=900,
+        "gate.max_epochs=2", "logger=csv", timeout=900, models=converted_models,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -5,23 +5,44 @@ authors, units, arithmetic) each carry four candidate answers. A model gets a pr
 correct candidate has the highest summed log-likelihood of its tokens after the formatted question
 (teacher-forced, no generation). Scoring by likelihood keeps the metric free of answer parsing and
 comparable between teacher, student and injected student.
+
+Speed. A prompt is a few dozen tokens (the chat template's system turn alone is ~25 for SmolLM2) and its
+candidates one to six more, so scoring one padded batch of four full sequences per prompt ran the same
+prompt tokens four times (on the packaged pair it cost as much as a plain forward of every candidate
+sequence), and on tiny models per-call overhead dominated. :func:`score_candidates` scores many prompts
+per forward pass:
+
+- the plain model (nothing injected or recorded: the sdpa path) shares prefixes through a KV cache —
+  the tokens every sequence of the batch starts with (the chat template's system turn) run once, each
+  prompt's own tokens once (its last state predicts every candidate's first token), then only the
+  candidates' other input tokens per sequence; the LM head runs once per distinct state;
+- an edited model (an :class:`~uzr.inject.Injector`) runs full sequences, right-padded, many prompts per
+  batch: the injector keeps per-layer state across calls (controller key features), so no KV reuse there.
+
+The uninjected teacher and student are scored once per model and prompt set and kept in the artifact
+cache (:func:`cached_plain_scores`), so the evaluate stage, the gate table and every job of a sweep read
+one result.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from uzr.attention import decoder_of
-from uzr.hooks import injected
-from uzr.inject import Injector
+from uzr.hooks import ModelEdit, injected
 from uzr.masks import pad_sequences
-from uzr.next_token import lm_head_logits
+from uzr.next_token import target_logprobs
 from uzr.prompts import Prompt, PromptSet, adds_special_tokens, answer_prefix, format_prompt, resolve_format
 
 QA_SCORE = "summed log-likelihood of the answer tokens among 4 candidates"
+QA_CACHE_VERSION = 1  # bump when the scores of the cached plain models change meaning
 
 
 def qa_prompts(prompt_seed: int, heldout_fraction: float, limit: int = 0) -> list[Prompt]:
@@ -30,64 +51,284 @@ def qa_prompts(prompt_seed: int, heldout_fraction: float, limit: int = 0) -> lis
     return prompts[:limit] if limit else prompts
 
 
-@torch.no_grad()
-def candidate_logprobs(model, tokenizer, prompt_text: str, candidates: Sequence[str], prefix: str = " ",
-                       injector: Injector | None = None, add_special_tokens: bool = True) -> list[float]:
-    """Summed log-probability (nats) of each candidate's tokens after ``prompt_text + prefix``
-    (teacher-forced, one right-padded batch of ``len(candidates)`` sequences). A candidate's tokens are
-    those whose characters end after the prompt, so a token that straddles the boundary counts."""
-    device = next(model.parameters()).device
-    seqs, spans = [], []
+@dataclass(frozen=True)
+class CandidateRow:
+    """One (prompt, candidate) sequence: its token ids and the indices of the tokens that are scored
+    (each read from the logits at the index before it)."""
+
+    ids: tuple[int, ...]
+    scored: tuple[int, ...]
+
+
+def candidate_rows(tokenizer, prompt_text: str, candidates: Sequence[str], prefix: str = " ",
+                   add_special_tokens: bool = True) -> list[CandidateRow]:
+    """Tokenise ``prompt_text + prefix + candidate`` for each candidate. A candidate's tokens are those whose
+    characters end after the prompt, so a token that straddles the boundary counts."""
+    rows = []
     for cand in candidates:
         enc = tokenizer(prompt_text + prefix + cand, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
-        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-        scored = [j for j, (s, e) in enumerate(offsets) if e > len(prompt_text) and e > s and j > 0]
+        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        scored = tuple(j for j, (s, e) in enumerate(offsets) if e > len(prompt_text) and e > s and j > 0)
         if not scored:
             raise ValueError(f"candidate {cand!r} has no tokens after the prompt")
-        seqs.append(ids)
-        spans.append(scored)
-    ids, mask = pad_sequences(seqs, tokenizer.pad_token_id or 0)
-    ids, mask = ids.to(device), mask.to(device)
-    with injected(model, injector):
-        final = decoder_of(model)(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, S, D)
-    out = []
-    for b, positions in enumerate(spans):
-        pos = torch.tensor(positions, device=device)
-        logp = torch.log_softmax(lm_head_logits(model, final[b, pos - 1]), -1)  # (n, V)
-        out.append(float(logp.gather(-1, ids[b, pos][:, None]).sum()))
+        rows.append(CandidateRow(tuple(enc["input_ids"]), scored))
+    return rows
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by every sequence."""
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+def _window_may_bind(model, length: int) -> bool:
+    """True if a sliding-window layer could cut a sequence of ``length`` padded positions: then padding may
+    only sit before the first real token (left), where it never enters a real query's window."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None)
+    return bool(window) and length > window
+
+
+class _States:
+    """Final hidden states by (row, token index), wherever a pass left them."""
+
+    def __init__(self):
+        self.tails: dict[int, tuple[torch.Tensor, int]] = {}  # row -> ((L, D) states of its tokens start.., start)
+        self.heads: dict[int, tuple[torch.Tensor, int]] = {}  # row -> ((D,) state, its token index)
+
+    def get(self, row: int, index: int) -> torch.Tensor:
+        head = self.heads.get(row)
+        if head is not None and head[1] == index:
+            return head[0]
+        tail, start = self.tails[row]
+        return tail[index - start]
+
+
+def _plain_states(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int) -> _States:
+    """Final hidden states that predict every scored token, shared prefixes run once through a KV cache.
+
+    (1) The tokens every row starts with, batch 1; (2) each prompt's tokens up to its candidates' first scored
+    token, one row per prompt, left-padded after (1): its last column predicts that first token for every
+    candidate; (3) each row's remaining input tokens (its last token is only a target) on its prompt's
+    cache row, one pass per length (tails are 0-5 tokens: padding them to the longest doubled the work).
+    Positions are passed explicitly, so padding never shifts rotary positions.
+    """
+    device = next(model.parameters()).device
+    decoder = decoder_of(model)
+    rows = [r for group in groups for r in group]
+    owner = [k for k, group in enumerate(groups) for _ in group]
+    own = [min(_common_prefix([r.ids for r in group]), min(r.scored[0] for r in group)) for group in groups]
+    # (1) leaves every prompt at least one token of its own, so (2)'s last column is that prompt's state
+    shared = max(0, min(_common_prefix([r.ids for r in rows]), *(n - 1 for n in own)))
+    if _window_may_bind(model, max(len(r.ids) for r in rows) + max(own)):
+        shared = 0  # padding between the shared prefix and a prompt would move a sliding window
+    states = _States()
+    cache, past = DynamicCache(), []  # past: (P, ·) masks of what the cache holds, per prompt
+    if shared:
+        decoder(input_ids=torch.tensor([rows[0].ids[:shared]], device=device), cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(len(groups))
+        past.append(torch.ones(len(groups), shared, dtype=torch.long, device=device))
+    parts = [group[0].ids[shared:n] for group, n in zip(groups, own)]
+    width = max(len(p) for p in parts)
+    if width:
+        ids = torch.full((len(parts), width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros(len(parts), width, dtype=torch.long, device=device)
+        for k, part in enumerate(parts):
+            if part:
+                ids[k, width - len(part):] = torch.tensor(part, device=device)
+                mask[k, width - len(part):] = 1
+        past.append(mask)
+        positions = shared + (mask.cumsum(1) - 1).clamp(min=0)  # (P, width)
+        last = decoder(input_ids=ids, attention_mask=torch.cat(past, 1), position_ids=positions, cache=cache,
+                       use_cache=True).last_hidden_state[:, -1]  # (P, D): left padding puts every prompt's last here
+        for i, k in enumerate(owner):
+            if parts[k]:
+                states.heads[i] = (last[k], own[k] - 1)
+    past_mask = torch.cat(past, 1) if past else None  # (P, shared + width)
+    by_length: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        if len(r.ids) - 1 > own[owner[i]]:
+            by_length.setdefault(len(r.ids) - 1 - own[owner[i]], []).append(i)
+    for length, members in sorted(by_length.items()):
+        starts = [own[owner[i]] for i in members]
+        ids = torch.tensor([rows[i].ids[s:s + length] for i, s in zip(members, starts)], device=device)  # (b, length)
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
+        mask, rows_cache = torch.ones_like(ids), None
+        if past_mask is not None:
+            select = torch.tensor([owner[i] for i in members], device=device)
+            rows_cache = DynamicCache()
+            for layer in cache.layers:  # this pass's rows of the prompts' cache, by index (the cache is kept)
+                rows_cache.update(layer.keys[select], layer.values[select], len(rows_cache.layers))
+            mask = torch.cat([past_mask[select], mask], 1)
+        final = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, cache=rows_cache,
+                        use_cache=False).last_hidden_state  # (b, length, D)
+        for b, (i, s) in enumerate(zip(members, starts)):
+            states.tails[i] = (final[b], s)
+    return states
+
+
+def _edited_states(model, rows: Sequence[CandidateRow], pad_id: int, edit: ModelEdit | None) -> _States:
+    """Full right-padded sequences in one pass, with ``edit`` attached for it."""
+    device = next(model.parameters()).device
+    ids, mask = pad_sequences([r.ids for r in rows], pad_id)
+    with injected(model, edit):
+        final = decoder_of(model)(input_ids=ids.to(device), attention_mask=mask.to(device).long()).last_hidden_state
+    states = _States()
+    states.tails = {i: (final[i], 0) for i in range(len(rows))}
+    return states
+
+
+@torch.no_grad()
+def score_candidates(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int,
+                     edit: ModelEdit | None = None, share_prefix: bool = True) -> list[list[float]]:
+    """Summed log-probability (nats) of each candidate's scored tokens, for a batch of prompts.
+
+    Args:
+        groups: per prompt, its candidate rows (:func:`candidate_rows`).
+        edit: attached for the pass (e.g. an :class:`~uzr.inject.Injector` built for ``sum(len(g))`` rows in
+            order); with an edit, full sequences run (no prefix reuse).
+        share_prefix: run shared prefixes once through a KV cache (plain model only); False runs full
+            right-padded sequences, the reference the shared path is tested against.
+    Returns: per prompt, one score per candidate.
+
+    The LM head (262k x 640 for Gemma 3) runs once per distinct hidden state: the state predicting a
+    prompt's first answer token is usually common to its candidates (the same prompt tokens before it).
+    """
+    rows = [r for group in groups for r in group]
+    first_row = [k0 for k0, group in zip(np.cumsum([0] + [len(g) for g in groups]), groups) for _ in group]
+    common = [_common_prefix([r.ids for r in group]) for group in groups for _ in group]
+    # an edit may treat a prompt's rows differently (e.g. per-row gate values): no state is shared under one
+    shared = edit is None and share_prefix
+    states = _plain_states(model, groups, pad_id) if shared else _edited_states(model, rows, pad_id, edit)
+    keys: dict[tuple[int, int], int] = {}  # (row holding the state, token index) -> index into ``picked``
+    picked, index, owners, targets = [], [], [], []
+    for b, r in enumerate(rows):
+        for j in r.scored:
+            holder = int(first_row[b]) if shared and j - 1 < common[b] else b  # same tokens to j - 1: same state
+            if (holder, j - 1) not in keys:
+                keys[holder, j - 1] = len(picked)
+                picked.append(states.get(holder, j - 1))
+            index.append(keys[holder, j - 1])
+            owners.append(b)
+            targets.append(r.ids[j])
+    device = picked[0].device
+    logp = target_logprobs(model, torch.stack(picked), torch.tensor(targets, device=device),
+                           torch.tensor(index, device=device))  # (N,) one per scored token
+    sums = torch.zeros(len(rows), device=device).index_add_(0, torch.tensor(owners, device=device), logp).tolist()
+    out, k = [], 0
+    for group in groups:
+        out.append(sums[k:k + len(group)])
+        k += len(group)
     return out
 
 
-def qa_accuracy(model, tokenizer, prompts: Sequence[Prompt], prompt_format: str = "auto",
-                injector_for: Callable[[Prompt], Injector | None] | None = None) -> float | None:
-    """Fraction of ``prompts`` whose correct candidate scores highest; None for no prompts.
+def candidate_logprobs(model, tokenizer, prompt_text: str, candidates: Sequence[str], prefix: str = " ",
+                       injector: ModelEdit | None = None, add_special_tokens: bool = True) -> list[float]:
+    """Summed log-probability (nats) of each candidate's tokens after ``prompt_text + prefix`` (one prompt;
+    see :func:`score_candidates`)."""
+    rows = candidate_rows(tokenizer, prompt_text, candidates, prefix, add_special_tokens)
+    return score_candidates(model, [rows], tokenizer.pad_token_id or 0, injector)[0]
 
-    ``prompt_format``: qa | chat | auto (see :func:`uzr.prompts.resolve_format`); ``injector_for``
-    gives a fresh injector per prompt (None = the plain model)."""
+
+def qa_scores(model, tokenizer, prompts: Sequence[Prompt], prompt_format: str = "auto",
+              edit_for: Callable[[list[Prompt]], ModelEdit | None] | None = None, batch_size: int = 16,
+              desc: str | None = None, share_prefix: bool = True) -> list[list[float]]:
+    """Candidate scores of every prompt, ``batch_size`` prompts per forward pass.
+
+    ``edit_for(row_prompts)``: a fresh edit for one batch, given the prompt of each of its rows in order
+    (``len(candidates)`` rows per prompt, e.g. to give each row its prompt's gate value); None = the plain
+    model. ``desc``: label of a progress bar counting prompts (None: no bar)."""
+    from tqdm.auto import tqdm
+
+    style = resolve_format(tokenizer, prompt_format)
+    prefix, special, pad_id = answer_prefix(style), adds_special_tokens(style), tokenizer.pad_token_id or 0
+    groups = [candidate_rows(tokenizer, format_prompt(p.question, tokenizer, style), p.candidates, prefix, special)
+              for p in prompts]
+    # Prompts of similar length share a batch (less left padding of the prompt parts, less right padding of
+    # full sequences under an edit); the scores go back to the prompts' order.
+    order = sorted(range(len(prompts)), key=lambda i: (_common_prefix([r.ids for r in groups[i]]), i))
+    scores: list[list[float]] = [[] for _ in prompts]
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False, disable=desc is None) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            edit = edit_for([prompts[i] for i in batch for _ in prompts[i].candidates]) if edit_for else None
+            for i, s in zip(batch, score_candidates(model, [groups[i] for i in batch], pad_id, edit, share_prefix)):
+                scores[i] = s
+            bar.update(len(batch))
+    return scores
+
+
+def accuracy_of(prompts: Sequence[Prompt], scores: Sequence[Sequence[float]]) -> float | None:
+    """Fraction of prompts whose correct candidate has the highest score; None for no prompts."""
     if not prompts:
         return None
-    style = resolve_format(tokenizer, prompt_format)
-    right = 0
-    for p in prompts:
-        injector = injector_for(p) if injector_for is not None else None
-        scores = candidate_logprobs(model, tokenizer, format_prompt(p.question, tokenizer, style), p.candidates,
-                                    answer_prefix(style), injector, adds_special_tokens(style))
-        right += int(int(np.argmax(scores)) == p.correct_index())
-    return right / len(prompts)
+    return sum(int(np.argmax(s)) == p.correct_index() for p, s in zip(prompts, scores)) / len(prompts)
+
+
+def qa_accuracy(model, tokenizer, prompts: Sequence[Prompt], prompt_format: str = "auto",
+                edit_for: Callable[[list[Prompt]], ModelEdit | None] | None = None, batch_size: int = 16,
+                desc: str | None = None) -> float | None:
+    """Fraction of ``prompts`` whose correct candidate scores highest; None for no prompts.
+
+    ``prompt_format``: qa | chat | auto (see :func:`uzr.prompts.resolve_format`); ``edit_for``: see
+    :func:`qa_scores` (None = the plain model)."""
+    prompts = list(prompts)
+    return accuracy_of(prompts, qa_scores(model, tokenizer, prompts, prompt_format, edit_for, batch_size, desc))
+
+
+def injected_qa_accuracy(run_memo: Callable | None, model, tokenizer, prompts: Sequence[Prompt], prompt_format: str,
+                         make_edit: Callable[[list[Prompt]], ModelEdit | None], key: tuple, batch_size: int,
+                         desc: str | None = None) -> float | None:
+    """:func:`qa_accuracy` under an edit, once per run for ``key`` (e.g. the injection mode and alpha): the
+    evaluate stage's injected student at a constant alpha is the gate table's ``constant@alpha`` row."""
+    def compute() -> float | None:
+        return qa_accuracy(model, tokenizer, prompts, prompt_format, make_edit, batch_size, desc)
+
+    if run_memo is None:
+        return compute()
+    return run_memo(("facts_qa", "edited", *key, prompt_format, tuple(p.id for p in prompts)), compute)
+
+
+def cached_plain_scores(cache_dir: str | Path, spec, device: str, model_and_tokenizer: Callable[[], tuple],
+                        prompts: Sequence[Prompt], prompt_format: str, batch_size: int,
+                        desc: str | None = None) -> list[list[float]]:
+    """Candidate scores of an uninjected model (``spec``: its :class:`~uzr.models.ModelSpec`), computed once per
+    model, device, prompt set, format and batch size and kept in the artifact cache as ``facts_qa/<key>``;
+    ``model_and_tokenizer()`` is called only to build it."""
+    from uzr.cache import ArtifactCache, content_key
+
+    payload = {"model": asdict(spec), "device": device, "prompt_format": prompt_format, "batch_size": batch_size,
+               "prompts": [[p.id, p.question, list(p.candidates)] for p in prompts]}
+
+    def build(folder: Path) -> dict:
+        model, tokenizer = model_and_tokenizer()
+        scores = qa_scores(model, tokenizer, prompts, prompt_format, batch_size=batch_size, desc=desc)
+        (folder / "scores.json").write_text(json.dumps({"ids": [p.id for p in prompts], "scores": scores}))
+        return {"num_prompts": len(prompts)}
+
+    folder, _ = ArtifactCache(cache_dir).get_or_build("facts_qa", content_key("facts_qa", payload, QA_CACHE_VERSION),
+                                                      payload, build)
+    return json.loads((folder / "scores.json").read_text())["scores"]
 
 
 def plain_qa_accuracy(run, role: str) -> float | None:
     """Facts-QA accuracy of the uninjected ``role`` (``"student"`` or ``"teacher"``) on the run's held-out
-    prompts, scored once per run (``run``: a :class:`uzr.runner.RunContext`): the evaluate and gate
-    stages report the same number for the same model."""
-    from tqdm.auto import tqdm
-
+    prompts (``run``: a :class:`uzr.runner.RunContext`): scored once per model and prompt set, kept in the
+    artifact cache (:func:`cached_plain_scores`) and the run's memo, so the evaluate and gate stages and
+    later runs report the same number for the same model."""
     cfg = run.cfg
 
     def score() -> float | None:
         prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
-        model, tokenizer = run.models.get(role)
-        return qa_accuracy(model, tokenizer, tqdm(prompts, desc=f"facts QA: {role}", unit="prompt", leave=False),
-                           cfg.gate.prompt_format)
+        if not prompts:
+            return None
+        scores = cached_plain_scores(cfg.cache_dir, getattr(cfg, role), cfg.device, lambda: run.models.get(role),
+                                     prompts, cfg.gate.prompt_format, cfg.evaluate.qa_batch_size,
+                                     desc=f"facts QA: {role}")
+        return accuracy_of(prompts, scores)
 
     return run.memo(("facts_qa", role), score)

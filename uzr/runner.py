@@ -107,6 +107,10 @@ def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict
     from uzr.report_table import flat_metrics, print_results, results_rows
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_ctx = RunContext(cfg, out_dir, ModelPool(cfg), make_loggers(cfg.logger, out_dir, run_name, config_dict))
     metrics: dict = {"name": run_name}

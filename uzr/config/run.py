@@ -61,6 +61,10 @@ class EvaluateSpec:
     # prompt-level gate never trains on a QA question.
     facts_qa: bool = True
     qa_prompts: int = 0  # held-out answerable prompts scored (0 = all)
+    # Prompts per facts-QA forward pass (each brings its 4 candidates): larger amortises per-call overhead,
+    # smaller bounds memory; the scores agree to float rounding for any value. 32 took the least CPU time
+    # for SmolLM2-135M on the 93 held-out prompts (8: +37%, 16: +11-16%, 93: +5%; benchmarks/pipeline.py).
+    qa_batch_size: int = 32
 
 
 @dataclass
@@ -118,6 +122,10 @@ class RunConfig:
     name: str = "run"
     seed: int = 0
     device: str = "cpu"
+    # torch intra-op threads for the run (null: torch's default, one per core). On a CPU machine shared with
+    # other jobs, 1 avoids threads waiting for each other: the smoke run took 35 s with 1 and 107 s with 2
+    # on the 2-core machine at load average ~6 (README, Performance).
+    threads: int | None = None
 
     @property
     def cache_dir(self) -> Path:
@@ -186,6 +194,8 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"stages {readers or cfg.stages} read the '{group}' config group, which this config "
                              f"lacks; add {group}=<option> (options: {options}) or drop those stages{why}")
     groups = required | {g for g in optional if getattr(cfg, g) is not None}
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"threads={cfg.threads} must be >= 1 (torch intra-op threads), or null for torch's default")
     if cfg.logger.wandb_mode not in ("offline", "online", "disabled"):
         raise ValueError(f"logger.wandb_mode={cfg.logger.wandb_mode!r}; valid choices: offline, online, disabled")
     for role in ("teacher", "student"):
@@ -274,3 +284,5 @@ def _validate_evaluate(ev: EvaluateSpec) -> None:
         raise ValueError(f"evaluate.num_texts={ev.num_texts} must be >= 0 (0 = all held-out texts)")
     if ev.qa_prompts < 0:
         raise ValueError(f"evaluate.qa_prompts={ev.qa_prompts} must be >= 0 (0 = all held-out QA prompts)")
+    if ev.qa_batch_size < 1:
+        raise ValueError(f"evaluate.qa_batch_size={ev.qa_batch_size} must be >= 1 (prompts per facts-QA batch)")

@@ -11,7 +11,7 @@ import torch
 from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
 from uzr.harvest.stats import distribution_stats
 from uzr.hooks import ModelEdit, injected
-from uzr.next_token import lm_head_logits, next_token_stats
+from uzr.next_token import next_token_kl, next_token_stats  # noqa: F401 (next_token_kl: re-exported)
 
 HABITS = ("norm_entropy", "locality")
 
@@ -97,13 +97,6 @@ def habit_gap(probs: torch.Tensor, teacher: torch.Tensor, window: int) -> dict[s
 
 def mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
     return {key: float(np.mean([d[key] for d in dicts])) for key in dicts[0]}
-
-
-def next_token_kl(teacher, teacher_final: torch.Tensor, student, student_final: torch.Tensor) -> float:
-    """Mean KL(teacher || student) of next-token distributions (same vocabulary, same tokens)."""
-    t = torch.log_softmax(lm_head_logits(teacher, teacher_final), -1)
-    s = torch.log_softmax(lm_head_logits(student, student_final), -1)
-    return float((t.exp() * (t - s)).sum(-1).mean())
 
 
 def heatmap_figure(path, teacher: np.ndarray, controller: np.ndarray, student: np.ndarray, injected: np.ndarray,

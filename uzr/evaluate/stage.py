@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from uzr.config import RunConfig
 from uzr.evaluate.passes import heatmap_figure, student_pass
-from uzr.evaluate.texts import PLAIN, heldout_rows, injection_setting, score_settings
-from uzr.facts_qa import QA_SCORE, plain_qa_accuracy, qa_accuracy, qa_prompts
+from uzr.evaluate.texts import PLAIN, alpha_key, heldout_rows, injection_setting, score_settings
+from uzr.facts_qa import QA_SCORE, injected_qa_accuracy, plain_qa_accuracy, qa_prompts
 from uzr.inject import Injector
 from uzr.masks import masked_log_softmax
 
@@ -72,9 +71,10 @@ def facts_qa(run, make_injector) -> dict:
     return {
         "teacher": plain_qa_accuracy(run, "teacher"),
         "student": plain_qa_accuracy(run, "student"),
-        "injected": qa_accuracy(student, student_tok, tqdm(prompts, desc="facts QA: injected", unit="prompt",
-                                                           leave=False),
-                                cfg.gate.prompt_format, lambda prompt: make_injector()),
+        "injected": injected_qa_accuracy(run.memo if cfg.alpha.schedule != "gated" else None, student, student_tok,
+                                         prompts, cfg.gate.prompt_format, lambda rows: make_injector(),
+                                         (cfg.inject.mode, alpha_key(cfg.alpha)), cfg.evaluate.qa_batch_size,
+                                         desc="facts QA: injected"),
         "num_prompts": len(prompts), "score": QA_SCORE,
     }
 

@@ -88,8 +88,10 @@ def score_settings(student, tokenizer, rows: Sequence[dict], settings: Sequence[
     device = next(student.parameters()).device
     out = TextScores({s.name: SettingScores() for s in settings}, [], [], [])
     for index, row in enumerate(tqdm(rows, desc=desc, unit="text")):
-        enc = tokenizer(row["text"], return_offsets_mapping=True, truncation=True, max_length=max_length)
-        out.bytes.append(predicted_bytes(row["text"], [tuple(o) for o in enc["offset_mapping"]]))
+        # setting-independent work is done once per text and shared through the memo with other stages:
+        # the byte count (a tokenisation), the teacher's pass, and the plain student's pass (PLAIN's key)
+        out.bytes.append(memo(("text_bytes", tokenizer.name_or_path, row["text"], max_length),
+                              partial(_predicted_bytes, tokenizer, row["text"], max_length)))
         out.teacher_nll.append(float(row["teacher_nll_sum"]))
         out.teacher_bytes.append(int(row["teacher_bytes"]))
         ids = torch.as_tensor(np.asarray(row["input_ids"]), dtype=torch.long, device=device).reshape(1, -1)
@@ -107,6 +109,11 @@ def score_settings(student, tokenizer, rows: Sequence[dict], settings: Sequence[
             if "next_token_kl" in scores:
                 target.next_token_kl.append(scores["next_token_kl"])
     return out
+
+
+def _predicted_bytes(tokenizer, text: str, max_length: int) -> int:
+    enc = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=max_length)
+    return predicted_bytes(text, [tuple(o) for o in enc["offset_mapping"]])
 
 
 def _teacher_final(teacher, ids: torch.Tensor) -> torch.Tensor:

@@ -9,14 +9,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from uzr.config.gate import (
     GateSpec,
     coerce_gate_spec,
 )
-from uzr.evaluate.texts import PLAIN, heldout_rows, injection_setting, score_settings
-from uzr.facts_qa import QA_SCORE, qa_accuracy, qa_prompts
+from uzr.evaluate.texts import PLAIN, alpha_key, heldout_rows, injection_setting, score_settings
+from uzr.facts_qa import QA_SCORE, injected_qa_accuracy, qa_accuracy, qa_prompts
 from uzr.gate.features import controllers_on, gate_positions, sequence_parts, token_ids
 from uzr.gate.model import GateModule
 from uzr.inject import AlphaSpec, Injector
@@ -85,19 +84,24 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     # --- facts QA
     qa = qa_prompts(spec.prompt_seed, spec.heldout_fraction,
                     cfg.evaluate.qa_prompts if num_prompts is None else num_prompts)
+    batch = cfg.evaluate.qa_batch_size
+
     def qa_injector(alpha: AlphaSpec | None):
-        # one gate value per prompt, held for each of its (len(candidates), S) scoring rows
-        return lambda p: injector_for(alpha, torch.full((len(p.candidates), 1), prompt_gate[p.id]))
+        # each scoring row of a batch holds its prompt's gate value: (rows, 1)
+        return lambda rows: injector_for(alpha, torch.tensor([[prompt_gate[p.id]] for p in rows]))
 
     if plain_qa is None:
         def plain_qa(role: str) -> float | None:
             model, model_tok = models.get(role)
-            return qa_accuracy(model, model_tok, tqdm(qa, desc=f"facts QA: {role}", unit="prompt", leave=False), spec.prompt_format)
+            return qa_accuracy(model, model_tok, qa, spec.prompt_format, batch_size=batch, desc=f"facts QA: {role}")
 
-    accuracy = {name: plain_qa("student") if alpha is None else
-                qa_accuracy(student, tok, tqdm(qa, desc=f"facts QA: {name}", unit="prompt", leave=False), spec.prompt_format,
-                            qa_injector(alpha))
-                for name, alpha in settings}
+    def injected_qa(name: str, alpha: AlphaSpec) -> float | None:
+        # gated rows depend on this run's gate: not shared; constant rows are shared with the evaluate stage
+        shared_memo = memo if alpha.schedule != "gated" else None
+        return injected_qa_accuracy(shared_memo, student, tok, qa, spec.prompt_format, qa_injector(alpha),
+                                    (cfg.inject.mode, alpha_key(alpha)), batch, desc=f"facts QA: {name}")
+
+    accuracy = {name: plain_qa("student") if alpha is None else injected_qa(name, alpha) for name, alpha in settings}
     teacher_qa = plain_qa("teacher")
 
     # --- bits per byte on held-out store rows, gate per position (the evaluate stage's path and texts)
