@@ -90,7 +90,9 @@ def mix_masks(masks: Sequence[Mapping[str, Tensor]], coeffs: Tensor) -> dict[str
     if coeffs.shape != (len(masks), len(layers)):
         raise ValueError(f"mixing coefficients of shape {tuple(coeffs.shape)}; expected (experts={len(masks)}, "
                          f"layers={len(layers)})")
-    return {n: sum(float(coeffs[k, col[layer_of(n)]]) * m[n] for k, m in enumerate(masks)) for n in names}
+    out = {n: sum(float(coeffs[k, col[layer_of(n)]]) * m[n] for k, m in enumerate(masks)) for n in names}
+    # all coefficients of a layer at 0: no mask to rescale; the base matrix (a uniform mask) is the limit
+    return {n: m if bool((m > 0).any()) else torch.ones_like(m) for n, m in out.items()}
 
 
 class SVFEdit(ModelEdit):
@@ -152,7 +154,12 @@ class SVFTrainable(nn.Module, ModelEdit):
         start = dict(z) if z is not None else initial_z(decomp)
         self.names = list(decomp.S)
         self.z = nn.ParameterList([nn.Parameter(start[n].detach().clone().float()) for n in self.names])
+        self.fixed: dict[str, Tensor] | None = None  # masks that replace sigmoid(z) (e.g. a mixture being scored)
         self._handles: list = []
+
+    def set_masks(self, masks: Mapping[str, Tensor] | None) -> None:
+        """Use fixed ``masks`` instead of ``sigmoid(z)`` (None: back to ``z``); no weight is written."""
+        self.fixed = None if masks is None else {n: masks[n].float() for n in self.names}
 
     def z_dict(self) -> dict[str, Tensor]:
         return {n: p.detach().clone() for n, p in zip(self.names, self.z)}
@@ -173,10 +180,13 @@ class SVFTrainable(nn.Module, ModelEdit):
 
     def _hook(self, i: int, factors: tuple[Tensor, Tensor, Tensor]):
         U, S, Vh = factors
+        name = self.names[i]
 
         def hook(module, args, output):
-            z = self.z[i]
-            f = scale_factor(S, torch.sigmoid(z.to(S.device)))
+            m = self.fixed[name].to(S.device) if self.fixed is not None else torch.sigmoid(self.z[i].to(S.device))
+            if self.fixed is not None and is_uniform(m):
+                return output
+            f = scale_factor(S, m)
             x = args[0]
             delta = ((x.float() @ Vh.T) * (S * f)) @ U.T
             return output + delta.to(output.dtype)
