@@ -57,9 +57,6 @@ class SVFEvalStage:
         return None
 
     def report(self, run, artifact) -> dict:
-        from uzr.runner import load_stages
-
-        load_stages(run, ["svf"], build=["svf"])
         art: SVFArtifact = run.artifacts["svf"]
         cfg, svf = run.cfg, run.cfg.svf
         model, tok = run.models.get("student")
