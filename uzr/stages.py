@@ -71,6 +71,10 @@ REGISTRY: dict[str, StageInfo] = {s.name: s for s in (
     StageInfo("dominance", (), ("dominance",), 1, "uzr.dominance.stage:DominanceStage", cached=False,
               optional=("teacher", "student", "data", "inject", "alpha"),  # + controller when it injects
               summary="attention dominance (MDI / AEI / A_T) per layer and stage on two token groups"),
+    StageInfo("svf", (), ("student", "svf", "trainer"), 1, "uzr.adapters.stage:SVFStage",
+              summary="one singular-value (SVF) expert per domain, trained with REINFORCE -> safetensors"),
+    StageInfo("svf_eval", ("svf",), ("student", "svf"), 1, "uzr.adapters.evaluation:SVFEvalStage", cached=False,
+              summary="SVF accuracy matrix (base + experts x domains) and adaptation strategies vs base"),
 )}
 
 

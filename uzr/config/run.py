@@ -26,11 +26,12 @@ from uzr.config.gate import GateSpec, validate_gate_spec
 from uzr.config.inject import AlphaSpec, InjectSpec, validate_alpha, validate_inject
 from uzr.config.model import ModelSpec
 from uzr.config.model import validate_spec as validate_model
+from uzr.config.svf import SVFSpec, validate_svf
 from uzr.stages import REGISTRY, groups_read, unknown_stages
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Stages of the folded-in systems (DESIGN.md §9): selected by their experiments (stages=[...]), not by default.
-SYSTEM_STAGES = ("dominance",)
+SYSTEM_STAGES = ("dominance", "svf", "svf_eval")
 
 
 @dataclass
@@ -113,6 +114,7 @@ class RunConfig:
     controller: ControllerSpec | None = None
     gate: GateSpec | None = None
     dominance: DominanceSpec | None = None
+    svf: SVFSpec | None = None
     harvest: HarvestSpec = field(default_factory=HarvestSpec)
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
@@ -218,6 +220,9 @@ def validate(cfg: RunConfig) -> None:
         _validate_evaluate(cfg.evaluate)
     if "dominance" in groups:
         validate_dominance(cfg)
+    if "svf" in groups:
+        student = cfg.student if "student" in groups else None
+        validate_svf(cfg.svf, student and student.name, student and student.num_layers)
 
 
 def _validate_injection(cfg: RunConfig, groups: set[str]) -> None:

@@ -1,0 +1,136 @@
+"""The ``svf`` stage: one SVF expert per domain, trained with REINFORCE (cached, resumable).
+
+The artifact holds ``<domain>/expert.safetensors`` + ``expert.json`` for every domain of ``svf.domains``.
+A domain named in ``svf.experts`` is loaded from its folder instead of trained (checked against the model).
+Each domain's training writes a Lightning checkpoint every epoch into ``<domain>/checkpoints`` of the
+artifact's work folder, so a killed run resumes there; finished domains are kept and skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from uzr.adapters.domains import domain_items, reward
+from uzr.adapters.svd import decompose, target_matrices
+from uzr.adapters.svf import SVFExpert, expert_meta, load_expert, save_expert
+from uzr.cache import file_digest
+from uzr.resumable_fit import fit_resumable
+
+log = logging.getLogger(__name__)
+TRAINING_FIELDS = ("domains", "matrices", "layers", "objective", "init_z", "lr", "clip", "kl_weight",
+                   "samples_per_prompt", "prompts_per_step", "epochs", "train_items", "max_new_tokens", "temperature",
+                   "heldout_fraction", "prompt_format", "causal_levels", "causal_max_vars")
+
+
+def question_text(item) -> str:
+    """The question as asked: arithmetic asks for a bare number (the checker reads the first integer)."""
+    return item.question + (" Answer with a number." if item.domain == "arithmetic" else "")
+
+
+def formatted(tokenizer, items, prompt_format: str) -> tuple[list[str], bool]:
+    from uzr.prompts import adds_special_tokens, format_prompt, resolve_format
+
+    style = resolve_format(tokenizer, prompt_format)
+    return [format_prompt(question_text(it), tokenizer, style) for it in items], adds_special_tokens(style)
+
+
+def items_for(svf, domain: str, split: str, n: int, seed: int):
+    return domain_items(domain, split, n, seed, svf.heldout_fraction, tuple(svf.causal_levels), svf.causal_max_vars)
+
+
+@dataclasses.dataclass
+class SVFArtifact:
+    experts: dict[str, SVFExpert]  # domain -> expert
+    decomp: object  # uzr.adapters.svd.Decomposition of the adapted matrices
+    report: dict
+
+
+class SVFStage:
+    def key_payload(self, cfg, upstream: Mapping[str, str]) -> dict:
+        svf = cfg.svf
+        given = {d: file_digest(Path(p).expanduser() / "expert.safetensors") for d, p in sorted(svf.experts.items())}
+        return {"svf": {k: getattr(svf, k) for k in TRAINING_FIELDS}, "student": dataclasses.asdict(cfg.student),
+                "seed": cfg.seed, "trainer": dataclasses.asdict(cfg.trainer), "given_experts": given}
+
+    def _decomp(self, run):
+        model, _ = run.models.get("student")
+        svf = run.cfg.svf
+
+        def compute():
+            return decompose(target_matrices(model, svf.matrices, svf.layers), run.cfg.cache_dir)
+
+        return run.memo(("svf_decomposition", svf.matrices, tuple(svf.layers or ())), compute)
+
+    def build(self, run, folder: Path) -> dict:
+        svf = run.cfg.svf
+        model, tok = run.models.get("student")
+        decomp = self._decomp(run)
+        report = {}
+        for domain in svf.domains:
+            out = folder / domain
+            if domain in svf.experts:
+                expert = load_expert(Path(svf.experts[domain]).expanduser(), decomp=decomp)
+                save_expert(out, expert)
+                report[domain] = {"source": svf.experts[domain]}
+                continue
+            if (out / "expert.json").is_file():  # finished before a kill
+                report[domain] = load_expert(out, decomp=decomp).meta.get("training", {})
+                continue
+            report[domain] = train_expert(run, model, tok, decomp, domain, out)
+        return {"training": report}
+
+    def load(self, run, folder: Path) -> SVFArtifact:
+        decomp = self._decomp(run)
+        svf = run.cfg.svf
+        experts = {d: load_expert(folder / d, expected={"student": run.cfg.student.name, "matrices": svf.matrices,
+                                                         "domain": d}, decomp=decomp) for d in svf.domains}
+        return SVFArtifact(experts, decomp, {d: e.meta.get("training", {}) for d, e in experts.items()})
+
+    def report(self, run, artifact: SVFArtifact) -> dict:
+        return {"experts": {d: {"parameters": e.num_parameters, **e.meta.get("training", {})}
+                            for d, e in artifact.experts.items()}}
+
+
+def train_expert(run, model, tok, decomp, domain: str, out: Path) -> dict:
+    """REINFORCE one expert on the domain's training prompts; writes ``out/expert.*``; returns its training log."""
+    from uzr.adapters.reinforce import ReinforceModule
+
+    cfg, svf = run.cfg, run.cfg.svf
+    items = items_for(svf, domain, "train", svf.train_items, cfg.seed)
+    texts, special = formatted(tok, items, svf.prompt_format)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = ReinforceModule(model, tok, decomp, texts, [it.answer for it in items],
+                             lambda pred, ans: reward(domain, pred, ans), svf.lr, svf.kl_weight,
+                             svf.samples_per_prompt, svf.max_new_tokens, svf.temperature, svf.init_z, special)
+    loader = DataLoader(list(range(len(items))), batch_size=svf.prompts_per_step, shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    t = cfg.trainer
+    start = time.perf_counter()
+    resumed = fit_resumable(module, out / "checkpoints", f"svf expert {domain}", dict(
+        max_epochs=svf.epochs, accelerator=t.accelerator, devices=1, precision=t.precision,
+        deterministic=t.deterministic, log_every_n_steps=1, logger=False, default_root_dir=str(run.out_dir),
+        enable_model_summary=False, enable_progress_bar=False, gradient_clip_val=svf.clip,
+        gradient_clip_algorithm="norm"), train_dataloaders=loader)
+    rewards = [h["reward"] for h in module.history]
+    training = {"steps": len(rewards), "mean_reward_first_epoch": _mean(rewards[:len(loader)]),
+                "mean_reward_last_epoch": _mean(rewards[-len(loader):]), "seconds": round(time.perf_counter() - start, 1),
+                "resumed": resumed, "train_items": len(items)}
+    meta = expert_meta(decomp, cfg.student.name, svf.matrices, svf.layers, domain, svf.objective, training=training,
+                       lr=svf.lr, clip=svf.clip, kl_weight=svf.kl_weight, samples_per_prompt=svf.samples_per_prompt)
+    save_expert(out, SVFExpert(module.z(), meta))
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    log.info("svf expert %s: %s", domain, training)
+    return training
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 4) if xs else None

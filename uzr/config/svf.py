@@ -1,0 +1,138 @@
+"""The ``svf`` config group: singular-value experts (Transformer²) trained per domain, mixed, compared.
+
+Torch-free; :func:`validate_svf` checks every field, and the experts named in ``svf.experts`` against the
+student (reading their JSON metadata only), before any model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DOMAINS = ("arithmetic", "facts", "causal_loop")
+MATRICES = ("mlp", "attn", "mlp+attn")
+OBJECTIVES = ("reinforce",)
+STRATEGIES = ("prompt", "classifier", "cem", "oracle_domain")
+PROMPT_FORMATS = ("qa", "chat", "auto")
+
+
+@dataclass
+class SVFSpec:
+    domains: list[str] = field(default_factory=lambda: list(DOMAINS))  # one expert per domain
+    matrices: str = "mlp"  # mlp | attn | mlp+attn (the reference adapts MLP matrices only)
+    layers: list[int] | None = None  # decoder layers adapted (None = every layer)
+    objective: str = "reinforce"  # ±1 rewards from the domain's checker
+    init_z: float = 0.1  # the reference's init_val; uniform, so the initial expert is the base model exactly
+    lr: float = 2e-3  # Adam, the reference's
+    clip: float = 1e-3  # gradient-norm clip, the reference's
+    kl_weight: float = 0.0  # KL(base || expert) on the sampled answers; the reference's default is off
+    samples_per_prompt: int = 4  # sampled answers per training prompt
+    prompts_per_step: int = 4
+    epochs: int = 2  # passes over the train_items training prompts of a domain (a checkpoint after each)
+    train_items: int = 32  # training prompts per domain
+    eval_items: int = 40  # held-out prompts per domain (every expert, strategy and the base model see the same)
+    max_new_tokens: int = 24
+    temperature: float = 1.0  # sampling temperature of the training answers (evaluation is greedy)
+    heldout_fraction: float = 0.25  # train / held-out split of each domain (a hash of the question)
+    prompt_format: str = "auto"  # qa | chat | auto (chat when the tokenizer has a chat template)
+    causal_levels: list[int] = field(default_factory=lambda: [1])  # causal-loop levels asked
+    causal_max_vars: int = 3
+    # Pre-trained experts {domain: folder holding expert.json + expert.safetensors}, used instead of training.
+    experts: dict[str, str] = field(default_factory=dict)
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    mixture: list[str] | None = None  # domains whose experts CEM mixes (None = every domain); distinct
+    cem_population: int = 32
+    cem_elite_ratio: float = 0.2
+    cem_iterations: int = 50
+    cem_shots: int = 4  # few-shot examples per domain that CEM scores a mixture on (taken from train)
+    classifier_epochs: int = 200  # full-batch epochs of the pooled-hidden-state domain classifier
+    figure: bool = True
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_svf(s: SVFSpec, student_name: str | None = None, num_layers: int | None = None) -> None:
+    """Raise ValueError naming the ``svf.<field>``, its value and what is valid."""
+
+    def bad(key: str, valid: str) -> ValueError:
+        return ValueError(f"svf.{key}={getattr(s, key)!r} is invalid; valid: {valid}")
+
+    unknown = [d for d in s.domains if d not in DOMAINS]
+    if not s.domains or unknown:
+        raise ValueError(f"svf.domains={list(s.domains)!r}: unknown domain(s) {unknown}; valid domains: {', '.join(DOMAINS)}")
+    if len(set(s.domains)) != len(s.domains):
+        raise bad("domains", "each domain at most once (one expert per domain)")
+    if s.matrices not in MATRICES:
+        raise bad("matrices", " | ".join(MATRICES))
+    if s.objective not in OBJECTIVES:
+        raise bad("objective", " | ".join(OBJECTIVES) + " (distill is not implemented yet)")
+    if s.layers is not None:
+        if not s.layers or len(set(s.layers)) != len(s.layers):
+            raise bad("layers", "null (every layer) or a non-empty list of distinct layer indices")
+        if num_layers is not None and any(not 0 <= x < num_layers for x in s.layers):
+            raise bad("layers", f"indices in 0..{num_layers - 1} (the student's layers)")
+    for key in ("lr", "clip", "temperature"):
+        v = getattr(s, key)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise bad(key, "a number > 0")
+    if not isinstance(s.kl_weight, (int, float)) or not math.isfinite(s.kl_weight) or s.kl_weight < 0:
+        raise bad("kl_weight", "a number >= 0 (0 = off, the reference's default)")
+    for key in ("samples_per_prompt", "prompts_per_step", "epochs", "train_items", "eval_items", "max_new_tokens",
+                "cem_iterations", "cem_shots", "classifier_epochs", "causal_max_vars"):
+        if not _is_int(getattr(s, key)) or getattr(s, key) < 1:
+            raise bad(key, "an integer >= 1")
+    if not 0 < s.heldout_fraction < 1:
+        raise bad("heldout_fraction", "a number in (0, 1)")
+    if s.prompt_format not in PROMPT_FORMATS:
+        raise bad("prompt_format", " | ".join(PROMPT_FORMATS))
+    if not s.causal_levels or any(lv not in (1, 2, 3, 4) for lv in s.causal_levels):
+        raise bad("causal_levels", "a non-empty list drawn from [1, 2, 3, 4]")
+    bad_strategies = [x for x in s.strategies if x not in STRATEGIES]
+    if bad_strategies or len(set(s.strategies)) != len(s.strategies):
+        raise ValueError(f"svf.strategies={list(s.strategies)!r}: unknown or repeated {bad_strategies or 'entries'}; "
+                         f"valid strategies: {', '.join(STRATEGIES)}")
+    if s.mixture is not None:
+        dup = sorted({d for d in s.mixture if list(s.mixture).count(d) > 1})
+        if dup:
+            raise ValueError(f"svf.mixture={list(s.mixture)!r} lists the expert(s) {dup} more than once; a mixture "
+                             "needs distinct experts (the reference's Llama-3 config repeats one)")
+        missing = [d for d in s.mixture if d not in s.domains]
+        if len(s.mixture) < 2 or missing:
+            raise ValueError(f"svf.mixture={list(s.mixture)!r}: needs >= 2 distinct experts from svf.domains="
+                             f"{list(s.domains)} (not there: {missing})")
+    if s.cem_population < 2 or not 2 <= int(s.cem_elite_ratio * s.cem_population) <= s.cem_population:
+        raise ValueError(f"svf.cem_population={s.cem_population} x svf.cem_elite_ratio={s.cem_elite_ratio} must "
+                         "keep at least 2 elites")
+    _validate_experts(s, student_name)
+
+
+def _validate_experts(s: SVFSpec, student_name: str | None) -> None:
+    """Every pre-trained expert: a known domain, distinct folders, made for this student and these matrices."""
+    folders: dict[str, str] = {}
+    for domain, folder in s.experts.items():
+        key = f"svf.experts.{domain}"
+        if domain not in s.domains:
+            raise ValueError(f"{key}: domain {domain!r} is not in svf.domains={list(s.domains)}; valid domains: "
+                             f"{', '.join(DOMAINS)}")
+        resolved = str(Path(folder).expanduser().resolve())
+        if resolved in folders:
+            raise ValueError(f"{key}={folder!r} is the same expert as svf.experts.{folders[resolved]}: experts must "
+                             "be distinct")
+        folders[resolved] = domain
+        meta_path = Path(resolved) / "expert.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{key}={folder!r}: cannot read {meta_path} ({err}); point it to a folder holding "
+                             "expert.json and expert.safetensors") from None
+        want = {"student": student_name, "matrices": s.matrices, "domain": domain}
+        for field_name, now in want.items():
+            if now is not None and meta.get(field_name) != now:
+                raise ValueError(f"{key}={folder!r} is an expert for {field_name}={meta.get(field_name)!r}, this run "
+                                 f"needs {field_name}={now!r}: it was made for another model or setting")
+        if s.layers is not None and meta.get("layers") != sorted(s.layers):
+            raise ValueError(f"{key}={folder!r} adapts layers {meta.get('layers')}, svf.layers={sorted(s.layers)}")
