@@ -74,6 +74,15 @@ def test_smoke_gate_stage_table_agrees_with_the_evaluate_stage(smoke_run):
     assert qa["num_prompts"] == gated["num_prompts"] > 50
     assert (table["none"]["qa_accuracy"], table["constant@0.5"]["qa_accuracy"]) == (qa["student"], qa["injected"])
     assert gated["teacher"]["qa_accuracy"] == qa["teacher"]
+    # every comparison carries its paired interval, computed on the same items as the numbers beside it
+    paired = ev["bits_per_byte"]["injected_minus_student"]
+    assert paired["n"] == ev["num_texts"] and paired["low"] <= paired["estimate"] <= paired["high"]
+    assert paired["estimate"] == pytest.approx(ev["bits_per_byte"]["injected"] - ev["bits_per_byte"]["student"], abs=1e-9)
+    assert qa["injected_minus_student"]["estimate"] == pytest.approx(qa["injected"] - qa["student"], abs=1e-9)
+    vs = table["gated@1"]["vs_constant@1"]["bits_per_byte"]
+    assert vs["estimate"] == pytest.approx(table["gated@1"]["bits_per_byte"] - table["constant@1"]["bits_per_byte"],
+                                           abs=1e-9)
+    assert vs["verdict"] in ("better", "no difference", "worse")
     # a gate in (0, 1) scales alpha down: gated bits per byte lie between none and constant at that alpha
     lo, hi = sorted([table["none"]["bits_per_byte"], table["constant@1"]["bits_per_byte"]])
     assert 0 < table["gated@1"]["mean_gate_text"] < 1
@@ -99,6 +108,26 @@ def test_second_run_reuses_store_and_controller(smoke_run):
     # same student and texts: the uninjected baseline is identical, the injected number moves with alpha
     assert metrics["evaluate"]["bits_per_byte"]["student"] == first["evaluate"]["bits_per_byte"]["student"]
     assert metrics["evaluate"]["bits_per_byte"]["injected"] != first["evaluate"]["bits_per_byte"]["injected"]
+
+
+@pytest.mark.parametrize("source", ["teacher", "shuffled", "uniform"])
+def test_smoke_injects_each_source_on_the_same_texts(smoke_run, source):
+    """inject.source swaps what is injected, on the cached store and controller; uniform in bias mode is exactly
+    the student (softmax ignores a constant per row); the stored-row sources are reported on text only."""
+    tmp, _ = smoke_run
+    proc = run_train(tmp, "+experiment=smoke", f"inject.source={source}", "stages=[harvest,controller,evaluate]",
+                     "alpha.value=1.0", run_dir=f"run-{source}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = json.loads((tmp / f"run-{source}" / "metrics.json").read_text())["evaluate"]
+    first = json.loads((tmp / "run" / "metrics.json").read_text())["evaluate"]
+    assert ev["source"] == source and ev["bits_per_byte"]["student"] == first["bits_per_byte"]["student"]
+    if source == "uniform":
+        assert ev["bits_per_byte"]["injected"] == ev["bits_per_byte"]["student"]
+        assert ev["bits_per_byte"]["injected_minus_student"]["verdict"] == "no difference"
+    else:
+        assert ev["bits_per_byte"]["injected"] != ev["bits_per_byte"]["student"]
+        assert ev["facts_qa"]["injected"] is None and "stored rows" in ev["facts_qa"]["injected_note"]
+    assert f"injection ({source})" in proc.stdout
 
 
 def test_missing_artifact_with_stage_switched_off_is_named(tmp_path):

@@ -280,17 +280,30 @@ def qa_accuracy(model, tokenizer, prompts: Sequence[Prompt], prompt_format: str 
     return accuracy_of(prompts, qa_scores(model, tokenizer, prompts, prompt_format, edit_for, batch_size, desc))
 
 
-def injected_qa_accuracy(run_memo: Callable | None, model, tokenizer, prompts: Sequence[Prompt], prompt_format: str,
-                         make_edit: Callable[[list[Prompt]], ModelEdit | None], key: tuple, batch_size: int,
-                         desc: str | None = None) -> float | None:
-    """:func:`qa_accuracy` under an edit, once per run for ``key`` (e.g. the injection mode and alpha): the
+def injected_qa_scores(run_memo: Callable | None, model, tokenizer, prompts: Sequence[Prompt], prompt_format: str,
+                       make_edit: Callable[[list[Prompt]], ModelEdit | None], key: tuple, batch_size: int,
+                       desc: str | None = None) -> list[list[float]]:
+    """:func:`qa_scores` under an edit, once per run for ``key`` (e.g. the injection source, mode and alpha): the
     evaluate stage's injected student at a constant alpha is the gate table's ``constant@alpha`` row."""
-    def compute() -> float | None:
-        return qa_accuracy(model, tokenizer, prompts, prompt_format, make_edit, batch_size, desc)
+    def compute() -> list[list[float]]:
+        return qa_scores(model, tokenizer, prompts, prompt_format, make_edit, batch_size, desc)
 
     if run_memo is None:
         return compute()
     return run_memo(("facts_qa", "edited", *key, prompt_format, tuple(p.id for p in prompts)), compute)
+
+
+def injected_qa_accuracy(run_memo: Callable | None, model, tokenizer, prompts: Sequence[Prompt], prompt_format: str,
+                         make_edit: Callable[[list[Prompt]], ModelEdit | None], key: tuple, batch_size: int,
+                         desc: str | None = None) -> float | None:
+    """The accuracy of :func:`injected_qa_scores`."""
+    return accuracy_of(prompts, injected_qa_scores(run_memo, model, tokenizer, prompts, prompt_format, make_edit, key,
+                                                   batch_size, desc))
+
+
+def correct_of(prompts: Sequence[Prompt], scores: Sequence[Sequence[float]]) -> list[bool]:
+    """Whether each prompt's correct candidate has the highest score (for paired comparisons)."""
+    return [int(np.argmax(s)) == p.correct_index() for p, s in zip(prompts, scores)]
 
 
 def cached_plain_scores(cache_dir: str | Path, spec, device: str, model_and_tokenizer: Callable[[], tuple],
@@ -315,20 +328,26 @@ def cached_plain_scores(cache_dir: str | Path, spec, device: str, model_and_toke
     return json.loads((folder / "scores.json").read_text())["scores"]
 
 
-def plain_qa_accuracy(run, role: str) -> float | None:
-    """Facts-QA accuracy of the uninjected ``role`` (``"student"`` or ``"teacher"``) on the run's held-out
-    prompts (``run``: a :class:`uzr.runner.RunContext`): scored once per model and prompt set, kept in the
-    artifact cache (:func:`cached_plain_scores`) and the run's memo, so the evaluate and gate stages and
-    later runs report the same number for the same model."""
+def plain_qa_scores(run, role: str) -> list[list[float]]:
+    """Candidate scores of the uninjected ``role`` (``"student"`` or ``"teacher"``) on the run's held-out prompts
+    (``run``: a :class:`uzr.runner.RunContext`): scored once per model and prompt set, kept in the artifact cache
+    (:func:`cached_plain_scores`) and the run's memo, so the evaluate and gate stages and later runs report the
+    same numbers for the same model."""
     cfg = run.cfg
 
-    def score() -> float | None:
+    def score() -> list[list[float]]:
         prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
         if not prompts:
-            return None
-        scores = cached_plain_scores(cfg.cache_dir, getattr(cfg, role), cfg.device, lambda: run.models.get(role),
-                                     prompts, cfg.gate.prompt_format, cfg.evaluate.qa_batch_size,
-                                     desc=f"facts QA: {role}")
-        return accuracy_of(prompts, scores)
+            return []
+        return cached_plain_scores(cfg.cache_dir, getattr(cfg, role), cfg.device, lambda: run.models.get(role),
+                                   prompts, cfg.gate.prompt_format, cfg.evaluate.qa_batch_size,
+                                   desc=f"facts QA: {role}")
 
     return run.memo(("facts_qa", role), score)
+
+
+def plain_qa_accuracy(run, role: str) -> float | None:
+    """Facts-QA accuracy of the uninjected ``role`` (see :func:`plain_qa_scores`)."""
+    cfg = run.cfg
+    prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
+    return accuracy_of(prompts, plain_qa_scores(run, role))

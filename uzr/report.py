@@ -152,6 +152,12 @@ def job_row(job: Job, sweep: Path, extra_keys: list[str]) -> dict:
     for name in ("teacher", "student", "injected"):
         row[f"bpb_{name}"] = bpb.get(name)
     row["bpb_delta"] = (bpb["injected"] - bpb["student"]) if {"injected", "student"} <= set(bpb) else None
+    paired = bpb.get("injected_minus_student") or {}
+    row["bpb_delta_low"], row["bpb_delta_high"] = paired.get("low"), paired.get("high")
+    row["bpb_verdict"] = paired.get("verdict")
+    qa_paired = (ev.get("facts_qa") or {}).get("injected_minus_student") or {}
+    row["facts_qa_delta_low"], row["facts_qa_delta_high"] = qa_paired.get("low"), qa_paired.get("high")
+    row["facts_qa_verdict"] = qa_paired.get("verdict")
     habit = ev.get("habit_distance", {})
     for name in HABITS:
         for side in ("student", "injected"):
@@ -281,7 +287,9 @@ def summary_lines(rows: list[dict]) -> list[str]:
         injected = [r for r in ev if r["alpha.value"] not in (None, 0)]
         if injected:
             deltas = [r["bpb_delta"] for r in injected]
-            if all(d > 0 for d in deltas):
+            if all(r.get("bpb_verdict") for r in injected):
+                lines.append(_verdict_counts("bits per byte", injected, "bpb_verdict", deltas, "texts"))
+            elif all(d > 0 for d in deltas):
                 lines.append(f"Injection HURTS bits per byte at every alpha > 0 and every layer set "
                              f"(Δ from {min(deltas):+.4f} to {max(deltas):+.4f} bits/byte).")
             elif all(d < 0 for d in deltas):
@@ -303,7 +311,12 @@ def summary_lines(rows: list[dict]) -> list[str]:
                     line += f", worst alpha {worst['alpha.value']} (Δ bpb {worst['bpb_delta']:+.4f})"
                 lines.append(line + ".")
             qa = [r for r in injected if r.get("facts_qa_injected") is not None]
-            if qa:
+            if qa and all(r.get("facts_qa_verdict") for r in qa):
+                deltas = [r["facts_qa_injected"] - r["facts_qa_student"] for r in qa]
+                lines.append(_verdict_counts(f"facts QA accuracy (student {qa[0]['facts_qa_student']:.3f}, teacher "
+                                             f"{qa[0]['facts_qa_teacher']:.3f}, chance 0.25)", qa, "facts_qa_verdict",
+                                             deltas, "prompts"))
+            elif qa:
                 deltas = [r["facts_qa_injected"] - r["facts_qa_student"] for r in qa]
                 lines.append(
                     f"Facts QA accuracy (student {qa[0]['facts_qa_student']:.3f}, teacher {qa[0]['facts_qa_teacher']:.3f}, "
@@ -327,6 +340,15 @@ def summary_lines(rows: list[dict]) -> list[str]:
                "does NOT beat the student's own attention: it has learned nothing useful.")
         )
     return lines
+
+
+def _verdict_counts(what: str, rows: list[dict], key: str, deltas: list[float], items: str) -> str:
+    """How many injected jobs are better / no different / worse than the student, each read by its own paired
+    95% interval (a difference inside it is no difference)."""
+    counts = {v: sum(r[key] == v for r in rows) for v in ("better", "no difference", "worse")}
+    return (f"Injection vs the uninjected student, {what}, by each job's paired 95% interval over the same {items}: "
+            f"better in {counts['better']}, no difference in {counts['no difference']}, WORSE in {counts['worse']} of "
+            f"{len(rows)} injected jobs (Δ from {min(deltas):+.4f} to {max(deltas):+.4f}).")
 
 
 # ---------------------------------------------------------------------------------------- figures

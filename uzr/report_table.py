@@ -60,20 +60,29 @@ def verdict(metrics: dict) -> list[str]:
     ev = metrics.get("evaluate")
     if ev:
         bpb = ev["bits_per_byte"]
-        delta = bpb["injected"] - bpb["student"]
-        lines.append(
-            f"injection {'improves' if delta < 0 else 'HURTS'} bits per byte by {abs(delta):.4f} "
-            f"(student {bpb['student']:.4f} -> {bpb['injected']:.4f}; teacher {bpb['teacher']:.4f})"
-        )
+        what = f"injection ({ev.get('source', 'controller')})"
+        lines.append(f"{what}: bits per byte {_paired(bpb.get('injected_minus_student'), 'texts')} "
+                     f"(student {bpb['student']:.4f} -> {bpb['injected']:.4f}; teacher {bpb['teacher']:.4f})")
         if bpb["teacher"] >= bpb["student"]:
             lines.append("the teacher is not ahead of the student on this text: no gap for injection to close")
         qa = ev.get("facts_qa")
-        if qa and qa["student"] is not None:
-            delta = qa["injected"] - qa["student"]
-            change = "does not change" if delta == 0 else "improves" if delta > 0 else "HURTS"
-            lines.append(f"injection {change} facts QA accuracy (student {qa['student']:.3f} -> {qa['injected']:.3f}; "
-                         f"teacher {qa['teacher']:.3f}, chance 0.25, {qa['num_prompts']} prompts)")
+        if qa and qa["student"] is not None and qa.get("injected") is not None:
+            lines.append(f"{what}: facts QA accuracy {_paired(qa.get('injected_minus_student'), 'prompts', 3)} "
+                         f"(student {qa['student']:.3f} -> {qa['injected']:.3f}; teacher {qa['teacher']:.3f}, "
+                         f"chance 0.25, {qa['num_prompts']} prompts)")
+        elif qa and qa.get("injected_note"):
+            lines.append(f"facts QA with injection not measured: {qa['injected_note']}")
     return lines
+
+
+def _paired(difference: dict | None, items: str, digits: int = 4) -> str:
+    """``+0.0117 [+0.0051, +0.0183] over 24 texts: worse`` — a paired difference, read by its interval."""
+    if not difference:
+        return "(no paired interval)"
+    verdict = {"worse": "WORSE", "better": "better", "no difference": "no difference"}[difference["verdict"]]
+    p = f", McNemar p={difference['p_value']:.3f}" if "p_value" in difference else ""
+    return (f"{difference['estimate']:+.{digits}f} [{difference['low']:+.{digits}f}, {difference['high']:+.{digits}f}] "
+            f"({difference['level']:.0%} paired interval over {difference['n']} {items}{p}): {verdict}")
 
 
 def numbers_table(title: str, header: list[str], rows: list[list]) -> Table:

@@ -14,9 +14,11 @@ import torch
 
 from uzr.config import RunConfig
 from uzr.evaluate.passes import heatmap_figure, student_pass
-from uzr.evaluate.texts import PLAIN, alpha_key, heldout_rows, injection_setting, score_settings
-from uzr.facts_qa import QA_SCORE, injected_qa_accuracy, plain_qa_accuracy, qa_prompts
+from uzr.evaluate.sources import STORED_ROWS, live_prior, text_prior
+from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_setting, score_settings
+from uzr.facts_qa import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, plain_qa_scores, qa_prompts
 from uzr.inject import Injector
+from uzr.intervals import accuracy_difference, bits_per_byte_difference
 from uzr.masks import masked_log_softmax
 
 
@@ -38,13 +40,21 @@ class EvaluateStage:
         same_vocab = teacher_tok.get_vocab() == student_tok.get_vocab()  # next-token KL needs one vocabulary
         layers = list(cfg.inject.layers)
         rows = heldout_rows(store, cfg.evaluate.num_texts)
-        injected = injection_setting("injected", controllers, cfg.alpha, cfg.inject.mode)
+        source = cfg.inject.source
+        injected = injection_setting("injected", text_prior(source, controllers, rows, cfg.device), cfg.alpha,
+                                     cfg.inject.mode, source_name=source)
         scores = score_settings(student, student_tok, rows, [PLAIN, injected], layers, cfg.harvest.locality_window,
                                 cfg.harvest.max_length, teacher if same_vocab else None, run.memo)
         names = {"student": PLAIN.name, "injected": injected.name}
+        difference = bits_per_byte_difference(scores.settings["injected"].nll, scores.settings["none"].nll,
+                                              scores.bytes) if rows else None
         metrics = {
+            "source": source,
             "bits_per_byte": {**{k: scores.bits_per_byte(v) for k, v in names.items()},
-                              "teacher": scores.teacher_bits_per_byte()},
+                              "teacher": scores.teacher_bits_per_byte(),
+                              **({"injected_minus_student": {**difference.as_dict(),
+                                                             "verdict": difference.verdict(higher_is_better=False)}}
+                                 if difference else {})},
             "habit_distance": {f"L{layer}": {k: scores.habit_distance(v, [layer])[f"L{layer}"] for k, v in names.items()}
                                for layer in layers},
             "num_texts": len(rows),
@@ -53,30 +63,38 @@ class EvaluateStage:
             metrics["next_token_kl"] = {k: float(np.mean(scores.settings[v].next_token_kl)) for k, v in names.items()}
 
         def make_injector() -> Injector:
-            return Injector(controllers, cfg.alpha, cfg.inject.mode, prompt_len=0)
+            return Injector(live_prior(source, controllers), cfg.alpha, cfg.inject.mode, prompt_len=0)
 
         if cfg.evaluate.facts_qa:
-            metrics["facts_qa"] = facts_qa(run, make_injector)
-        if cfg.evaluate.figure and rows:
+            metrics["facts_qa"] = facts_qa(run, None if source in STORED_ROWS else make_injector)
+        if cfg.evaluate.figure and rows and source not in STORED_ROWS:
             run.images["heatmaps"] = figure(run.out_dir / "figures", rows[0], controllers, student, layers[0], cfg,
                                             make_injector)
         return metrics
 
 
 def facts_qa(run, make_injector) -> dict:
-    """Facts-QA accuracy of teacher, student and injected student on the same held-out prompts."""
+    """Facts-QA accuracy of teacher, student and injected student on the same held-out prompts, with the paired
+    interval of injected minus student. ``make_injector`` None: the source needs stored rows that prompts lack."""
     cfg = run.cfg
     prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
     student, student_tok = run.models.get("student")
-    return {
-        "teacher": plain_qa_accuracy(run, "teacher"),
-        "student": plain_qa_accuracy(run, "student"),
-        "injected": injected_qa_accuracy(run.memo if cfg.alpha.schedule != "gated" else None, student, student_tok,
-                                         prompts, cfg.gate.prompt_format, lambda rows: make_injector(),
-                                         (cfg.inject.mode, alpha_key(cfg.alpha)), cfg.evaluate.qa_batch_size,
-                                         desc="facts QA: injected"),
-        "num_prompts": len(prompts), "score": QA_SCORE,
-    }
+    plain = plain_qa_scores(run, "student")
+    out = {"teacher": accuracy_of(prompts, plain_qa_scores(run, "teacher")), "student": accuracy_of(prompts, plain),
+           "injected": None, "num_prompts": len(prompts), "score": QA_SCORE}
+    if make_injector is None:
+        out["injected_note"] = f"inject.source={cfg.inject.source} needs a text's stored rows; prompts have none"
+        return out
+    memo = run.memo if cfg.alpha.schedule != "gated" else None
+    injected = injected_qa_scores(memo, student, student_tok, prompts, cfg.gate.prompt_format,
+                                  lambda rows: make_injector(), injection_key(cfg.inject.source, cfg.inject.mode,
+                                                                              cfg.alpha)[1:],
+                                  cfg.evaluate.qa_batch_size, desc="facts QA: injected")
+    out["injected"] = accuracy_of(prompts, injected)
+    if prompts:
+        difference = accuracy_difference(correct_of(prompts, injected), correct_of(prompts, plain))
+        out["injected_minus_student"] = {**difference.as_dict(), "verdict": difference.verdict(higher_is_better=True)}
+    return out
 
 
 def figure(folder: Path, row: dict, controllers: dict, student, layer: int, cfg: RunConfig, make_injector) -> Path:

@@ -27,17 +27,18 @@ from uzr.attention import decoder_of
 from uzr.evaluate.passes import habit_gap, mean_dicts, next_token_kl, student_pass
 from uzr.hooks import ModelEdit
 from uzr.inject import Injector
+from uzr.priors import AttentionPrior
 from uzr.text_bytes import predicted_bytes
 
 
 @dataclass(frozen=True)
 class Setting:
-    """A way to run the student. ``edit(ids)`` gives a fresh edit for one text's ids (1, S), or None
-    for the plain student; ``key`` identifies the computation (equal keys must give equal numbers)."""
+    """A way to run the student. ``edit(ids, row)`` gives a fresh edit for one text's ids (1, S) and its store
+    row, or None for the plain student; ``key`` identifies the computation (equal keys must give equal numbers)."""
 
     name: str
     key: Hashable
-    edit: Callable[[torch.Tensor], ModelEdit | None] = field(default=lambda ids: None, compare=False)
+    edit: Callable[[torch.Tensor, dict], ModelEdit | None] = field(default=lambda ids, row: None, compare=False)
 
 
 @dataclass
@@ -102,7 +103,8 @@ def score_settings(student, tokenizer, rows: Sequence[dict], settings: Sequence[
                                  partial(_teacher_final, teacher, ids))
         for setting in settings:
             scores = memo(("text", setting.key, index, row["text"], tuple(layers), window, teacher is not None),
-                          partial(_measure, student, ids, setting, layers, window, teacher_rows, teacher, teacher_final))
+                          partial(_measure, student, ids, row, setting, layers, window, teacher_rows, teacher,
+                                  teacher_final))
             target = out.settings[setting.name]
             target.nll.append(scores["nll"])
             target.habits.append(scores["habits"])
@@ -120,11 +122,11 @@ def _teacher_final(teacher, ids: torch.Tensor) -> torch.Tensor:
     return decoder_of(teacher)(input_ids=ids.to(teacher.device)).last_hidden_state  # (1, S, D)
 
 
-def _measure(student, ids: torch.Tensor, setting: Setting, layers: Sequence[int], window: int,
+def _measure(student, ids: torch.Tensor, row: dict, setting: Setting, layers: Sequence[int], window: int,
              teacher_rows: dict[int, torch.Tensor], teacher, teacher_final: torch.Tensor | None) -> dict:
     """One setting on one text: its summed loss, its habit gaps per layer, and its next-token KL."""
     d = teacher_rows[layers[0]].shape[-1]  # the leading (d, d) block the store keeps
-    result = student_pass(student, ids, list(layers), window, setting.edit(ids), d)
+    result = student_pass(student, ids, list(layers), window, setting.edit(ids, row), d)
     scores = {"nll": float(result.nll.sum()),
               "habits": {layer: habit_gap(result.head_mean[layer], teacher_rows[layer], window) for layer in layers}}
     if teacher_final is not None:
@@ -144,15 +146,26 @@ def alpha_key(alpha) -> str:
     return json.dumps(dataclasses.asdict(alpha), sort_keys=True, default=str)
 
 
-def injection_setting(name: str, controllers: dict, alpha, mode: str,
-                      gate_values: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Setting:
-    """The student with the controllers injected at ``alpha`` (schedule ``gated``: ``gate_values(ids)``
-    gives the gate per position, (1, S)); warm-up schedules treat the whole text as generated."""
-    def edit(ids: torch.Tensor) -> Injector:
+def injection_setting(name: str, source: dict | Callable[[torch.Tensor, dict], AttentionPrior], alpha, mode: str,
+                      gate_values: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      source_name: str = "controller") -> Setting:
+    """The student with ``source`` injected at ``alpha``: the controllers (``{layer: controller}``) or, for the
+    other ``inject.source`` choices, ``source(ids, row)`` giving the prior of one text (see
+    :mod:`uzr.evaluate.sources`). Schedule ``gated``: ``gate_values(ids)`` gives the gate per position, (1, S);
+    warm-up schedules treat the whole text as generated."""
+    def edit(ids: torch.Tensor, row: dict) -> Injector:
         gate = gate_values(ids) if alpha.schedule == "gated" else None
-        return Injector(controllers, alpha, mode, prompt_len=0, gate=gate)
+        prior = source(ids, row) if callable(source) else source
+        return Injector(prior, alpha, mode, prompt_len=0, gate=gate)
 
-    return Setting(name, ("inject", mode, alpha_key(alpha)), edit)
+    return Setting(name, injection_key(source_name, mode, alpha), edit)
+
+
+def injection_key(source: str, mode: str, alpha) -> tuple:
+    """The identity of an injected setting (equal keys give equal numbers on the same text or prompts); the
+    controller's key is the one the gate table's constant rows share with the evaluate stage."""
+    base = ("inject", mode, alpha_key(alpha))
+    return base if source == "controller" else (*base, source)
 
 
 PLAIN = Setting("none", ("plain",))

@@ -15,10 +15,11 @@ from uzr.config.gate import (
     coerce_gate_spec,
 )
 from uzr.evaluate.texts import PLAIN, alpha_key, heldout_rows, injection_setting, score_settings
-from uzr.facts_qa import QA_SCORE, injected_qa_accuracy, qa_accuracy, qa_prompts
+from uzr.facts_qa import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, qa_prompts, qa_scores
 from uzr.gate.features import controllers_on, gate_positions, sequence_parts, token_ids
 from uzr.gate.model import GateModule
 from uzr.inject import AlphaSpec, Injector
+from uzr.intervals import accuracy_difference, bits_per_byte_difference
 from uzr.models import model_device
 from uzr.prompts import PromptSet, adds_special_tokens, format_prompt, resolve_format
 
@@ -41,14 +42,14 @@ def alpha_settings(cfg: RunConfig, spec: GateSpec) -> list[tuple[str, AlphaSpec 
 @torch.no_grad()
 def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, gate: GateModule, models,
                    num_texts: int | None = None, num_prompts: int | None = None,
-                   plain_qa: Callable[[str], float | None] | None = None, memo: Callable | None = None) -> dict:
+                   plain_qa: Callable[[str], list[list[float]]] | None = None, memo: Callable | None = None) -> dict:
     """Facts-QA accuracy and bits per byte for no injection, constant alphas and gated alphas.
 
     QA (:mod:`uzr.facts_qa`): the held-out answerable prompts (``evaluate.qa_prompts`` of them, or
     ``num_prompts``); the gated rows hold each prompt's gate value (the gate at its last token, from an
     uninjected pass) for all its candidates. Bits per byte: the store's held-out rows
     (``evaluate.num_texts``, or ``num_texts``), gate per position (causal). The teacher's own QA
-    accuracy and bits per byte sit beside them. ``plain_qa(role)``: the facts-QA accuracy of the
+    accuracy and bits per byte sit beside them. ``plain_qa(role)``: the facts-QA candidate scores of the
     uninjected ``"student"`` or the ``"teacher"`` on the same prompts, measured once per run and shared
     with the evaluate stage (default: scored here); ``memo``: the run's memo, so texts the evaluate stage
     already scored in the same setting are not scored again.
@@ -91,18 +92,20 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
         return lambda rows: injector_for(alpha, torch.tensor([[prompt_gate[p.id]] for p in rows]))
 
     if plain_qa is None:
-        def plain_qa(role: str) -> float | None:
+        def plain_qa(role: str) -> list[list[float]]:
             model, model_tok = models.get(role)
-            return qa_accuracy(model, model_tok, qa, spec.prompt_format, batch_size=batch, desc=f"facts QA: {role}")
+            return qa_scores(model, model_tok, qa, spec.prompt_format, batch_size=batch, desc=f"facts QA: {role}")
 
-    def injected_qa(name: str, alpha: AlphaSpec) -> float | None:
+    def injected_qa(name: str, alpha: AlphaSpec) -> list[list[float]]:
         # gated rows depend on this run's gate: not shared; constant rows are shared with the evaluate stage
         shared_memo = memo if alpha.schedule != "gated" else None
-        return injected_qa_accuracy(shared_memo, student, tok, qa, spec.prompt_format, qa_injector(alpha),
-                                    (cfg.inject.mode, alpha_key(alpha)), batch, desc=f"facts QA: {name}")
+        return injected_qa_scores(shared_memo, student, tok, qa, spec.prompt_format, qa_injector(alpha),
+                                  (cfg.inject.mode, alpha_key(alpha)), batch, desc=f"facts QA: {name}")
 
-    accuracy = {name: plain_qa("student") if alpha is None else injected_qa(name, alpha) for name, alpha in settings}
-    teacher_qa = plain_qa("teacher")
+    qa_by_setting = {name: plain_qa("student") if alpha is None else injected_qa(name, alpha) for name, alpha in settings}
+    correct = {name: correct_of(qa, scores) for name, scores in qa_by_setting.items()}
+    accuracy = {name: accuracy_of(qa, scores) for name, scores in qa_by_setting.items()}
+    teacher_qa = accuracy_of(qa, plain_qa("teacher"))
 
     # --- bits per byte on held-out store rows, gate per position (the evaluate stage's path and texts)
     rows = heldout_rows(store, cfg.evaluate.num_texts if num_texts is None else num_texts)
@@ -126,6 +129,11 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     for name, _ in settings:
         entry = {"qa_accuracy": accuracy[name],
                  "bits_per_byte": scores.bits_per_byte(name)}
+        # paired intervals on the same prompts and texts: against no injection, and gated against constant
+        for other in ["none"] + ([f"constant@{name.split('@', 1)[1]}"] if name.startswith("gated@") else []):
+            if name != other and other in qa_by_setting:
+                entry[f"vs_{other}"] = paired_differences(correct[name], correct[other], scores.settings[name].nll,
+                                                          scores.settings[other].nll, scores.bytes)
         if name.startswith("gated"):
             entry["mean_gate_qa"] = float(np.mean([prompt_gate[p.id] for p in qa])) if qa else None
             entry["mean_gate_text"] = gate_sum / gate_count if gate_count else None
@@ -137,6 +145,18 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
         "gate_by_kind": by_kind, "num_prompts": len(qa), "num_texts": len(rows), "gate_level": gate.level,
         "qa_score": QA_SCORE,
     }
+
+
+def paired_differences(correct_a, correct_b, nll_a, nll_b, nbytes) -> dict:
+    """Setting a against setting b on the same prompts and texts: paired intervals and their verdicts."""
+    out = {}
+    if correct_a:
+        qa = accuracy_difference(correct_a, correct_b)
+        out["qa_accuracy"] = {**qa.as_dict(), "verdict": qa.verdict(higher_is_better=True)}
+    if nbytes:
+        bpb = bits_per_byte_difference(nll_a, nll_b, nbytes)
+        out["bits_per_byte"] = {**bpb.as_dict(), "verdict": bpb.verdict(higher_is_better=False)}
+    return out
 
 
 def gated_table(result: Mapping[str, Any]) -> tuple[list[str], list[list]]:
@@ -170,19 +190,19 @@ def gated_verdict(result: Mapping[str, Any]) -> list[str]:
     if {"answerable", "unanswerable"} <= set(kinds):
         lines.append(f"mean gate on held-out prompts: answerable {kinds['answerable']:.3f}, "
                      f"unanswerable / false premise {kinds['unanswerable']:.3f}")
-    base = table["none"]
     for name, gated in table.items():
         if not name.startswith("gated@"):
             continue
         alpha = name.split("@", 1)[1]
-        const = table[f"constant@{alpha}"]
         parts = []
-        for metric, better, unit in (("bits_per_byte", -1, "bits/byte"), ("qa_accuracy", 1, "QA accuracy")):
-            g, c, b = gated.get(metric), const.get(metric), base.get(metric)
-            if None in (g, c, b):
+        for metric, unit in (("bits_per_byte", "bits/byte"), ("qa_accuracy", "QA accuracy")):
+            against = gated.get(f"vs_constant@{alpha}", {}).get(metric)
+            if against is None:
                 continue
-            verdict = "better than" if better * (g - c) > 0 else "equal to" if g == c else "WORSE than"
-            parts.append(f"{unit} {g:.4f} {verdict} constant {c:.4f} (no injection {b:.4f})")
+            verdict = {"better": "better than", "worse": "WORSE than", "no difference": "no different from"}
+            parts.append(f"{unit} {gated[metric]:.4f} {verdict[against['verdict']]} constant "
+                         f"{table[f'constant@{alpha}'][metric]:.4f} (Δ {against['estimate']:+.4f}, 95% paired interval "
+                         f"[{against['low']:+.4f}, {against['high']:+.4f}]; no injection {table['none'][metric]:.4f})")
         if parts:
             lines.append(f"gated@{alpha}: " + "; ".join(parts))
     return lines

@@ -161,10 +161,10 @@ class GateStage:
         return gate
 
     def report(self, run, gate: GateModule) -> dict:
-        from uzr.facts_qa import plain_qa_accuracy
+        from uzr.facts_qa import plain_qa_scores
 
         evaluation = evaluate_gated(run.cfg, run.artifacts["harvest"], run.artifacts["controller"].controllers, gate,
-                                    run.models, plain_qa=lambda role: plain_qa_accuracy(run, role), memo=run.memo)
+                                    run.models, plain_qa=lambda role: plain_qa_scores(run, role), memo=run.memo)
         run.tables["gated"] = gated_table(evaluation)
         return {"heldout": gate.report(), "evaluation": evaluation}
 

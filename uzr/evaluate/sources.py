@@ -1,0 +1,97 @@
+"""``inject.source`` for held-out texts: the prior each text gets, built from the harvest store's rows.
+
+The live sources (``controller``, ``student_self``, ``uniform``) need nothing but the student's own pass.
+The two that need a text's stored rows:
+
+- ``teacher`` (the oracle): the teacher's head-mean attention of the mapped layer, aligned to the student's
+  tokens (``teacher_dist_L{layer}``, the leading ``harvest.max_dist_len`` block). Zero-mass entries (the
+  teacher's dropped BOS sink, keys no teacher token maps to) get :data:`ORACLE_FLOOR` so that ``bias`` mode
+  adds a large finite penalty there instead of forbidding the key outright.
+- ``shuffled`` (the negative control): the controller's rows for the *next* held-out text that is at least as
+  long (cyclically), cropped to this text's length. A causal controller's rows for the first S positions
+  depend only on those positions, so the crop is what the controller predicts for a text of length S — just
+  not this one.
+
+Facts-QA prompts have no stored rows, so ``teacher`` and ``shuffled`` are reported on bits per byte only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from uzr.masks import masked_log_softmax
+from uzr.priors import AttentionPrior, ControllerPrior, RowsPrior, StudentSelfPrior, UniformPrior
+
+ORACLE_FLOOR = 1e-6  # probability given to keys the aligned teacher row leaves at 0
+STORED_ROWS = ("teacher", "shuffled")  # sources that need a text's store rows (not available for QA prompts)
+
+
+def live_prior(source: str, controllers: Mapping[int, torch.nn.Module]) -> AttentionPrior:
+    """The prior of a source computed from the student's own pass: controller, student_self or uniform."""
+    layers = list(controllers)
+    if source == "controller":
+        return ControllerPrior(controllers)
+    if source == "student_self":
+        return StudentSelfPrior(layers)
+    if source == "uniform":
+        return UniformPrior(layers)
+    raise ValueError(f"inject.source={source!r} needs a text's stored rows: use text_prior")
+
+
+def text_prior(source: str, controllers: Mapping[int, torch.nn.Module], rows: Sequence[dict],
+               device: str | torch.device = "cpu") -> Callable[[torch.Tensor, dict], AttentionPrior]:
+    """``prior(ids, row)`` for a held-out store row of ``rows`` (the texts being scored, in order)."""
+    if source not in STORED_ROWS:
+        prior = live_prior(source, controllers)
+        return lambda ids, row: prior
+    layers = list(controllers)
+    if source == "teacher":
+        def teacher(ids: torch.Tensor, row: dict) -> AttentionPrior:
+            return RowsPrior({layer: _log_rows(row[f"teacher_dist_L{layer}"], device) for layer in layers}, "teacher")
+
+        return teacher
+    lengths = [len(r["input_ids"]) for r in rows]
+
+    def shuffled(ids: torch.Tensor, row: dict) -> AttentionPrior:
+        other = rows[partner(lengths, _index_of(rows, row))]
+        s = ids.shape[1]
+        return RowsPrior({layer: controller_rows(controllers[layer], other[f"hidden_L{layer}"][:s], device)
+                          for layer in layers}, "shuffled")
+
+    return shuffled
+
+
+def partner(lengths: Sequence[int], index: int) -> int:
+    """The next text (cyclically) other than ``index`` that is at least as long as it."""
+    n = len(lengths)
+    for step in range(1, n):
+        other = (index + step) % n
+        if lengths[other] >= lengths[index]:
+            return other
+    raise ValueError(f"inject.source=shuffled: text {index} ({lengths[index]} tokens) is the longest of the "
+                     f"{n} held-out texts and has no other text to borrow rows from; score more texts "
+                     "(evaluate.num_texts) or texts of equal length")
+
+
+@torch.no_grad()
+def controller_rows(controller: torch.nn.Module, hidden, device) -> torch.Tensor:
+    """(1, 1, S, S) causal log-probabilities of a controller over a text's stored hidden states (S, D)."""
+    h = torch.as_tensor(np.asarray(hidden), dtype=torch.float32, device=device)[None]  # (1, S, D)
+    s = h.shape[1]
+    allowed = torch.ones(1, s, s, dtype=torch.bool, device=device).tril()
+    return masked_log_softmax(controller(h), allowed)[:, None]
+
+
+def _log_rows(dist, device) -> torch.Tensor:
+    rows = torch.as_tensor(np.asarray(dist), dtype=torch.float32, device=device)  # (D, D)
+    return rows.clamp_min(ORACLE_FLOOR).log()[None, None]  # (1, 1, D, D)
+
+
+def _index_of(rows: Sequence[dict], row: dict) -> int:
+    for index, candidate in enumerate(rows):
+        if candidate is row:
+            return index
+    raise ValueError("inject.source=shuffled: the row being scored is not among the evaluated rows")
