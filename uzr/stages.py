@@ -39,6 +39,20 @@ class Stage(Protocol):
         """This run's metrics of the stage (its section of ``metrics.json``), or None."""
 
 
+class UncachedStage:
+    """Base of a stage registered with ``cached=False`` (evaluations that run in every run): it has nothing to
+    key, build or load, only :meth:`report`."""
+
+    def key_payload(self, cfg, upstream: Mapping[str, str]) -> dict:
+        return {}
+
+    def build(self, run, folder: Path) -> None:
+        return None
+
+    def load(self, run, folder: Path) -> None:
+        return None
+
+
 @dataclass(frozen=True)
 class StageInfo:
     name: str

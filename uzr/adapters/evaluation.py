@@ -29,6 +29,7 @@ from uzr.adapters.stage import SVFArtifact, formatted, items_for
 from uzr.adapters.svf import SVFEdit, SVFTrainable, layer_of, mix_masks
 from uzr.hooks import injected
 from uzr.intervals import accuracy_difference
+from uzr.stages import UncachedStage
 
 log = logging.getLogger(__name__)
 BASE = "base"
@@ -46,16 +47,7 @@ def answers_correct(model, tok, items, svf, edit=None) -> list[bool]:
     return [check(it.domain, o["answer"], it.answer) for it, o in zip(items, out)]
 
 
-class SVFEvalStage:
-    def key_payload(self, cfg, upstream):
-        return {}
-
-    def build(self, run, folder):
-        return None
-
-    def load(self, run, folder):
-        return None
-
+class SVFEvalStage(UncachedStage):
     def report(self, run, artifact) -> dict:
         art: SVFArtifact = run.artifacts["svf"]
         cfg, svf = run.cfg, run.cfg.svf

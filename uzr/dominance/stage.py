@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from uzr.dominance.summary import (
     summarise,
     table_rows,
 )
+from uzr.stages import UncachedStage
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +63,7 @@ def split_data(labels: np.ndarray, groups: tuple[str, ...], row_mass: np.ndarray
     return np.stack([t, o], -1), [int(in_t.sum()), int(in_o.sum())], int(rows.sum())
 
 
-class DominanceStage:
-    def key_payload(self, cfg, upstream: Mapping[str, str]) -> dict:
-        return {}  # not cached
-
-    def build(self, run, folder: Path) -> None:
-        return None
-
-    def load(self, run, folder: Path) -> None:
-        return None
-
+class DominanceStage(UncachedStage):
     def report(self, run, artifact) -> dict:
         cfg, d = run.cfg, run.cfg.dominance
         controllers = None

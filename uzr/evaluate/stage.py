@@ -6,7 +6,6 @@ Not cached: it runs in every run (an alpha sweep evaluates each alpha) and write
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +19,10 @@ from uzr.facts_qa import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, 
 from uzr.inject import Injector
 from uzr.intervals import accuracy_difference, bits_per_byte_difference
 from uzr.masks import masked_log_softmax
+from uzr.stages import UncachedStage
 
 
-class EvaluateStage:
-    def key_payload(self, cfg: RunConfig, upstream: Mapping[str, str]) -> dict:
-        return {}  # not cached
-
-    def build(self, run, folder: Path) -> None:
-        return None
-
-    def load(self, run, folder: Path) -> None:
-        return None
-
+class EvaluateStage(UncachedStage):
     def report(self, run, artifact) -> dict:
         cfg = run.cfg
         store, controllers = run.artifacts["harvest"], run.artifacts["controller"].controllers
