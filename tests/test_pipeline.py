@@ -99,11 +99,15 @@ def test_smoke_controller_beats_uniform_on_heldout(smoke_run):
 
 def test_second_run_reuses_store_and_controller(smoke_run):
     tmp, _ = smoke_run
+    stored = sorted(p.name for p in (tmp / "cache" / "memo").iterdir())
+    assert len(stored) >= 4  # the injected QA scores of the gate table's constant and gated rows
     proc = run_train(tmp, "+experiment=smoke", "alpha.value=1.0", run_dir="run2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp / "run2" / "metrics.json").read_text())
     first = json.loads((tmp / "run" / "metrics.json").read_text())
     assert not any(metrics["artifacts"][kind]["built"] for kind in ("harvest", "controller", "gate"))
+    # the same artifacts, so every injected QA row (the evaluate stage's alpha 1 is the table's constant@1) is reused
+    assert sorted(p.name for p in (tmp / "cache" / "memo").iterdir()) == stored
     assert metrics["artifacts"]["harvest"]["key"] == first["artifacts"]["harvest"]["key"]
     # same student and texts: the uninjected baseline is identical, the injected number moves with alpha
     assert metrics["evaluate"]["bits_per_byte"]["student"] == first["evaluate"]["bits_per_byte"]["student"]

@@ -290,7 +290,7 @@ def injected_qa_scores(run_memo: Callable | None, model, tokenizer, prompts: Seq
 
     if run_memo is None:
         return compute()
-    return run_memo(("facts_qa", "edited", *key, prompt_format, tuple(p.id for p in prompts)), compute)
+    return run_memo(("facts_qa", "edited", *key, prompt_format, batch_size, tuple(p.id for p in prompts)), compute)
 
 
 def injected_qa_accuracy(run_memo: Callable | None, model, tokenizer, prompts: Sequence[Prompt], prompt_format: str,

@@ -42,6 +42,9 @@ class ModelPool:
         return self._loaded[role]
 
 
+MEMO_VERSION = 1  # bump when what a stored memo holds changes
+
+
 @dataclass
 class RunContext:
     """What the stages of one run share: config, models, loggers, the artifacts loaded so far."""
@@ -62,6 +65,24 @@ class RunContext:
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
+
+    def stored(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """:meth:`memo`, and kept in the artifact cache across runs (``memo/<hash>``): for JSON-able results
+        that depend only on ``key`` (JSON-able) and the run's artifacts (every artifact key so far, which
+        fixes the models, controllers and gate) and its device, e.g. the injected facts-QA scores that a warm
+        re-run or the next job of a sweep would otherwise compute again."""
+        def from_cache() -> Any:
+            payload = {"key": json.loads(json.dumps(key, default=str)), "device": self.cfg.device,
+                       "artifacts": {name: info["key"] for name, info in sorted(self.info.items())}}
+
+            def build(folder: Path) -> None:
+                (folder / "value.json").write_text(json.dumps(compute()))
+
+            folder, _ = ArtifactCache(self.cfg.cache_dir).get_or_build(
+                "memo", content_key("memo", payload, MEMO_VERSION), payload, build)
+            return json.loads((folder / "value.json").read_text())
+
+        return self.memo(key, from_cache)
 
 
 def stage_key(info: StageInfo, impl: Stage, cfg: RunConfig, upstream: dict[str, str]) -> tuple[str, dict]:

@@ -76,7 +76,7 @@ def facts_qa(run, make_injector) -> dict:
     if make_injector is None:
         out["injected_note"] = f"inject.source={cfg.inject.source} needs a text's stored rows; prompts have none"
         return out
-    memo = run.memo if cfg.alpha.schedule != "gated" else None
+    memo = run.stored if cfg.alpha.schedule != "gated" else None
     injected = injected_qa_scores(memo, student, student_tok, prompts, cfg.gate.prompt_format,
                                   lambda rows: make_injector(), injection_key(cfg.inject.source, cfg.inject.mode,
                                                                               cfg.alpha)[1:],

@@ -42,7 +42,8 @@ def alpha_settings(cfg: RunConfig, spec: GateSpec) -> list[tuple[str, AlphaSpec 
 @torch.no_grad()
 def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, gate: GateModule, models,
                    num_texts: int | None = None, num_prompts: int | None = None,
-                   plain_qa: Callable[[str], list[list[float]]] | None = None, memo: Callable | None = None) -> dict:
+                   plain_qa: Callable[[str], list[list[float]]] | None = None, memo: Callable | None = None,
+                   qa_memo: Callable | None = None) -> dict:
     """Facts-QA accuracy and bits per byte for no injection, constant alphas and gated alphas.
 
     QA (:mod:`uzr.facts_qa`): the held-out answerable prompts (``evaluate.qa_prompts`` of them, or
@@ -52,7 +53,8 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     accuracy and bits per byte sit beside them. ``plain_qa(role)``: the facts-QA candidate scores of the
     uninjected ``"student"`` or the ``"teacher"`` on the same prompts, measured once per run and shared
     with the evaluate stage (default: scored here); ``memo``: the run's memo, so texts the evaluate stage
-    already scored in the same setting are not scored again.
+    already scored in the same setting are not scored again; ``qa_memo``: where the injected rows' QA scores
+    are kept (the run's :meth:`~uzr.runner.RunContext.stored`: shared with the evaluate stage and later runs).
 
     Returns ``{"table": {setting: {"qa_accuracy", "bits_per_byte", "mean_gate_qa"?, "mean_gate_text"?}},
     "teacher": {...}, "gate_by_kind": {"answerable", "unanswerable"}, "num_prompts", "num_texts", ...}``;
@@ -97,9 +99,8 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
             return qa_scores(model, model_tok, qa, spec.prompt_format, batch_size=batch, desc=f"facts QA: {role}")
 
     def injected_qa(name: str, alpha: AlphaSpec) -> list[list[float]]:
-        # gated rows depend on this run's gate: not shared; constant rows are shared with the evaluate stage
-        shared_memo = memo if alpha.schedule != "gated" else None
-        return injected_qa_scores(shared_memo, student, tok, qa, spec.prompt_format, qa_injector(alpha),
+        # qa_memo keys hold the run's artifact keys (the gate's among them), so gated rows are safe to keep too
+        return injected_qa_scores(qa_memo, student, tok, qa, spec.prompt_format, qa_injector(alpha),
                                   (cfg.inject.mode, alpha_key(alpha)), batch, desc=f"facts QA: {name}")
 
     qa_by_setting = {name: plain_qa("student") if alpha is None else injected_qa(name, alpha) for name, alpha in settings}
