@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from uzr.evaluate.sources import ORACLE_FLOOR, controller_rows, partner, text_prior
+from uzr.evaluate.sources import ORACLE_FLOOR, borrowed, controller_rows, text_prior
 from uzr.priors import AttentionCall
 
 
@@ -43,21 +43,23 @@ def test_teacher_source_is_the_stored_aligned_rows():
 def test_shuffled_source_uses_another_text_of_at_least_the_same_length():
     lengths = [5, 9, 7, 9, 3]
     for index in range(len(lengths)):
-        other = partner(lengths, index)
+        (other,) = borrowed(lengths, index)
         assert other != index and lengths[other] >= lengths[index]
     rng = np.random.default_rng(1)
     rows = [store_row(rng, s) for s in lengths]
     ctrl = Bilinear()
     prior = text_prior("shuffled", {1: ctrl}, rows)
-    for index, row in enumerate(rows[:-1]):
+    for index, row in enumerate(rows):
         s = lengths[index]
         scores = prior(torch.zeros(1, s, dtype=torch.long), row).scores(1, call_for(s), torch.zeros(1, s, 0))
-        borrowed = controller_rows(ctrl, rows[partner(lengths, index)]["hidden_L1"][:s], "cpu")
+        (other,) = borrowed(lengths, index)
+        torch.testing.assert_close(scores, controller_rows(ctrl, rows[other]["hidden_L1"][:s], "cpu"))
         own = controller_rows(ctrl, row["hidden_L1"], "cpu")
-        torch.testing.assert_close(scores, borrowed)
         assert (scores - own).abs().max() > 1e-2
 
 
-def test_the_longest_text_cannot_be_shuffled():
-    with pytest.raises(ValueError, match="text 1 .9 tokens. is the longest of the 3 held-out texts"):
-        partner([5, 9, 7], 1)
+def test_the_longest_text_borrows_the_following_texts_joined():
+    assert borrowed([5, 12, 4], 1) == [2, 0, 2]  # 4 + 5 + 4 >= 12, never text 1 itself
+    assert borrowed([3, 3, 10], 2) == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="at least 2 held-out texts"):
+        borrowed([7], 0)

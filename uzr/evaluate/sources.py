@@ -10,7 +10,7 @@ The two that need a text's stored rows:
 - ``shuffled`` (the negative control): the controller's rows for the *next* held-out text that is at least as
   long (cyclically), cropped to this text's length. A causal controller's rows for the first S positions
   depend only on those positions, so the crop is what the controller predicts for a text of length S — just
-  not this one.
+  not this one. The longest text borrows the following texts' hidden states joined end to end (never its own).
 
 Facts-QA prompts have no stored rows, so ``teacher`` and ``shuffled`` are reported on bits per byte only.
 """
@@ -56,24 +56,34 @@ def text_prior(source: str, controllers: Mapping[int, torch.nn.Module], rows: Se
     lengths = [len(r["input_ids"]) for r in rows]
 
     def shuffled(ids: torch.Tensor, row: dict) -> AttentionPrior:
-        other = rows[partner(lengths, _index_of(rows, row))]
         s = ids.shape[1]
-        return RowsPrior({layer: controller_rows(controllers[layer], other[f"hidden_L{layer}"][:s], device)
+        others = borrowed(lengths, _index_of(rows, row))
+        return RowsPrior({layer: controller_rows(controllers[layer],
+                                                 np.concatenate([rows[i][f"hidden_L{layer}"] for i in others])[:s],
+                                                 device)
                           for layer in layers}, "shuffled")
 
     return shuffled
 
 
-def partner(lengths: Sequence[int], index: int) -> int:
-    """The next text (cyclically) other than ``index`` that is at least as long as it."""
+def borrowed(lengths: Sequence[int], index: int) -> list[int]:
+    """The texts whose hidden states stand in for text ``index``: the next one (cyclically) that is at least as
+    long, else the following texts other than ``index``, joined end to end until they cover its length."""
     n = len(lengths)
-    for step in range(1, n):
-        other = (index + step) % n
+    if n < 2:
+        raise ValueError("inject.source=shuffled needs at least 2 held-out texts (evaluate.num_texts)")
+    order = [(index + step) % n for step in range(1, n)]
+    for other in order:
         if lengths[other] >= lengths[index]:
-            return other
-    raise ValueError(f"inject.source=shuffled: text {index} ({lengths[index]} tokens) is the longest of the "
-                     f"{n} held-out texts and has no other text to borrow rows from; score more texts "
-                     "(evaluate.num_texts) or texts of equal length")
+            return [other]
+    chosen, covered = [], 0
+    while covered < lengths[index]:
+        for other in order:
+            chosen.append(other)
+            covered += lengths[other]
+            if covered >= lengths[index]:
+                break
+    return chosen
 
 
 @torch.no_grad()
