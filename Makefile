@@ -13,9 +13,12 @@ setup:
 run: setup
 	$(VENV)/python -m uzr.train +experiment=default $(ARGS)
 
+# The suite runs on every core (pytest-xdist, at most TEST_WORKERS processes: each loads the packaged models);
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 4
 test: setup
 	$(VENV)/ruff check .
-	$(VENV)/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n auto --maxprocesses=$(TEST_WORKERS) --dist loadscope) $(PYTEST_ARGS)
 
 # The injection/generation tests on the newest releases pyproject.toml admits, in .venv-latest (not in CI;
 # run it before `make lock`). LATEST_ARGS='transformers==5.0.0' tries a chosen version instead.

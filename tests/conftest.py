@@ -53,13 +53,34 @@ def tiny_models():
     return {family: load_model(model_spec(name)) for family, name in TINY.items()}
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, split the cores between the workers: torch's default of one intra-op thread per core
+    in every worker (and in the runs they start) leaves threads waiting for each other on a small machine."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = threads  # inherited by the `python -m uzr.train` subprocesses
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 @pytest.fixture(scope="session")
 def converted_models(tmp_path_factory) -> Path:
     """One folder of converted packaged models (GGUF de-quantised once, tens of seconds per model) for the whole
-    test session: ``$UZR_TEST_MODELS`` when set (e.g. ``.cache/uzr/models`` of earlier runs), else a session
-    temporary folder. Tests that run packaged models point their cache's ``models`` here (:func:`share_models`)."""
+    test session: ``$UZR_TEST_MODELS`` when set (e.g. ``.cache/uzr/models`` of earlier runs), else a temporary
+    folder shared by all pytest-xdist workers of the session (the model cache's file locks make one worker
+    convert while the others wait). Tests that run packaged models point their cache's ``models`` here
+    (:func:`share_models`)."""
     given = os.environ.get("UZR_TEST_MODELS")
-    return Path(given) if given else tmp_path_factory.mktemp("converted-models")
+    if given:
+        return Path(given)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "converted-models"
+        shared.mkdir(exist_ok=True)
+        return shared
+    return tmp_path_factory.mktemp("converted-models")
 
 
 def share_models(cache_dir: Path, models: Path) -> Path:
