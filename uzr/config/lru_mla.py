@@ -30,7 +30,7 @@ class LRUMLASpec:
     levels: list[int] = field(default_factory=lambda: list(LEVELS))
     max_vars: int = 4
     max_rounds: int = 4
-    train_items: int = 12000
+    train_items: int = 9600
     eval_items: int = 800  # held-out items (the same for every group: intervals are paired)
     # model (the same for every group but the attention and the matched MLP width)
     d_model: int = 64
@@ -43,19 +43,19 @@ class LRUMLASpec:
     ffn_mult: float = 4.0  # MLP width of the largest group, in multiples of d_model
     match_tolerance: float = 0.02  # relative parameter difference allowed after matching
     # latent reasoning unit (C, D)
-    max_steps: int = 6  # C: always this many; D: at most this many (T_max)
+    max_steps: int = 4  # C: always this many; D: at most this many (T_max)
     threshold: float = 0.99  # ACT: halt when the cumulative halting probability reaches it (1 - eps)
     # Initial halting-unit bias. DESIGN.md §9 says -2; at -2 sigmoid is 0.119 and 8 x 0.119 = 0.95 < 0.99, so
-    # no position can halt before T_max = 8 at the start (uzr/reasoning/lru.py, HALTING). -1: 0.269, i.e.
-    # ceil(0.99 / 0.269) = 4 steps at the start, room to learn both fewer and more.
-    halt_bias_init: float = -1.0
+    # no position can halt before T_max = 8 at the start (uzr/reasoning/lru.py). -0.5: 0.378, i.e.
+    # ceil(0.99 / 0.378) = 3 of max_steps = 4 steps at the start, room to learn both fewer and more.
+    halt_bias_init: float = -0.5
     stability_weight: float = 0.1
     sparsity_weight: float = 0.01
     ponder_weight: float = 0.001
     mix_kernel: int = 3
     # training
-    epochs: int = 4  # a resumable checkpoint after each
-    batch_size: int = 32
+    epochs: int = 3  # a resumable checkpoint after each
+    batch_size: int = 48
     lr: float = 3e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50

@@ -116,6 +116,7 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(kv_rank, heads * 2 * head_dim, bias=False)
         self.o_proj = nn.Linear(heads * head_dim, d_model, bias=False)
         self.lru = lru
+        self.use_lru = True  # False: the LRU is skipped (C and D then compute exactly what B computes)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, cache: LatentCache | None = None,
                 use_cache: bool = False) -> tuple[Tensor, LatentCache | None, LRUOutput | None]:
@@ -129,7 +130,7 @@ class LatentAttention(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], -1)
         c_kv, k_pe = self.kv_a_layernorm(c_kv), rope(k_pe, pos)  # (B, S, kv_rank), (B, S, r)
         refined = window = None
-        if self.lru is not None:
+        if self.lru is not None and self.use_lru:
             refined = self.lru(c_kv, mask, past=cache.window if cache is not None else None, keep_window=use_cache)
             c_kv, window = refined.output, refined.window
         if cache is not None:
