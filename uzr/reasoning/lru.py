@@ -15,7 +15,7 @@ Halting at the start: every position has ``p = sigmoid(b)`` at every step, so AC
 0.99 that is 9 steps: with ``max_steps = 8`` no position can halt early, and it is the ponder cost (weight
 0.001) alone that has to move ``b`` past -1.9 (``N = 8`` still) before anything changes — the
 "halting never stops early" of the LRU controller. :func:`initial_steps` gives ``N`` for a bias; the
-ablation starts at ``b = -1`` (4 steps) so that the halting unit can learn both directions.
+ablation starts at ``b = -0.5`` (3 of its 4 steps) so that the halting unit can learn both directions.
 
 Decoding with a cache: the position mix of step ``t`` reads the gated states of the ``mix_kernel - 1``
 positions before; ``forward(..., past=...)`` takes them per step and returns the window for the next call.

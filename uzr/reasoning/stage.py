@@ -52,15 +52,11 @@ class LRUMLAStage:
         return {"groups": list(spec.groups), "train_items": len(train.ids), "heldout_items": len(heldout.ids)}
 
     def load(self, run, folder: Path) -> dict:
-        import numpy as np
-
-        from uzr.reasoning.training import make_items
-
+        """Each group's ``group.json``, the held-out items and the training answers (regenerated: same seed)."""
         spec = run.cfg.lru_mla
-        results = {g: json.loads((folder / g / "group.json").read_text()) for g in spec.groups}
-        _, seen = make_items(spec, spec.train_items, run.cfg.seed)
-        heldout, _ = make_items(spec, spec.eval_items, run.cfg.seed + HELDOUT_SEED_OFFSET, exclude=seen)
-        return {"groups": results, "level": np.asarray(heldout.level), "folder": folder}
+        train, heldout = datasets(spec, run.cfg.seed)
+        return {"groups": {g: json.loads((folder / g / "group.json").read_text()) for g in spec.groups},
+                "heldout": heldout, "train_answers": train.answers, "folder": folder}
 
     def report(self, run, artifact: dict) -> dict:
         from uzr.reasoning.ablation_report import summarise
@@ -76,7 +72,7 @@ class LRUMLAStage:
 def train_group(run, group: str, train, heldout, out: Path) -> dict:
     """Train one group from scratch; writes ``out/model.safetensors`` and ``out/group.json``."""
     from uzr.reasoning.tiny_lm import build, matched_widths, num_parameters
-    from uzr.reasoning.training import AblationModule, evaluate, loader
+    from uzr.reasoning.training import AblationModule, evaluate, greedy_agreement, loader
     from uzr.tasks.compact import CharCodec
 
     cfg, spec = run.cfg, run.cfg.lru_mla
@@ -104,7 +100,7 @@ def train_group(run, group: str, train, heldout, out: Path) -> dict:
                           for i in range(0, len(hist), per_epoch)],
         "iterations_by_epoch": [round(sum(h["iterations"] for h in hist[i:i + per_epoch]) / per_epoch, 3)
                                 for i in range(0, len(hist), per_epoch)] if hist and "iterations" in hist[0] else None,
-        **scores,
+        **scores, "greedy_agreement": greedy_agreement(model, heldout, scores["exact"]),
     }
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))

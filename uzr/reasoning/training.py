@@ -72,7 +72,7 @@ class AblationModule(L.LightningModule):
         out = self.model(ids, ids != PAD)
         loss = F.cross_entropy(out.logits.flatten(0, 1), targets(ids, sep).flatten())
         total = loss + out.aux
-        row = {"loss": float(loss), "aux": float(out.aux)}
+        row = {"loss": float(loss.detach()), "aux": float(out.aux.detach())}
         if out.refined:
             mask = ids != PAD
             row["iterations"] = float(torch.stack([r.halted.steps[mask].float().mean() for r in out.refined]).mean())
@@ -116,11 +116,12 @@ def _variable_credit(right: np.ndarray, answer_ids: np.ndarray, comma: int) -> f
 
 @torch.no_grad()
 def evaluate(model: TinyLM, items: Items, batch_size: int = 100) -> dict:
-    """Per item: ``exact`` (bool), ``partial`` (float), ``iterations`` (float, NaN without an LRU); and the
-    convergence ratio (last / first mean residual) averaged over batches and LRU layers."""
+    """Per item: ``exact`` (bool), ``partial`` (float), ``nll`` (nats summed over the answer and eos),
+    ``tokens`` (their count), ``tokens_right`` (argmax right), ``iterations`` (float, NaN without an LRU); and
+    the convergence ratio (last / first mean residual) averaged over batches and LRU layers."""
     model.eval()
     comma = CharCodec().ids[","]
-    exact, partial, iters, ratios = [], [], [], []
+    exact, partial, iters, ratios, nll, tokens, tokens_right = [], [], [], [], [], [], []
     for start in range(0, len(items.ids), batch_size):
         ids = torch.from_numpy(items.ids[start:start + batch_size])
         sep = torch.from_numpy(items.sep[start:start + batch_size])
@@ -128,6 +129,10 @@ def evaluate(model: TinyLM, items: Items, batch_size: int = 100) -> dict:
         out = model(ids, mask)
         tgt = targets(ids, sep)
         right = (out.logits.argmax(-1) == tgt).numpy()
+        loss = F.cross_entropy(out.logits.transpose(1, 2), tgt, reduction="none")  # (B, S), 0 off the answer
+        nll += loss.sum(1).tolist()
+        tokens += (tgt != -100).sum(1).tolist()
+        tokens_right += ((tgt != -100).numpy() & right).sum(1).tolist()
         for row in range(len(ids)):
             n = int(mask[row].sum())
             s = int(sep[row])
@@ -140,7 +145,8 @@ def evaluate(model: TinyLM, items: Items, batch_size: int = 100) -> dict:
             ratios += [convergence_ratio(o.halted, mask) for o in out.refined]
         else:
             iters += [float("nan")] * len(ids)
-    return {"exact": exact, "partial": partial, "iterations": iters,
+    return {"exact": exact, "partial": partial, "nll": nll, "tokens": tokens, "tokens_right": tokens_right,
+            "iterations": iters,
             "convergence_ratio": float(np.mean(ratios)) if ratios else None}
 
 
@@ -159,3 +165,19 @@ def greedy_decode(model: TinyLM, prompt_ids: list[int], max_new: int) -> list[in
         generated.append(nxt)
         out = model(torch.tensor([[nxt]]), cache=out.cache, use_cache=True)
     return generated
+
+
+def greedy_agreement(model: TinyLM, items: Items, exact: list[bool], n: int = 24) -> dict:
+    """Greedy decoding through the cache on the first ``n`` items, scored by
+    :func:`uzr.tasks.causal_loop.score_answer`, against the teacher-forced ``exact`` (they must agree)."""
+    from uzr.tasks.causal_loop import score_answer
+
+    codec, agree, right = CharCodec(), 0, 0
+    n = min(n, len(items.ids))
+    for i in range(n):
+        sep = int(items.sep[i])
+        got = codec.decode(greedy_decode(model, items.ids[i, :sep + 1].tolist(), items.ids.shape[1]))
+        ok = score_answer(got, items.answers[i])[0] if got else False
+        right += ok
+        agree += ok == bool(exact[i])
+    return {"items": n, "agree": agree, "greedy_exact": right}
