@@ -148,3 +148,16 @@ def test_lru_runs_with_act_and_its_losses_train_the_halting_unit():
     lru.mix.weight.data.normal_()
     a, b = lru(c, None).output, lru(c2, None).output
     assert torch.allclose(a[:, :3], b[:, :3], atol=1e-6)
+
+
+def test_stop_early_off_runs_every_step_without_changing_the_result():
+    """Decoding with a cache needs every step's states; halting must read the same."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 2, 5) * 2
+    h0 = torch.randn(2, 5, 3)
+    early = iterate(_drift, h0, max_steps=6, halting=_scripted(logits), threshold=0.5)
+    full = iterate(_drift, h0, max_steps=6, halting=_scripted(logits), threshold=0.5, stop_early=False)
+    assert early.weights.shape[0] < 6 and full.weights.shape[0] == 6 and full.residuals.shape[0] == 6
+    for name in ("output", "steps", "remainder", "ponder"):
+        assert torch.equal(getattr(early, name), getattr(full, name))
+    assert torch.equal(full.weights[:early.weights.shape[0]], early.weights) and not full.weights[early.weights.shape[0]:].any()

@@ -89,6 +89,8 @@ REGISTRY: dict[str, StageInfo] = {s.name: s for s in (
               summary="one singular-value (SVF) expert per domain, trained with REINFORCE -> safetensors"),
     StageInfo("svf_eval", ("svf",), ("student", "svf"), 1, "uzr.adapters.evaluation:SVFEvalStage", cached=False,
               summary="SVF accuracy matrix (base + experts x domains) and adaptation strategies vs base"),
+    StageInfo("lru_mla", (), ("lru_mla", "trainer"), 1, "uzr.reasoning.stage:LRUMLAStage",
+              summary="four groups trained on causal-loop tasks: attention, MLA, MLA + LRU fixed, MLA + LRU + ACT"),
 )}
 
 

@@ -24,6 +24,7 @@ from uzr.config.corpus import CorpusSpec, validate_corpus_spec
 from uzr.config.dominance import DominanceSpec, extra_stages, validate_dominance
 from uzr.config.gate import GateSpec, validate_gate_spec
 from uzr.config.inject import AlphaSpec, InjectSpec, validate_alpha, validate_inject
+from uzr.config.lru_mla import LRUMLASpec, validate_lru_mla
 from uzr.config.model import ModelSpec
 from uzr.config.model import validate_spec as validate_model
 from uzr.config.svf import SVFSpec, validate_svf
@@ -31,7 +32,7 @@ from uzr.stages import REGISTRY, groups_read, unknown_stages
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Stages of the folded-in systems (DESIGN.md §9): selected by their experiments (stages=[...]), not by default.
-SYSTEM_STAGES = ("dominance", "svf", "svf_eval")
+SYSTEM_STAGES = ("dominance", "svf", "svf_eval", "lru_mla")
 
 
 @dataclass
@@ -115,6 +116,7 @@ class RunConfig:
     gate: GateSpec | None = None
     dominance: DominanceSpec | None = None
     svf: SVFSpec | None = None
+    lru_mla: LRUMLASpec | None = None
     harvest: HarvestSpec = field(default_factory=HarvestSpec)
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
@@ -223,6 +225,8 @@ def validate(cfg: RunConfig) -> None:
     if "svf" in groups:
         student = cfg.student if "student" in groups else None
         validate_svf(cfg.svf, student and student.name, student and student.num_layers)
+    if "lru_mla" in groups:
+        validate_lru_mla(cfg.lru_mla)
 
 
 def _validate_injection(cfg: RunConfig, groups: set[str]) -> None:

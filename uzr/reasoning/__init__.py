@@ -7,9 +7,10 @@ from uzr.reasoning.lru import (
     LRUOutput,
     convergence_ratio,
     hoyer_sparsity,
+    initial_steps,
     mean_residuals,
     stability_loss,
 )
 
 __all__ = ["AUX_WEIGHTS", "MODES", "Halted", "LRUOutput", "LatentReasoningUnit", "convergence_ratio",
-           "hoyer_sparsity", "iterate", "mean_residuals", "stability_loss"]
+           "hoyer_sparsity", "initial_steps", "iterate", "mean_residuals", "stability_loss"]

@@ -19,7 +19,8 @@ position (``B, S``) according to ``mode``:
 
 Positions outside ``mask`` (padding) never run: zero weights, zero output, ``N = R = 0``. All
 positions are updated every step (a step may mix positions); a halted position's later states do not
-reach its output. The loop stops early once no position is running.
+reach its output. The loop stops early once no position is running, unless ``stop_early=False`` (decoding
+with a cache needs every step's states of earlier positions; the output, weights, N and R do not change).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Halted(NamedTuple):
 def iterate(step: Callable[[Tensor], Tensor], h0: Tensor, *, max_steps: int = 8, mode: str = "act",
             halting: Callable[[Tensor], Tensor] | None = None, threshold: float = 0.99,
             exit_tol: float = 1e-2, readout: Callable[[Tensor], Tensor] | None = None,
-            mask: Tensor | None = None) -> Halted:
+            mask: Tensor | None = None, stop_early: bool = True) -> Halted:
     """Iterate ``step`` from ``h0`` (B, S, D) with halting ``mode`` (module docstring).
 
     halting: (B, S, D) -> (B, S) logits (``act``). readout: (B, S, D) -> (B, S, V) logits (``kl``).
@@ -99,7 +100,7 @@ def iterate(step: Callable[[Tensor], Tensor], h0: Tensor, *, max_steps: int = 8,
         out = out + w.unsqueeze(-1) * h
         weights.append(w)
         prev = h
-        if not bool(running.any()):
+        if stop_early and not bool(running.any()):
             break
     return Halted(out, torch.stack(weights), steps, remainder, steps.to(h0.dtype) + remainder,
                   torch.stack(residuals))
