@@ -8,9 +8,10 @@ from collections import defaultdict
 import pytest
 from omegaconf import OmegaConf
 
-from .conftest import CONF, model_spec, share_models
 from uzr.corpus import CorpusSpec, load_corpus, load_run_corpus, token_windows, validate_corpus_spec
 from uzr.tokenizers import build_tiny_tokenizer
+
+from .conftest import CONF, model_spec, share_models
 
 KOREAN = CorpusSpec(**OmegaConf.to_container(OmegaConf.load(CONF / "data" / "korean.yaml")))
 
