@@ -11,6 +11,7 @@ from typing import Any
 
 SOURCES = ("pydoc", "text_file", "jsonl", "hub", "packaged")
 PACKAGED = Path(__file__).resolve().parents[1] / "corpora"  # data.source=packaged: data.path is relative to it
+DATA_OPTIONS = Path(__file__).resolve().parents[2] / "conf" / "data"  # the data group: evaluate.domains names its options
 LONG_TEXT = ("truncate", "window", "tokens")
 _GLOB_CHARS = set("*?[")
 
@@ -118,6 +119,22 @@ def resolve_paths(path: str) -> list[Path]:
         what = "is a directory, not a file (use a glob such as 'dir/*.txt')" if p.is_dir() else "does not exist"
         raise FileNotFoundError(f"corpus.path={path!r} {what} (resolved to {p.absolute()})")
     return [p]
+
+
+def domain_spec(name: str, where: str = "evaluate.domains") -> CorpusSpec:
+    """The validated spec of the ``conf/data`` option ``name`` (an evaluation domain); ``where`` names the field
+    in errors. Options that need a value from the command line (``path: ???``) cannot be a domain."""
+    from omegaconf import OmegaConf
+
+    options = sorted(p.stem for p in DATA_OPTIONS.glob("*.yaml"))
+    if name not in options:
+        raise ValueError(f"{where}: {name!r} is not a data option; valid: {', '.join(options)}")
+    raw = OmegaConf.load(DATA_OPTIONS / f"{name}.yaml")
+    missing = sorted(k for k in raw if OmegaConf.is_missing(raw, k))
+    if missing:
+        raise ValueError(f"{where}: data option {name!r} needs {missing} set on the command line, so it cannot be "
+                         "an evaluation domain; write a conf/data option with them set")
+    return validate_corpus_spec(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CorpusSpec), raw)))
 
 
 # --------------------------------------------------------------------------- reading sources
