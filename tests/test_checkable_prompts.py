@@ -13,11 +13,15 @@ from uzr.checkable_prompts import roman, words
 from uzr.prompts import CONVERSIONS, PromptSet
 
 MONDAY = datetime.date(2001, 1, 1)  # a Monday: weekday names come from strftime, not from calendar.day_name
-ORDINAL = {w: i for i, w in enumerate(["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "eleventh", "twelfth"], 1)}
+ORDINAL = {w: i for i, w in enumerate(["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth",
+                                       "ninth", "tenth", "eleventh", "twelfth"], 1)}
 ROMAN_RE = re.compile(r"^(X{0,3}|XL|L|LX{1,3}|XC)(I{0,3}|IV|V|VI{1,3}|IX)$")  # canonical numerals below 100
 ROMAN_VALUE = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100}
-WORD_VALUE = {w: i for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"])}
-WORD_VALUE.update({w: 10 * i for i, w in enumerate(["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"], 2)})
+WORD_VALUE = {w: i for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                                          "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+                                          "seventeen", "eighteen", "nineteen"])}
+WORD_VALUE.update({w: 10 * i for i, w in enumerate(["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty",
+                                                    "ninety"], 2)})
 PER_BIG = {(small, big): n for small, big, n in CONVERSIONS}
 
 

@@ -42,7 +42,7 @@ def test_smoke_run_reports_each_domain_with_its_interval_on_whole_windows(tmp_pa
     interval = bpb["injected_minus_student"]
     assert interval["n"] == 4 and interval["low"] <= interval["estimate"] <= interval["high"]
     assert interval["estimate"] == pytest.approx(bpb["injected"] - bpb["student"], abs=1e-12)
-    assert 0 < bpb["student"] and 0 < bpb["teacher"]
+    assert bpb["student"] > 0 and bpb["teacher"] > 0
     store = HarvestStore(ArtifactCache(tmp_path / "cache").path("harvest", korean["harvest_key"]))
     rows = store.rows("heldout")
     assert len(rows) == 4 and len(store.rows("train")) == 1  # the one train text a store needs
