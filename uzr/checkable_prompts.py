@@ -86,7 +86,8 @@ def _calendar(rng: random.Random) -> list[Item]:
         out.append(("month_order", f"What is the {ORDINALS[i]} month of the year?", month, _pick(month, MONTHS, rng)))
         if month != "February":  # 28 or 29: the answer would depend on the year
             days = str(calendar.monthrange(2001, i + 1)[1])
-            out.append(("month_days", f"How many days are in {month}?", days, _pick(days, ["28", "29", "30", "31"], rng)))
+            out.append(("month_days", f"How many days are in {month}?", days,
+                        _pick(days, ["28", "29", "30", "31"], rng)))
     for i, day in enumerate(WEEKDAYS):
         out.append(("next_weekday", f"Which day comes after {day}?", WEEKDAYS[(i + 1) % 7],
                     _pick(WEEKDAYS[(i + 1) % 7], WEEKDAYS, rng)))

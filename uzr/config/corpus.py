@@ -11,7 +11,7 @@ from typing import Any
 
 SOURCES = ("pydoc", "text_file", "jsonl", "hub", "packaged")
 PACKAGED = Path(__file__).resolve().parents[1] / "corpora"  # data.source=packaged: data.path is relative to it
-DATA_OPTIONS = Path(__file__).resolve().parents[2] / "conf" / "data"  # the data group: evaluate.domains names its options
+DATA_OPTIONS = Path(__file__).resolve().parents[2] / "conf" / "data"  # evaluate.domains names options of this group
 LONG_TEXT = ("truncate", "window", "tokens")
 _GLOB_CHARS = set("*?[")
 
@@ -103,7 +103,8 @@ def source_paths(spec: CorpusSpec) -> list[Path]:
         return resolve_paths(str(PACKAGED / spec.path))
     except FileNotFoundError:
         shipped = sorted(str(p.relative_to(PACKAGED)) for p in PACKAGED.rglob("*.txt"))
-        raise FileNotFoundError(f"corpus.path={spec.path!r}: no packaged corpus file matches it; shipped: {shipped}") from None
+        raise FileNotFoundError(
+            f"corpus.path={spec.path!r}: no packaged corpus file matches it; shipped: {shipped}") from None
 
 
 def resolve_paths(path: str) -> list[Path]:
