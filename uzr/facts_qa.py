@@ -1,7 +1,8 @@
 """Facts QA: is the right answer the most likely of its candidates?
 
 The held-out answerable prompts of the built-in set (:mod:`uzr.prompts`: capitals, chemical symbols,
-authors, units, arithmetic) each carry four candidate answers. A model gets a prompt right when the
+authors, units, arithmetic, and the computed calendar / alphabet / numeral prompts of
+:mod:`uzr.checkable_prompts`; 203 at the default seed and split) each carry four candidate answers. A model gets a prompt right when the
 correct candidate has the highest summed log-likelihood of its tokens after the formatted question
 (teacher-forced, no generation). Scoring by likelihood keeps the metric free of answer parsing and
 comparable between teacher, student and injected student.
