@@ -9,7 +9,13 @@ Every source goes through the same grouping: a document is a sequence of lines; 
 (empty or whitespace-only) lines separate paragraphs and are counted as ``skipped_empty``;
 consecutive paragraphs of one document are merged (joined by a blank line) until the text holds at
 least ``min_chars`` characters; a text longer than ``max_chars`` is truncated, or cut into
-windows, at a whitespace boundary. What is left of a document that never reaches ``min_chars`` is
+windows, at a whitespace boundary (``long_text``: ``truncate`` | ``window``). With ``long_text=tokens`` the
+cut is by the student's tokens instead (:func:`token_windows`): a text longer than ``harvest.max_length``
+student tokens becomes consecutive windows of at most that many tokens, cut after a paragraph break, else
+after a sentence end, else after whitespace, else between tokens, into windows of about equal size; the
+windows join back to the whole text
+(the separator stays at the end of the window before the cut), so every byte is harvested and evaluated,
+and ``max_chars`` plays no part. What is left of a document that never reaches ``min_chars`` is
 dropped and counted as ``too_short``; exact duplicate texts are dropped and counted as ``duplicates``. Text is otherwise kept exactly as read (only the ends of each
 text are stripped), so accents, emoji, CJK and right-to-left scripts round-trip unchanged.
 """
@@ -19,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +35,12 @@ import numpy as np
 
 from uzr.config.corpus import (  # noqa: F401  (re-exported)
     LONG_TEXT,
+    PACKAGED,
     SOURCES,
     CorpusSpec,
     invalid,
     resolve_paths,
+    source_paths,
     validate_corpus_spec,
 )
 
@@ -85,9 +93,9 @@ def _pydoc_docs() -> Iterator[tuple[str, list[str]]]:
         yield f"pydoc:{topic}", _lines(topics[topic])
 
 
-def _text_file_docs(path: str) -> Iterator[tuple[str, list[str]]]:
-    for f in resolve_paths(path):
-        yield str(f), _lines(_read_utf8(f))
+def _text_file_docs(spec: CorpusSpec) -> Iterator[tuple[str, list[str]]]:
+    for f in source_paths(spec):
+        yield (f"packaged:{f.relative_to(PACKAGED)}" if spec.source == "packaged" else str(f)), _lines(_read_utf8(f))
 
 
 def _jsonl_docs(path: str, text_field: str, stats: dict[str, int]) -> Iterator[tuple[str, list[str]]]:
@@ -176,8 +184,47 @@ def _cap(text: str, spec: CorpusSpec, stats: dict[str, int]) -> list[str]:
     return pieces
 
 
-def _group(docs: Iterable[tuple[str, list[str]]], spec: CorpusSpec, stats: dict[str, int]):
-    """Merge each document's paragraphs into texts of [min_chars, max_chars]; yield (source_id, text)."""
+# Where a window may end, best first: after a paragraph break, after a sentence end (Latin, CJK and Korean
+# full stops, with closing quotes or brackets), after any whitespace.
+_BOUNDARIES = (re.compile(r"\n[^\S\n]*\n\s*"), re.compile(r"[.!?\u3002\uff01\uff1f\u2026][\"'\u201d\u2019)\]]*\s+"),
+               re.compile(r"\s+"))
+
+
+def token_windows(text: str, tokenizer, max_tokens: int) -> list[str]:
+    """``text`` as consecutive windows of at most ``max_tokens`` tokens of ``tokenizer`` (special tokens
+    included, counted as the harvest counts them); ``"".join(windows) == text``.
+
+    A text of ``R`` tokens aims at ``k = ceil(R / budget)`` windows of about ``R / k`` tokens each (no short
+    remainder). Each cut is the paragraph break nearest that size between half of it and ``max_tokens``, else
+    the nearest sentence end, else whitespace, else token boundary (text without spaces); a cut short of the
+    aim may leave one window more. Every window is re-tokenised on its own to check its length.
+    """
+    def count(piece: str) -> int:
+        return len(tokenizer(piece, add_special_tokens=True)["input_ids"])
+
+    special = count("")
+    budget = max(1, max_tokens - special)  # room left by BOS/EOS
+    windows, start = [], 0
+    while (total := count(text[start:]) - special) > budget:
+        ends = [e + start for s, e in
+                tokenizer(text[start:], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                if e > s]  # character end of each token
+        k = -(-total // budget)
+        target = -(-total // k)
+        lo, hi, aim = ends[max(target // 2, 1) - 1], ends[min(budget, len(ends)) - 1], ends[target - 1]
+        candidates = [sorted((m.end() for m in pattern.finditer(text, lo, hi + 1) if lo <= m.end() <= hi),
+                             key=lambda c: abs(c - aim)) for pattern in _BOUNDARIES]
+        candidates.append(sorted(set(ends[:budget]), key=lambda c: abs(c - aim)))  # token boundaries
+        cut = next(c for group in candidates for c in group if c > start and count(text[start:c]) <= max_tokens)
+        windows.append(text[start:cut])
+        start = cut
+    windows.append(text[start:])
+    return windows
+
+
+def _group(docs: Iterable[tuple[str, list[str]]], spec: CorpusSpec, stats: dict[str, int],
+           cap: Callable[[str], list[str]]):
+    """Merge each document's paragraphs into texts of at least min_chars, cut by ``cap``; yield (source_id, text)."""
     for doc, lines in docs:
         stats["documents"] += 1
         buf: list[str] = []
@@ -189,7 +236,7 @@ def _group(docs: Iterable[tuple[str, list[str]]], spec: CorpusSpec, stats: dict[
             buf.append(para)
             text = "\n\n".join(buf).strip()
             if len(text) >= spec.min_chars:
-                for k, piece in enumerate(_cap(text, spec, stats)):
+                for k, piece in enumerate(cap(text)):
                     yield f"{doc}:{start}" + (f"+w{k}" if k else ""), piece
                 buf = []
         if buf:  # the document ended before the last paragraphs reached min_chars
@@ -199,13 +246,38 @@ def _group(docs: Iterable[tuple[str, list[str]]], spec: CorpusSpec, stats: dict[
 # --------------------------------------------------------------------------- loading
 
 
+def _capper(spec: CorpusSpec, stats: dict[str, int], tokenizer, max_tokens: int | None) -> Callable[[str], list[str]]:
+    """How a grouped text is cut: by characters (truncate | window) or by student tokens (tokens)."""
+    if spec.long_text != "tokens":
+        return lambda text: _cap(text, spec, stats)
+    if tokenizer is None or max_tokens is None or max_tokens < 2:
+        raise invalid("long_text", spec.long_text, "'tokens' cuts texts by the student's tokens: load_corpus needs "
+                      f"the student tokenizer and max_tokens >= 2 (harvest.max_length), got max_tokens={max_tokens}")
+
+    def cap(text: str) -> list[str]:
+        windows = token_windows(text, tokenizer, max_tokens)
+        stats["windowed"] += len(windows) > 1
+        return windows
+
+    return cap
+
+
+def load_run_corpus(spec: CorpusSpec, student_tokenizer: Callable[[], Any], max_tokens: int) -> Corpus:
+    """:func:`load_corpus` for a run: ``student_tokenizer()`` is called only when ``long_text=tokens`` needs it."""
+    return load_corpus(spec, student_tokenizer() if spec.long_text == "tokens" else None, max_tokens)
+
+
 def _describe(spec: CorpusSpec) -> str:
-    where = {"text_file": spec.path, "jsonl": spec.path, "hub": spec.hub_id, "pydoc": "pydoc_data.topics"}
+    where = {"text_file": spec.path, "jsonl": spec.path, "hub": spec.hub_id, "pydoc": "pydoc_data.topics",
+             "packaged": f"uzr/corpora/{spec.path}"}
     return f"corpus {spec.name!r} (source={spec.source}, {where[spec.source]})"
 
 
-def load_corpus(spec: CorpusSpec | Mapping[str, Any]) -> Corpus:
+def load_corpus(spec: CorpusSpec | Mapping[str, Any], tokenizer=None, max_tokens: int | None = None) -> Corpus:
     """Load, group and split a corpus; deterministic given ``spec`` (including ``seed``).
+
+    ``tokenizer`` and ``max_tokens`` (the student's tokenizer and ``harvest.max_length``) are needed, and
+    used, only with ``long_text=tokens``.
 
     Texts are shuffled with ``numpy.random.default_rng(seed)``; the first ``num_texts`` (all if 0,
     or if fewer are available) are kept, of which ``round(heldout_fraction * n)`` (at least 1, and
@@ -218,12 +290,13 @@ def load_corpus(spec: CorpusSpec | Mapping[str, Any]) -> Corpus:
     stats = dict.fromkeys(keys, 0)
     docs = {
         "pydoc": _pydoc_docs,
-        "text_file": lambda: _text_file_docs(spec.path),
+        "text_file": lambda: _text_file_docs(spec),
+        "packaged": lambda: _text_file_docs(spec),
         "jsonl": lambda: _jsonl_docs(spec.path, spec.text_field, stats),
         "hub": lambda: _hub_docs(spec),
     }[spec.source]()
     ids, texts, seen = [], [], set()
-    for source_id, text in _group(docs, spec, stats):
+    for source_id, text in _group(docs, spec, stats, _capper(spec, stats, tokenizer, max_tokens)):
         # Exact repeats are dropped: they would leak between train and heldout (pydoc topics
         # repeat whole sections, e.g. "compound" contains "with" and "function").
         if text in seen:

@@ -1,7 +1,8 @@
 """Facts QA: is the right answer the most likely of its candidates?
 
 The held-out answerable prompts of the built-in set (:mod:`uzr.prompts`: capitals, chemical symbols,
-authors, units, arithmetic) each carry four candidate answers. A model gets a prompt right when the
+authors, units, arithmetic, and the computed calendar / alphabet / numeral prompts of
+:mod:`uzr.checkable_prompts`; 203 at the default seed and split) each carry four candidate answers. A model gets a prompt right when the
 correct candidate has the highest summed log-likelihood of its tokens after the formatted question
 (teacher-forced, no generation). Scoring by likelihood keeps the metric free of answer parsing and
 comparable between teacher, student and injected student.
@@ -200,7 +201,9 @@ def score_candidates(model, groups: Sequence[Sequence[CandidateRow]], pad_id: in
     """
     rows = [r for group in groups for r in group]
     first_row = [k0 for k0, group in zip(np.cumsum([0] + [len(g) for g in groups]), groups) for _ in group]
-    common = [_common_prefix([r.ids for r in group]) for group in groups for _ in group]
+    # tokens to j - 1 shared with the group's first row, whose states stop before its last token (a target only):
+    # a candidate that is a token prefix of another ("L" and "LI") shares all of its tokens
+    common = [min(_common_prefix([r.ids for r in group]), len(group[0].ids) - 1) for group in groups for _ in group]
     # an edit may treat a prompt's rows differently (e.g. per-row gate values): no state is shared under one
     shared = edit is None and share_prefix
     states = _plain_states(model, groups, pad_id) if shared else _edited_states(model, rows, pad_id, edit)

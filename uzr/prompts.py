@@ -1,7 +1,8 @@
 """The built-in prompt set for the gate: answerable factual questions and unanswerable ones.
 
 Every prompt is generated from small fact tables written out in this module (capitals, continents,
-chemical symbols, authors, SI units, unit conversions, arithmetic), plus templates that turn the same
+chemical symbols, authors, SI units, unit conversions, arithmetic), from rules whose answers uzr computes
+(:mod:`uzr.checkable_prompts`: calendar, alphabet, Roman numerals, number words, units, arithmetic), plus templates that turn the same
 tables into questions without an answer: false premises ("What is the capital of Mars?", "In what
 year did Jane Austen walk on the Moon?"), invented entities ("Who wrote *The Glass Orchard of
 Velmora*?", "What is the chemical symbol for vibranium?") and questions no one can answer (divisions
@@ -24,8 +25,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# Bump when the tables or templates change: the gate artifact's cache key includes it.
-PROMPTS_VERSION = 1
+from uzr.checkable_prompts import checkable
+
+# Bump when the tables or templates change: the gate artifact's cache key includes it. Version 2 added the
+# checkable prompts of uzr.checkable_prompts (the held-out answerable set grew from 93 to over 200).
+PROMPTS_VERSION = 2
+# The random stream of the version-1 tables stays seeded as it was, so their prompts and candidates are
+# unchanged (results on the old 93 held-out prompts stay comparable); new prompts draw from their own streams.
+_TABLES_STREAM = 1
 KINDS = ("answerable", "unanswerable")
 FORMATS = ("qa", "chat", "auto")
 
@@ -255,17 +262,16 @@ def build_prompts(seed: int = 0, heldout_fraction: float = 0.25) -> list[Prompt]
     """The whole prompt set (deterministic for a seed); duplicates are dropped, first one kept."""
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction={heldout_fraction} must be in (0, 1)")
-    rng = random.Random(f"uzr-prompts-{PROMPTS_VERSION}-{seed}")
+    rng = random.Random(f"uzr-prompts-{_TABLES_STREAM}-{seed}")
     prompts: list[Prompt] = []
     seen: set[str] = set()
-    for category, question, answer, candidates in _answerable(rng):
-        if question not in seen:
-            seen.add(question)
-            prompts.append(Prompt(f"a{len(prompts):04d}", question, "answerable", category, answer, candidates))
-    for category, question in _unanswerable(rng):
-        if question not in seen:
-            seen.add(question)
-            prompts.append(Prompt(f"u{len(prompts):04d}", question, "unanswerable", category))
+    # the version-1 prompts first, in their order (same ids), then the checkable ones
+    for kind, items in (("answerable", _answerable(rng)), ("unanswerable", _unanswerable(rng)),
+                        ("answerable", checkable(seed))):
+        for category, question, *answer in items:
+            if question not in seen:
+                seen.add(question)
+                prompts.append(Prompt(f"{kind[0]}{len(prompts):04d}", question, kind, category, *answer))
     for p in prompts:
         p.split = _split(seed, p.question, heldout_fraction)
     return prompts

@@ -23,6 +23,9 @@ def results_rows(metrics: dict) -> tuple[list[str], list[list]]:
     if ev:
         bpb = ev["bits_per_byte"]
         rows.append(["bits per byte (ref = teacher)", bpb["teacher"], bpb["student"], bpb["injected"]])
+        for name, domain in list(ev.get("domains", {}).items())[1:]:  # the first is the run's own data, above
+            d = domain["bits_per_byte"]
+            rows.append([f"bits per byte, {name} ({domain['num_texts']} texts)", d["teacher"], d["student"], d["injected"]])
         qa = ev.get("facts_qa")
         if qa:
             rows.append([f"facts QA accuracy, {qa['num_prompts']} prompts (ref = teacher)", qa["teacher"], qa["student"],
@@ -65,6 +68,10 @@ def verdict(metrics: dict) -> list[str]:
                      f"(student {bpb['student']:.4f} -> {bpb['injected']:.4f}; teacher {bpb['teacher']:.4f})")
         if bpb["teacher"] >= bpb["student"]:
             lines.append("the teacher is not ahead of the student on this text: no gap for injection to close")
+        for name, domain in list(ev.get("domains", {}).items())[1:]:
+            d = domain["bits_per_byte"]
+            lines.append(f"{what} on {name}: bits per byte {_paired(d.get('injected_minus_student'), 'texts')} "
+                         f"(student {d['student']:.4f} -> {d['injected']:.4f}; teacher {d['teacher']:.4f})")
         qa = ev.get("facts_qa")
         if qa and qa["student"] is not None and qa.get("injected") is not None:
             lines.append(f"{what}: facts QA accuracy {_paired(qa.get('injected_minus_student'), 'prompts', 3)} "

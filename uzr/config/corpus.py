@@ -9,8 +9,10 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any
 
-SOURCES = ("pydoc", "text_file", "jsonl", "hub")
-LONG_TEXT = ("truncate", "window")
+SOURCES = ("pydoc", "text_file", "jsonl", "hub", "packaged")
+PACKAGED = Path(__file__).resolve().parents[1] / "corpora"  # data.source=packaged: data.path is relative to it
+DATA_OPTIONS = Path(__file__).resolve().parents[2] / "conf" / "data"  # evaluate.domains names options of this group
+LONG_TEXT = ("truncate", "window", "tokens")
 _GLOB_CHARS = set("*?[")
 
 
@@ -20,7 +22,7 @@ class CorpusSpec:
 
     name: str = "pydoc"
     source: str = "pydoc"  # one of SOURCES
-    path: str | None = None  # file or glob, for text_file / jsonl
+    path: str | None = None  # file or glob, for text_file / jsonl; for packaged, relative to uzr/corpora
     text_field: str = "text"  # jsonl field, and the hub dataset's text column
     hub_id: str | None = None
     hub_config: str | None = None
@@ -30,6 +32,9 @@ class CorpusSpec:
     seed: int = 0
     min_chars: int = 200
     max_chars: int = 1200
+    # truncate | window: a text over max_chars is cut to one text, or into windows, at whitespace; tokens: a
+    # text over harvest.max_length student tokens is cut into windows of at most that many tokens at paragraph /
+    # sentence / whitespace boundaries, every byte kept (uzr.corpus.token_windows; max_chars unused)
     long_text: str = "truncate"  # one of LONG_TEXT
 
 
@@ -79,13 +84,27 @@ def validate_corpus_spec(spec: CorpusSpec | Mapping[str, Any]) -> CorpusSpec:
         raise invalid("max_chars", s.max_chars, f"expected an integer >= min_chars={s.min_chars!r}")
     if not isinstance(s.text_field, str) or not s.text_field:
         raise invalid("text_field", s.text_field, "expected a non-empty string")
-    if s.source in ("text_file", "jsonl"):
+    if s.source in ("text_file", "jsonl", "packaged"):
         if not s.path:
             raise invalid("path", s.path, f"source={s.source!r} needs a file path or glob")
-        resolve_paths(s.path)  # fail on a missing file now, not halfway through a run
+        source_paths(s)  # fail on a missing file now, not halfway through a run
     if s.source == "hub" and not s.hub_id:
         raise invalid("hub_id", s.hub_id, "source='hub' needs a dataset id, e.g. 'Salesforce/wikitext'")
     return s
+
+
+def source_paths(spec: CorpusSpec) -> list[Path]:
+    """The files a text_file / jsonl / packaged spec reads (packaged: under uzr/corpora)."""
+    if spec.source != "packaged":
+        return resolve_paths(spec.path)
+    if Path(spec.path).is_absolute() or ".." in Path(spec.path).parts:
+        raise invalid("path", spec.path, f"source='packaged' takes a path inside {PACKAGED}, e.g. 'korean.txt'")
+    try:
+        return resolve_paths(str(PACKAGED / spec.path))
+    except FileNotFoundError:
+        shipped = sorted(str(p.relative_to(PACKAGED)) for p in PACKAGED.rglob("*.txt"))
+        raise FileNotFoundError(
+            f"corpus.path={spec.path!r}: no packaged corpus file matches it; shipped: {shipped}") from None
 
 
 def resolve_paths(path: str) -> list[Path]:
@@ -101,6 +120,22 @@ def resolve_paths(path: str) -> list[Path]:
         what = "is a directory, not a file (use a glob such as 'dir/*.txt')" if p.is_dir() else "does not exist"
         raise FileNotFoundError(f"corpus.path={path!r} {what} (resolved to {p.absolute()})")
     return [p]
+
+
+def domain_spec(name: str, where: str = "evaluate.domains") -> CorpusSpec:
+    """The validated spec of the ``conf/data`` option ``name`` (an evaluation domain); ``where`` names the field
+    in errors. Options that need a value from the command line (``path: ???``) cannot be a domain."""
+    from omegaconf import OmegaConf
+
+    options = sorted(p.stem for p in DATA_OPTIONS.glob("*.yaml"))
+    if name not in options:
+        raise ValueError(f"{where}: {name!r} is not a data option; valid: {', '.join(options)}")
+    raw = OmegaConf.load(DATA_OPTIONS / f"{name}.yaml")
+    missing = sorted(k for k in raw if OmegaConf.is_missing(raw, k))
+    if missing:
+        raise ValueError(f"{where}: data option {name!r} needs {missing} set on the command line, so it cannot be "
+                         "an evaluation domain; write a conf/data option with them set")
+    return validate_corpus_spec(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CorpusSpec), raw)))
 
 
 # --------------------------------------------------------------------------- reading sources

@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from uzr.config.controller import LOCALITY_WINDOW, ControllerSpec
 from uzr.config.controller import validate_spec as validate_controller
-from uzr.config.corpus import CorpusSpec, validate_corpus_spec
+from uzr.config.corpus import CorpusSpec, domain_spec, validate_corpus_spec
 from uzr.config.dominance import DominanceSpec, extra_stages, validate_dominance
 from uzr.config.gate import GateSpec, validate_gate_spec
 from uzr.config.inject import AlphaSpec, InjectSpec, validate_alpha, validate_inject
@@ -67,6 +67,9 @@ class EvaluateSpec:
     # smaller bounds memory; the scores agree to float rounding for any value. 32 took the least CPU time
     # for SmolLM2-135M on the 93 held-out prompts (8: +37%, 16: +11-16%, 93: +5%; benchmarks/pipeline.py).
     qa_batch_size: int = 32
+    # More text domains for bits per byte (conf/data options, e.g. [korean, licenses]), each harvested as its own
+    # store (evaluate.num_texts texts) and reported with its own paired interval beside the run's data.
+    domains: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -220,6 +223,9 @@ def validate(cfg: RunConfig) -> None:
         _validate_harvest(cfg)
     if "evaluate" in groups:
         _validate_evaluate(cfg.evaluate)
+        if cfg.data is not None and cfg.data.name in cfg.evaluate.domains:
+            raise ValueError(f"evaluate.domains={cfg.evaluate.domains} names the run's own data ({cfg.data.name!r}), "
+                             "which is evaluated anyway; drop it from evaluate.domains")
     if "dominance" in groups:
         validate_dominance(cfg)
     if "svf" in groups:
@@ -295,3 +301,7 @@ def _validate_evaluate(ev: EvaluateSpec) -> None:
         raise ValueError(f"evaluate.qa_prompts={ev.qa_prompts} must be >= 0 (0 = all held-out QA prompts)")
     if ev.qa_batch_size < 1:
         raise ValueError(f"evaluate.qa_batch_size={ev.qa_batch_size} must be >= 1 (prompts per facts-QA batch)")
+    if len(set(ev.domains)) != len(ev.domains):
+        raise ValueError(f"evaluate.domains={ev.domains} names a domain twice")
+    for name in ev.domains:
+        domain_spec(name)

@@ -12,12 +12,14 @@ import numpy as np
 import torch
 
 from uzr.config import RunConfig
+from uzr.config.corpus import domain_spec
+from uzr.evaluate.domains import domain_metrics, domain_store
 from uzr.evaluate.passes import heatmap_figure, student_pass
 from uzr.evaluate.sources import STORED_ROWS, live_prior, text_prior
 from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_setting, score_settings
 from uzr.facts_qa import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, plain_qa_scores, qa_prompts
 from uzr.inject import Injector
-from uzr.intervals import accuracy_difference, bits_per_byte_difference
+from uzr.intervals import accuracy_difference
 from uzr.masks import masked_log_softmax
 from uzr.stages import UncachedStage
 
@@ -30,26 +32,32 @@ class EvaluateStage(UncachedStage):
         teacher, teacher_tok = run.models.get("teacher")
         same_vocab = teacher_tok.get_vocab() == student_tok.get_vocab()  # next-token KL needs one vocabulary
         layers = list(cfg.inject.layers)
-        rows = heldout_rows(store, cfg.evaluate.num_texts)
         source = cfg.inject.source
-        injected = injection_setting("injected", text_prior(source, controllers, rows, cfg.device), cfg.alpha,
-                                     cfg.inject.mode, source_name=source)
-        scores = score_settings(student, student_tok, rows, [PLAIN, injected], layers, cfg.harvest.locality_window,
-                                cfg.harvest.max_length, teacher if same_vocab else None, run.memo)
-        names = {"student": PLAIN.name, "injected": injected.name}
-        difference = bits_per_byte_difference(scores.settings["injected"].nll, scores.settings["none"].nll,
-                                              scores.bytes) if rows else None
+
+        def texts(rows: list[dict], desc: str):
+            injected = injection_setting("injected", text_prior(source, controllers, rows, cfg.device), cfg.alpha,
+                                         cfg.inject.mode, source_name=source)
+            return score_settings(student, student_tok, rows, [PLAIN, injected], layers, cfg.harvest.locality_window,
+                                  cfg.harvest.max_length, teacher if same_vocab else None, run.memo, desc)
+
+        rows = heldout_rows(store, cfg.evaluate.num_texts)
+        scores = texts(rows, "evaluate")
+        names = {"student": PLAIN.name, "injected": "injected"}
+        own = domain_metrics(scores, PLAIN.name, "injected", cfg.data.long_text if cfg.data else "?")
         metrics = {
             "source": source,
-            "bits_per_byte": {**{k: scores.bits_per_byte(v) for k, v in names.items()},
-                              "teacher": scores.teacher_bits_per_byte(),
-                              **({"injected_minus_student": {**difference.as_dict(),
-                                                             "verdict": difference.verdict(higher_is_better=False)}}
-                                 if difference else {})},
+            "bits_per_byte": own["bits_per_byte"],
             "habit_distance": {f"L{layer}": {k: scores.habit_distance(v, [layer])[f"L{layer}"] for k, v in names.items()}
                                for layer in layers},
             "num_texts": len(rows),
+            # bits per byte per text domain: the run's own data first, then evaluate.domains
+            "domains": {cfg.data.name if cfg.data else "data": own},
         }
+        for name in cfg.evaluate.domains:
+            domain, key = domain_store(run, name)
+            metrics["domains"][name] = {
+                **domain_metrics(texts(heldout_rows(domain, cfg.evaluate.num_texts), f"evaluate {name}"), PLAIN.name,
+                                 "injected", domain_spec(name).long_text), "harvest_key": key}
         if same_vocab:
             metrics["next_token_kl"] = {k: float(np.mean(scores.settings[v].next_token_kl)) for k, v in names.items()}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from uzr.config import RunConfig, harvest_layers
 from uzr.config.model import key_fields
-from uzr.corpus import load_corpus
+from uzr.corpus import load_run_corpus
 from uzr.harvest.runner import HarvesterFactory, run_harvest
 from uzr.harvest.store import HarvestStore, StoreLayout
 from uzr.resources import check_free_disk, estimate_store_bytes
@@ -31,7 +31,7 @@ class HarvestStage:
     def build(self, run, folder: Path) -> dict:
         """Harvest every corpus text into shards under ``folder``; resumes after the last complete shard."""
         cfg, h = run.cfg, run.cfg.harvest
-        corpus = load_corpus(cfg.data)
+        corpus = load_run_corpus(cfg.data, lambda: run.models.get("student")[1], h.max_length)
         texts = [(t, "train") for t in corpus.train["text"]] + [(t, "heldout") for t in corpus.heldout["text"]]
         store = HarvestStore(folder)
         layers, mapping = harvest_layers(cfg)

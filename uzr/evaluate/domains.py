@@ -1,0 +1,57 @@
+"""Bits per byte on more text domains than the run's own corpus (``evaluate.domains``), each with its interval.
+
+A domain is a ``conf/data`` option (``korean``, ``licenses``, ...). It is harvested as its own corpus by the
+harvest stage itself (same build, same key rules, an ordinary ``harvest`` artifact in the cache, so a later run
+that trains on that data with the same settings reuses it): the domain's texts are shuffled by its seed as
+usual, and the first ``evaluate.num_texts`` of them (all when 0) form the held-out split; the store's train
+split keeps one text, because a store needs one. The controllers never see a domain's texts.
+
+Each domain's held-out texts then go through :func:`~uzr.evaluate.texts.score_settings` with the evaluate
+stage's settings (plain and injected student): bits per byte of student, injected student and teacher, and the
+paired bootstrap interval of injected minus student over that domain's texts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from uzr.cache import ArtifactCache
+from uzr.config.corpus import CorpusSpec, domain_spec
+from uzr.harvest.store import HarvestStore
+from uzr.intervals import bits_per_byte_difference
+from uzr.runner import stage_key
+from uzr.stages import REGISTRY
+
+# heldout_fraction for a domain store: round(f * n) = n for every n a corpus has, clamped to n - 1 by the corpus
+# (one text left for the train split)
+_ALL_BUT_ONE = 1 - 1e-9
+
+
+def evaluation_corpus(spec: CorpusSpec, num_texts: int) -> CorpusSpec:
+    """``spec`` cut to ``num_texts`` held-out texts (0: all) plus the one train text a store needs."""
+    return dataclasses.replace(spec, num_texts=num_texts + 1 if num_texts else 0, heldout_fraction=_ALL_BUT_ONE)
+
+
+def domain_store(run, name: str) -> tuple[HarvestStore, str]:
+    """The harvest store of domain ``name`` for this run's models and harvest settings (built when missing)."""
+    cfg = dataclasses.replace(run.cfg, data=evaluation_corpus(domain_spec(name), run.cfg.evaluate.num_texts))
+    domain_run = dataclasses.replace(run, cfg=cfg)
+    info = REGISTRY["harvest"]
+    stage = info.implementation()
+    key, payload = stage_key(info, stage, cfg, {})
+    folder, _ = ArtifactCache(cfg.cache_dir).get_or_build(info.name, key, payload,
+                                                          lambda f: stage.build(domain_run, f))
+    return stage.load(domain_run, folder), key
+
+
+def domain_metrics(scores, plain: str, injected: str, cut: str) -> dict:
+    """One domain's section: bits per byte of student, injected student and teacher, the paired interval of
+    injected minus student (``scores``: a :class:`~uzr.evaluate.texts.TextScores`)."""
+    out = {"bits_per_byte": {"student": scores.bits_per_byte(plain), "injected": scores.bits_per_byte(injected),
+                             "teacher": scores.teacher_bits_per_byte()},
+           "num_texts": len(scores.bytes), "bytes": sum(scores.bytes), "cut": cut}
+    if scores.bytes:
+        difference = bits_per_byte_difference(scores.settings[injected].nll, scores.settings[plain].nll, scores.bytes)
+        out["bits_per_byte"]["injected_minus_student"] = {**difference.as_dict(),
+                                                          "verdict": difference.verdict(higher_is_better=False)}
+    return out
