@@ -75,7 +75,8 @@ class ControllerPrior(AttentionPrior):
 
     def scores(self, layer, call, keys):
         ctrl = self.controllers[layer]
-        return ctrl.logits_from_features(ctrl.query_features(call.hidden), keys, call.q_pos, call.k_pos)[:, None]
+        logits = ctrl.logits_from_features(ctrl.query_features(call.hidden), keys, call.q_pos, call.k_pos)
+        return logits if logits.dim() == 4 else logits[:, None]  # (B, H, q, k) per head, else (B, 1, q, k)
 
 
 class UniformPrior(AttentionPrior):

@@ -26,7 +26,8 @@ class InsufficientDiskSpace(OSError):
 
 def estimate_store_bytes(num_texts: int, max_length: int, hidden_size: int, n_layers_stored: int,
                          teacher_L: int, teacher_H: int, student_L: int, student_H: int,
-                         text_bytes_per_token: int = TEXT_BYTES_PER_TOKEN, max_dist_len: int | None = None) -> int:
+                         text_bytes_per_token: int = TEXT_BYTES_PER_TOKEN, max_dist_len: int | None = None,
+                         per_head: bool = False) -> int:
     """Bytes a harvest store of ``num_texts`` texts takes at most (each text at ``max_length`` tokens).
 
     Per row with ``S = max_length`` and ``N = min(S, max_dist_len)`` (see the column table in
@@ -34,12 +35,14 @@ def estimate_store_bytes(num_texts: int, max_length: int, hidden_size: int, n_la
     ``teacher_dist_L`` and ``student_dist_L`` N*N each (float16); teacher and student statistics
     ``len(STAT_NAMES)`` * L * H * S each (float16); ``teacher_next_entropy``/``teacher_next_maxprob`` S
     float32 each; the text itself. ``max_dist_len=None``: the distributions cover all S positions.
+``per_head``: per stored layer also ``teacher_heads_L`` and ``student_heads_L``, (H_t + H_s)*N*N float16.
     """
     S = int(max_length)
     N = S if max_dist_len is None else min(S, int(max_dist_len))
     per_row = (
         S * I32  # input_ids
         + n_layers_stored * (S * hidden_size + 2 * N * N) * F16  # hidden, teacher_dist, student_dist
+        + (n_layers_stored * (teacher_H + student_H) * N * N * F16 if per_head else 0)  # *_heads
         + len(STAT_NAMES) * (teacher_L * teacher_H + student_L * student_H) * S * F16  # statistics
         + 2 * S * F32  # teacher next-token entropy and max probability
         + S * text_bytes_per_token  # the text

@@ -11,6 +11,9 @@ from typing import Any
 from uzr.config.fields import from_mapping
 
 ARCHS = ("bilinear", "seed_mlp", "lru")
+# What the controller predicts (issue 13): the teacher's head-mean distribution, shared by every student head,
+# or one distribution per student head, from the teacher head matched to it (uzr.harvest.head_matching).
+TARGETS = ("head_mean", "per_head")
 HALTING = ("act", "fixed", "latent", "kl")  # uzr.reasoning.act.MODES
 LOCALITY_WINDOW = 8  # the default locality window (tokens), for the harvest and the controller alike
 
@@ -20,6 +23,7 @@ class ControllerSpec:
     """Controller architecture, loss weights and training hyperparameters (Hydra structured config)."""
 
     arch: str = "bilinear"  # "bilinear" | "seed_mlp" | "lru" (bilinear whose features an LRU refines)
+    target: str = "head_mean"  # one of TARGETS; per_head: one distribution per student (query) head
     key_dim: int = 64  # bilinear: width of query/key features
     mlp_hidden: int = 128  # bilinear: hidden width of the q/k MLPs
     num_buckets: int = 32  # bilinear: relative-distance buckets (exact below num_buckets // 2, log beyond)
@@ -53,6 +57,8 @@ def validate_spec(spec: ControllerSpec) -> ControllerSpec:
 
     if spec.arch not in ARCHS:
         raise bad("arch", " | ".join(ARCHS))
+    if spec.target not in TARGETS:
+        raise bad("target", " | ".join(TARGETS))
     for key in ("key_dim", "mlp_hidden", "max_len", "locality_window", "max_epochs", "batch_size"):
         v = getattr(spec, key)
         if key == "locality_window" and v is None:

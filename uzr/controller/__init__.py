@@ -1,5 +1,5 @@
 """Controller: predicts, from the student's hidden state entering an injected layer, the teacher's
-head-mean attention distribution there (DESIGN.md §5).
+head-mean attention distribution there, or one per student head (DESIGN.md §5; issue 13).
 
 Uniform controller API (used by the injector, including during decoding with a key cache)::
 
@@ -11,7 +11,8 @@ Uniform controller API (used by the injector, including during decoding with a k
 The bilinear controller only uses their difference (so left padding shifts nothing); the seed MLP
 reads absolute key positions, so with left padding pass positions counted from the first real token.
 ``ctrl(h)`` is the same with ``q_pos = k_pos = arange(S)``. Mask the causal triangle and padding with
-:func:`masked_log_softmax` / :func:`causal_mask`.
+:func:`masked_log_softmax` / :func:`causal_mask`. A per-head controller (``controller.target=per_head``, built
+with ``heads=H``) returns ``(B, H, Sq, Sk)``: one distribution per student head.
 
 Also here: the loss (:func:`controller_loss`), the baselines every held-out KL is reported against
 (uniform causal attention, a fitted :class:`RecencyPrior`, the student's own attention), the Lightning

@@ -21,17 +21,18 @@ WEIGHTS_FILE = "controller.safetensors"
 META_FILE = "controller.json"
 
 
-def _unpack(obj: Any) -> tuple[dict[str, Controller], ControllerSpec, int]:
+def _unpack(obj: Any) -> tuple[dict[str, Controller], ControllerSpec, int, int | None]:
     if isinstance(obj, ControllerModule):
-        return dict(obj.controllers.items()), obj.spec, obj.hidden_size
+        return dict(obj.controllers.items()), obj.spec, obj.hidden_size, obj.heads
     if isinstance(obj, (Mapping, nn.ModuleDict)):
         ctrls = {str(k): v for k, v in obj.items()}
         if not ctrls or not all(isinstance(c, Controller) for c in ctrls.values()):
             raise TypeError("save_controller expects a ControllerModule or a non-empty {layer: Controller} mapping")
         first = next(iter(ctrls.values()))
-        if any(c.spec != first.spec or c.hidden_size != first.hidden_size for c in ctrls.values()):
-            raise ValueError("all controllers saved together must share one spec and hidden size")
-        return ctrls, first.spec, first.hidden_size
+        if any(c.spec != first.spec or c.hidden_size != first.hidden_size or c.heads != first.heads
+               for c in ctrls.values()):
+            raise ValueError("all controllers saved together must share one spec, hidden size and number of heads")
+        return ctrls, first.spec, first.hidden_size, first.heads
     raise TypeError(f"save_controller expects a ControllerModule or a {{layer: Controller}} mapping, got {type(obj)}")
 
 
@@ -45,9 +46,10 @@ def save_controller(module_or_controllers: ControllerModule | Mapping[str, Contr
     framework's own fields: ``hidden_size``, ``layers``, ``spec``, format version and the weights'
     sha256 (so a half-written or modified pair is detected on load). Returns ``path_dir``.
     """
-    controllers, spec, hidden_size = _unpack(module_or_controllers)
+    controllers, spec, hidden_size, heads = _unpack(module_or_controllers)
     layers = sorted(int(k) for k in controllers)
-    own = {"hidden_size": hidden_size, "layers": layers, "spec": dataclasses.asdict(spec)}
+    # heads: None for head-mean controllers, the student's head count for per-head ones
+    own = {"hidden_size": hidden_size, "layers": layers, "spec": dataclasses.asdict(spec), "heads": heads}
     meta = dict(metadata or {})
     for key, value in own.items():
         if key in meta and meta[key] != value:
@@ -78,7 +80,7 @@ def load_controller(path_dir: str | os.PathLike, expected: Mapping[str, Any] | N
     controllers: dict[str, Controller] = {}
     for layer in meta["layers"]:
         key = str(layer)
-        ctrl = build_controller(spec, meta["hidden_size"])
+        ctrl = build_controller(spec, meta["hidden_size"], meta.get("heads"))
         state = {name[len(key) + 1 :]: t for name, t in tensors.items() if name.startswith(key + ".")}
         try:
             ctrl.load_state_dict(state, strict=True)

@@ -27,19 +27,28 @@ class ControllerModule(L.LightningModule):
     "student_self": {str(layer): (B, S, S)}}`` (``student_self`` optional). The recency prior is fitted
     once at fit start from the datamodule's (or the trainer's) train dataloader, or by calling
     :meth:`fit_baselines` beforehand.
+
+    ``heads`` (``controller.target=per_head``): each controller predicts one distribution per student head,
+    targets and ``student_self`` are (B, heads, S, S), and every head's rows are rows of the loss and of the
+    held-out KL (heads fold into the batch: the numbers are means over (text, head, row)).
     """
 
     def __init__(self, hidden_size: int, layers: Sequence[int],
-                 spec: ControllerSpec | Mapping[str, Any] | None = None):
+                 spec: ControllerSpec | Mapping[str, Any] | None = None, heads: int | None = None):
         super().__init__()
         self.spec = coerce_spec(spec)
         self.hidden_size = int(hidden_size)
         self.layers = [int(x) for x in layers]
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers={list(layers)!r} is invalid; valid: a non-empty list of distinct layer indices")
+        if (heads is None) != (self.spec.target == "head_mean"):
+            raise ValueError(f"controller.target={self.spec.target!r} with heads={heads!r}: per_head needs the "
+                             "student's number of heads, head_mean none")
+        self.heads = heads
         self.save_hyperparameters({"hidden_size": self.hidden_size, "layers": self.layers,
-                                   "spec": dataclasses.asdict(self.spec)})
-        self.controllers = nn.ModuleDict({str(x): build_controller(self.spec, self.hidden_size) for x in self.layers})
+                                   "spec": dataclasses.asdict(self.spec), "heads": heads})
+        self.controllers = nn.ModuleDict({str(x): build_controller(self.spec, self.hidden_size, heads)
+                                          for x in self.layers})
         # Baselines are not parameters and are not part of the controller artifact.
         self.recency = {str(x): RecencyPrior(self.spec.max_distance) for x in self.layers}
         self._report: dict[str, float] = {}
@@ -52,8 +61,9 @@ class ControllerModule(L.LightningModule):
         for prior in self.recency.values():
             prior.reset()
         for batch in train_dataloader:
+            mask = self._rows_mask(batch["mask"])
             for key, prior in self.recency.items():
-                prior.accumulate(batch["target"][key], batch["mask"])
+                prior.accumulate(folded(batch["target"][key]), mask)
         trainer = self._trainer
         for prior in self.recency.values():
             if trainer is not None and trainer.world_size > 1:
@@ -76,14 +86,21 @@ class ControllerModule(L.LightningModule):
             return
         self.fit_baselines(loader)
 
+    def _rows_mask(self, mask: Tensor) -> Tensor:
+        """(B, S) real tokens -> (B n, S), the mask of the rows after :func:`folded` (n: heads, or 1)."""
+        return mask.bool().repeat_interleave(self.heads or 1, 0)
+
     # -- training
     def _layer_losses(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+        """Total loss, per-layer loss terms, and per-layer logits folded to (B n, S, S)."""
         mask = batch["mask"].bool()  # (B, S)
+        rows_mask = self._rows_mask(mask)  # (B n, S)
         total, outs, logits = 0.0, {}, {}
         for key, ctrl in self.controllers.items():
             iterative = self.spec.arch == "lru"
-            logits[key] = ctrl(batch["hidden"][key], mask) if iterative else ctrl(batch["hidden"][key])  # (B, S, S)
-            outs[key] = controller_loss(logits[key], batch["target"][key], mask, self.spec)
+            out = ctrl(batch["hidden"][key], mask) if iterative else ctrl(batch["hidden"][key])  # (B, [n,] S, S)
+            logits[key] = folded(out)  # (B n, S, S)
+            outs[key] = controller_loss(logits[key], folded(batch["target"][key]), rows_mask, self.spec)
             if iterative:
                 outs[key]["aux"] = auxiliary_loss(ctrl.last_aux, self.spec)
                 outs[key]["steps"] = ctrl.last_steps  # (B, S) iterations per position
@@ -122,10 +139,11 @@ class ControllerModule(L.LightningModule):
             self._record_iterations(outs, batch, mask)
         B = mask.shape[0]
         self._loss_sum += torch.stack([total.detach() * B, total.new_tensor(float(B))]).to(self._loss_sum.dtype)
-        allowed = causal_mask(mask)  # (B, S, S)
-        uniform = uniform_probs(mask)  # (B, S, S)
+        mask = self._rows_mask(mask)  # (B n, S): per head, each head's rows are rows of their own
+        allowed = causal_mask(mask)  # (B n, S, S)
+        uniform = uniform_probs(mask)  # (B n, S, S)
         for li, key in enumerate(self.controllers.keys()):
-            target = batch["target"][key]
+            target = folded(batch["target"][key])
             preds = {"controller": masked_log_softmax(logits[key], allowed).exp(), "uniform": uniform}
             if self.recency[key].fitted:
                 preds["recency"] = self.recency[key].probs(mask)
@@ -133,7 +151,7 @@ class ControllerModule(L.LightningModule):
                 warnings.warn("recency prior not fitted (call fit_baselines); its KL is not reported", stacklevel=2)
                 self._warned_no_recency = True
             if key in batch.get("student_self", {}):
-                preds["student_self"] = batch["student_self"][key]
+                preds["student_self"] = folded(batch["student_self"][key])
             for name, probs in preds.items():
                 kl_sum, n = row_kl(target, probs, allowed)
                 mi = METHODS.index(name)
@@ -169,11 +187,13 @@ class ControllerModule(L.LightningModule):
     def _record_iterations(self, outs: Mapping[str, Any], batch: Mapping[str, Any], mask: Tensor) -> None:
         """Per text and layer: mean LRU iterations over real tokens, and the difficulty proxy, the mean
         entropy (nats) of the teacher's attention rows."""
-        allowed = causal_mask(mask)
+        allowed = causal_mask(self._rows_mask(mask))  # (B n, S, S)
         n_tok = mask.sum(-1).clamp_min(1)
+        B, n = mask.shape[0], self.heads or 1
         for key, out in outs.items():
-            t, valid = target_rows(batch["target"][key], allowed)  # (B, S, S), (B, S)
-            entropy = -(torch.xlogy(t, t)).sum(-1)  # (B, S)
+            t, valid = target_rows(folded(batch["target"][key]), allowed)  # (B n, S, S), (B n, S)
+            entropy = -(torch.xlogy(t, t)).sum(-1).view(B, n, -1).mean(1)  # (B, S), mean over heads
+            valid = valid.view(B, n, -1).all(1)  # (B, S)
             steps = (out["steps"].float() * mask).sum(-1) / n_tok  # (B,)
             ent = (entropy * valid).sum(-1) / valid.sum(-1).clamp_min(1)
             self._iterations.append(torch.stack([steps, ent], -1).double().cpu())
@@ -195,3 +215,9 @@ class ControllerModule(L.LightningModule):
         (row-weighted over layers), ``val/rows/L{layer}`` and ``val/loss``; methods: controller,
         uniform, recency, student_self."""
         return dict(self._report)
+
+
+def folded(rows: Tensor) -> Tensor:
+    """Per-head rows (B, n, S, S) -> (B n, S, S), head-mean rows (B, S, S) unchanged: the loss and the KL treat
+    each head's rows as rows of their own."""
+    return rows.flatten(0, 1) if rows.dim() == 4 else rows

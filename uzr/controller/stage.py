@@ -18,15 +18,20 @@ from uzr.resumable_fit import fit_resumable
 
 class ControllerStage:
     def key_payload(self, cfg: RunConfig, upstream: Mapping[str, str]) -> dict:
-        return {"harvest": upstream["harvest"], "controller": dataclasses.asdict(cfg.controller),
+        controller = dataclasses.asdict(cfg.controller)
+        if controller["target"] == "head_mean":  # the default: head-mean controllers keep the keys they had
+            del controller["target"]
+        return {"harvest": upstream["harvest"], "controller": controller,
                 "layers": list(cfg.inject.layers), "seed": cfg.seed, "trainer": dataclasses.asdict(cfg.trainer)}
 
     def build(self, run, folder: Path) -> dict:
         """Fit the controllers; Lightning checkpoints in ``folder`` let a killed run resume where it stopped."""
         cfg, store = run.cfg, run.artifacts["harvest"]
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        datamodule = StoreDataModule(store, cfg.inject.layers, cfg.controller.batch_size, cfg.seed)
-        module = ControllerModule(store.layout.hidden_size, cfg.inject.layers, cfg.controller)
+        per_head = cfg.controller.target == "per_head"
+        datamodule = StoreDataModule(store, cfg.inject.layers, cfg.controller.batch_size, cfg.seed, per_head)
+        heads = store.layout.student_num_heads if per_head else None  # one distribution per student head
+        module = ControllerModule(store.layout.hidden_size, cfg.inject.layers, cfg.controller, heads)
         t = cfg.trainer
         checkpoints = folder / "checkpoints"
         resumed = fit_resumable(module, checkpoints, "controller", dict(

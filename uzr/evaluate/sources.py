@@ -4,7 +4,9 @@ The live sources (``controller``, ``student_self``, ``uniform``) need nothing bu
 The two that need a text's stored rows:
 
 - ``teacher`` (the oracle): the teacher's head-mean attention of the mapped layer, aligned to the student's
-  tokens (``teacher_dist_L{layer}``, the leading ``harvest.max_dist_len`` block). Zero-mass entries (the
+  tokens (``teacher_dist_L{layer}``, the leading ``harvest.max_dist_len`` block); with per-head targets
+  (``heads_of``), each student head gets its matched teacher head's aligned rows (``teacher_heads_L{layer}``,
+  :mod:`uzr.harvest.head_matching`). Zero-mass entries (the
   teacher's dropped BOS sink, keys no teacher token maps to) get :data:`ORACLE_FLOOR` so that ``bias`` mode
   adds a large finite penalty there instead of forbidding the key outright.
 - ``shuffled`` (the negative control): the controller's rows for the *next* held-out text that is at least as
@@ -29,28 +31,35 @@ ORACLE_FLOOR = 1e-6  # probability given to keys the aligned teacher row leaves 
 STORED_ROWS = ("teacher", "shuffled")  # sources that need a text's store rows (not available for QA prompts)
 
 
-def live_prior(source: str, controllers: Mapping[int, torch.nn.Module]) -> AttentionPrior:
-    """The prior of a source computed from the student's own pass: controller, student_self or uniform."""
+def live_prior(source: str, controllers: Mapping[int, torch.nn.Module], per_head: bool = False) -> AttentionPrior:
+    """The prior of a source computed from the student's own pass: controller, student_self or uniform
+    (``per_head``: student_self gives each head its own rows, as per-head targets do)."""
     layers = list(controllers)
     if source == "controller":
         return ControllerPrior(controllers)
     if source == "student_self":
-        return StudentSelfPrior(layers)
+        return StudentSelfPrior(layers, per_head=per_head)
     if source == "uniform":
         return UniformPrior(layers)
     raise ValueError(f"inject.source={source!r} needs a text's stored rows: use text_prior")
 
 
 def text_prior(source: str, controllers: Mapping[int, torch.nn.Module], rows: Sequence[dict],
-               device: str | torch.device = "cpu") -> Callable[[torch.Tensor, dict], AttentionPrior]:
-    """``prior(ids, row)`` for a held-out store row of ``rows`` (the texts being scored, in order)."""
+               device: str | torch.device = "cpu", heads_of: Mapping[int, Sequence[int]] | None = None,
+               ) -> Callable[[torch.Tensor, dict], AttentionPrior]:
+    """``prior(ids, row)`` for a held-out store row of ``rows`` (the texts being scored, in order).
+
+    ``heads_of``: per-head targets, ``{layer: teacher head of each student head}`` (the store's head matching);
+    None: head-mean targets.
+    """
     if source not in STORED_ROWS:
-        prior = live_prior(source, controllers)
+        prior = live_prior(source, controllers, per_head=heads_of is not None)
         return lambda ids, row: prior
     layers = list(controllers)
     if source == "teacher":
         def teacher(ids: torch.Tensor, row: dict) -> AttentionPrior:
-            return RowsPrior({layer: _log_rows(row[f"teacher_dist_L{layer}"], device) for layer in layers}, "teacher")
+            return RowsPrior({layer: _log_rows(oracle_rows(row, layer, heads_of), device) for layer in layers},
+                             "teacher")
 
         return teacher
     lengths = [len(r["input_ids"]) for r in rows]
@@ -64,6 +73,13 @@ def text_prior(source: str, controllers: Mapping[int, torch.nn.Module], rows: Se
                           for layer in layers}, "shuffled")
 
     return shuffled
+
+
+def oracle_rows(row: dict, layer: int, heads_of: Mapping[int, Sequence[int]] | None) -> np.ndarray:
+    """The oracle's rows of one text: (D, D) head mean, or (H_s, D, D) matched teacher head per student head."""
+    if heads_of is None:
+        return np.asarray(row[f"teacher_dist_L{layer}"])
+    return np.asarray(row[f"teacher_heads_L{layer}"])[list(heads_of[layer])]
 
 
 def borrowed(lengths: Sequence[int], index: int) -> list[int]:
@@ -88,16 +104,21 @@ def borrowed(lengths: Sequence[int], index: int) -> list[int]:
 
 @torch.no_grad()
 def controller_rows(controller: torch.nn.Module, hidden, device) -> torch.Tensor:
-    """(1, 1, S, S) causal log-probabilities of a controller over a text's stored hidden states (S, D)."""
+    """(1, 1|H, S, S) causal log-probabilities of a controller (per head: H) over a text's stored hidden states
+    (S, D)."""
     h = torch.as_tensor(np.asarray(hidden), dtype=torch.float32, device=device)[None]  # (1, S, D)
     s = h.shape[1]
-    allowed = torch.ones(1, s, s, dtype=torch.bool, device=device).tril()
-    return masked_log_softmax(controller(h), allowed)[:, None]
+    logits = controller(h)  # (1, S, S) or (1, H, S, S)
+    logits = logits if logits.dim() == 4 else logits[:, None]
+    allowed = torch.ones(1, 1, s, s, dtype=torch.bool, device=device).tril()
+    return masked_log_softmax(logits, allowed.expand_as(logits))
 
 
 def _log_rows(dist, device) -> torch.Tensor:
-    rows = torch.as_tensor(np.asarray(dist), dtype=torch.float32, device=device)  # (D, D)
-    return rows.clamp_min(ORACLE_FLOOR).log()[None, None]  # (1, 1, D, D)
+    """(D, D) or (H, D, D) probabilities -> (1, 1|H, D, D) floored log-probabilities."""
+    rows = torch.as_tensor(np.asarray(dist), dtype=torch.float32, device=device)  # ([H,] D, D)
+    rows = rows.clamp_min(ORACLE_FLOOR).log()
+    return rows[None] if rows.dim() == 3 else rows[None, None]
 
 
 def _index_of(rows: Sequence[dict], row: dict) -> int:

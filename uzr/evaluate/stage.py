@@ -15,12 +15,12 @@ from uzr.config import RunConfig
 from uzr.config.corpus import domain_spec
 from uzr.evaluate.domains import domain_metrics, domain_store
 from uzr.evaluate.passes import heatmap_figure, student_pass
-from uzr.evaluate.sources import STORED_ROWS, live_prior, text_prior
+from uzr.evaluate.sources import STORED_ROWS, controller_rows, live_prior, text_prior
 from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_setting, score_settings
 from uzr.facts_qa import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, plain_qa_scores, qa_prompts
+from uzr.harvest.head_matching import teacher_heads_of
 from uzr.inject import Injector
 from uzr.intervals import accuracy_difference
-from uzr.masks import masked_log_softmax
 from uzr.stages import UncachedStage
 
 
@@ -33,10 +33,12 @@ class EvaluateStage(UncachedStage):
         same_vocab = teacher_tok.get_vocab() == student_tok.get_vocab()  # next-token KL needs one vocabulary
         layers = list(cfg.inject.layers)
         source = cfg.inject.source
+        per_head = cfg.controller.target == "per_head"
+        heads_of = {layer: teacher_heads_of(store.layout, layer) for layer in layers} if per_head else None
 
         def texts(rows: list[dict], desc: str):
-            injected = injection_setting("injected", text_prior(source, controllers, rows, cfg.device), cfg.alpha,
-                                         cfg.inject.mode, source_name=source)
+            injected = injection_setting("injected", text_prior(source, controllers, rows, cfg.device, heads_of),
+                                         cfg.alpha, cfg.inject.mode, source_name=source)
             return score_settings(student, student_tok, rows, [PLAIN, injected], layers, cfg.harvest.locality_window,
                                   cfg.harvest.max_length, teacher if same_vocab else None, run.memo, desc)
 
@@ -62,7 +64,7 @@ class EvaluateStage(UncachedStage):
             metrics["next_token_kl"] = {k: float(np.mean(scores.settings[v].next_token_kl)) for k, v in names.items()}
 
         def make_injector() -> Injector:
-            return Injector(live_prior(source, controllers), cfg.alpha, cfg.inject.mode, prompt_len=0)
+            return Injector(live_prior(source, controllers, per_head), cfg.alpha, cfg.inject.mode, prompt_len=0)
 
         if cfg.evaluate.facts_qa:
             metrics["facts_qa"] = facts_qa(run, None if source in STORED_ROWS else make_injector)
@@ -104,10 +106,7 @@ def figure(folder: Path, row: dict, controllers: dict, student, layer: int, cfg:
     plain = student_pass(student, ids, [layer], cfg.harvest.locality_window, dist_rows=d)
     injected = student_pass(student, ids, [layer], cfg.harvest.locality_window, make_injector(), dist_rows=d)
     with torch.no_grad():
-        hidden = torch.as_tensor(row[f"hidden_L{layer}"][:d], dtype=torch.float32, device=cfg.device)[None]
-        s = hidden.shape[1]
-        allowed = torch.ones(1, s, s, dtype=torch.bool, device=cfg.device).tril()
-        ctrl = masked_log_softmax(controllers[layer](hidden), allowed).exp()[0] * allowed[0]
+        ctrl = controller_rows(controllers[layer], row[f"hidden_L{layer}"][:d], cfg.device).exp().mean(1)[0]  # (d, d)
     path = folder / f"heatmaps_L{layer}.png"
     heatmap_figure(path, row[f"teacher_dist_L{layer}"].astype("float32"), ctrl.cpu().numpy(),
                    plain.head_mean[layer].cpu().numpy(), injected.head_mean[layer].cpu().numpy(), layer,

@@ -14,8 +14,9 @@ from uzr.attention import attention_modules, decoder_of
 from uzr.config.gate import (
     FEATURES,
 )
+from uzr.controller.archs import mean_row_logprobs
 from uzr.hooks import capture_inputs
-from uzr.masks import causal_mask, masked_log_softmax, normalised_entropy, pad_sequences
+from uzr.masks import causal_mask, normalised_entropy, pad_sequences
 from uzr.models import model_device
 from uzr.next_token import next_token_stats
 
@@ -54,7 +55,7 @@ def sequence_parts(student, controllers: Mapping, sequences: Sequence, layers: S
             ent_cols, peak_cols, hidden_cols = [], [], []
             for layer in layers:
                 h = captured[layer].float()  # (B, S, D)
-                logp = masked_log_softmax(ctrls[layer](h), allowed)  # (B, S, S)
+                logp = mean_row_logprobs(ctrls[layer](h), allowed)  # (B, S, S); per-head: the heads' mean
                 p = logp.exp() * allowed
                 ent_cols.append(normalised_entropy(-(p * logp).sum(-1), n_keys))  # (B, S)
                 peak_cols.append(p.amax(-1))

@@ -4,7 +4,8 @@ Both models run with the ``uzr`` attention function and a :class:`~uzr.attention
 layer, so statistics come from the scores inside the attention call (float32, query blocks) and the
 full ``(H, S, S)`` weights are never kept. Only the mapped teacher layers and the injected student
 layers keep a head-mean distribution, and only for the leading ``D = min(S, max_dist_len)`` positions
-(a dense ``(D, D)`` block per layer: the store would otherwise grow with ``S^2``).
+(a dense ``(D, D)`` block per layer: the store would otherwise grow with ``S^2``). With ``per_head`` those
+layers also keep each head's rows of the same block (``(H, D, D)``), for per-head targets.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
 from uzr.harvest.align import TokenAligner
+from uzr.harvest.reducers import HabitStats, HeadMeanRows, HeadRows
 from uzr.harvest.stats import STAT_NAMES
 from uzr.hooks import layer_input
 from uzr.next_token import next_token_stats
@@ -24,14 +26,18 @@ class RecordedModel:
     """A frozen model whose layers record attention statistics during ``forward``."""
 
     def __init__(self, model, window: int, block_size: int, keep_head_mean: list[int],
-                 capture_hidden: list[int] = ()):
+                 capture_hidden: list[int] = (), per_head: bool = False):
         use_uzr_attention(model)
         self.model = model
         self.decoder = decoder_of(model)  # the text stack: LM head applied only where needed
         self.modules = attention_modules(model)
         self.keep_head_mean = list(keep_head_mean)
+        self.kept = [HeadMeanRows.name, HeadRows.name] if per_head else [HeadMeanRows.name]
         for index, module in enumerate(self.modules):
-            module.uzr_recorder = LayerRecorder(window, index in self.keep_head_mean, block_size=block_size)
+            reducers = [HabitStats(window)]
+            if index in self.keep_head_mean:
+                reducers += [HeadMeanRows(), HeadRows()] if per_head else [HeadMeanRows()]
+            module.uzr_recorder = LayerRecorder(block_size=block_size, reducers=reducers)
         self.hidden: dict[int, torch.Tensor] = {}
         self.handles = [
             self.modules[layer].register_forward_pre_hook(self._capture, with_kwargs=True)
@@ -43,25 +49,29 @@ class RecordedModel:
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, dist_rows: int | None = None) -> dict:
-        """Returns stats {name: (L, H, S)}, head_mean {layer: (S', S')}, hidden {layer: (S, D)}, final (1, S, D).
+        """Returns stats {name: (L, H, S)}, head_mean {layer: (S', S')}, heads {layer: (H, S', S')} (``per_head``
+        only), hidden {layer: (S, D)}, final (1, S, D).
 
-        ``dist_rows``: head-mean rows (and keys) kept, ``S' = min(S, dist_rows)``; None: all.
+        ``dist_rows``: head-mean (and per-head) rows and keys kept, ``S' = min(S, dist_rows)``; None: all.
         """
         for index in self.keep_head_mean:
-            self.modules[index].uzr_recorder["head_mean"].dist_rows = dist_rows
+            for name in self.kept:
+                self.modules[index].uzr_recorder[name].dist_rows = dist_rows
         # use_cache=False: nothing decodes after a harvest pass, and the KV cache is ~150 MB at S=4096
         out = self.decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         stats: dict[str, list[torch.Tensor]] = {name: [] for name in STAT_NAMES}
-        head_mean = {}
+        kept: dict[str, dict[int, torch.Tensor]] = {name: {} for name in self.kept}
         for index, module in enumerate(self.modules):
-            layer_stats, mean = module.uzr_recorder.result()
+            results = module.uzr_recorder.take()
+            layer_stats = HabitStats.named(results[HabitStats.name])
             for name in STAT_NAMES:
                 stats[name].append(layer_stats[name][0])  # (H, S)
-            if mean is not None:
-                head_mean[index] = mean[0]
+            for name in self.kept:
+                if name in results:
+                    kept[name][index] = results[name][0]
         return {
             "stats": {name: torch.stack(values) for name, values in stats.items()},  # (L, H, S)
-            "head_mean": head_mean,
+            **kept,
             "hidden": {layer: h[0] for layer, h in self.hidden.items()},
             "final": out.last_hidden_state,
         }
@@ -82,15 +92,19 @@ class Harvester:
             (``harvest.block_size``).
         max_length: student tokens per text; the teacher sees the same characters.
         max_dist_len: the distributions cover the leading ``min(S, max_dist_len)`` student positions.
+        per_head: also store each head's rows (``teacher_heads_L{l}``, ``student_heads_L{l}``).
     """
 
     def __init__(self, teacher, teacher_tok, student, student_tok, layers: list[int], teacher_layers: list[int],
-                 window: int, block_size: int, max_length: int = 256, max_dist_len: int = 512):
+                 window: int, block_size: int, max_length: int = 256, max_dist_len: int = 512,
+                 per_head: bool = False):
         self.teacher_tok, self.student_tok = teacher_tok, student_tok
         self.layers, self.teacher_layers, self.max_length = list(layers), list(teacher_layers), max_length
-        self.max_dist_len = max_dist_len
-        self.teacher = RecordedModel(teacher, window, block_size, keep_head_mean=sorted(set(teacher_layers)))
-        self.student = RecordedModel(student, window, block_size, keep_head_mean=layers, capture_hidden=layers)
+        self.max_dist_len, self.per_head = max_dist_len, per_head
+        self.teacher = RecordedModel(teacher, window, block_size, keep_head_mean=sorted(set(teacher_layers)),
+                                     per_head=per_head)
+        self.student = RecordedModel(student, window, block_size, keep_head_mean=layers, capture_hidden=layers,
+                                     per_head=per_head)
         self.device = next(student.parameters()).device
 
     def close(self) -> None:
@@ -124,6 +138,9 @@ class Harvester:
             row[f"hidden_L{layer}"] = f16(s_out["hidden"][layer])
             row[f"teacher_dist_L{layer}"] = f16(block.align(t_out["head_mean"][t_layer]))  # (D, D)
             row[f"student_dist_L{layer}"] = f16(s_out["head_mean"][layer])  # (D, D)
+            if self.per_head:  # every teacher head aligned: the head matching picks among them after the harvest
+                row[f"teacher_heads_L{layer}"] = f16(block.align(t_out["heads"][t_layer]))  # (Ht, D, D)
+                row[f"student_heads_L{layer}"] = f16(s_out["heads"][layer])  # (Hs, D, D)
         diag = block.diagnostics  # over the aligned (stored) rows
         row["align_dropped_mass"] = float(diag["dropped_mass_mean"])
         row["align_self_fallback_rows"] = int(diag["self_fallback_rows"])

@@ -13,7 +13,7 @@ The blocked eager pass in :mod:`uzr.attention` computes, per block of query rows
 
 The probability of key ``lo + c`` for row ``start + r`` is ``e[..., r, c] * inv_z[..., r]``. Two standard
 reducers: :class:`HabitStats` (DESIGN.md §4 statistics) and :class:`HeadMeanRows` (head-mean distribution
-of the leading rows).
+of the leading rows); :class:`HeadRows` keeps each head's rows of the same block (per-head targets).
 """
 
 from __future__ import annotations
@@ -146,6 +146,30 @@ class HeadMeanRows:
     def finish(self) -> torch.Tensor:
         out, self.out = self.out, None
         return out
+
+
+class HeadRows(HeadMeanRows):
+    """Each head's own attention distribution of the leading query rows (per-head targets, issue 13).
+
+    Same rows and keys as :class:`HeadMeanRows` (``dist_rows`` bounds both, so memory stays
+    ``O(H * dist_rows^2)``). Result: (B, H, q', k') float32 probabilities; padding rows and rows with
+    non-finite scores are 0.
+    """
+
+    name = "heads"
+    query_dim = 2
+
+    def start(self, batch: int, heads: int, q_len: int, k_len: int, device) -> None:
+        self.out = torch.zeros(batch, heads, *self.shape(q_len, k_len), device=device)  # (B, H, q', k')
+
+    def add(self, block: ScoreBlock) -> None:
+        rows = min(block.stop, self.out.shape[2]) - block.start
+        keys = min(block.hi, self.out.shape[3]) - block.lo
+        if rows <= 0 or keys <= 0:
+            return
+        e = block.e[:, :, :rows, :keys]  # (B, H, r, c)
+        out = self.out[:, :, block.start:block.start + rows, block.lo:block.lo + keys]  # written in place
+        torch.mul(e, block.inv_z[:, :, :rows, None], out=out)
 
 
 class GroupMass:

@@ -38,11 +38,12 @@ class HarvesterFactory:
     block_size: int
     max_length: int
     max_dist_len: int
+    per_head: bool = False
 
     def __call__(self, device) -> Harvester:
         return Harvester(self.teacher.to(device), self.teacher_tok, self.student.to(device), self.student_tok,
                          self.layers, self.teacher_layers, self.window, self.block_size, self.max_length,
-                         self.max_dist_len)
+                         self.max_dist_len, self.per_head)
 
 
 class ShardDataset(Dataset):

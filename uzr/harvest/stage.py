@@ -10,6 +10,7 @@ from pathlib import Path
 from uzr.config import RunConfig, harvest_layers
 from uzr.config.model import key_fields
 from uzr.corpus import load_run_corpus
+from uzr.harvest.head_matching import match_store
 from uzr.harvest.runner import HarvesterFactory, run_harvest
 from uzr.harvest.store import HarvestStore, StoreLayout
 from uzr.resources import check_free_disk, estimate_store_bytes
@@ -26,6 +27,8 @@ class HarvestStage:
             "layers": harvest_layers(cfg),
         }
         payload["harvest"].pop("layers")  # folded into "layers" above: only the effective set counts
+        if per_head(cfg):  # a head-mean store lacks the per-head rows: never reuse it (head-mean keys unchanged)
+            payload["target"] = cfg.controller.target
         return payload
 
     def build(self, run, folder: Path) -> dict:
@@ -38,6 +41,7 @@ class HarvestStage:
         check_free_disk(folder, estimate_store_bytes(  # before any model loads
             len(texts), h.max_length, cfg.student.hidden_size, len(layers), cfg.teacher.num_layers,
             cfg.teacher.num_heads, cfg.student.num_layers, cfg.student.num_heads, max_dist_len=h.max_dist_len,
+            per_head=per_head(cfg),
         ))
         teacher, teacher_tok = run.models.get("teacher")
         student, student_tok = run.models.get("student")
@@ -45,20 +49,35 @@ class HarvestStage:
             layers=layers, teacher_layers=mapping, hidden_size=student.config.hidden_size,
             teacher_num_layers=teacher.config.num_hidden_layers, teacher_num_heads=teacher.config.num_attention_heads,
             student_num_layers=student.config.num_hidden_layers, student_num_heads=student.config.num_attention_heads,
-            locality_window=h.locality_window, max_dist_len=h.max_dist_len,
+            locality_window=h.locality_window, max_dist_len=h.max_dist_len, per_head=per_head(cfg),
         ))
         make_harvester = HarvesterFactory(teacher, teacher_tok, student, student_tok, layers, mapping,
-                                          h.locality_window, h.block_size, h.max_length, h.max_dist_len)
+                                          h.locality_window, h.block_size, h.max_length, h.max_dist_len,
+                                          per_head(cfg))
         trainer_kwargs = {"accelerator": cfg.trainer.accelerator, "devices": h.devices, "strategy": h.strategy}
         summary = run_harvest(store, texts, make_harvester, h.shard_size, h.max_bad_fraction, trainer_kwargs)
         truncated = int(sum(store.dataset().with_format(None)["truncated_tokens"]))
         if truncated:
             log.info("harvest: %d of %d texts were cut at harvest.max_length=%d tokens", truncated, len(texts),
                      h.max_length)
-        return {**summary, "truncated_at_max_length": truncated, "corpus_stats": corpus.stats}
+        out = {**summary, "truncated_at_max_length": truncated, "corpus_stats": corpus.stats}
+        if per_head(cfg):  # after the last shard: the map is chosen on every training text
+            layout = store.layout
+            layout.head_matching = match_store(store.rows("train"), layers)
+            store.write_layout(layout)
+            out["head_matching"] = {k: {"teacher_heads": v["teacher_heads"], "method": v["method"]}
+                                    for k, v in layout.head_matching.items()}
+            log.info("harvest: head matching (student head -> teacher head) %s", out["head_matching"])
+        return out
 
     def load(self, run, folder: Path) -> HarvestStore:
         return HarvestStore(folder)
 
-    def report(self, run, store: HarvestStore) -> None:
-        return None  # the store's key and path are in metrics.json -> artifacts
+    def report(self, run, store: HarvestStore) -> dict | None:
+        # the store's key and path are in metrics.json -> artifacts; a per-head store adds its head matching
+        return {"head_matching": store.layout.head_matching} if store.layout.head_matching else None
+
+
+def per_head(cfg: RunConfig) -> bool:
+    """Whether the run's targets are per head (``controller.target=per_head``)."""
+    return cfg.controller.target == "per_head"

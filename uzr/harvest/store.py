@@ -15,11 +15,16 @@ input_ids                  (S,) int32          student tokens
 hidden_L{l}                (S, D)              student hidden state entering attention of layer l
 teacher_dist_L{l}          (D, D)              head-mean teacher attention (mapped layer) on the student grid
 student_dist_L{l}          (D, D)              the student's own head-mean attention (baseline)
+teacher_heads_L{l}         (H_t, D, D)         every teacher head (mapped layer) on the student grid (per_head)
+student_heads_L{l}         (H_s, D, D)         every student head's own attention (per_head)
 teacher_{stat}             (L_t, H_t, S)       teacher statistics gathered at the mapped query positions
 student_{stat}             (L_s, H_s, S)       student statistics
 teacher_next_entropy       (S,) float32        teacher next-token entropy (nats) at the mapped position
 teacher_next_maxprob       (S,) float32        teacher next-token max probability
 =========================  ==================  =====================================================
+
+A ``per_head`` store also records, in ``layout.json``, which teacher head each student head learns from
+(``head_matching``, chosen on the training texts by :mod:`uzr.harvest.head_matching`).
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ class StoreLayout:
     student_num_heads: int
     locality_window: int
     max_dist_len: int | None = None  # distributions cover min(S, this) leading positions; None: all S
+    per_head: bool = False  # each head's rows are stored too (controller.target=per_head)
+    # per_head: {"L{layer}": {"teacher_heads": [teacher head per student head], "cost": (H_t, H_s) mean KL,
+    # "method": ...}}, written once the harvest is complete (uzr.harvest.head_matching)
+    head_matching: dict | None = None
 
     def dist_len(self, seq_len: int) -> int:
         """``D``: rows and keys of the stored distributions of a text of ``seq_len`` tokens."""
@@ -62,6 +71,10 @@ class StoreLayout:
             return (seq_len, self.hidden_size)
         if column.startswith(("teacher_dist_", "student_dist_")):
             return (self.dist_len(seq_len),) * 2
+        if column.startswith("teacher_heads_"):
+            return (self.teacher_num_heads, *(self.dist_len(seq_len),) * 2)
+        if column.startswith("student_heads_"):
+            return (self.student_num_heads, *(self.dist_len(seq_len),) * 2)
         if column.startswith("teacher_") and column.removeprefix("teacher_") in STAT_NAMES:
             return (self.teacher_num_layers, self.teacher_num_heads, seq_len)
         if column.startswith("student_") and column.removeprefix("student_") in STAT_NAMES:
