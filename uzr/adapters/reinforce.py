@@ -16,11 +16,12 @@ reference, so the scored tokens are the sampled ones).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from uzr.adapters.svd import Decomposition
 from uzr.adapters.svf import SVFTrainable, initial_z
@@ -28,6 +29,8 @@ from uzr.attention import decoder_of
 from uzr.masks import pad_sequences
 from uzr.models import model_device
 from uzr.next_token import lm_head_logits
+
+log = logging.getLogger(__name__)
 
 
 def _answer_length(tokenizer, ids: Sequence[int], stop_ids: set[int]) -> int:
@@ -93,19 +96,21 @@ def answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Sequence[S
 
 
 class ReinforceModule(L.LightningModule):
-    """Trains the ``z`` of one expert with REINFORCE; the student (``model``) stays frozen and unregistered
+    """Trains the ``z`` of one expert (or another trainable edit) with REINFORCE; the student (``model``) stays frozen and unregistered
     (it is neither moved nor saved in checkpoints: a checkpoint holds ``z`` and the optimiser state).
 
     ``texts``/``answers``: the formatted training prompts and their reference answers; ``reward_fn(prediction,
     answer) -> float`` (±1 from the domain's checker). Batches are lists of item indices.
     """
 
-    def __init__(self, model, tokenizer, decomp: Decomposition, texts: Sequence[str], answers: Sequence[str],
+    def __init__(self, model, tokenizer, decomp: Decomposition | None, texts: Sequence[str], answers: Sequence[str],
                  reward_fn: Callable[[str, str], float], lr: float = 2e-3, kl_weight: float = 0.0,
                  samples_per_prompt: int = 4, max_new_tokens: int = 24, temperature: float = 1.0,
-                 init_z: float = 0.1, add_special_tokens: bool = True):
+                 init_z: float = 0.1, add_special_tokens: bool = True, edit: nn.Module | None = None):
         super().__init__()
-        self.svf = SVFTrainable(decomp, initial_z(decomp, init_z))
+        # the trained edit: an SVF expert's z (from ``decomp``), or any trainable ModelEdit module (``edit``: the
+        # LoRA / IA3 baselines of uzr.adapters.peft_edit), trained by the same objective
+        self.edit = edit if edit is not None else SVFTrainable(decomp, initial_z(decomp, init_z))
         object.__setattr__(self, "lm", model)  # not a submodule
         object.__setattr__(self, "tokenizer", tokenizer)
         self.texts, self.answers, self.reward_fn = list(texts), list(answers), reward_fn
@@ -114,14 +119,14 @@ class ReinforceModule(L.LightningModule):
         self.history: list[dict[str, float]] = []  # per step: mean reward, loss, kl
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.svf.parameters(), lr=self.lr)
+        return torch.optim.Adam(self.edit.parameters(), lr=self.lr)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         items = [int(i) for i in batch]
         texts = [self.texts[i] for i in items]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.lm.eval()
-        with self.svf.attach(self.lm):
+        with self.edit.attach(self.lm):
             prompts, answers, decoded = sample_answers(self.lm, self.tokenizer, texts, self.samples, self.max_new_tokens,
                                                        self.temperature, self.add_special)
             logp, dists = answer_logprobs(self.lm, prompts, answers, pad)
@@ -135,9 +140,11 @@ class ReinforceModule(L.LightningModule):
             kl = sum(torch.sum(b.exp() * (b - d)) for b, d in zip(base, dists)) / len(rewards)
             loss = loss + self.kl_weight * kl
         self.history.append({"reward": float(rewards.mean()), "loss": float(loss.detach()), "kl": float(kl)})
+        log.info("reinforce step %d: mean reward %+.3f, loss %.4f", len(self.history), float(rewards.mean()),
+                 float(loss.detach()))  # a step takes seconds to minutes on a CPU: say where the run is
         self.log("train/reward", rewards.mean(), prog_bar=True, batch_size=len(items))
         self.log("train/loss", loss.detach(), batch_size=len(items))
         return loss
 
     def z(self) -> dict[str, Tensor]:
-        return self.svf.z_dict()
+        return self.edit.z_dict()
