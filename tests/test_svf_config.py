@@ -12,8 +12,10 @@ from tests.conftest import resolved
 
 def test_svf_default_experiment_resolves_and_is_not_in_the_default_stages():
     cfg = resolved("+experiment=svf_default")
-    assert cfg.stages == ["svf", "svf_baselines", "svf_eval"] and cfg.student.name == "smollm2_135m"
-    assert cfg.svf.baselines == ["lora", "ia3"] and len(cfg.svf.baseline_lrs) >= 2
+    assert cfg.stages == ["svf", "svf_eval"] and cfg.student.name == "smollm2_135m"
+    compare = resolved("+experiment=svf_compare")
+    assert compare.stages == ["svf", "svf_baselines", "svf_eval"] and compare.name == "svf_compare"
+    assert compare.svf == cfg.svf and cfg.svf.baselines == ["lora", "ia3"] and len(cfg.svf.baseline_lrs) >= 2
     assert cfg.svf.matrices == "mlp" and cfg.svf.lr == 2e-3 and cfg.svf.clip == 1e-3 and cfg.svf.kl_weight == 0.0
     assert not {"svf", "svf_baselines", "svf_eval"} & set(resolved().stages)
 

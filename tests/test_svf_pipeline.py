@@ -6,7 +6,7 @@ import json
 
 from .test_pipeline import run_train
 
-TINY = ["+experiment=svf_default", "student=tiny_llama", "svf.train_items=4", "svf.prompts_per_step=2",
+TINY = ["+experiment=svf_compare", "student=tiny_llama", "svf.train_items=4", "svf.prompts_per_step=2",
         "svf.samples_per_prompt=2", "svf.epochs=2", "svf.eval_items=3", "svf.max_new_tokens=4", "svf.cem_shots=2",
         "svf.cem_population=4", "svf.cem_elite_ratio=0.5", "svf.cem_iterations=2", "svf.classifier_epochs=5",
         "svf.baseline_lrs=[0.01,0.1]", "svf.val_items=2", "logger.wandb_mode=disabled"]
@@ -30,6 +30,10 @@ def test_svf_pipeline_writes_matrix_strategies_and_reuses_experts(tmp_path):
     assert params == 3 * (48 + 48 + 48)  # 3 layers x (gate, up, down): rank min(48, 96) each
     assert table["cem"]["trainable_parameters"] == 3 * params and table["oracle_domain"]["routing_accuracy"] == 1.0
     assert all(table[k]["n"] == 9 for k in table)
+    for strategy in ("prompt", "classifier", "oracle_domain"):  # every item routed somewhere, counted by true domain
+        routes = table[strategy]["routes"]
+        assert set(routes) == set(domains) and all(sum(r.values()) == 3 for r in routes.values())
+    assert table["oracle_domain"]["routes"] == {d: {d: 3} for d in domains}
     for method, per_layer in (("lora", 3 * (48 + 96)), ("ia3", 3 * 96)):  # rank-1 A+B; out, out, in (down_proj)
         row = table[f"{method} (oracle domain)"]
         assert row["trainable_parameters"] == per_layer * len(row["layers"]) <= params and "vs_base" in row

@@ -103,7 +103,8 @@ class SVFBaselinesStage:
         return out
 
     def report(self, run, artifact: dict[str, dict[str, Baseline]]) -> dict:
-        return {method: {d: {k: b.meta[k] for k in ("parameters", "svf_parameters", "layers", "lr", "sweep")}
+        return {method: {d: {k: b.meta[k] for k in ("parameters", "svf_parameters", "layers", "lr", "sweep",
+                                                              "base_val_accuracy")}
                          for d, b in per.items()} for method, per in artifact.items()}
 
 
@@ -111,6 +112,7 @@ def train_baseline(run, model, tok, plan: BaselinePlan, domain: str, out: Path) 
     """Train ``plan`` on ``domain`` once per ``svf.baseline_lrs``; keep the best on validation (``out/adapter.*``)."""
     svf, seed = run.cfg.svf, run.cfg.seed
     val = validation_items(svf, domain, seed)
+    base_accuracy, base_loglik = validation_score(model, tok, val, svf, None)  # the adapters' starting point
     sweep, best = [], None
     for lr in svf.baseline_lrs:
         edit = PeftTrainable(model, plan)
@@ -126,6 +128,7 @@ def train_baseline(run, model, tok, plan: BaselinePlan, domain: str, out: Path) 
     meta = {"student": run.cfg.student.name, "domain": domain, "method": plan.method,
             "plan": {**dataclasses.asdict(plan), "layers": list(plan.layers)}, "parameters": plan.parameters,
             "svf_parameters": plan.budget, "layers": list(plan.layers), "lr": lr, "val_items": len(val),
+            "base_val_accuracy": base_accuracy, "base_val_loglik": round(base_loglik, 4),
             "sweep": sweep, "objective": svf.objective}
     save_checkpoint(out, WEIGHTS_FILE, META_FILE, state, meta, ADAPTER_FORMAT, ADAPTER_VERSION)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)

@@ -84,7 +84,8 @@ class SVFEvalStage(UncachedStage):
                 routes[strategy] = choice
                 ok = [correct[c][it.domain][held[it.domain].index(it)] if c in correct else correct[BASE][it.domain][held[it.domain].index(it)]
                       for it, c in zip(mixed, choice)]
-                extra = {"routing_accuracy": float(np.mean([c == it.domain for it, c in zip(mixed, choice)]))}
+                extra = {"routing_accuracy": float(np.mean([c == it.domain for it, c in zip(mixed, choice)])),
+                         "routes": _confusion(mixed, choice)}
             n_params = params * len(svf.mixture or svf.domains) if strategy == "cem" else params
             rows[strategy] = {"correct": ok, "parameters": n_params, "seconds": round(time.perf_counter() - t0, 1), **extra}
         rows.update(baseline_rows(run, held))
@@ -120,6 +121,15 @@ class SVFEvalStage(UncachedStage):
             for row in rows:
                 table.add_row(*[str(x) for x in row])
             console.print(table)
+
+
+def _confusion(items, choice) -> dict[str, dict[str, int]]:
+    """{true domain: {chosen expert (or base): count}}: where a routing strategy sends each domain's items."""
+    out: dict[str, dict[str, int]] = {}
+    for it, c in zip(items, choice):
+        out.setdefault(it.domain, {}).setdefault(c, 0)
+        out[it.domain][c] += 1
+    return out
 
 
 def baseline_rows(run, held: dict) -> dict:
