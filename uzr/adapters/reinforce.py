@@ -1,13 +1,15 @@
 """REINFORCE training of one SVF expert (the reference's ``optim_modules.Reinforce``), as a LightningModule.
 
 A step takes ``prompts_per_step`` training prompts, samples ``samples_per_prompt`` answers from the
-student with the current expert (temperature ``svf.temperature``), scores each answer with the domain's
+student with the current expert (temperature ``svf.temperature``; an SVF expert's weights materialised for the
+sampling, :meth:`~uzr.adapters.svf.SVFTrainable.frozen`), scores each answer with the domain's
 checker (±1), and minimises ``-Σ r · log p(answer)`` over the samples divided by their number (the
 reference: summed log-likelihood of the generated tokens times the reward, over the batch), plus
 ``kl_weight · KL(base || expert)`` summed over the answer tokens when ``kl_weight > 0`` (the reference's
 ``F.kl_div(log p_expert, log p_base, log_target=True, reduction="sum")``; off by default). Adam at
-``svf.lr`` on ``z`` only; the Trainer clips the gradient norm at ``svf.clip``. The student's weights never
-change: :class:`~uzr.adapters.svf.SVFTrainable` adds the expert through forward hooks while the step runs.
+``svf.lr`` on ``z`` only; the Trainer clips the gradient norm at ``svf.clip``. The student's weights are
+restored bit for bit after the sampling (an :class:`~uzr.adapters.svf.SVFEdit`), and the scoring adds the expert
+through forward hooks (:class:`~uzr.adapters.svf.SVFTrainable`), so the gradient reaches ``z``.
 
 An answer is what is checked: the sampled tokens up to the end of its first line (or end of sequence);
 the log-likelihood covers exactly those tokens (prompt and answer are not re-tokenised, unlike the
@@ -126,9 +128,13 @@ class ReinforceModule(L.LightningModule):
         texts = [self.texts[i] for i in items]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.lm.eval()
-        with self.edit.attach(self.lm):
+        # sample from the current edit with its weights materialised when it can (SVF: no per-token hooks), then
+        # score the samples through the differentiable edit
+        sampler = self.edit.frozen() if hasattr(self.edit, "frozen") else self.edit
+        with sampler.attach(self.lm):
             prompts, answers, decoded = sample_answers(self.lm, self.tokenizer, texts, self.samples, self.max_new_tokens,
                                                        self.temperature, self.add_special)
+        with self.edit.attach(self.lm):
             logp, dists = answer_logprobs(self.lm, prompts, answers, pad)
         rewards = torch.tensor([self.reward_fn(text, self.answers[items[k // self.samples]])
                                 for k, text in enumerate(decoded)], dtype=logp.dtype, device=logp.device)
