@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def interval(v: dict | None) -> str:
@@ -43,7 +44,7 @@ def training(metrics: dict) -> list[str]:
 
 
 def main(path: str) -> None:
-    metrics = json.loads(open(path).read())
+    metrics = json.loads(Path(path).read_text())
     section = metrics["svf_eval"]
     for title, lines in (("Training", training(metrics)), ("Accuracy matrix", matrix(section)),
                          ("Comparison (mixed held-out prompts)", comparison(section))):
