@@ -170,3 +170,19 @@ def test_target_matrices_names_and_bad_choices(tiny_models):
         target_matrices(model, "ffn")
     with pytest.raises(ValueError, match="svf.layers"):
         target_matrices(model, "mlp", layers=[7])
+
+
+def test_frozen_training_edit_materialises_what_the_hooks_compute(tiny_models):
+    """Sampling uses SVFTrainable.frozen() (weights written once): same logits as the hooks, base restored."""
+    model, tok = tiny_models["llama"]
+    decomp = decompose(target_matrices(model, "mlp"))
+    z = {n: torch.linspace(-2, 2, s.numel()) for n, s in decomp.S.items()}
+    trainable = SVFTrainable(decomp, z)
+    plain, before = logits(model, tok), state(model)
+    with trainable.attach(model):
+        hooked = logits(model, tok)
+    with trainable.frozen().attach(model):
+        materialised = logits(model, tok)
+    assert (hooked - plain).abs().max() > 1e-3 and torch.allclose(materialised, hooked, atol=1e-4)
+    after = state(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)

@@ -13,8 +13,11 @@ from tests.conftest import resolved
 def test_svf_default_experiment_resolves_and_is_not_in_the_default_stages():
     cfg = resolved("+experiment=svf_default")
     assert cfg.stages == ["svf", "svf_eval"] and cfg.student.name == "smollm2_135m"
+    compare = resolved("+experiment=svf_compare")
+    assert compare.stages == ["svf", "svf_baselines", "svf_eval"] and compare.name == "svf_compare"
+    assert compare.svf == cfg.svf and cfg.svf.baselines == ["lora", "ia3"] and len(cfg.svf.baseline_lrs) >= 2
     assert cfg.svf.matrices == "mlp" and cfg.svf.lr == 2e-3 and cfg.svf.clip == 1e-3 and cfg.svf.kl_weight == 0.0
-    assert "svf" not in resolved().stages and "svf_eval" not in resolved().stages
+    assert not {"svf", "svf_baselines", "svf_eval"} & set(resolved().stages)
 
 
 @pytest.mark.parametrize("override, match", [
@@ -26,6 +29,12 @@ def test_svf_default_experiment_resolves_and_is_not_in_the_default_stages():
     ("svf.strategies=[prompt,vote]", r"svf.strategies=.*valid strategies: prompt, classifier, cem, oracle_domain"),
     ("svf.kl_weight=-1", r"svf.kl_weight"),
     ("svf.cem_population=4", r"svf.cem_population=4.*at least 2 elites"),
+    ("svf.baselines=[lora,dora]", r"svf.baselines=.*\['dora'\]; valid baselines: lora, ia3"),
+    ("svf.baselines=[lora,lora]", r"svf.baselines=.*repeated"),
+    ("svf.baseline_lrs=[]", r"svf.baseline_lrs=\[\] is invalid; valid: a non-empty list of distinct numbers > 0"),
+    ("svf.baseline_lrs=[0.001,-1]", r"svf.baseline_lrs=\[0.001, -1.0\]"),
+    ("svf.val_items=0", r"svf.val_items=0 is invalid; valid: an integer >= 1"),
+    ("svf.lora_rank=0", r"svf.lora_rank=0"),
 ])
 def test_bad_svf_config_fails_before_any_model_loads(override, match):
     with pytest.raises(ValueError, match=match):

@@ -68,7 +68,7 @@ def test_reinforce_raises_the_heldout_reward_above_base():
     loader = DataLoader(list(range(len(train))), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
     L.Trainer(max_epochs=4, gradient_clip_val=1e-3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, deterministic=True).fit(module, loader)
-    expert = expected_reward(model, tok, held, target, SVFEdit(decomp, module.svf.masks()))
+    expert = expected_reward(model, tok, held, target, SVFEdit(decomp, module.edit.masks()))
     assert len(module.history) == 4 * 5
     # measured: base +0.085, expert +0.117 (exact expectations, no sampling noise in the evaluation)
     assert expert - base > 0.02, (base, expert)

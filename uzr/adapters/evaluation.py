@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 BASE = "base"
 CLASSIFY = ("Which kind of question is this? Reply with one word: arithmetic (a word problem with numbers), "
             "facts (a question about the world) or rules (variables updated by rules).\n\nQuestion: {q}")
+INJECTION_NOTE = ("attention injection needs a teacher and the harvest/controller stages, which svf_default does not "
+                  "run; its facts-QA accuracy with a paired interval vs the plain student is in the evaluate stage of "
+                  "`python -m uzr.train` (default stages), on the facts prompts (not these items)")
 CLASS_WORDS = {"arithmetic": "arithmetic", "facts": "facts", "causal_loop": "rules"}
 
 
@@ -81,9 +84,11 @@ class SVFEvalStage(UncachedStage):
                 routes[strategy] = choice
                 ok = [correct[c][it.domain][held[it.domain].index(it)] if c in correct else correct[BASE][it.domain][held[it.domain].index(it)]
                       for it, c in zip(mixed, choice)]
-                extra = {"routing_accuracy": float(np.mean([c == it.domain for it, c in zip(mixed, choice)]))}
+                extra = {"routing_accuracy": float(np.mean([c == it.domain for it, c in zip(mixed, choice)])),
+                         "routes": _confusion(mixed, choice)}
             n_params = params * len(svf.mixture or svf.domains) if strategy == "cem" else params
             rows[strategy] = {"correct": ok, "parameters": n_params, "seconds": round(time.perf_counter() - t0, 1), **extra}
+        rows.update(baseline_rows(run, held))
         table = {}
         for name, row in rows.items():
             entry = {"accuracy": float(np.mean(row["correct"])), "n": len(row["correct"]),
@@ -94,9 +99,9 @@ class SVFEvalStage(UncachedStage):
             entry.update({k: v for k, v in row.items() if k not in ("correct", "parameters")})
             table[name] = entry
         section["comparison"] = table
-        section["not_compared"] = {
-            "lora, ia3": "need peft (not installed in the lock); see README 'SVF experts'",
-            "attention injection": "not wired into this table yet"}
+        section["not_compared"] = {"attention injection": INJECTION_NOTE}
+        if "svf_baselines" not in run.artifacts:
+            section["not_compared"]["lora, ia3"] = "add the svf_baselines stage (stages=[svf,svf_baselines,svf_eval])"
         _tables(run, section)
         if svf.figure:
             run.images["svf_matrix"] = heatmap(run.out_dir / "figures" / "svf_accuracy_matrix.png", matrix, svf.domains)
@@ -116,6 +121,31 @@ class SVFEvalStage(UncachedStage):
             for row in rows:
                 table.add_row(*[str(x) for x in row])
             console.print(table)
+
+
+def _confusion(items, choice) -> dict[str, dict[str, int]]:
+    """{true domain: {chosen expert (or base): count}}: where a routing strategy sends each domain's items."""
+    out: dict[str, dict[str, int]] = {}
+    for it, c in zip(items, choice):
+        out.setdefault(it.domain, {}).setdefault(c, 0)
+        out[it.domain][c] += 1
+    return out
+
+
+def baseline_rows(run, held: dict) -> dict:
+    """``<method> (oracle domain)`` rows: each domain's LoRA / IA3 adapter (stage ``svf_baselines``) answers that
+    domain's held-out items, the counterpart of the ``oracle_domain`` strategy."""
+    svf = run.cfg.svf
+    model, tok = run.models.get("student")
+    rows = {}
+    for method, per in (run.artifacts.get("svf_baselines") or {}).items():
+        t0 = time.perf_counter()
+        ok = [c for d in svf.domains for c in answers_correct(model, tok, held[d], svf, per[d].edit(model))]
+        rows[f"{method} (oracle domain)"] = {
+            "correct": ok, "parameters": per[svf.domains[0]].plan.parameters,
+            "seconds": round(time.perf_counter() - t0, 1), "lr": {d: b.meta["lr"] for d, b in per.items()},
+            "layers": list(per[svf.domains[0]].plan.layers)}
+    return rows
 
 
 def _cell(c: list[bool], base: list[bool] | None = None) -> dict:

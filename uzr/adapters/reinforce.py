@@ -1,13 +1,15 @@
 """REINFORCE training of one SVF expert (the reference's ``optim_modules.Reinforce``), as a LightningModule.
 
 A step takes ``prompts_per_step`` training prompts, samples ``samples_per_prompt`` answers from the
-student with the current expert (temperature ``svf.temperature``), scores each answer with the domain's
+student with the current expert (temperature ``svf.temperature``; an SVF expert's weights materialised for the
+sampling, :meth:`~uzr.adapters.svf.SVFTrainable.frozen`), scores each answer with the domain's
 checker (±1), and minimises ``-Σ r · log p(answer)`` over the samples divided by their number (the
 reference: summed log-likelihood of the generated tokens times the reward, over the batch), plus
 ``kl_weight · KL(base || expert)`` summed over the answer tokens when ``kl_weight > 0`` (the reference's
 ``F.kl_div(log p_expert, log p_base, log_target=True, reduction="sum")``; off by default). Adam at
-``svf.lr`` on ``z`` only; the Trainer clips the gradient norm at ``svf.clip``. The student's weights never
-change: :class:`~uzr.adapters.svf.SVFTrainable` adds the expert through forward hooks while the step runs.
+``svf.lr`` on ``z`` only; the Trainer clips the gradient norm at ``svf.clip``. The student's weights are
+restored bit for bit after the sampling (an :class:`~uzr.adapters.svf.SVFEdit`), and the scoring adds the expert
+through forward hooks (:class:`~uzr.adapters.svf.SVFTrainable`), so the gradient reaches ``z``.
 
 An answer is what is checked: the sampled tokens up to the end of its first line (or end of sequence);
 the log-likelihood covers exactly those tokens (prompt and answer are not re-tokenised, unlike the
@@ -16,11 +18,12 @@ reference, so the scored tokens are the sampled ones).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from uzr.adapters.svd import Decomposition
 from uzr.adapters.svf import SVFTrainable, initial_z
@@ -28,6 +31,8 @@ from uzr.attention import decoder_of
 from uzr.masks import pad_sequences
 from uzr.models import model_device
 from uzr.next_token import lm_head_logits
+
+log = logging.getLogger(__name__)
 
 
 def _answer_length(tokenizer, ids: Sequence[int], stop_ids: set[int]) -> int:
@@ -93,19 +98,21 @@ def answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Sequence[S
 
 
 class ReinforceModule(L.LightningModule):
-    """Trains the ``z`` of one expert with REINFORCE; the student (``model``) stays frozen and unregistered
+    """Trains the ``z`` of one expert (or another trainable edit) with REINFORCE; the student (``model``) stays frozen and unregistered
     (it is neither moved nor saved in checkpoints: a checkpoint holds ``z`` and the optimiser state).
 
     ``texts``/``answers``: the formatted training prompts and their reference answers; ``reward_fn(prediction,
     answer) -> float`` (±1 from the domain's checker). Batches are lists of item indices.
     """
 
-    def __init__(self, model, tokenizer, decomp: Decomposition, texts: Sequence[str], answers: Sequence[str],
+    def __init__(self, model, tokenizer, decomp: Decomposition | None, texts: Sequence[str], answers: Sequence[str],
                  reward_fn: Callable[[str, str], float], lr: float = 2e-3, kl_weight: float = 0.0,
                  samples_per_prompt: int = 4, max_new_tokens: int = 24, temperature: float = 1.0,
-                 init_z: float = 0.1, add_special_tokens: bool = True):
+                 init_z: float = 0.1, add_special_tokens: bool = True, edit: nn.Module | None = None):
         super().__init__()
-        self.svf = SVFTrainable(decomp, initial_z(decomp, init_z))
+        # the trained edit: an SVF expert's z (from ``decomp``), or any trainable ModelEdit module (``edit``: the
+        # LoRA / IA3 baselines of uzr.adapters.peft_edit), trained by the same objective
+        self.edit = edit if edit is not None else SVFTrainable(decomp, initial_z(decomp, init_z))
         object.__setattr__(self, "lm", model)  # not a submodule
         object.__setattr__(self, "tokenizer", tokenizer)
         self.texts, self.answers, self.reward_fn = list(texts), list(answers), reward_fn
@@ -114,16 +121,20 @@ class ReinforceModule(L.LightningModule):
         self.history: list[dict[str, float]] = []  # per step: mean reward, loss, kl
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.svf.parameters(), lr=self.lr)
+        return torch.optim.Adam(self.edit.parameters(), lr=self.lr)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         items = [int(i) for i in batch]
         texts = [self.texts[i] for i in items]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.lm.eval()
-        with self.svf.attach(self.lm):
+        # sample from the current edit with its weights materialised when it can (SVF: no per-token hooks), then
+        # score the samples through the differentiable edit
+        sampler = self.edit.frozen() if hasattr(self.edit, "frozen") else self.edit
+        with sampler.attach(self.lm):
             prompts, answers, decoded = sample_answers(self.lm, self.tokenizer, texts, self.samples, self.max_new_tokens,
                                                        self.temperature, self.add_special)
+        with self.edit.attach(self.lm):
             logp, dists = answer_logprobs(self.lm, prompts, answers, pad)
         rewards = torch.tensor([self.reward_fn(text, self.answers[items[k // self.samples]])
                                 for k, text in enumerate(decoded)], dtype=logp.dtype, device=logp.device)
@@ -135,9 +146,11 @@ class ReinforceModule(L.LightningModule):
             kl = sum(torch.sum(b.exp() * (b - d)) for b, d in zip(base, dists)) / len(rewards)
             loss = loss + self.kl_weight * kl
         self.history.append({"reward": float(rewards.mean()), "loss": float(loss.detach()), "kl": float(kl)})
+        log.info("reinforce step %d: mean reward %+.3f, loss %.4f", len(self.history), float(rewards.mean()),
+                 float(loss.detach()))  # a step takes seconds to minutes on a CPU: say where the run is
         self.log("train/reward", rewards.mean(), prog_bar=True, batch_size=len(items))
         self.log("train/loss", loss.detach(), batch_size=len(items))
         return loss
 
     def z(self) -> dict[str, Tensor]:
-        return self.svf.z_dict()
+        return self.edit.z_dict()

@@ -102,6 +102,22 @@ class SVFStage:
 
 def train_expert(run, model, tok, decomp, domain: str, out: Path) -> dict:
     """REINFORCE one expert on the domain's training prompts; writes ``out/expert.*``; returns its training log."""
+    cfg, svf = run.cfg, run.cfg.svf
+    module, training = fit_reinforce(run, model, tok, domain, out / "checkpoints", f"svf expert {domain}",
+                                     decomp=decomp)
+    meta = expert_meta(decomp, cfg.student.name, svf.matrices, svf.layers, domain, svf.objective, training=training,
+                       lr=svf.lr, clip=svf.clip, kl_weight=svf.kl_weight, samples_per_prompt=svf.samples_per_prompt)
+    save_expert(out, SVFExpert(module.z(), meta))
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    log.info("svf expert %s: %s", domain, training)
+    return training
+
+
+def fit_reinforce(run, model, tok, domain: str, checkpoints: Path, what: str, decomp=None, edit=None,
+                  lr: float | None = None):
+    """REINFORCE (``svf.*`` settings; ``lr`` overrides ``svf.lr``) of an SVF expert (``decomp``) or a trainable
+    edit (``edit``) on the domain's ``svf.train_items`` training prompts, resumable from ``checkpoints``.
+    Returns the trained module and its training log."""
     from uzr.adapters.reinforce import ReinforceModule
 
     cfg, svf = run.cfg, run.cfg.svf
@@ -109,13 +125,13 @@ def train_expert(run, model, tok, decomp, domain: str, out: Path) -> dict:
     texts, special = formatted(tok, items, svf.prompt_format)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = ReinforceModule(model, tok, decomp, texts, [it.answer for it in items],
-                             lambda pred, ans: reward(domain, pred, ans), svf.lr, svf.kl_weight,
-                             svf.samples_per_prompt, svf.max_new_tokens, svf.temperature, svf.init_z, special)
+                             lambda pred, ans: reward(domain, pred, ans), lr or svf.lr, svf.kl_weight,
+                             svf.samples_per_prompt, svf.max_new_tokens, svf.temperature, svf.init_z, special, edit=edit)
     loader = DataLoader(list(range(len(items))), batch_size=svf.prompts_per_step, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     t = cfg.trainer
     start = time.perf_counter()
-    resumed = fit_resumable(module, out / "checkpoints", f"svf expert {domain}", dict(
+    resumed = fit_resumable(module, checkpoints, what, dict(
         max_epochs=svf.epochs, accelerator=t.accelerator, devices=1, precision=t.precision,
         deterministic=t.deterministic, log_every_n_steps=1, logger=False, default_root_dir=str(run.out_dir),
         enable_model_summary=False, enable_progress_bar=False, gradient_clip_val=svf.clip,
@@ -124,12 +140,7 @@ def train_expert(run, model, tok, decomp, domain: str, out: Path) -> dict:
     training = {"steps": len(rewards), "mean_reward_first_epoch": _mean(rewards[:len(loader)]),
                 "mean_reward_last_epoch": _mean(rewards[-len(loader):]), "seconds": round(time.perf_counter() - start, 1),
                 "resumed": resumed, "train_items": len(items)}
-    meta = expert_meta(decomp, cfg.student.name, svf.matrices, svf.layers, domain, svf.objective, training=training,
-                       lr=svf.lr, clip=svf.clip, kl_weight=svf.kl_weight, samples_per_prompt=svf.samples_per_prompt)
-    save_expert(out, SVFExpert(module.z(), meta))
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    log.info("svf expert %s: %s", domain, training)
-    return training
+    return module, training
 
 
 def _mean(xs: list[float]) -> float | None:

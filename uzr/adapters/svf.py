@@ -167,6 +167,11 @@ class SVFTrainable(nn.Module, ModelEdit):
     def masks(self) -> dict[str, Tensor]:
         return {n: torch.sigmoid(p.detach().float()) for n, p in zip(self.names, self.z)}
 
+    def frozen(self) -> SVFEdit:
+        """The current expert as an :class:`SVFEdit` (weights materialised once): what sampling uses, since
+        decoding through the hooks runs at about half the plain model's speed (``benchmarks/svf.py``)."""
+        return SVFEdit(self.decomp, self.fixed if self.fixed is not None else self.masks())
+
     def attach(self, model) -> SVFTrainable:
         if self._handles:
             raise RuntimeError("SVFTrainable is already attached; remove() it first")

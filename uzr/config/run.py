@@ -32,7 +32,7 @@ from uzr.stages import REGISTRY, groups_read, unknown_stages
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Stages of the folded-in systems (DESIGN.md §9): selected by their experiments (stages=[...]), not by default.
-SYSTEM_STAGES = ("dominance", "svf", "svf_eval", "lru_mla")
+SYSTEM_STAGES = ("dominance", "svf", "svf_baselines", "svf_eval", "lru_mla")
 
 
 @dataclass

@@ -16,6 +16,7 @@ MATRICES = ("mlp", "attn", "mlp+attn")
 OBJECTIVES = ("reinforce",)
 STRATEGIES = ("prompt", "classifier", "cem", "oracle_domain")
 PROMPT_FORMATS = ("qa", "chat", "auto")
+BASELINES = ("lora", "ia3")  # peft adapters at the SVF expert's parameter budget (uzr.adapters.peft_edit)
 
 
 @dataclass
@@ -49,6 +50,13 @@ class SVFSpec:
     cem_shots: int = 4  # few-shot examples per domain that CEM scores a mixture on (taken from train)
     classifier_epochs: int = 200  # full-batch epochs of the pooled-hidden-state domain classifier
     figure: bool = True
+    # LoRA / IA3 baselines (stage svf_baselines): same domains, objective, items, epochs and clip as the experts, as
+    # many layers as fit in one expert's parameter count; lr chosen per method and domain on val_items validation
+    # prompts (train split, after the training prompts), never on the held-out items.
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    baseline_lrs: list[float] = field(default_factory=lambda: [5e-4, 2e-3, 1e-2])
+    val_items: int = 16
+    lora_rank: int = 1
 
 
 def _is_int(v) -> bool:
@@ -69,7 +77,8 @@ def validate_svf(s: SVFSpec, student_name: str | None = None, num_layers: int | 
     if s.matrices not in MATRICES:
         raise bad("matrices", " | ".join(MATRICES))
     if s.objective not in OBJECTIVES:
-        raise bad("objective", " | ".join(OBJECTIVES) + " (distill is not implemented yet)")
+        raise bad("objective", " | ".join(OBJECTIVES) + " (distill, to the teacher's next-token distribution, is not "
+                      "implemented: the packaged teacher, Gemma 3, does not share SmolLM2's vocabulary)")
     if s.layers is not None:
         if not s.layers or len(set(s.layers)) != len(s.layers):
             raise bad("layers", "null (every layer) or a non-empty list of distinct layer indices")
@@ -83,6 +92,17 @@ def validate_svf(s: SVFSpec, student_name: str | None = None, num_layers: int | 
         raise bad("kl_weight", "a number >= 0 (0 = off, the reference's default)")
     for key in ("samples_per_prompt", "prompts_per_step", "epochs", "train_items", "eval_items", "max_new_tokens",
                 "cem_iterations", "cem_shots", "classifier_epochs", "causal_max_vars"):
+        if not _is_int(getattr(s, key)) or getattr(s, key) < 1:
+            raise bad(key, "an integer >= 1")
+    bad_baselines = [x for x in s.baselines if x not in BASELINES]
+    if bad_baselines or len(set(s.baselines)) != len(s.baselines):
+        raise ValueError(f"svf.baselines={list(s.baselines)!r}: unknown or repeated {bad_baselines or 'entries'}; "
+                         f"valid baselines: {', '.join(BASELINES)} (or [] for none)")
+    lrs = list(s.baseline_lrs)
+    if not lrs or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0
+                      for v in lrs) or len(set(lrs)) != len(lrs):
+        raise bad("baseline_lrs", "a non-empty list of distinct numbers > 0 (the learning rates swept)")
+    for key in ("val_items", "lora_rank"):
         if not _is_int(getattr(s, key)) or getattr(s, key) < 1:
             raise bad(key, "an integer >= 1")
     if not 0 < s.heldout_fraction < 1:

@@ -1,0 +1,59 @@
+"""Markdown tables of an SVF run's ``metrics.json`` (svf / svf_baselines / svf_eval sections), as in README.md here.
+
+    .venv/bin/python experiments/svf_default/tables.py /path/to/run/metrics.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def interval(v: dict | None) -> str:
+    return f"{v['estimate']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]" if v else "—"
+
+
+def matrix(section: dict) -> list[str]:
+    domains = section["domains"]
+    out = ["| setting | " + " | ".join(f"{d} (n={section['eval_items'][d]})" for d in domains) + " |",
+           "|---|" + "---|" * len(domains)]
+    for row, cols in section["matrix"].items():
+        cells = [f"{cols[d]['accuracy']:.3f}" + (f" {interval(cols[d].get('vs_base'))} {cols[d]['verdict']}"
+                                                 if "vs_base" in cols[d] else "") for d in domains]
+        out.append(f"| {row} | " + " | ".join(cells) + " |")
+    return out
+
+
+def comparison(section: dict) -> list[str]:
+    out = ["| setting | accuracy | n | vs base [95% paired] | verdict | trainable params | routing acc. |",
+           "|---|---|---|---|---|---|---|"]
+    for name, e in section["comparison"].items():
+        routing = f"{e['routing_accuracy']:.3f}" if "routing_accuracy" in e else "—"
+        out.append(f"| {name} | {e['accuracy']:.3f} | {e['n']} | {interval(e.get('vs_base'))} | "
+                   f"{e.get('verdict', '—')} | {e['trainable_parameters']:,} | {routing} |")
+    return out
+
+
+def training(metrics: dict) -> list[str]:
+    out = ["| expert | steps | mean reward, first epoch | last epoch | seconds |", "|---|---|---|---|---|"]
+    for d, t in metrics.get("svf", {}).get("experts", {}).items():
+        out.append(f"| {d} | {t.get('steps', '—')} | {t.get('mean_reward_first_epoch')} | "
+                   f"{t.get('mean_reward_last_epoch')} | {t.get('seconds', '—')} |")
+    return out
+
+
+def main(path: str) -> None:
+    metrics = json.loads(Path(path).read_text())
+    section = metrics["svf_eval"]
+    for title, lines in (("Training", training(metrics)), ("Accuracy matrix", matrix(section)),
+                         ("Comparison (mixed held-out prompts)", comparison(section))):
+        print(f"### {title}\n")
+        print("\n".join(lines) + "\n")
+    for name in ("prompt", "classifier"):
+        if name in section["comparison"]:
+            print(f"{name} routes (true domain -> chosen): {section['comparison'][name].get('routes')}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
