@@ -79,5 +79,6 @@ class HarvestStage:
 
 
 def per_head(cfg: RunConfig) -> bool:
-    """Whether the run's targets are per head (``controller.target=per_head``)."""
-    return cfg.controller.target == "per_head"
+    """Whether the run's targets are per head (``controller.target=per_head``; a harvest-only run without a
+    controller group keeps head-mean rows)."""
+    return cfg.controller is not None and cfg.controller.target == "per_head"
