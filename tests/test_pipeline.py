@@ -153,7 +153,7 @@ def test_real_packaged_pair_end_to_end(tmp_path, converted_models):
     proc = run_train(
         tmp_path, "+experiment=default", "data.num_texts=6", "harvest.max_length=32", "inject.layers=[15]",
         "controller.max_epochs=1", "evaluate.num_texts=2", "evaluate.qa_prompts=4", "gate.eval_alphas=[1.0]",
-        "gate.max_epochs=2", "logger=csv", timeout=900, models=converted_models,
+        "gate.max_epochs=2", "evaluate.domains=[]", "logger=csv", timeout=900, models=converted_models,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
