@@ -13,18 +13,7 @@ from uzr.adapters.peft_edit import PeftTrainable, matched_layers, plan_baseline
 from uzr.adapters.reinforce import ReinforceModule
 from uzr.models import load_model
 
-TEXTS = ["A short one.", "The quick brown fox jumps over the lazy dog."]
-
-
-def logits(model, tok):
-    tok.padding_side = "right"
-    enc = tok(TEXTS, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return model(**enc).logits
-
-
-def state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+from .test_svf import logits, state  # the same probe texts and snapshots as the SVF edit's tests
 
 
 def test_matched_layers_takes_the_most_evenly_spread_layers_within_budget():
