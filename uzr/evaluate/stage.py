@@ -19,6 +19,7 @@ from uzr.evaluate.sources import STORED_ROWS, controller_rows, live_prior, text_
 from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_setting, score_settings
 from uzr.facts_qa import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, plain_qa_scores, qa_prompts
 from uzr.harvest.head_matching import teacher_heads_of
+from uzr.harvest.stage import per_head as targets_per_head
 from uzr.inject import Injector
 from uzr.intervals import accuracy_difference
 from uzr.stages import UncachedStage
@@ -33,7 +34,7 @@ class EvaluateStage(UncachedStage):
         same_vocab = teacher_tok.get_vocab() == student_tok.get_vocab()  # next-token KL needs one vocabulary
         layers = list(cfg.inject.layers)
         source = cfg.inject.source
-        per_head = cfg.controller.target == "per_head"
+        per_head = targets_per_head(cfg)
         heads_of = {layer: teacher_heads_of(store.layout, layer) for layer in layers} if per_head else None
 
         def texts(rows: list[dict], desc: str):
