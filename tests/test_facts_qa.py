@@ -168,6 +168,54 @@ def test_injected_scores_are_the_same_batched_as_one_by_one(tiny_models, family,
     assert max(abs(x - y) for a, b in zip(plain, reference) for x, y in zip(a, b)) > 1e-3  # injection matters
 
 
+@pytest.mark.parametrize("family", ["llama"])
+def test_injected_prompt_tokens_run_once_and_score_as_full_sequences(tiny_models, family, monkeypatch):
+    """Under an injector with one gate value for all rows, the common prefix runs once, each prompt's tokens once
+    and then each candidate's tail on its prompt's rows of the KV cache and key features: the scores equal full
+    right-padded sequences and one sequence per candidate."""
+    import uzr.facts_qa as facts_qa
+
+    model, tok = tiny_models[family]
+    ctrl = controllers_for(model, (0, 1))
+    prompts = qa_prompts(0, 0.25, limit=9)
+    passes = []
+    shared_states = facts_qa._edited_shared_states
+    monkeypatch.setattr(facts_qa, "_edited_shared_states", lambda *a: passes.append(1) or shared_states(*a))
+
+    def edit_for(rows):
+        return Injector(ctrl, AlphaSpec("constant", 3.0), "bias", prompt_len=0)
+
+    reference = one_by_one(model, tok, prompts, "qa", edit_for)
+    assert_close(qa_scores(model, tok, prompts, "qa", edit_for, batch_size=4), reference)
+    assert len(passes) == 3  # the shared path ran for every batch
+    assert_close(qa_scores(model, tok, prompts, "qa", edit_for, batch_size=4, share_prefix=False), reference)
+    assert len(passes) == 3
+
+
+def test_edits_that_cannot_continue_rows_run_full_sequences(tiny_models):
+    """A prompt whose rows carry different gate values, a gate per position, stored rows fixed to a batch and a
+    sliding window that could bind all keep the full-sequence path."""
+    from uzr.facts_qa import _shares_prefix
+    from uzr.priors import RowsPrior
+
+    model, tok = tiny_models["llama"]
+    ctrl = controllers_for(model)
+    groups = [candidate_rows(tok, format_prompt(p.question), p.candidates) for p in qa_prompts(0, 0.25, limit=2)]
+    per_prompt = torch.tensor([[0.3]] * 4 + [[0.7]] * 4)
+    assert _shares_prefix(model, Injector(ctrl, AlphaSpec("gated", 1.0), prompt_len=0, gate=per_prompt), groups)
+    per_row = per_prompt.clone()
+    per_row[1] = 0.5
+    assert not _shares_prefix(model, Injector(ctrl, AlphaSpec("gated", 1.0), prompt_len=0, gate=per_row), groups)
+    per_position = torch.full((8, 40), 0.3)
+    assert not _shares_prefix(model, Injector(ctrl, AlphaSpec("gated", 1.0), prompt_len=0, gate=per_position),
+                              groups)
+    rows = RowsPrior({1: torch.zeros(8, 1, 40, 40)}, "teacher")
+    assert not _shares_prefix(model, Injector(rows, AlphaSpec("constant", 1.0), prompt_len=0), groups)
+    gemma, _ = tiny_models["gemma3"]  # sliding window of 8 tokens, shorter than the sequences
+    assert not _shares_prefix(gemma, Injector(controllers_for(gemma), AlphaSpec("constant", 1.0), prompt_len=0),
+                              groups)
+
+
 def test_chat_format_scores_match_on_a_tokenizer_with_a_chat_template(tiny_models):
     """Chat prompts (the default pair's format) share the template's system turn across prompts."""
     model, tok = tiny_models["llama"]
@@ -225,3 +273,11 @@ def test_packaged_pair_chat_prompts_score_the_same_shared_and_one_by_one(package
     prompts = qa_prompts(0, 0.25, limit=6)
     style = resolve_format(tok, "auto")
     assert_close(qa_scores(model, tok, prompts, "auto", batch_size=3), one_by_one(model, tok, prompts, style), 2e-4)
+    if role == "student":  # under an injector too (the system turn, then each prompt, then each tail)
+        ctrl = controllers_for(model, (4, 15))
+
+        def edit_for(rows):
+            return Injector(ctrl, AlphaSpec("constant", 1.0), "bias", prompt_len=0)
+
+        assert_close(qa_scores(model, tok, prompts, "auto", edit_for, batch_size=3),
+                     qa_scores(model, tok, prompts, "auto", edit_for, batch_size=6, share_prefix=False), 2e-4)

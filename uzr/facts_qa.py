@@ -17,8 +17,12 @@ per forward pass:
   the tokens every sequence of the batch starts with (the chat template's system turn) run once, each
   prompt's own tokens once (its last state predicts every candidate's first token), then only the
   candidates' other input tokens per sequence; the LM head runs once per distinct state;
-- an edited model (an :class:`~uzr.inject.Injector`) runs full sequences, right-padded, many prompts per
-  batch: the injector keeps per-layer state across calls (controller key features), so no KV reuse there.
+- an injected model shares them too, but never pads: the controller reads absolute positions off the cache
+  index, so prompts of equal length run together and each pass continues its rows of both the KV cache and
+  the injector's cached key features (:meth:`~uzr.inject.Injector.for_rows`); on the packaged student this
+  made injected facts QA about 5x faster than full right-padded sequences;
+- any other edit (a weight edit, stored-row priors fixed to a batch, a gate per position, a sliding window
+  the unpadded passes could cut differently) runs full sequences, right-padded, many prompts per batch.
 
 The uninjected teacher and student are scored once per model and prompt set and kept in the artifact
 cache (:func:`cached_plain_scores`), so the evaluate stage, the gate table and every job of a sweep read
@@ -38,6 +42,7 @@ from transformers import DynamicCache
 
 from uzr.attention import decoder_of
 from uzr.hooks import ModelEdit, injected
+from uzr.inject import Injector, InjectorState
 from uzr.masks import pad_sequences
 from uzr.next_token import target_logprobs
 from uzr.prompts import Prompt, PromptSet, adds_special_tokens, answer_prefix, format_prompt, resolve_format
@@ -161,14 +166,71 @@ def _plain_states(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int) 
         mask, rows_cache = torch.ones_like(ids), None
         if past_mask is not None:
             select = torch.tensor([owner[i] for i in members], device=device)
-            rows_cache = DynamicCache()
-            for layer in cache.layers:  # this pass's rows of the prompts' cache, by index (the cache is kept)
-                rows_cache.update(layer.keys[select], layer.values[select], len(rows_cache.layers))
+            rows_cache = _cache_rows(cache, select)
             mask = torch.cat([past_mask[select], mask], 1)
         final = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, cache=rows_cache,
                         use_cache=False).last_hidden_state  # (b, length, D)
         for b, (i, s) in enumerate(zip(members, starts)):
             states.tails[i] = (final[b], s)
+    return states
+
+
+def _cache_rows(cache: DynamicCache, select: torch.Tensor) -> DynamicCache:
+    """A new cache holding batch rows ``select`` of ``cache`` (repeats allowed; ``cache`` is kept)."""
+    out = DynamicCache()
+    for layer in cache.layers:
+        out.update(layer.keys[select], layer.values[select], len(out.layers))
+    return out
+
+
+def _edited_shared_states(model, groups: Sequence[Sequence[CandidateRow]], edit: Injector) -> _States:
+    """Final hidden states under an injector, shared prefixes run once, without any padding.
+
+    The controller reads absolute positions off the cache index, so sequences are never padded: (1) the tokens
+    every row starts with, batch 1, when every row has the same gate; (2) each prompt's tokens up to its
+    candidates' first scored token, prompts of equal length together; (3) each row's remaining input tokens on
+    its prompt's rows of the KV cache and of the injector's key features (:meth:`Injector.for_rows`), rows of
+    equal prompt and tail lengths together. Each pass gets a fresh injector for its rows.
+    """
+    device = next(model.parameters()).device
+    decoder = decoder_of(model)
+    rows = [r for group in groups for r in group]
+    first = np.cumsum([0] + [len(g) for g in groups])[:-1]  # each prompt's first row
+    own = [min(_common_prefix([r.ids for r in group]), min(r.scored[0] for r in group)) for group in groups]
+    uniform = edit.gate is None or bool((edit.gate == edit.gate[:1]).all())
+    shared = max(0, min(_common_prefix([r.ids for r in rows]), *(n - 1 for n in own))) if uniform else 0
+    states = _States()
+
+    def run(view: Injector, ids: list[list[int]], start: int, cache: DynamicCache) -> tuple[torch.Tensor, InjectorState]:
+        """(b, len, D) final states of ``ids`` at positions ``start``.., and the injector's state after them."""
+        positions = torch.arange(start, start + len(ids[0]), device=device)[None].expand(len(ids), -1)
+        with injected(model, view):
+            final = decoder(input_ids=torch.tensor(ids, device=device), position_ids=positions, cache=cache,
+                            use_cache=True).last_hidden_state
+            return final, view.state()  # read before the injector is removed (removing resets it)
+
+    base_cache, base_state = DynamicCache(), None
+    if shared:
+        _, base_state = run(edit.for_rows(torch.zeros(1, dtype=torch.long)), [rows[0].ids[:shared]], 0, base_cache)
+    for n in sorted(set(own)):
+        members = [k for k, m in enumerate(own) if m == n]  # prompts whose own tokens end at n
+        zeros = torch.zeros(len(members), dtype=torch.long, device=device)
+        cache = _cache_rows(base_cache, zeros) if shared else DynamicCache()
+        view = edit.for_rows(torch.tensor(first[members]), base_state.rows(zeros) if shared else None)
+        final, prompt_state = run(view, [groups[k][0].ids[shared:n] for k in members], shared, cache)
+        last = final[:, -1]  # (P, D): each prompt's state before its first answer token
+        by_tail: dict[int, list[tuple[int, int]]] = {}  # tail length -> (member index, row)
+        for m, k in enumerate(members):
+            for i in range(first[k], first[k] + len(groups[k])):
+                states.heads[i] = (last[m], n - 1)
+                if len(rows[i].ids) - 1 > n:
+                    by_tail.setdefault(len(rows[i].ids) - 1 - n, []).append((m, i))
+        for length, pairs in sorted(by_tail.items()):
+            select = torch.tensor([m for m, _ in pairs], device=device)
+            view = edit.for_rows(torch.tensor([i for _, i in pairs]), prompt_state.rows(select))
+            final, _ = run(view, [rows[i].ids[n:n + length] for _, i in pairs], n, _cache_rows(cache, select))
+            for b, (_, i) in enumerate(pairs):
+                states.tails[i] = (final[b], n)
     return states
 
 
@@ -183,6 +245,20 @@ def _edited_states(model, rows: Sequence[CandidateRow], pad_id: int, edit: Model
     return states
 
 
+def _shares_prefix(model, edit: ModelEdit, groups: Sequence[Sequence[CandidateRow]]) -> bool:
+    """Whether ``edit`` lets a prompt's tokens run once for all its candidates: an injector whose prior and gate
+    allow it (:attr:`Injector.continues_rows`), the same gate value on every row of a prompt, and no sliding
+    window that the unpadded passes could cut differently from full sequences."""
+    if not (isinstance(edit, Injector) and edit.continues_rows):
+        return False
+    if _window_may_bind(model, max(len(r.ids) for g in groups for r in g)):
+        return False
+    if edit.gate is None:
+        return True
+    first = torch.tensor([int(k) for k, g in zip(np.cumsum([0] + [len(g) for g in groups]), groups) for _ in g])
+    return bool((edit.gate == edit.gate[first.to(edit.gate.device)]).all())
+
+
 @torch.no_grad()
 def score_candidates(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int,
                      edit: ModelEdit | None = None, share_prefix: bool = True) -> list[list[float]]:
@@ -191,9 +267,10 @@ def score_candidates(model, groups: Sequence[Sequence[CandidateRow]], pad_id: in
     Args:
         groups: per prompt, its candidate rows (:func:`candidate_rows`).
         edit: attached for the pass (e.g. an :class:`~uzr.inject.Injector` built for ``sum(len(g))`` rows in
-            order); with an edit, full sequences run (no prefix reuse).
-        share_prefix: run shared prefixes once through a KV cache (plain model only); False runs full
-            right-padded sequences, the reference the shared path is tested against.
+            order). An injector that can continue rows (:func:`_shares_prefix`) runs each prompt's tokens once
+            (:func:`_edited_shared_states`); any other edit runs full right-padded sequences.
+        share_prefix: run shared prefixes once through a KV cache; False runs full right-padded sequences,
+            the reference the shared paths are tested against.
     Returns: per prompt, one score per candidate.
 
     The LM head (262k x 640 for Gemma 3) runs once per distinct hidden state: the state predicting a
@@ -204,9 +281,13 @@ def score_candidates(model, groups: Sequence[Sequence[CandidateRow]], pad_id: in
     # tokens to j - 1 shared with the group's first row, whose states stop before its last token (a target only):
     # a candidate that is a token prefix of another ("L" and "LI") shares all of its tokens
     common = [min(_common_prefix([r.ids for r in group]), len(group[0].ids) - 1) for group in groups for _ in group]
-    # an edit may treat a prompt's rows differently (e.g. per-row gate values): no state is shared under one
-    shared = edit is None and share_prefix
-    states = _plain_states(model, groups, pad_id) if shared else _edited_states(model, rows, pad_id, edit)
+    shared = share_prefix and (edit is None or _shares_prefix(model, edit, groups))
+    if not shared:
+        states = _edited_states(model, rows, pad_id, edit)
+    elif edit is None:
+        states = _plain_states(model, groups, pad_id)
+    else:
+        states = _edited_shared_states(model, groups, edit)
     keys: dict[tuple[int, int], int] = {}  # (row holding the state, token index) -> index into ``picked``
     picked, index, owners, targets = [], [], [], []
     for b, r in enumerate(rows):

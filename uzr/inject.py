@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -76,6 +77,19 @@ def alpha_rows(spec: AlphaSpec, layer: int, steps: torch.Tensor, ctrl_norm_entro
     return alpha * (1 - ctrl_norm_entropy) if needs_entropy(spec) else alpha
 
 
+@dataclass(frozen=True)
+class InjectorState:
+    """What an injector has seen of its sequences, like a KV cache's rows: per injected layer the key features
+    of every position so far (``{layer: (B, seen, dk)}``) and the length of the call that started them."""
+
+    keys: Mapping[int, torch.Tensor]
+    prefill_len: Mapping[int, int]
+
+    def rows(self, index: torch.Tensor) -> InjectorState:
+        """The state of batch rows ``index`` (long (b,); repeats allowed: one sequence continued several ways)."""
+        return InjectorState({layer: keys[index] for layer, keys in self.keys.items()}, dict(self.prefill_len))
+
+
 class Injector(ModelEdit):
     """Adds a prior over keys (by default the controllers' predictions) to the student's attention at the
     chosen layers.
@@ -103,6 +117,27 @@ class Injector(ModelEdit):
         self._prefill_len: dict[int, int] = {}
         self._handles: list = []
         self._modules: list[torch.nn.Module] = []
+
+    # --- continuing sequences in other batches (shared prompt prefixes) ------------------------
+    @property
+    def continues_rows(self) -> bool:
+        """Whether a sequence's positions can run in separate calls with other batch rows (:meth:`for_rows`): the
+        prior depends only on each sequence's own positions (not on a fixed batch of stored rows), and the gate
+        holds one value per sequence rather than one per position."""
+        return self.prior.continues_rows and (self.gate is None or self.gate.shape[-1] == 1)
+
+    def state(self) -> InjectorState:
+        """The key features seen so far (read it before :meth:`remove`, which resets them)."""
+        return InjectorState(dict(self._key_cache), dict(self._prefill_len))
+
+    def for_rows(self, rows: torch.Tensor, state: InjectorState | None = None) -> Injector:
+        """A fresh injector like this one for its batch rows ``rows`` (long (b,): their gate values), continuing
+        ``state`` (one row per new row) when given: the KV cache's counterpart of a row selection."""
+        gate = None if self.gate is None else self.gate[rows.to(self.gate.device)]
+        out = Injector(self.prior, self.alpha, self.mode, self.prompt_len, gate)
+        if state is not None:
+            out._key_cache, out._prefill_len = dict(state.keys), dict(state.prefill_len)
+        return out
 
     # --- attaching ---------------------------------------------------------------------------
     def attach(self, model) -> Injector:

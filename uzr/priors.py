@@ -49,7 +49,14 @@ class AttentionCall:
 
 
 class AttentionPrior(ABC):
-    """A prior over keys for each of ``layers``."""
+    """A prior over keys for each of ``layers``.
+
+    ``continues_rows``: the scores of a sequence's positions depend only on that sequence (its hidden states,
+    queries and keys), so its positions may run in separate calls with other batch rows (a prompt's prefix once,
+    then each candidate: :func:`uzr.facts_qa.score_candidates`); False for rows fixed to a batch.
+    """
+
+    continues_rows = True
 
     def __init__(self, layers):
         self.layers = tuple(layers)
@@ -109,6 +116,8 @@ class RowsPrior(AttentionPrior):
     The teacher oracle (the teacher's aligned rows of this text) and the shuffled control (the controller's
     rows of another text) are rows; a call may cover any span of the text, never beyond ``S``.
     """
+
+    continues_rows = False  # batch row b is text b
 
     def __init__(self, rows: Mapping[int, torch.Tensor], what: str):
         super().__init__(rows)
