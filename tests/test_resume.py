@@ -84,14 +84,8 @@ def test_two_process_harvest_equals_single_process(tmp_path, reference):
     assert_same_store(finished_store(tmp_path), reference)
 
 
-@pytest.mark.parametrize("kind, overrides", [
-    ("controller", ["controller.max_epochs=60", "stages=[harvest,controller]"]),
-    ("gate", ["gate.max_epochs=400", "stages=[harvest,controller,gate]", "gate.eval_alphas=[1.0]",
-              "evaluate.qa_prompts=4", "evaluate.num_texts=1"]),
-])
-def test_killed_training_resumes_from_last_checkpoint(tmp_path, kind, overrides):
-    """Controller and gate training killed mid-way resume from their last Lightning checkpoint."""
-    cmd = command(tmp_path, *overrides)
+def kill_after_checkpoint(cmd, tmp_path, kind: str) -> None:
+    """Start ``cmd`` and kill it (the whole process group) a second after ``kind`` wrote its first checkpoint."""
     checkpoint = str(tmp_path / f"cache/{kind}/*.partial/checkpoints/last.ckpt")
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -102,12 +96,25 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path, kind, overrides)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert glob.glob(checkpoint), f"no {kind} checkpoint before the kill"
-    resumed = subprocess.run(cmd, cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"{kind} training resumes" in resumed.stdout + resumed.stderr
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["artifacts"][kind]["built"]
-    final = glob.glob(str(tmp_path / f"cache/{kind}/*/manifest.json"))
-    assert len(final) == 1 and json.loads(Path(final[0]).read_text())["resumed"] is True
-    assert not glob.glob(str(tmp_path / f"cache/{kind}/*/checkpoints")), "checkpoints left in the artifact"
+
+
+def test_killed_controller_and_gate_training_resume_from_their_last_checkpoint(tmp_path):
+    """Controller training killed mid-way resumes from its last Lightning checkpoint; then, on the same cache (the
+    harvest and controller are reused), gate training killed mid-way does too."""
+    for kind, overrides in [
+        ("controller", ["controller.max_epochs=60", "stages=[harvest,controller]"]),
+        ("gate", ["controller.max_epochs=60", "gate.max_epochs=400", "stages=[harvest,controller,gate]",
+                  "gate.eval_alphas=[1.0]", "evaluate.qa_prompts=4", "evaluate.num_texts=1"]),
+    ]:
+        cmd = command(tmp_path, *overrides)
+        kill_after_checkpoint(cmd, tmp_path, kind)
+        resumed = subprocess.run(cmd, cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, capture_output=True, text=True,
+                                 timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"{kind} training resumes" in resumed.stdout + resumed.stderr
+        metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        assert metrics["artifacts"][kind]["built"]
+        final = glob.glob(str(tmp_path / f"cache/{kind}/*/manifest.json"))
+        assert len(final) == 1 and json.loads(Path(final[0]).read_text())["resumed"] is True
+        assert not glob.glob(str(tmp_path / f"cache/{kind}/*/checkpoints")), "checkpoints left in the artifact"
+    assert not metrics["artifacts"]["controller"]["built"]  # the gate run reused the resumed controller
