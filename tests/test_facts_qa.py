@@ -163,7 +163,8 @@ def test_injected_scores_are_the_same_batched_as_one_by_one(tiny_models, family,
                         gate=torch.tensor([[gate[p.id]] for p in rows]))
 
     reference = one_by_one(model, tok, prompts, "qa", edit_for)
-    assert_close(qa_scores(model, tok, prompts, "qa", edit_for, batch_size=3), reference)
+    for share in (None, True):  # full sequences (auto on a tiny model), prompt tokens once per prompt
+        assert_close(qa_scores(model, tok, prompts, "qa", edit_for, batch_size=3, share_prefix=share), reference)
     plain = one_by_one(model, tok, prompts, "qa")
     assert max(abs(x - y) for a, b in zip(plain, reference) for x, y in zip(a, b)) > 1e-3  # injection matters
 
@@ -187,6 +188,8 @@ def test_injected_prompt_tokens_run_once_and_score_as_full_sequences(tiny_models
 
     reference = one_by_one(model, tok, prompts, "qa", edit_for)
     assert_close(qa_scores(model, tok, prompts, "qa", edit_for, batch_size=4), reference)
+    assert not passes  # a tiny model: auto keeps full sequences (fewer calls)
+    assert_close(qa_scores(model, tok, prompts, "qa", edit_for, batch_size=4, share_prefix=True), reference)
     assert len(passes) == 3  # the shared path ran for every batch
     assert_close(qa_scores(model, tok, prompts, "qa", edit_for, batch_size=4, share_prefix=False), reference)
     assert len(passes) == 3
