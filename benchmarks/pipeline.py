@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     from uzr.attention import decoder_of
     from uzr.controller import ControllerSpec, build_controller
-    from uzr.corpus import load_corpus
+    from uzr.corpus import load_run_corpus
     from uzr.evaluate.texts import PLAIN, injection_setting, score_settings
     from uzr.facts_qa import candidate_rows, qa_prompts, qa_scores, score_candidates
     from uzr.harvest.harvester import Harvester
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"pair: {cfg.teacher.name} -> {cfg.student.name}; {args.texts} texts (max {cfg.harvest.max_length} "
           f"tokens), QA batch {qa_batch} prompts, {args.rounds} rounds (fastest kept), {args.clock} clock")
 
-    texts = list(load_corpus(cfg.data).train["text"])[:args.texts]
+    texts = list(load_run_corpus(cfg.data, lambda: student_tok, cfg.harvest.max_length).train["text"])[:args.texts]
     layers, mapping = harvest_layers(cfg)
     torch.manual_seed(0)
     spec = ControllerSpec(**{k: getattr(cfg.controller, k) for k in ("arch", "key_dim", "mlp_hidden")
