@@ -59,6 +59,8 @@ BAD = [
     (["+experiment=default", "alpha.schedule=fast"], r"valid choices: constant, linear, cosine, entropy_local, gated"),
     (["+experiment=default", "inject.teacher_layers=[3,9,18]"], r"\[18\] outside the teacher's layers 0..17"),
     (["+experiment=default", "inject.teacher_layers=[3]"], r"one teacher layer per injected layer"),
+    (["+experiment=default", "inject.teacher_layers=middle"],
+     r"inject.teacher_layers='middle' is invalid; valid choices: a list .*null .*'auto'"),
     (["+experiment=default", "inject.mode=add"], r"inject.mode='add' is unknown; valid choices: bias, mix"),
     (["+experiment=default", "inject.source=oracle"],
      r"inject.source='oracle' is unknown; valid choices: controller, teacher, student_self, uniform, shuffled"),

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 SCHEDULES = ("constant", "linear", "cosine", "entropy_local", "gated")
 MODES = ("bias", "mix")
 # What is injected (uzr.priors): the method, its oracle ceiling, and three controls.
 SOURCES = ("controller", "teacher", "student_self", "uniform", "shuffled")
+AUTO = "auto"  # inject.teacher_layers=auto: the harvest picks each layer's teacher layer (uzr.harvest.layer_matching)
 
 
 @dataclass
@@ -60,8 +62,10 @@ class InjectSpec:
     """Which student layers get the teacher's habits, from which teacher layers, and how."""
 
     layers: list[int] = field(default_factory=lambda: [4, 15, 26])  # 0-based student layers
-    # Teacher layer mapped to each injected layer; None = proportional depth round(l * (Lt-1)/(Ls-1)).
-    teacher_layers: list[int] | None = None
+    # Teacher layer mapped to each injected layer: a list, None = proportional depth round(l * (Lt-1)/(Ls-1)),
+    # or "auto" = for each injected layer the teacher layer whose aligned attention is closest (least mean row KL
+    # to the student's own, on the training texts; uzr.harvest.layer_matching). Typed Any: a list or "auto".
+    teacher_layers: Any = None
     mode: str = "bias"  # one of MODES
     source: str = "controller"  # one of SOURCES: what is injected (see uzr.priors)
 
@@ -70,5 +74,9 @@ def validate_inject(spec: InjectSpec, student_layers: int) -> None:
     injected_layers_valid(spec.layers, student_layers)
     if spec.mode not in MODES:
         raise ValueError(f"inject.mode={spec.mode!r} is unknown; valid choices: {', '.join(MODES)}")
+    t = spec.teacher_layers
+    if not (t is None or t == AUTO or (isinstance(t, (list, tuple)) and all(isinstance(x, int) for x in t))):
+        raise ValueError(f"inject.teacher_layers={t!r} is invalid; valid choices: a list of teacher layers (one per "
+                         f"injected layer), null (proportional depth) or {AUTO!r}")
     if spec.source not in SOURCES:
         raise ValueError(f"inject.source={spec.source!r} is unknown; valid choices: {', '.join(SOURCES)}")

@@ -23,7 +23,7 @@ from uzr.config.controller import validate_spec as validate_controller
 from uzr.config.corpus import CorpusSpec, domain_spec, validate_corpus_spec
 from uzr.config.dominance import DominanceSpec, extra_stages, validate_dominance
 from uzr.config.gate import GateSpec, validate_gate_spec
-from uzr.config.inject import AlphaSpec, InjectSpec, validate_alpha, validate_inject
+from uzr.config.inject import AUTO, AlphaSpec, InjectSpec, validate_alpha, validate_inject
 from uzr.config.lru_mla import LRUMLASpec, validate_lru_mla
 from uzr.config.model import ModelSpec
 from uzr.config.model import validate_spec as validate_model
@@ -144,16 +144,27 @@ def proportional_teacher_layer(cfg: RunConfig, layer: int) -> int:
     return round(layer * (lt - 1) / max(ls - 1, 1))
 
 
+def auto_teacher_layers(cfg: RunConfig) -> bool:
+    """Whether the harvest chooses the teacher layers (``inject.teacher_layers=auto``)."""
+    return cfg.inject is not None and cfg.inject.teacher_layers == AUTO
+
+
 def teacher_layer_map(cfg: RunConfig) -> list[int]:
-    """The teacher layer mapped to each injected student layer."""
+    """The teacher layer mapped to each injected student layer (a given or proportional map; with
+    ``teacher_layers=auto`` the harvest store's ``layout.teacher_layers`` holds the map)."""
+    if auto_teacher_layers(cfg):
+        raise ValueError("inject.teacher_layers=auto: the map is chosen by the harvest (store layout.teacher_layers)")
     if cfg.inject.teacher_layers is not None:
         return list(cfg.inject.teacher_layers)
     return [proportional_teacher_layer(cfg, layer) for layer in cfg.inject.layers]
 
 
-def harvest_layers(cfg: RunConfig) -> tuple[list[int], list[int]]:
-    """Student layers the store holds and the teacher layer of each (injected layers use their mapping)."""
+def harvest_layers(cfg: RunConfig) -> tuple[list[int], list[int] | None]:
+    """Student layers the store holds and the teacher layer of each (injected layers use their mapping);
+    None for the teacher layers when the harvest chooses them (``inject.teacher_layers=auto``)."""
     injected = cfg.inject.layers if cfg.inject is not None else []
+    if auto_teacher_layers(cfg):
+        return sorted(set(cfg.harvest.layers or []) | set(injected)), None
     mapping = dict(zip(injected, teacher_layer_map(cfg))) if injected else {}
     layers = sorted(set(cfg.harvest.layers or []) | set(injected))
     return layers, [mapping.get(layer, proportional_teacher_layer(cfg, layer)) for layer in layers]
@@ -237,8 +248,8 @@ def validate(cfg: RunConfig) -> None:
 
 def _validate_injection(cfg: RunConfig, groups: set[str]) -> None:
     validate_inject(cfg.inject, cfg.student.num_layers)
-    mapping = teacher_layer_map(cfg)
-    if len(mapping) != len(cfg.inject.layers):
+    mapping = [] if auto_teacher_layers(cfg) else teacher_layer_map(cfg)  # auto: chosen by the harvest
+    if not auto_teacher_layers(cfg) and len(mapping) != len(cfg.inject.layers):
         raise ValueError(
             f"inject.teacher_layers={mapping} must have one teacher layer per injected layer "
             f"(inject.layers={cfg.inject.layers})"
