@@ -61,6 +61,8 @@ BAD = [
     (["+experiment=default", "inject.teacher_layers=[3]"], r"one teacher layer per injected layer"),
     (["+experiment=default", "inject.teacher_layers=middle"],
      r"inject.teacher_layers='middle' is invalid; valid choices: a list .*null .*'auto'"),
+    (["+experiment=default", "inject.sinks=drop"], r"inject.sinks='drop' is unknown; valid choices: replace, keep"),
+    (["+experiment=default", "inject.sink_ratio=0.5"], r"inject.sink_ratio=0.5 must be a finite number > 1"),
     (["+experiment=default", "inject.mode=add"], r"inject.mode='add' is unknown; valid choices: bias, mix"),
     (["+experiment=default", "inject.source=oracle"],
      r"inject.source='oracle' is unknown; valid choices: controller, teacher, student_self, uniform, shuffled"),

@@ -10,6 +10,7 @@ SCHEDULES = ("constant", "linear", "cosine", "entropy_local", "gated")
 MODES = ("bias", "mix")
 # What is injected (uzr.priors): the method, its oracle ceiling, and three controls.
 SOURCES = ("controller", "teacher", "student_self", "uniform", "shuffled")
+SINKS = ("replace", "keep")  # inject.sinks: the injected prior shapes every key, or leaves the student's sinks (uzr.sinks)
 AUTO = "auto"  # inject.teacher_layers=auto: the harvest picks each layer's teacher layer (uzr.harvest.layer_matching)
 
 
@@ -68,6 +69,12 @@ class InjectSpec:
     teacher_layers: Any = None
     mode: str = "bias"  # one of MODES
     source: str = "controller"  # one of SOURCES: what is injected (see uzr.priors)
+    # replace: the prior shapes every key (the student loses its sink mass); keep: the student's own mass on its sink
+    # keys stays and the prior shapes the rest. Sinks are detected per layer on the harvest's training texts: the
+    # first position, or a token id (in >= 2 texts), whose mean mass over queries at least harvest.locality_window
+    # later is >= sink_ratio times the uniform share 1/(i+1) (uzr.sinks).
+    sinks: str = "replace"
+    sink_ratio: float = 10.0
 
 
 def validate_inject(spec: InjectSpec, student_layers: int) -> None:
@@ -78,5 +85,10 @@ def validate_inject(spec: InjectSpec, student_layers: int) -> None:
     if not (t is None or t == AUTO or (isinstance(t, (list, tuple)) and all(isinstance(x, int) for x in t))):
         raise ValueError(f"inject.teacher_layers={t!r} is invalid; valid choices: a list of teacher layers (one per "
                          f"injected layer), null (proportional depth) or {AUTO!r}")
+    if spec.sinks not in SINKS:
+        raise ValueError(f"inject.sinks={spec.sinks!r} is unknown; valid choices: {', '.join(SINKS)}")
+    if not math.isfinite(spec.sink_ratio) or spec.sink_ratio <= 1:
+        raise ValueError(f"inject.sink_ratio={spec.sink_ratio} must be a finite number > 1 (times a key's uniform "
+                         "share of a row's mass)")
     if spec.source not in SOURCES:
         raise ValueError(f"inject.source={spec.source!r} is unknown; valid choices: {', '.join(SOURCES)}")

@@ -71,17 +71,24 @@ def layer_kl_figure(path: Path, matching: dict) -> Path:
     if matching.get("heldout_kl") is not None:
         panels["held-out texts"] = matching["heldout_kl"]
     layers = matching["student_layers"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 1.4 * len(layers) * len(panels), 5), squeeze=False)
+    n_teacher = len(matching["train_kl"])
+    vmin = min(float(np.min(kl)) for kl in panels.values())
+    vmax = max(float(np.max(kl)) for kl in panels.values())  # one colour scale for both panels
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.5 + 1.6 * len(layers) * len(panels), 1.5 + 0.3 * n_teacher),
+                             squeeze=False, layout="constrained")
     for ax, (title, kl) in zip(axes[0], panels.items()):
-        kl = np.asarray(kl)
-        image = ax.imshow(kl, cmap="viridis_r", aspect="auto")
+        kl = np.asarray(kl)  # (L_t, n)
+        image = ax.imshow(kl, cmap="viridis_r", aspect="auto", vmin=vmin, vmax=vmax)
+        for (t, k), value in np.ndenumerate(kl):
+            ax.text(k, t, f"{value:.3f}", ha="center", va="center", fontsize=7, color="white")
         for k, t in enumerate(matching["teacher_layers"]):
             ax.add_patch(Rectangle((k - 0.5, t - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
         ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_yticks(range(n_teacher))
         ax.set_xlabel("injected student layer")
-        ax.set_ylabel("teacher layer")
         ax.set_title(title)
-        fig.colorbar(image, ax=ax, label="mean row KL (nats)")
+    axes[0, 0].set_ylabel("teacher layer")
+    fig.colorbar(image, ax=axes[0, -1], label="mean row KL (nats)")
     fig.suptitle("inject.teacher_layers=auto: KL(teacher layer || student layer), chosen boxed")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
