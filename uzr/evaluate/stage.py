@@ -22,6 +22,7 @@ from uzr.harvest.head_matching import teacher_heads_of
 from uzr.harvest.stage import per_head as targets_per_head
 from uzr.inject import Injector
 from uzr.intervals import accuracy_difference
+from uzr.sinks import detect_sinks
 from uzr.stages import UncachedStage
 
 
@@ -36,10 +37,11 @@ class EvaluateStage(UncachedStage):
         source = cfg.inject.source
         per_head = targets_per_head(cfg)
         heads_of = {layer: teacher_heads_of(store.layout, layer) for layer in layers} if per_head else None
+        sinks = run_sinks(run, store)
 
         def texts(rows: list[dict], desc: str):
             injected = injection_setting("injected", text_prior(source, controllers, rows, cfg.device, heads_of),
-                                         cfg.alpha, cfg.inject.mode, source_name=source)
+                                         cfg.alpha, cfg.inject.mode, source_name=source, sinks=sinks)
             return score_settings(student, student_tok, rows, [PLAIN, injected], layers, cfg.harvest.locality_window,
                                   cfg.harvest.max_length, teacher if same_vocab else None, run.memo, desc)
 
@@ -53,6 +55,8 @@ class EvaluateStage(UncachedStage):
             "habit_distance": {f"L{layer}": {k: scores.habit_distance(v, [layer])[f"L{layer}"] for k, v in names.items()}
                                for layer in layers},
             "num_texts": len(rows),
+            "sinks": {"mode": cfg.inject.sinks, **({f"L{layer}": sinks[layer].as_dict(student_tok) for layer in sinks}
+                                                   if sinks else {})},
             # bits per byte per text domain: the run's own data first, then evaluate.domains
             "domains": {cfg.data.name if cfg.data else "data": own},
         }
@@ -65,7 +69,8 @@ class EvaluateStage(UncachedStage):
             metrics["next_token_kl"] = {k: float(np.mean(scores.settings[v].next_token_kl)) for k, v in names.items()}
 
         def make_injector() -> Injector:
-            return Injector(live_prior(source, controllers, per_head), cfg.alpha, cfg.inject.mode, prompt_len=0)
+            return Injector(live_prior(source, controllers, per_head), cfg.alpha, cfg.inject.mode, prompt_len=0,
+                            sinks=sinks)
 
         if cfg.evaluate.facts_qa:
             metrics["facts_qa"] = facts_qa(run, None if source in STORED_ROWS else make_injector)
@@ -73,6 +78,17 @@ class EvaluateStage(UncachedStage):
             run.images["heatmaps"] = figure(run.out_dir / "figures", rows[0], controllers, student, layers[0], cfg,
                                             make_injector)
         return metrics
+
+
+def run_sinks(run, store) -> dict | None:
+    """``inject.sinks=keep``: the student's sink keys per injected layer, detected on the store's training texts
+    (:func:`uzr.sinks.detect_sinks`); None for ``replace``."""
+    cfg = run.cfg
+    if cfg.inject.sinks != "keep":
+        return None
+    return run.memo(("sinks", str(store.folder), tuple(cfg.inject.layers), cfg.inject.sink_ratio),
+                    lambda: detect_sinks(store.rows("train"), list(cfg.inject.layers), cfg.inject.sink_ratio,
+                                         cfg.harvest.locality_window))
 
 
 def facts_qa(run, make_injector) -> dict:
@@ -90,7 +106,7 @@ def facts_qa(run, make_injector) -> dict:
     memo = run.stored if cfg.alpha.schedule != "gated" else None
     injected = injected_qa_scores(memo, student, student_tok, prompts, cfg.gate.prompt_format,
                                   lambda rows: make_injector(), injection_key(cfg.inject.source, cfg.inject.mode,
-                                                                              cfg.alpha)[1:],
+                                                                              cfg.alpha, make_injector().sinks)[1:],
                                   cfg.evaluate.qa_batch_size, desc="facts QA: injected")
     out["injected"] = accuracy_of(prompts, injected)
     if prompts:
