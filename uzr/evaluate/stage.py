@@ -15,13 +15,14 @@ from uzr.config import RunConfig
 from uzr.config.corpus import domain_spec
 from uzr.evaluate.domains import domain_metrics, domain_store
 from uzr.evaluate.passes import heatmap_figure, student_pass
-from uzr.evaluate.sources import STORED_ROWS, controller_rows, live_prior, text_prior
+from uzr.evaluate.sources import ORACLE_FLOOR, STORED_ROWS, controller_rows, live_prior, text_prior
 from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_setting, score_settings
 from uzr.facts_qa import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, plain_qa_scores, qa_prompts
 from uzr.harvest.head_matching import teacher_heads_of
 from uzr.harvest.stage import per_head as targets_per_head
 from uzr.inject import Injector
 from uzr.intervals import accuracy_difference
+from uzr.oracle import TeacherPrior
 from uzr.sinks import detect_sinks
 from uzr.stages import UncachedStage
 
@@ -69,15 +70,26 @@ class EvaluateStage(UncachedStage):
             metrics["next_token_kl"] = {k: float(np.mean(scores.settings[v].next_token_kl)) for k, v in names.items()}
 
         def make_injector() -> Injector:
-            return Injector(live_prior(source, controllers, per_head), cfg.alpha, cfg.inject.mode, prompt_len=0,
-                            sinks=sinks)
+            prior = (live_teacher(run, store, layers, heads_of) if source == "teacher"
+                     else live_prior(source, controllers, per_head))
+            return Injector(prior, cfg.alpha, cfg.inject.mode, prompt_len=0, sinks=sinks)
 
-        if cfg.evaluate.facts_qa:
-            metrics["facts_qa"] = facts_qa(run, None if source in STORED_ROWS else make_injector)
+        if cfg.evaluate.facts_qa:  # the oracle reads each prompt's text live; shuffled needs another text's rows
+            metrics["facts_qa"] = facts_qa(run, None if source == "shuffled" else make_injector)
         if cfg.evaluate.figure and rows and source not in STORED_ROWS:
             run.images["heatmaps"] = figure(run.out_dir / "figures", rows[0], controllers, student, layers[0], cfg,
                                             make_injector)
         return metrics
+
+
+def live_teacher(run, store, layers: list[int], heads_of) -> TeacherPrior:
+    """The teacher oracle for texts without store rows (facts-QA prompts): the teacher reads each text itself, at
+    the store's layer map (so ``teacher_layers=auto`` holds) and head matching."""
+    teacher, teacher_tok = run.models.get("teacher")
+    _, student_tok = run.models.get("student")
+    mapping = dict(zip(store.layout.layers, store.layout.teacher_layers))
+    return TeacherPrior(teacher, teacher_tok, student_tok, {layer: mapping[layer] for layer in layers}, heads_of,
+                        ORACLE_FLOOR, run.cfg.harvest.block_size)
 
 
 def run_sinks(run, store) -> dict | None:
@@ -93,7 +105,8 @@ def run_sinks(run, store) -> dict | None:
 
 def facts_qa(run, make_injector) -> dict:
     """Facts-QA accuracy of teacher, student and injected student on the same held-out prompts, with the paired
-    interval of injected minus student. ``make_injector`` None: the source needs stored rows that prompts lack."""
+    interval of injected minus student. ``make_injector`` None: the source needs another text's stored rows
+    (``shuffled``), which prompts lack."""
     cfg = run.cfg
     prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
     student, student_tok = run.models.get("student")
