@@ -32,6 +32,7 @@ from uzr.stages import REGISTRY, groups_read, unknown_stages
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Stages of the folded-in systems (DESIGN.md §9): selected by their experiments (stages=[...]), not by default.
+HEAD_MATCHING = ("attention", "output")  # harvest.head_matching
 SYSTEM_STAGES = ("dominance", "svf", "svf_baselines", "svf_eval", "lru_mla")
 
 
@@ -50,6 +51,10 @@ class HarvestSpec:
     locality_window: int = LOCALITY_WINDOW  # keys with i - j < window count as local (DESIGN.md §4)
     shard_size: int = 16  # texts per resumable shard
     max_bad_fraction: float = 0.05  # stop if more texts than this have non-finite attention scores
+    # Per-head targets (controller.target=per_head): attention = teacher heads matched to student heads by attention
+    # similarity (mean row KL, Hungarian or nearest); output = by output slot (o_proj/v_proj weights: a damaged
+    # copy of the teacher, whose permuted heads attention matching cannot repair). uzr/harvest/head_matching.py
+    head_matching: str = "attention"
     devices: int = 1  # processes for Trainer.predict (accelerator from trainer.accelerator)
     strategy: str = "auto"  # e.g. ddp, ddp_spawn: each rank writes whole shards into one store
 
@@ -299,6 +304,13 @@ def _validate_harvest(cfg: RunConfig) -> None:
             f"harvest.max_dist_len={h.max_dist_len} must be >= 2 (the stored distributions cover that many leading "
             "positions; one row attends only to itself); set harvest.max_dist_len=512 or more"
         )
+    if h.head_matching not in HEAD_MATCHING:
+        raise ValueError(f"harvest.head_matching={h.head_matching!r} is unknown; valid choices: {', '.join(HEAD_MATCHING)}")
+    if h.head_matching == "output" and cfg.teacher is not None and cfg.student is not None and (
+            (cfg.teacher.hidden_size, cfg.teacher.num_heads) != (cfg.student.hidden_size, cfg.student.num_heads)):
+        raise ValueError(f"harvest.head_matching=output needs one attention shape on both sides (teacher hidden "
+                         f"{cfg.teacher.hidden_size} x {cfg.teacher.num_heads} heads, student {cfg.student.hidden_size} "
+                         f"x {cfg.student.num_heads}): use harvest.head_matching=attention")
     if h.block_size < 1 or h.locality_window < 1 or h.shard_size < 1:
         raise ValueError("harvest.block_size, harvest.locality_window and harvest.shard_size must be >= 1")
     if not (0 <= h.max_bad_fraction <= 1 and math.isfinite(h.max_bad_fraction)):

@@ -10,7 +10,7 @@ from pathlib import Path
 from uzr.config import RunConfig, harvest_layers
 from uzr.config.model import key_fields
 from uzr.corpus import load_run_corpus
-from uzr.harvest.head_matching import match_store
+from uzr.harvest.head_matching import match_outputs, match_store
 from uzr.harvest.layer_matching import layer_kl_figure, match_layers
 from uzr.harvest.runner import HarvesterFactory, run_harvest
 from uzr.harvest.store import HarvestStore, StoreLayout
@@ -28,6 +28,8 @@ class HarvestStage:
             "layers": harvest_layers(cfg),
         }
         payload["harvest"].pop("layers")  # folded into "layers" above: only the effective set counts
+        if payload["harvest"]["head_matching"] == "attention":  # the default keeps the keys stores had before
+            payload["harvest"].pop("head_matching")
         if per_head(cfg):  # a head-mean store lacks the per-head rows: never reuse it (head-mean keys unchanged)
             payload["target"] = cfg.controller.target
         return payload
@@ -72,7 +74,8 @@ class HarvestStage:
             log.info("harvest: teacher_layers=auto chose %s for student layers %s", layout.teacher_layers, layers)
         if per_head(cfg):  # after the last shard: the map is chosen on every training text
             layout = store.layout
-            layout.head_matching = match_store(store.rows("train"), layers)
+            layout.head_matching = (match_outputs(teacher, student, layers, layout.teacher_layers)
+                                    if h.head_matching == "output" else match_store(store.rows("train"), layers))
             store.write_layout(layout)
             out["head_matching"] = {k: {"teacher_heads": v["teacher_heads"], "method": v["method"]}
                                     for k, v in layout.head_matching.items()}
