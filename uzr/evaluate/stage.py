@@ -122,6 +122,8 @@ def facts_qa(run, make_injector) -> dict:
                                                                               cfg.alpha, make_injector().sinks)[1:],
                                   cfg.evaluate.qa_batch_size, desc="facts QA: injected")
     out["injected"] = accuracy_of(prompts, injected)
+    # per prompt, so that two runs on the same prompts can be paired afterwards
+    out["correct"] = {"student": correct_of(prompts, plain), "injected": correct_of(prompts, injected)}
     if prompts:
         difference = accuracy_difference(correct_of(prompts, injected), correct_of(prompts, plain))
         out["injected_minus_student"] = {**difference.as_dict(), "verdict": difference.verdict(higher_is_better=True)}
