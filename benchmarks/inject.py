@@ -8,6 +8,12 @@ with sdpa attention and no injection, versus the same model with an :class:`~uzr
 runs in every decoding step (query length 1): the controller's key features are cached per layer and
 its log-prior over all cached keys is added to the scores.
 
+``--source`` (issue 13's cost goal: oracle and per-head injection within 0.8x of plain): ``controller`` (head-mean,
+the default), ``per_head`` (random per-head bilinear controllers, one distribution per student head), or
+``teacher`` (the live oracle, :class:`uzr.oracle.TeacherPrior`: the packaged Gemma 3 270M teacher follows the
+growing text with its own KV cache and its aligned head-mean rows are injected; ``--teacher-layers`` maps the
+injected layers, default proportional depth).
+
 The two cases alternate for ``--rounds`` rounds in one process (after one warm-up generation each);
 tokens/s is new tokens over the wall-clock time of ``generate`` (prefill of the short prompt included),
 best round shown, and the ratio injected / plain is taken from the best rounds.
@@ -41,6 +47,9 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 15, 26])
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--mode", default="bias", choices=["bias", "mix"])
+    parser.add_argument("--source", default="controller", choices=["controller", "per_head", "teacher"])
+    parser.add_argument("--teacher", default="teacher/gemma3_270m")
+    parser.add_argument("--teacher-layers", type=int, nargs="+", default=None)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
@@ -61,8 +70,19 @@ def main(argv=None) -> None:
     spec = dataclasses.replace(model_spec(args.model), dtype=args.dtype)
     model, tok = load_model(spec, device=args.device)
     torch.manual_seed(0)
-    controllers = {layer: build_controller(ControllerSpec(), model.config.hidden_size).to(args.device).eval()
+    heads = model.config.num_attention_heads if args.source == "per_head" else None
+    controllers = {layer: build_controller(ControllerSpec(), model.config.hidden_size, heads).to(args.device).eval()
                    for layer in args.layers}
+    teacher = None
+    if args.source == "teacher":
+        from uzr.oracle import TeacherPrior
+
+        teacher, teacher_tok = load_model(dataclasses.replace(model_spec(args.teacher), dtype=args.dtype),
+                                          device=args.device)
+        lt, ls = teacher.config.get_text_config().num_hidden_layers, model.config.num_hidden_layers
+        mapping = args.teacher_layers or [round(layer * (lt - 1) / (ls - 1)) for layer in args.layers]
+        teacher_layers = dict(zip(args.layers, mapping))
+    stats = {}
     prompt = tok(PROMPT, return_tensors="pt").to(args.device)
 
     def generate(inject: bool, new_tokens: int):
@@ -72,9 +92,13 @@ def main(argv=None) -> None:
             model.set_attn_implementation("sdpa")
             with torch.no_grad():
                 return _timed(lambda: model.generate(**prompt, **kwargs), args.device)
-        injector = Injector(controllers, AlphaSpec(value=args.alpha), args.mode)
+        source = controllers if teacher is None else TeacherPrior(teacher, teacher_tok, tok, teacher_layers)
+        injector = Injector(source, AlphaSpec(value=args.alpha), args.mode)
         with injector.attach(model), torch.no_grad():
-            return _timed(lambda: model.generate(**prompt, **kwargs), args.device)
+            out = _timed(lambda: model.generate(**prompt, **kwargs), args.device)
+        if teacher is not None:
+            stats.update(teacher_tokens=source.teacher_tokens_run, restarts=source.restarts)
+        return out
 
     for inject in (False, True):  # warm-up
         generate(inject, 4)
@@ -92,7 +116,9 @@ def main(argv=None) -> None:
     changed = int((tokens[False] != tokens[True]).sum())
     print(f"\n{args.model} on {args.device} ({args.dtype}), threads {torch.get_num_threads()}, "
           f"{args.new_tokens} new tokens, greedy; injection: layers {args.layers}, alpha {args.alpha}, "
-          f"mode {args.mode}, random bilinear controllers")
+          f"mode {args.mode}, source {args.source}"
+          + (f" (teacher {args.teacher} layers {teacher_layers}; last run: {stats})" if teacher is not None
+             else " (random bilinear controllers)"))
     print(f"{'plain tok/s':>12} | {'injected tok/s':>14} | {'ratio':>6} | tokens changed by injection")
     print(f"{rate[False]:>12.1f} | {rate[True]:>14.1f} | {rate[True] / rate[False]:>6.2f} | {changed}/{args.new_tokens}")
 

@@ -194,6 +194,18 @@ def test_injected_prompt_tokens_run_once_and_score_as_full_sequences(tiny_models
     assert_close(qa_scores(model, tok, prompts, "qa", edit_for, batch_size=4, share_prefix=False), reference)
     assert len(passes) == 3
 
+    from uzr.sinks import SinkSet  # sinks kept: the continued rows carry their token ids
+
+    sink_id = candidate_rows(tok, format_prompt(prompts[0].question), prompts[0].candidates)[0].ids[3]
+    sinks = {layer: SinkSet(first=True, token_ids=(sink_id,)) for layer in ctrl}
+
+    def keep_for(rows):
+        return Injector(ctrl, AlphaSpec("constant", 3.0), "mix", prompt_len=0, sinks=sinks)
+
+    assert_close(qa_scores(model, tok, prompts, "qa", keep_for, batch_size=4, share_prefix=True),
+                 one_by_one(model, tok, prompts, "qa", keep_for))
+    assert len(passes) == 6
+
 
 def test_edits_that_cannot_continue_rows_run_full_sequences(tiny_models):
     """A prompt whose rows carry different gate values, a gate per position, stored rows fixed to a batch and a

@@ -244,3 +244,26 @@ def test_per_head_controller_decodes_with_its_key_cache(tiny_models, mode):
             torch.testing.assert_close(step_logits, out.logits[step], atol=1e-4, rtol=1e-4)
             ids = torch.cat([ids, step_logits.argmax(-1, keepdim=True)], 1)
     assert torch.equal(ids, out.sequences)
+
+
+def test_output_slot_matching_repairs_permuted_heads(tiny_models, monkeypatch):
+    """``student.damage.kind=permute_heads`` moves query heads only: head h attends like teacher head perm[h] but
+    writes into slot h. Attention matching pairs h with perm[h] (the oracle then changes nothing); output-slot
+    matching (``harvest.head_matching=output``) pairs h with h, and the per-head oracle in mix mode at alpha 1
+    restores the undamaged teacher's logits."""
+    from uzr.harvest.head_matching import match_outputs
+
+    teacher, tok = tiny_models["gemma3"]  # the positive control's family (one key/value group per 2 heads here)
+    student, _ = load_model(replace(model_spec("student/tiny_gemma3"), damage=DamageSpec(layers=[LAYER], kind="permute_heads",
+                                                                        strength=1.0)))
+    monkeypatch.setattr(harvester_module, "f16", lambda t: t.float().cpu().numpy())
+    rows = harvest(teacher, student, tok)
+    by_attention = match_store(rows, [LAYER])[f"L{LAYER}"]["teacher_heads"]
+    by_output = match_outputs(teacher, student, [LAYER], [LAYER])[f"L{LAYER}"]["teacher_heads"]
+    assert by_output == [0, 1, 2, 3] and by_attention != by_output
+    ids = torch.as_tensor(rows[0]["input_ids"], dtype=torch.long)[None]
+    target = logits(teacher, ids)
+    for heads, restores in ((by_output, True), (by_attention, False)):
+        oracle = text_prior("teacher", {LAYER: None}, rows, "cpu", {LAYER: heads})
+        out = logits(student, ids, Injector(oracle(ids, rows[0]), AlphaSpec(value=1.0), "mix", prompt_len=0))
+        assert torch.allclose(out, target, atol=1e-5, rtol=1e-5) == restores

@@ -24,7 +24,8 @@ from uzr.attention import AttentionEdit, attention_modules, causal_allowed, use_
 from uzr.config.inject import MODES, SCHEDULES, AlphaSpec, validate_alpha  # noqa: F401
 from uzr.hooks import ModelEdit, layer_input
 from uzr.masks import masked_log_softmax, normalised_entropy
-from uzr.priors import AttentionCall, AttentionPrior, ControllerPrior
+from uzr.priors import AttentionCall, AttentionPrior, ControllerPrior, own_logprobs
+from uzr.sinks import SinkSet, keep_bias, keep_mix, sink_sets
 
 
 def scheduled_alpha(spec: AlphaSpec, layer: int, steps: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,10 +85,12 @@ class InjectorState:
 
     keys: Mapping[int, torch.Tensor]
     prefill_len: Mapping[int, int]
+    ids: Mapping[int, torch.Tensor]  # {layer: (B, seen)} token ids, where sinks or the prior read them
 
     def rows(self, index: torch.Tensor) -> InjectorState:
         """The state of batch rows ``index`` (long (b,); repeats allowed: one sequence continued several ways)."""
-        return InjectorState({layer: keys[index] for layer, keys in self.keys.items()}, dict(self.prefill_len))
+        return InjectorState({layer: keys[index] for layer, keys in self.keys.items()}, dict(self.prefill_len),
+                             {layer: ids[index] for layer, ids in self.ids.items()})
 
 
 class Injector(ModelEdit):
@@ -102,16 +105,24 @@ class Injector(ModelEdit):
         prompt_len: decoding steps are counted from here; ``None`` takes the length of each prefill,
             ``0`` treats a whole text as generated (how warm-up schedules apply to bits per byte).
         gate: (B, 1) or (B, q) gate output in [0, 1], read by schedule ``gated``.
+        sinks: ``inject.sinks=keep``: ``{layer: SinkSet}`` (:func:`uzr.sinks.detect_sinks`): the student's own mass
+            on those keys stays and the prior shapes only the rest; None (``replace``): the prior shapes every key.
     """
 
     def __init__(self, source: Mapping[int, torch.nn.Module] | AttentionPrior, alpha: AlphaSpec, mode: str = "bias",
-                 prompt_len: int | None = None, gate: torch.Tensor | None = None):
+                 prompt_len: int | None = None, gate: torch.Tensor | None = None,
+                 sinks: Mapping[int, SinkSet] | None = None):
         if mode not in MODES:
             raise ValueError(f"inject.mode={mode!r} is unknown; valid choices: {', '.join(MODES)}")
         validate_alpha(alpha)
         self.prior = source if isinstance(source, AttentionPrior) else ControllerPrior(source)
         self.alpha, self.mode, self.prompt_len = alpha, mode, prompt_len
         self.gate = gate  # (B, 1) or (B, q) gate output for schedule ``gated``; may be set later
+        self.sinks = {layer: s for layer in self.prior.layers if (s := sink_sets(sinks, layer)) is not None}
+        # token ids of the sequence so far, per layer like the key cache: sink keys and priors that read the text
+        self.needs_ids = bool(self.sinks) or getattr(self.prior, "needs_ids", False)
+        self._new_ids: torch.Tensor | None = None
+        self._id_cache: dict[int, torch.Tensor] = {}
         self._hidden: dict[int, torch.Tensor] = {}
         self._key_cache: dict[int, torch.Tensor] = {}
         self._prefill_len: dict[int, int] = {}
@@ -128,15 +139,15 @@ class Injector(ModelEdit):
 
     def state(self) -> InjectorState:
         """The key features seen so far (read it before :meth:`remove`, which resets them)."""
-        return InjectorState(dict(self._key_cache), dict(self._prefill_len))
+        return InjectorState(dict(self._key_cache), dict(self._prefill_len), dict(self._id_cache))
 
     def for_rows(self, rows: torch.Tensor, state: InjectorState | None = None) -> Injector:
         """A fresh injector like this one for its batch rows ``rows`` (long (b,): their gate values), continuing
         ``state`` (one row per new row) when given: the KV cache's counterpart of a row selection."""
         gate = None if self.gate is None else self.gate[rows.to(self.gate.device)]
-        out = Injector(self.prior, self.alpha, self.mode, self.prompt_len, gate)
+        out = Injector(self.prior, self.alpha, self.mode, self.prompt_len, gate, self.sinks)
         if state is not None:
-            out._key_cache, out._prefill_len = dict(state.keys), dict(state.prefill_len)
+            out._key_cache, out._prefill_len, out._id_cache = dict(state.keys), dict(state.prefill_len), dict(state.ids)
         return out
 
     # --- attaching ---------------------------------------------------------------------------
@@ -152,6 +163,8 @@ class Injector(ModelEdit):
             module.uzr_injector = self
             self._handles.append(module.register_forward_pre_hook(self._capture, with_kwargs=True))
             self._modules.append(module)
+        if self.needs_ids:
+            self._handles.append(model.get_input_embeddings().register_forward_pre_hook(self._capture_ids))
         return self
 
     def remove(self) -> None:
@@ -163,11 +176,29 @@ class Injector(ModelEdit):
         self.reset()
 
     def reset(self) -> None:
-        self._hidden, self._key_cache, self._prefill_len = {}, {}, {}
+        self._hidden, self._key_cache, self._prefill_len, self._id_cache = {}, {}, {}, {}
+        self._new_ids = None
 
     def _capture(self, module, args, kwargs):
         self._hidden[module.layer_idx] = layer_input(args, kwargs)  # (B, q, D): the normalised input of the attention
         return None
+
+    def _capture_ids(self, module, args):
+        self._new_ids = args[0]  # (B, q) the token ids this forward embeds
+        return None
+
+    def _advance_ids(self, layer: int, q_len: int, k_len: int) -> torch.Tensor | None:
+        """(B, seen) token ids of the sequence so far at ``layer`` (None when nothing reads them)."""
+        if not self.needs_ids:
+            return None
+        if self._new_ids is None:
+            raise RuntimeError("inject.sinks=keep (and the teacher oracle) read the token ids: call the model with "
+                               "input_ids, not inputs_embeds")
+        ids = self._new_ids
+        if k_len != q_len and layer in self._id_cache:
+            ids = torch.cat([self._id_cache[layer], ids], 1)
+        self._id_cache[layer] = ids
+        return ids
 
     # --- the edit ----------------------------------------------------------------------------
     def _advance(self, layer: int, q_len: int, k_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -196,8 +227,9 @@ class Injector(ModelEdit):
         return hidden, keys, torch.arange(seen - q_len, seen, device=hidden.device)
 
     def prior_logprobs(self, module, query, key, mask, hidden: torch.Tensor, keys: torch.Tensor,
-                       q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities (B, 1|H, q, k) of the prior at ``module``'s layer and the allowed mask (B|1, q, k).
+                       q_pos: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, AttentionCall]:
+        """Log-probabilities (B, 1|H, q, k) of the prior at ``module``'s layer and the call it saw (its ``allowed``:
+        (B|1, q, k)).
 
         A sliding-window layer's KV cache may hold only the last ``k_len`` keys, so the newest ``k_len``
         of the cached key features are used.
@@ -205,28 +237,36 @@ class Injector(ModelEdit):
         seen, q_len, k_len = keys.shape[1], hidden.shape[1], key.shape[2]
         allowed = causal_allowed(mask, q_len, k_len, hidden.device)[:, 0]  # (B|1, q, k)
         call = AttentionCall(module, hidden, query, key, allowed, q_pos,
-                             torch.arange(seen - k_len, seen, device=hidden.device))
+                             torch.arange(seen - k_len, seen, device=hidden.device), ids)
         scores = self.prior.scores(module.layer_idx, call, keys[:, seen - k_len:])  # (B, 1|H, q, k)
         scores = scores.expand(hidden.shape[0], *scores.shape[1:])
-        return masked_log_softmax(scores, allowed[:, None].expand_as(scores)), allowed
+        return masked_log_softmax(scores, allowed[:, None].expand_as(scores)), call
 
     def attention_edit(self, module, query, key, mask) -> AttentionEdit | None:
         layer = module.layer_idx
         q_len, k_len = query.shape[2], key.shape[2]
         hidden, keys, q_pos = self._advance(layer, q_len, k_len)
+        ids = self._advance_ids(layer, q_len, k_len)  # (B, seen) or None
         prompt_len = self.prompt_len if self.prompt_len is not None else self._prefill_len[layer]
         steps = (q_pos - (prompt_len - 1)).clamp(min=0)
         alpha = scheduled_alpha(self.alpha, layer, steps, self.gate).to(hidden.device)  # (B|1, q)
         if not bool((alpha != 0).any()):
             return None  # e.g. a warm-up's prompt: keys are cached for later steps, no logits are needed
-        logp, allowed = self.prior_logprobs(module, query, key, mask, hidden, keys, q_pos)  # (B, P, q, k), P = 1|H
-        allowed = allowed[:, None]  # (B|1, 1, q, k)
+        logp, call = self.prior_logprobs(module, query, key, mask, hidden, keys, q_pos, ids)  # (B, P, q, k), P = 1|H
+        allowed = call.allowed[:, None]  # (B|1, 1, q, k)
         probs = logp.exp() * allowed if needs_entropy(self.alpha) or self.mode == "mix" else None  # (B, P, q, k)
         if needs_entropy(self.alpha):  # of the head-mean row: one alpha per query row
             mean = probs.mean(1)  # (B, q, k)
             alpha = alpha * (1 - normalised_entropy(-torch.special.xlogy(mean, mean).sum(-1), allowed[:, 0].sum(-1)))
             if not bool((alpha != 0).any()):
                 return None  # exact parity with the plain model
+        if layer in self.sinks:  # inject.sinks=keep: the student's own sink mass stays (uzr.sinks)
+            sink = self.sinks[layer].flags(ids[:, -k_len:], call.k_pos)[:, None, None]  # (B, 1, 1, k)
+            own = own_logprobs(call)  # (B, H, q, k)
+            if self.mode == "mix":
+                return AttentionEdit(mix_probs=keep_mix(probs, own, sink, allowed),
+                                     mix_alpha=alpha.expand(probs.shape[0], -1)[..., None])
+            return AttentionEdit(bias=keep_bias(logp, own, alpha, sink, allowed))
         if self.mode == "mix":
             mix = probs[:, 0] if probs.shape[1] == 1 else probs  # (B, q, k) shared, or (B, H, q, k) per head
             return AttentionEdit(mix_probs=mix, mix_alpha=alpha.expand(probs.shape[0], -1)[..., None])

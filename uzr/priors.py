@@ -36,7 +36,8 @@ class AttentionCall:
 
     ``hidden``: (B, q, D) float32 input of the attention; ``query``: (B, H, q, Dh); ``key``: (B, H_kv, k, Dh)
     (KV cache included); ``allowed``: (B|1, q, k) bool; ``q_pos``/``k_pos``: (q,)/(k,) positions in the
-    sequence.
+    sequence; ``ids``: (B, seen) token ids of the sequence so far, given to priors that declare ``needs_ids``
+    (None otherwise).
     """
 
     module: torch.nn.Module
@@ -46,6 +47,7 @@ class AttentionCall:
     allowed: torch.Tensor
     q_pos: torch.Tensor
     k_pos: torch.Tensor
+    ids: torch.Tensor | None = None
 
 
 class AttentionPrior(ABC):
@@ -53,10 +55,13 @@ class AttentionPrior(ABC):
 
     ``continues_rows``: the scores of a sequence's positions depend only on that sequence (its hidden states,
     queries and keys), so its positions may run in separate calls with other batch rows (a prompt's prefix once,
-    then each candidate: :func:`uzr.facts_qa.score_candidates`); False for rows fixed to a batch.
+    then each candidate: :func:`uzr.facts_qa.score_candidates`). False for rows fixed to a batch and for a prior
+    that needs the whole sequence at once (the teacher oracle on a facts-QA candidate): callers run full
+    sequences for it. ``needs_ids``: the injector hands it the token ids (``AttentionCall.ids``).
     """
 
     continues_rows = True
+    needs_ids = False
 
     def __init__(self, layers):
         self.layers = tuple(layers)
@@ -101,13 +106,18 @@ class StudentSelfPrior(AttentionPrior):
         self.per_head = per_head
 
     def scores(self, layer, call, keys):
-        query = call.query.float()  # (B, H, q, Dh)
-        key = repeat_kv(call.key.float(), query.shape[1] // call.key.shape[1])  # (B, H, k, Dh)
-        scaling = getattr(call.module, "scaling", query.shape[-1] ** -0.5)
-        logp = masked_log_softmax(query @ key.transpose(-1, -2) * scaling, call.allowed[:, None])  # (B, H, q, k)
+        logp = own_logprobs(call)  # (B, H, q, k)
         if self.per_head:
             return logp
         return torch.logsumexp(logp, 1, keepdim=True) - torch.log(torch.tensor(float(logp.shape[1])))
+
+
+def own_logprobs(call: AttentionCall) -> torch.Tensor:
+    """(B, H, q, k) float32 log-probabilities of the student's own attention in this call (masked keys -inf)."""
+    query = call.query.float()  # (B, H, q, Dh)
+    key = repeat_kv(call.key.float(), query.shape[1] // call.key.shape[1])  # (B, H, k, Dh)
+    scaling = getattr(call.module, "scaling", query.shape[-1] ** -0.5)
+    return masked_log_softmax(query @ key.transpose(-1, -2) * scaling, call.allowed[:, None])
 
 
 class RowsPrior(AttentionPrior):

@@ -27,7 +27,7 @@ class InsufficientDiskSpace(OSError):
 def estimate_store_bytes(num_texts: int, max_length: int, hidden_size: int, n_layers_stored: int,
                          teacher_L: int, teacher_H: int, student_L: int, student_H: int,
                          text_bytes_per_token: int = TEXT_BYTES_PER_TOKEN, max_dist_len: int | None = None,
-                         per_head: bool = False) -> int:
+                         per_head: bool = False, teacher_candidates: int = 0) -> int:
     """Bytes a harvest store of ``num_texts`` texts takes at most (each text at ``max_length`` tokens).
 
     Per row with ``S = max_length`` and ``N = min(S, max_dist_len)`` (see the column table in
@@ -36,6 +36,8 @@ def estimate_store_bytes(num_texts: int, max_length: int, hidden_size: int, n_la
     ``len(STAT_NAMES)`` * L * H * S each (float16); ``teacher_next_entropy``/``teacher_next_maxprob`` S
     float32 each; the text itself. ``max_dist_len=None``: the distributions cover all S positions.
 ``per_head``: per stored layer also ``teacher_heads_L`` and ``student_heads_L``, (H_t + H_s)*N*N float16.
+    ``teacher_candidates`` (``inject.teacher_layers=auto``: every teacher layer): ``teacher_dist_T`` N*N each, per
+    head also ``teacher_heads_T`` H_t*N*N (an upper bound: the ``teacher_*_L`` columns are then not written).
     """
     S = int(max_length)
     N = S if max_dist_len is None else min(S, int(max_dist_len))
@@ -44,6 +46,7 @@ def estimate_store_bytes(num_texts: int, max_length: int, hidden_size: int, n_la
         + n_layers_stored * (S * hidden_size + 2 * N * N) * F16  # hidden, teacher_dist, student_dist
         + (n_layers_stored * (teacher_H + student_H) * N * N * F16 if per_head else 0)  # *_heads
         + len(STAT_NAMES) * (teacher_L * teacher_H + student_L * student_H) * S * F16  # statistics
+        + teacher_candidates * (1 + (teacher_H if per_head else 0)) * N * N * F16  # teacher_dist_T, teacher_heads_T
         + 2 * S * F32  # teacher next-token entropy and max probability
         + S * text_bytes_per_token  # the text
         + 64  # scalars (split, alignment diagnostics, teacher_len, nll, bytes) and list offsets

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 SCHEDULES = ("constant", "linear", "cosine", "entropy_local", "gated")
 MODES = ("bias", "mix")
 # What is injected (uzr.priors): the method, its oracle ceiling, and three controls.
 SOURCES = ("controller", "teacher", "student_self", "uniform", "shuffled")
+SINKS = ("replace", "keep")  # inject.sinks: the injected prior shapes every key, or leaves the student's sinks (uzr.sinks)
+AUTO = "auto"  # inject.teacher_layers=auto: the harvest picks each layer's teacher layer (uzr.harvest.layer_matching)
 
 
 @dataclass
@@ -60,15 +63,32 @@ class InjectSpec:
     """Which student layers get the teacher's habits, from which teacher layers, and how."""
 
     layers: list[int] = field(default_factory=lambda: [4, 15, 26])  # 0-based student layers
-    # Teacher layer mapped to each injected layer; None = proportional depth round(l * (Lt-1)/(Ls-1)).
-    teacher_layers: list[int] | None = None
+    # Teacher layer mapped to each injected layer: a list, None = proportional depth round(l * (Lt-1)/(Ls-1)),
+    # or "auto" = for each injected layer the teacher layer whose aligned attention is closest (least mean row KL
+    # to the student's own, on the training texts; uzr.harvest.layer_matching). Typed Any: a list or "auto".
+    teacher_layers: Any = None
     mode: str = "bias"  # one of MODES
     source: str = "controller"  # one of SOURCES: what is injected (see uzr.priors)
+    # replace: the prior shapes every key (the student loses its sink mass); keep: the student's own mass on its sink
+    # keys stays and the prior shapes the rest. Sinks are detected per layer on the harvest's training texts: the
+    # first position, or a token id (in >= 2 texts), whose mean mass over queries at least harvest.locality_window
+    # later is >= sink_ratio times the uniform share 1/(i+1) (uzr.sinks).
+    sinks: str = "replace"
+    sink_ratio: float = 10.0
 
 
 def validate_inject(spec: InjectSpec, student_layers: int) -> None:
     injected_layers_valid(spec.layers, student_layers)
     if spec.mode not in MODES:
         raise ValueError(f"inject.mode={spec.mode!r} is unknown; valid choices: {', '.join(MODES)}")
+    t = spec.teacher_layers
+    if not (t is None or t == AUTO or (isinstance(t, (list, tuple)) and all(isinstance(x, int) for x in t))):
+        raise ValueError(f"inject.teacher_layers={t!r} is invalid; valid choices: a list of teacher layers (one per "
+                         f"injected layer), null (proportional depth) or {AUTO!r}")
+    if spec.sinks not in SINKS:
+        raise ValueError(f"inject.sinks={spec.sinks!r} is unknown; valid choices: {', '.join(SINKS)}")
+    if not math.isfinite(spec.sink_ratio) or spec.sink_ratio <= 1:
+        raise ValueError(f"inject.sink_ratio={spec.sink_ratio} must be a finite number > 1 (times a key's uniform "
+                         "share of a row's mass)")
     if spec.source not in SOURCES:
         raise ValueError(f"inject.source={spec.source!r} is unknown; valid choices: {', '.join(SOURCES)}")

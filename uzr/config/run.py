@@ -23,7 +23,7 @@ from uzr.config.controller import validate_spec as validate_controller
 from uzr.config.corpus import CorpusSpec, domain_spec, validate_corpus_spec
 from uzr.config.dominance import DominanceSpec, extra_stages, validate_dominance
 from uzr.config.gate import GateSpec, validate_gate_spec
-from uzr.config.inject import AlphaSpec, InjectSpec, validate_alpha, validate_inject
+from uzr.config.inject import AUTO, AlphaSpec, InjectSpec, validate_alpha, validate_inject
 from uzr.config.lru_mla import LRUMLASpec, validate_lru_mla
 from uzr.config.model import ModelSpec
 from uzr.config.model import validate_spec as validate_model
@@ -32,6 +32,7 @@ from uzr.stages import REGISTRY, groups_read, unknown_stages
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Stages of the folded-in systems (DESIGN.md §9): selected by their experiments (stages=[...]), not by default.
+HEAD_MATCHING = ("attention", "output")  # harvest.head_matching
 SYSTEM_STAGES = ("dominance", "svf", "svf_baselines", "svf_eval", "lru_mla")
 
 
@@ -50,6 +51,10 @@ class HarvestSpec:
     locality_window: int = LOCALITY_WINDOW  # keys with i - j < window count as local (DESIGN.md §4)
     shard_size: int = 16  # texts per resumable shard
     max_bad_fraction: float = 0.05  # stop if more texts than this have non-finite attention scores
+    # Per-head targets (controller.target=per_head): attention = teacher heads matched to student heads by attention
+    # similarity (mean row KL, Hungarian or nearest); output = by output slot (o_proj/v_proj weights: a damaged
+    # copy of the teacher, whose permuted heads attention matching cannot repair). uzr/harvest/head_matching.py
+    head_matching: str = "attention"
     devices: int = 1  # processes for Trainer.predict (accelerator from trainer.accelerator)
     strategy: str = "auto"  # e.g. ddp, ddp_spawn: each rank writes whole shards into one store
 
@@ -144,16 +149,27 @@ def proportional_teacher_layer(cfg: RunConfig, layer: int) -> int:
     return round(layer * (lt - 1) / max(ls - 1, 1))
 
 
+def auto_teacher_layers(cfg: RunConfig) -> bool:
+    """Whether the harvest chooses the teacher layers (``inject.teacher_layers=auto``)."""
+    return cfg.inject is not None and cfg.inject.teacher_layers == AUTO
+
+
 def teacher_layer_map(cfg: RunConfig) -> list[int]:
-    """The teacher layer mapped to each injected student layer."""
+    """The teacher layer mapped to each injected student layer (a given or proportional map; with
+    ``teacher_layers=auto`` the harvest store's ``layout.teacher_layers`` holds the map)."""
+    if auto_teacher_layers(cfg):
+        raise ValueError("inject.teacher_layers=auto: the map is chosen by the harvest (store layout.teacher_layers)")
     if cfg.inject.teacher_layers is not None:
         return list(cfg.inject.teacher_layers)
     return [proportional_teacher_layer(cfg, layer) for layer in cfg.inject.layers]
 
 
-def harvest_layers(cfg: RunConfig) -> tuple[list[int], list[int]]:
-    """Student layers the store holds and the teacher layer of each (injected layers use their mapping)."""
+def harvest_layers(cfg: RunConfig) -> tuple[list[int], list[int] | None]:
+    """Student layers the store holds and the teacher layer of each (injected layers use their mapping);
+    None for the teacher layers when the harvest chooses them (``inject.teacher_layers=auto``)."""
     injected = cfg.inject.layers if cfg.inject is not None else []
+    if auto_teacher_layers(cfg):
+        return sorted(set(cfg.harvest.layers or []) | set(injected)), None
     mapping = dict(zip(injected, teacher_layer_map(cfg))) if injected else {}
     layers = sorted(set(cfg.harvest.layers or []) | set(injected))
     return layers, [mapping.get(layer, proportional_teacher_layer(cfg, layer)) for layer in layers]
@@ -237,8 +253,8 @@ def validate(cfg: RunConfig) -> None:
 
 def _validate_injection(cfg: RunConfig, groups: set[str]) -> None:
     validate_inject(cfg.inject, cfg.student.num_layers)
-    mapping = teacher_layer_map(cfg)
-    if len(mapping) != len(cfg.inject.layers):
+    mapping = [] if auto_teacher_layers(cfg) else teacher_layer_map(cfg)  # auto: chosen by the harvest
+    if not auto_teacher_layers(cfg) and len(mapping) != len(cfg.inject.layers):
         raise ValueError(
             f"inject.teacher_layers={mapping} must have one teacher layer per injected layer "
             f"(inject.layers={cfg.inject.layers})"
@@ -288,6 +304,13 @@ def _validate_harvest(cfg: RunConfig) -> None:
             f"harvest.max_dist_len={h.max_dist_len} must be >= 2 (the stored distributions cover that many leading "
             "positions; one row attends only to itself); set harvest.max_dist_len=512 or more"
         )
+    if h.head_matching not in HEAD_MATCHING:
+        raise ValueError(f"harvest.head_matching={h.head_matching!r} is unknown; valid choices: {', '.join(HEAD_MATCHING)}")
+    if h.head_matching == "output" and cfg.teacher is not None and cfg.student is not None and (
+            (cfg.teacher.hidden_size, cfg.teacher.num_heads) != (cfg.student.hidden_size, cfg.student.num_heads)):
+        raise ValueError(f"harvest.head_matching=output needs one attention shape on both sides (teacher hidden "
+                         f"{cfg.teacher.hidden_size} x {cfg.teacher.num_heads} heads, student {cfg.student.hidden_size} "
+                         f"x {cfg.student.num_heads}): use harvest.head_matching=attention")
     if h.block_size < 1 or h.locality_window < 1 or h.shard_size < 1:
         raise ValueError("harvest.block_size, harvest.locality_window and harvest.shard_size must be >= 1")
     if not (0 <= h.max_bad_fraction <= 1 and math.isfinite(h.max_bad_fraction)):

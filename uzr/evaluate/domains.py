@@ -49,7 +49,10 @@ def domain_metrics(scores, plain: str, injected: str, cut: str) -> dict:
     injected minus student (``scores``: a :class:`~uzr.evaluate.texts.TextScores`)."""
     out = {"bits_per_byte": {"student": scores.bits_per_byte(plain), "injected": scores.bits_per_byte(injected),
                              "teacher": scores.teacher_bits_per_byte()},
-           "num_texts": len(scores.bytes), "bytes": sum(scores.bytes), "cut": cut}
+           "num_texts": len(scores.bytes), "bytes": sum(scores.bytes), "cut": cut,
+           # per text, so that two runs on the same texts (e.g. sinks keep vs replace) can be paired afterwards
+           "per_text": {"bytes": list(scores.bytes), "nll_student": scores.settings[plain].nll,
+                        "nll_injected": scores.settings[injected].nll}}
     if scores.bytes:
         difference = bits_per_byte_difference(scores.settings[injected].nll, scores.settings[plain].nll, scores.bytes)
         out["bits_per_byte"]["injected_minus_student"] = {**difference.as_dict(),

@@ -14,7 +14,8 @@ The two that need a text's stored rows:
   depend only on those positions, so the crop is what the controller predicts for a text of length S — just
   not this one. The longest text borrows the following texts' hidden states joined end to end (never its own).
 
-Facts-QA prompts have no stored rows, so ``teacher`` and ``shuffled`` are reported on bits per byte only.
+Facts-QA prompts have no stored rows: there the oracle is computed live (:class:`uzr.oracle.TeacherPrior`: the
+teacher reads the prompt's text itself), and ``shuffled`` is reported on bits per byte only.
 """
 
 from __future__ import annotations

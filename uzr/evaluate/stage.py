@@ -15,13 +15,15 @@ from uzr.config import RunConfig
 from uzr.config.corpus import domain_spec
 from uzr.evaluate.domains import domain_metrics, domain_store
 from uzr.evaluate.passes import heatmap_figure, student_pass
-from uzr.evaluate.sources import STORED_ROWS, controller_rows, live_prior, text_prior
+from uzr.evaluate.sources import ORACLE_FLOOR, STORED_ROWS, controller_rows, live_prior, text_prior
 from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_setting, score_settings
 from uzr.facts_qa import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, plain_qa_scores, qa_prompts
 from uzr.harvest.head_matching import teacher_heads_of
 from uzr.harvest.stage import per_head as targets_per_head
 from uzr.inject import Injector
 from uzr.intervals import accuracy_difference
+from uzr.oracle import TeacherPrior
+from uzr.sinks import detect_sinks
 from uzr.stages import UncachedStage
 
 
@@ -36,10 +38,11 @@ class EvaluateStage(UncachedStage):
         source = cfg.inject.source
         per_head = targets_per_head(cfg)
         heads_of = {layer: teacher_heads_of(store.layout, layer) for layer in layers} if per_head else None
+        sinks = run_sinks(run, store)
 
         def texts(rows: list[dict], desc: str):
             injected = injection_setting("injected", text_prior(source, controllers, rows, cfg.device, heads_of),
-                                         cfg.alpha, cfg.inject.mode, source_name=source)
+                                         cfg.alpha, cfg.inject.mode, source_name=source, sinks=sinks)
             return score_settings(student, student_tok, rows, [PLAIN, injected], layers, cfg.harvest.locality_window,
                                   cfg.harvest.max_length, teacher if same_vocab else None, run.memo, desc)
 
@@ -53,6 +56,8 @@ class EvaluateStage(UncachedStage):
             "habit_distance": {f"L{layer}": {k: scores.habit_distance(v, [layer])[f"L{layer}"] for k, v in names.items()}
                                for layer in layers},
             "num_texts": len(rows),
+            "sinks": {"mode": cfg.inject.sinks, **({f"L{layer}": sinks[layer].as_dict(student_tok) for layer in sinks}
+                                                   if sinks else {})},
             # bits per byte per text domain: the run's own data first, then evaluate.domains
             "domains": {cfg.data.name if cfg.data else "data": own},
         }
@@ -65,19 +70,43 @@ class EvaluateStage(UncachedStage):
             metrics["next_token_kl"] = {k: float(np.mean(scores.settings[v].next_token_kl)) for k, v in names.items()}
 
         def make_injector() -> Injector:
-            return Injector(live_prior(source, controllers, per_head), cfg.alpha, cfg.inject.mode, prompt_len=0)
+            prior = (live_teacher(run, store, layers, heads_of) if source == "teacher"
+                     else live_prior(source, controllers, per_head))
+            return Injector(prior, cfg.alpha, cfg.inject.mode, prompt_len=0, sinks=sinks)
 
-        if cfg.evaluate.facts_qa:
-            metrics["facts_qa"] = facts_qa(run, None if source in STORED_ROWS else make_injector)
+        if cfg.evaluate.facts_qa:  # the oracle reads each prompt's text live; shuffled needs another text's rows
+            metrics["facts_qa"] = facts_qa(run, None if source == "shuffled" else make_injector)
         if cfg.evaluate.figure and rows and source not in STORED_ROWS:
             run.images["heatmaps"] = figure(run.out_dir / "figures", rows[0], controllers, student, layers[0], cfg,
                                             make_injector)
         return metrics
 
 
+def live_teacher(run, store, layers: list[int], heads_of) -> TeacherPrior:
+    """The teacher oracle for texts without store rows (facts-QA prompts): the teacher reads each text itself, at
+    the store's layer map (so ``teacher_layers=auto`` holds) and head matching."""
+    teacher, teacher_tok = run.models.get("teacher")
+    _, student_tok = run.models.get("student")
+    mapping = dict(zip(store.layout.layers, store.layout.teacher_layers))
+    return TeacherPrior(teacher, teacher_tok, student_tok, {layer: mapping[layer] for layer in layers}, heads_of,
+                        ORACLE_FLOOR, run.cfg.harvest.block_size)
+
+
+def run_sinks(run, store) -> dict | None:
+    """``inject.sinks=keep``: the student's sink keys per injected layer, detected on the store's training texts
+    (:func:`uzr.sinks.detect_sinks`); None for ``replace``."""
+    cfg = run.cfg
+    if cfg.inject.sinks != "keep":
+        return None
+    return run.memo(("sinks", str(store.folder), tuple(cfg.inject.layers), cfg.inject.sink_ratio),
+                    lambda: detect_sinks(store.rows("train"), list(cfg.inject.layers), cfg.inject.sink_ratio,
+                                         cfg.harvest.locality_window))
+
+
 def facts_qa(run, make_injector) -> dict:
     """Facts-QA accuracy of teacher, student and injected student on the same held-out prompts, with the paired
-    interval of injected minus student. ``make_injector`` None: the source needs stored rows that prompts lack."""
+    interval of injected minus student. ``make_injector`` None: the source needs another text's stored rows
+    (``shuffled``), which prompts lack."""
     cfg = run.cfg
     prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
     student, student_tok = run.models.get("student")
@@ -90,9 +119,11 @@ def facts_qa(run, make_injector) -> dict:
     memo = run.stored if cfg.alpha.schedule != "gated" else None
     injected = injected_qa_scores(memo, student, student_tok, prompts, cfg.gate.prompt_format,
                                   lambda rows: make_injector(), injection_key(cfg.inject.source, cfg.inject.mode,
-                                                                              cfg.alpha)[1:],
+                                                                              cfg.alpha, make_injector().sinks)[1:],
                                   cfg.evaluate.qa_batch_size, desc="facts QA: injected")
     out["injected"] = accuracy_of(prompts, injected)
+    # per prompt, so that two runs on the same prompts can be paired afterwards
+    out["correct"] = {"student": correct_of(prompts, plain), "injected": correct_of(prompts, injected)}
     if prompts:
         difference = accuracy_difference(correct_of(prompts, injected), correct_of(prompts, plain))
         out["injected_minus_student"] = {**difference.as_dict(), "verdict": difference.verdict(higher_is_better=True)}

@@ -148,24 +148,27 @@ def alpha_key(alpha) -> str:
 
 def injection_setting(name: str, source: dict | Callable[[torch.Tensor, dict], AttentionPrior], alpha, mode: str,
                       gate_values: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      source_name: str = "controller") -> Setting:
+                      source_name: str = "controller", sinks: dict | None = None) -> Setting:
     """The student with ``source`` injected at ``alpha``: the controllers (``{layer: controller}``) or, for the
     other ``inject.source`` choices, ``source(ids, row)`` giving the prior of one text (see
     :mod:`uzr.evaluate.sources`). Schedule ``gated``: ``gate_values(ids)`` gives the gate per position, (1, S);
-    warm-up schedules treat the whole text as generated."""
+    warm-up schedules treat the whole text as generated. ``sinks``: ``inject.sinks=keep``'s ``{layer: SinkSet}``."""
     def edit(ids: torch.Tensor, row: dict) -> Injector:
         gate = gate_values(ids) if alpha.schedule == "gated" else None
         prior = source(ids, row) if callable(source) else source
-        return Injector(prior, alpha, mode, prompt_len=0, gate=gate)
+        return Injector(prior, alpha, mode, prompt_len=0, gate=gate, sinks=sinks)
 
-    return Setting(name, injection_key(source_name, mode, alpha), edit)
+    return Setting(name, injection_key(source_name, mode, alpha, sinks), edit)
 
 
-def injection_key(source: str, mode: str, alpha) -> tuple:
+def injection_key(source: str, mode: str, alpha, sinks: dict | None = None) -> tuple:
     """The identity of an injected setting (equal keys give equal numbers on the same text or prompts); the
-    controller's key is the one the gate table's constant rows share with the evaluate stage."""
+    controller's key is the one the gate table's constant rows share with the evaluate stage (``sinks=replace``)."""
     base = ("inject", mode, alpha_key(alpha))
-    return base if source == "controller" else (*base, source)
+    base = base if source == "controller" else (*base, source)
+    if not sinks:
+        return base
+    return (*base, "keep_sinks", json.dumps({str(k): [s.first, list(s.token_ids)] for k, s in sorted(sinks.items())}))
 
 
 PLAIN = Setting("none", ("plain",))

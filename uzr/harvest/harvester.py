@@ -87,7 +87,10 @@ class Harvester:
     """Turns texts into store rows for a teacher/student pair.
 
     Args:
-        layers: injected student layers; ``teacher_layers``: the teacher layer mapped to each.
+        layers: injected student layers; ``teacher_layers``: the teacher layer mapped to each, or None
+            (``inject.teacher_layers=auto``): every teacher layer's rows are stored as candidates
+            (``teacher_dist_T{t}``, per head ``teacher_heads_T{t}``) and the map is chosen after the harvest
+            (:mod:`uzr.harvest.layer_matching`).
         window: locality window (``harvest.locality_window``); ``block_size``: query rows per block
             (``harvest.block_size``).
         max_length: student tokens per text; the teacher sees the same characters.
@@ -95,14 +98,15 @@ class Harvester:
         per_head: also store each head's rows (``teacher_heads_L{l}``, ``student_heads_L{l}``).
     """
 
-    def __init__(self, teacher, teacher_tok, student, student_tok, layers: list[int], teacher_layers: list[int],
+    def __init__(self, teacher, teacher_tok, student, student_tok, layers: list[int], teacher_layers: list[int] | None,
                  window: int, block_size: int, max_length: int = 256, max_dist_len: int = 512,
                  per_head: bool = False):
         self.teacher_tok, self.student_tok = teacher_tok, student_tok
-        self.layers, self.teacher_layers, self.max_length = list(layers), list(teacher_layers), max_length
+        self.layers, self.max_length = list(layers), max_length
+        self.teacher_layers = None if teacher_layers is None else list(teacher_layers)
         self.max_dist_len, self.per_head = max_dist_len, per_head
-        self.teacher = RecordedModel(teacher, window, block_size, keep_head_mean=sorted(set(teacher_layers)),
-                                     per_head=per_head)
+        kept = range(len(attention_modules(teacher))) if teacher_layers is None else sorted(set(teacher_layers))
+        self.teacher = RecordedModel(teacher, window, block_size, keep_head_mean=list(kept), per_head=per_head)
         self.student = RecordedModel(student, window, block_size, keep_head_mean=layers, capture_hidden=layers,
                                      per_head=per_head)
         self.device = next(student.parameters()).device
@@ -134,12 +138,17 @@ class Harvester:
             row[f"teacher_{name}"] = f16(aligner.gather_query_stats(value))  # (Lt, Ht, S)
         for name, value in s_out["stats"].items():
             row[f"student_{name}"] = f16(value)  # (Ls, Hs, S)
-        for layer, t_layer in zip(self.layers, self.teacher_layers):
-            row[f"hidden_L{layer}"] = f16(s_out["hidden"][layer])
-            row[f"teacher_dist_L{layer}"] = f16(block.align(t_out["head_mean"][t_layer]))  # (D, D)
-            row[f"student_dist_L{layer}"] = f16(s_out["head_mean"][layer])  # (D, D)
+        # the teacher's aligned rows: per injected layer (its mapped teacher layer), or per teacher layer (auto)
+        targets = ({f"L{layer}": t for layer, t in zip(self.layers, self.teacher_layers)}
+                   if self.teacher_layers is not None else {f"T{t}": t for t in sorted(t_out["head_mean"])})
+        for suffix, t_layer in targets.items():
+            row[f"teacher_dist_{suffix}"] = f16(block.align(t_out["head_mean"][t_layer]))  # (D, D)
             if self.per_head:  # every teacher head aligned: the head matching picks among them after the harvest
-                row[f"teacher_heads_L{layer}"] = f16(block.align(t_out["heads"][t_layer]))  # (Ht, D, D)
+                row[f"teacher_heads_{suffix}"] = f16(block.align(t_out["heads"][t_layer]))  # (Ht, D, D)
+        for layer in self.layers:
+            row[f"hidden_L{layer}"] = f16(s_out["hidden"][layer])
+            row[f"student_dist_L{layer}"] = f16(s_out["head_mean"][layer])  # (D, D)
+            if self.per_head:
                 row[f"student_heads_L{layer}"] = f16(s_out["heads"][layer])  # (Hs, D, D)
         diag = block.diagnostics  # over the aligned (stored) rows
         row["align_dropped_mass"] = float(diag["dropped_mass_mean"])

@@ -19,6 +19,15 @@ Student heads, not key/value groups, are the unit: ``mix`` replaces each query h
 heads of one group attend differently (their queries differ), and with one key/value head (Gemma 3 270M)
 a per-group target would be the head mean again.
 
+**Matching by output slot** (``harvest.head_matching=output``). Attention similarity answers "which teacher head
+does this head resemble", not "which teacher head's job does this head do". When the student *is* the teacher with
+its query heads permuted (``student.damage.kind=permute_heads``), the damaged head ``h`` attends like teacher head
+``perm[h]`` but still writes into output slot ``h``: attention matching pairs it with ``perm[h]`` and the oracle hands
+it the pattern it already has. ``output`` instead pairs heads whose value and output projections agree (the squared
+distance between teacher head ``i``'s and student head ``j``'s ``o_proj`` column block plus their value heads' ``v_proj``
+row blocks; Hungarian), so head ``h`` gets teacher head ``h``'s rows. It needs the same projection shapes on both
+sides (a damaged copy, the positive control); for two different models there is no common weight space.
+
 The map and the cost matrix go into the store's ``layout.json`` (``head_matching``), so a run records them.
 """
 
@@ -86,6 +95,44 @@ def match_store(rows, layers: list[int]) -> dict:
         teacher_of, method = match_heads(cost)
         out[f"L{layer}"] = {"teacher_heads": teacher_of, "method": method, "rows": counts[layer],
                             "cost": np.round(cost, 6).tolist()}
+    return out
+
+
+def output_cost(teacher_attn: torch.nn.Module, student_attn: torch.nn.Module, num_heads: int,
+                num_kv_heads: int) -> np.ndarray:
+    """(H_t, H_s) squared distance between the heads' output-side weights: ``o_proj`` column blocks (D, d) and the
+    ``v_proj`` row blocks (d, D) of each head's value head."""
+    def head_weights(attn) -> torch.Tensor:
+        o = attn.o_proj.weight.detach().float()  # (D, H * d)
+        v = attn.v_proj.weight.detach().float()  # (H_kv * d, D)
+        d = o.shape[1] // num_heads
+        o_heads = o.reshape(o.shape[0], num_heads, d).transpose(0, 1).reshape(num_heads, -1)  # (H, D * d)
+        v_heads = v.reshape(num_kv_heads, -1).repeat_interleave(num_heads // num_kv_heads, 0)  # (H, d * D)
+        return torch.cat([o_heads, v_heads], 1)  # (H, 2 * D * d)
+
+    t, s = head_weights(teacher_attn), head_weights(student_attn)
+    if t.shape[1] != s.shape[1]:
+        raise ValueError("harvest.head_matching=output needs teacher and student attention of the same shapes "
+                         f"(o_proj/v_proj per head: {t.shape[1]} vs {s.shape[1]} weights); use attention")
+    return (torch.cdist(t.double(), s.double()) ** 2).numpy()
+
+
+def match_outputs(teacher, student, layers: list[int], teacher_layers: list[int]) -> dict:
+    """``layout.head_matching`` by output slot (module docstring): one distinct teacher head per student head."""
+    from uzr.attention import attention_modules
+
+    t_mods, s_mods = attention_modules(teacher), attention_modules(student)
+    config = student.config.get_text_config() if hasattr(student.config, "get_text_config") else student.config
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    out = {}
+    for layer, t_layer in zip(layers, teacher_layers):
+        cost = output_cost(t_mods[t_layer], s_mods[layer], heads, kv)
+        rows, cols = linear_sum_assignment(cost)
+        teacher_of = [0] * cost.shape[1]
+        for t, h in zip(rows.tolist(), cols.tolist()):
+            teacher_of[h] = t
+        out[f"L{layer}"] = {"teacher_heads": teacher_of, "method": "output_slot", "cost": np.round(cost, 6).tolist()}
     return out
 
 

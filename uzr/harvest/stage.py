@@ -10,7 +10,8 @@ from pathlib import Path
 from uzr.config import RunConfig, harvest_layers
 from uzr.config.model import key_fields
 from uzr.corpus import load_run_corpus
-from uzr.harvest.head_matching import match_store
+from uzr.harvest.head_matching import match_outputs, match_store
+from uzr.harvest.layer_matching import layer_kl_figure, match_layers
 from uzr.harvest.runner import HarvesterFactory, run_harvest
 from uzr.harvest.store import HarvestStore, StoreLayout
 from uzr.resources import check_free_disk, estimate_store_bytes
@@ -27,6 +28,8 @@ class HarvestStage:
             "layers": harvest_layers(cfg),
         }
         payload["harvest"].pop("layers")  # folded into "layers" above: only the effective set counts
+        if payload["harvest"]["head_matching"] == "attention":  # the default keeps the keys stores had before
+            payload["harvest"].pop("head_matching")
         if per_head(cfg):  # a head-mean store lacks the per-head rows: never reuse it (head-mean keys unchanged)
             payload["target"] = cfg.controller.target
         return payload
@@ -41,12 +44,12 @@ class HarvestStage:
         check_free_disk(folder, estimate_store_bytes(  # before any model loads
             len(texts), h.max_length, cfg.student.hidden_size, len(layers), cfg.teacher.num_layers,
             cfg.teacher.num_heads, cfg.student.num_layers, cfg.student.num_heads, max_dist_len=h.max_dist_len,
-            per_head=per_head(cfg),
+            per_head=per_head(cfg), teacher_candidates=cfg.teacher.num_layers if mapping is None else 0,
         ))
         teacher, teacher_tok = run.models.get("teacher")
         student, student_tok = run.models.get("student")
         store.write_layout(StoreLayout(
-            layers=layers, teacher_layers=mapping, hidden_size=student.config.hidden_size,
+            layers=layers, teacher_layers=mapping or [], hidden_size=student.config.hidden_size,
             teacher_num_layers=teacher.config.num_hidden_layers, teacher_num_heads=teacher.config.num_attention_heads,
             student_num_layers=student.config.num_hidden_layers, student_num_heads=student.config.num_attention_heads,
             locality_window=h.locality_window, max_dist_len=h.max_dist_len, per_head=per_head(cfg),
@@ -61,9 +64,18 @@ class HarvestStage:
             log.info("harvest: %d of %d texts were cut at harvest.max_length=%d tokens", truncated, len(texts),
                      h.max_length)
         out = {**summary, "truncated_at_max_length": truncated, "corpus_stats": corpus.stats}
+        if mapping is None:  # teacher_layers=auto, after the last shard: before the head matching, which reads the map
+            layout = store.layout
+            layout.layer_matching = match_layers(store.rows("train"), store.rows("heldout"), layers,
+                                                 layout.teacher_num_layers)
+            layout.teacher_layers = layout.layer_matching["teacher_layers"]
+            store.write_layout(layout)
+            out["teacher_layers"] = layout.teacher_layers
+            log.info("harvest: teacher_layers=auto chose %s for student layers %s", layout.teacher_layers, layers)
         if per_head(cfg):  # after the last shard: the map is chosen on every training text
             layout = store.layout
-            layout.head_matching = match_store(store.rows("train"), layers)
+            layout.head_matching = (match_outputs(teacher, student, layers, layout.teacher_layers)
+                                    if h.head_matching == "output" else match_store(store.rows("train"), layers))
             store.write_layout(layout)
             out["head_matching"] = {k: {"teacher_heads": v["teacher_heads"], "method": v["method"]}
                                     for k, v in layout.head_matching.items()}
@@ -74,8 +86,16 @@ class HarvestStage:
         return HarvestStore(folder)
 
     def report(self, run, store: HarvestStore) -> dict | None:
-        # the store's key and path are in metrics.json -> artifacts; a per-head store adds its head matching
-        return {"head_matching": store.layout.head_matching} if store.layout.head_matching else None
+        # the store's key and path are in metrics.json -> artifacts; a per-head store adds its head matching,
+        # an auto layer map its choice, its KL matrices and their figure
+        layout, out = store.layout, {}
+        if layout.head_matching:
+            out["head_matching"] = layout.head_matching
+        if layout.layer_matching:
+            out["layer_matching"] = layout.layer_matching
+            run.images["teacher_layers"] = layer_kl_figure(run.out_dir / "figures" / "teacher_layers_kl.png",
+                                                           layout.layer_matching)
+        return out or None
 
 
 def per_head(cfg: RunConfig) -> bool:

@@ -16,12 +16,19 @@ hidden_L{l}                (S, D)              student hidden state entering att
 teacher_dist_L{l}          (D, D)              head-mean teacher attention (mapped layer) on the student grid
 student_dist_L{l}          (D, D)              the student's own head-mean attention (baseline)
 teacher_heads_L{l}         (H_t, D, D)         every teacher head (mapped layer) on the student grid (per_head)
+teacher_dist_T{t}          (D, D)              ``teacher_layers=auto`` only: teacher layer t's head mean (a
+                                               candidate); ``teacher_dist_L{l}`` is then read as the chosen one
+teacher_heads_T{t}         (H_t, D, D)         ``teacher_layers=auto`` with per_head: teacher layer t's heads
 student_heads_L{l}         (H_s, D, D)         every student head's own attention (per_head)
 teacher_{stat}             (L_t, H_t, S)       teacher statistics gathered at the mapped query positions
 student_{stat}             (L_s, H_s, S)       student statistics
 teacher_next_entropy       (S,) float32        teacher next-token entropy (nats) at the mapped position
 teacher_next_maxprob       (S,) float32        teacher next-token max probability
 =========================  ==================  =====================================================
+
+A store harvested with ``inject.teacher_layers=auto`` records the chosen map in ``teacher_layers`` and the
+evidence in ``layer_matching`` (:mod:`uzr.harvest.layer_matching`); its rows expose the chosen candidate
+under the usual ``teacher_dist_L{l}`` / ``teacher_heads_L{l}`` names, so readers need not know.
 
 A ``per_head`` store also records, in ``layout.json``, which teacher head each student head learns from
 (``head_matching``, chosen on the training texts by :mod:`uzr.harvest.head_matching`).
@@ -61,6 +68,9 @@ class StoreLayout:
     # per_head: {"L{layer}": {"teacher_heads": [teacher head per student head], "cost": (H_t, H_s) mean KL,
     # "method": ...}}, written once the harvest is complete (uzr.harvest.head_matching)
     head_matching: dict | None = None
+    # teacher_layers=auto: {"teacher_layers": [...], "train_kl"/"heldout_kl": (L_t, n_layers) mean row KL, ...};
+    # until it is written (during the harvest) teacher_layers is empty
+    layer_matching: dict | None = None
 
     def dist_len(self, seq_len: int) -> int:
         """``D``: rows and keys of the stored distributions of a text of ``seq_len`` tokens."""
@@ -69,7 +79,7 @@ class StoreLayout:
     def shape(self, column: str, seq_len: int) -> tuple[int, ...]:
         if column.startswith("hidden_"):
             return (seq_len, self.hidden_size)
-        if column.startswith(("teacher_dist_", "student_dist_")):
+        if column.startswith(("teacher_dist_", "student_dist_")):  # teacher_dist_T{t} included
             return (self.dist_len(seq_len),) * 2
         if column.startswith("teacher_heads_"):
             return (self.teacher_num_heads, *(self.dist_len(seq_len),) * 2)
@@ -149,10 +159,16 @@ class StoreRows:
     def __getitem__(self, i: int) -> dict:
         row = self.dataset[self.indices[i]]
         seq_len = len(row["input_ids"])
-        return {
+        out = {
             key: value.reshape(self.layout.shape(key, seq_len)) if isinstance(value, np.ndarray) else value
             for key, value in row.items()
         }
+        if self.layout.layer_matching:  # teacher_layers=auto: the chosen candidate under the mapped name
+            for layer, t in zip(self.layout.layers, self.layout.teacher_layers):
+                for kind in ("dist", "heads"):
+                    if f"teacher_{kind}_T{t}" in out:
+                        out[f"teacher_{kind}_L{layer}"] = out[f"teacher_{kind}_T{t}"]
+        return out
 
 
 class CorruptStore(RuntimeError):
