@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -15,8 +16,13 @@ def test_svf_default_experiment_resolves_and_is_not_in_the_default_stages():
     assert cfg.stages == ["svf", "svf_eval"] and cfg.student.name == "smollm2_135m"
     compare = resolved("+experiment=svf_compare")
     assert compare.stages == ["svf", "svf_baselines", "svf_eval"] and compare.name == "svf_compare"
-    assert compare.svf == cfg.svf and cfg.svf.baselines == ["lora", "ia3"] and len(cfg.svf.baseline_lrs) >= 2
-    assert cfg.svf.matrices == "mlp" and cfg.svf.lr == 2e-3 and cfg.svf.clip == 1e-3 and cfg.svf.kl_weight == 0.0
+    assert compare.svf.injection and not cfg.svf.injection  # the injection row needs a harvest: svf_compare only
+    assert dataclasses.replace(compare.svf, injection=False) == cfg.svf
+    assert cfg.svf.baselines == ["lora", "ia3"] and len(cfg.svf.baseline_lrs) >= 2
+    assert cfg.svf.matrices == "mlp" and cfg.svf.clip == 1e-3 and cfg.svf.kl_weight == 0.0 and cfg.svf.lr == 1e-2
+    assert (cfg.svf.reward, cfg.svf.baseline, cfg.svf.samples_per_prompt) == ("graded", "prompt_mean", 8)
+    schema = resolved("stages=[svf]", "+svf=default").svf  # the schema keeps the reference's REINFORCE
+    assert (schema.lr, schema.reward, schema.baseline, schema.objective) == (2e-3, "binary", "none", "reinforce")
     assert not {"svf", "svf_baselines", "svf_eval"} & set(resolved().stages)
 
 

@@ -86,7 +86,8 @@ REGISTRY: dict[str, StageInfo] = {s.name: s for s in (
               optional=("teacher", "student", "data", "inject", "alpha"),  # + controller when it injects
               summary="attention dominance (MDI / AEI / A_T) per layer and stage on two token groups"),
     StageInfo("svf", (), ("student", "svf", "trainer"), 1, "uzr.adapters.stage:SVFStage",
-              summary="one singular-value (SVF) expert per domain, trained with REINFORCE -> safetensors"),
+              optional=("teacher",),  # svf.objective=distill
+              summary="one singular-value (SVF) expert per domain, REINFORCE or distilled -> safetensors"),
     StageInfo("svf_baselines", (), ("student", "svf", "trainer"), 1, "uzr.adapters.baselines:SVFBaselinesStage",
               summary="LoRA and IA3 (peft) per domain at an SVF expert's parameter count, lr tuned on validation"),
     StageInfo("svf_eval", ("svf",), ("student", "svf"), 1, "uzr.adapters.evaluation:SVFEvalStage", cached=False,

@@ -36,10 +36,14 @@ def comparison(section: dict) -> list[str]:
 
 
 def training(metrics: dict) -> list[str]:
-    out = ["| expert | steps | mean reward, first epoch | last epoch | seconds |", "|---|---|---|---|---|"]
+    """One row per expert: its mean reward (or KL to the teacher, under distill) per step."""
+    out = ["| expert | steps | mean per step | first epoch | last epoch | seconds |", "|---|---|---|---|---|---|"]
     for d, t in metrics.get("svf", {}).get("experts", {}).items():
-        out.append(f"| {d} | {t.get('steps', '—')} | {t.get('mean_reward_first_epoch')} | "
-                   f"{t.get('mean_reward_last_epoch')} | {t.get('seconds', '—')} |")
+        metric = "kl" if "kl_per_step" in t else "reward"
+        per_step = ", ".join(f"{v:+.3f}" for v in t.get(f"{metric}_per_step", []))
+        out.append(f"| {d} | {t.get('steps', '—')} | {metric}: {per_step or '—'} | "
+                   f"{t.get(f'mean_{metric}_first_epoch')} | {t.get(f'mean_{metric}_last_epoch')} | "
+                   f"{t.get('seconds', '—')} |")
     return out
 
 

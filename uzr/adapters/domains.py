@@ -1,8 +1,9 @@
 """Checkable domains that uzr generates itself, each with train and held-out items and a checker.
 
 - ``arithmetic``: word problems (``"Mia has 23 apples and buys 17 more. How many apples does Mia have
-  now?"``: addition, subtraction, multiplication), generated from a seed; right when the first integer of
-  the answer is the result.
+  now?"``: addition, subtraction, multiplication), generated from a seed; right when the number the answer's
+  first line states (:func:`stated_result`: after its last ``=``, else its first integer) is the result. (The
+  first integer alone scored ``"15 + 23 = 38"`` wrong: the 135M student works sums out before it answers.)
 - ``facts``: the answerable factual prompts of the built-in set (:mod:`uzr.prompts`: capitals, continents,
   chemical symbols and elements, authors, SI units) with its train / held-out split; right when the
   answer's first line contains the expected answer as a whole word (case-insensitive).
@@ -10,7 +11,10 @@
   right when every variable has the right value (:func:`~uzr.tasks.causal_loop.score_answer`).
 
 A split is a hash of ``(seed, question)`` (like the prompt set), so train and held-out never share a
-question. ``reward(domain, prediction, answer)`` is the ±1 reward of REINFORCE (the reference's).
+question. ``reward(domain, prediction, answer, kind)`` is the reward of REINFORCE: ``binary`` is the
+reference's ±1 from :func:`check`; ``graded`` is ``2 * credit - 1`` with the partial credit of :func:`credit`, so
+a base model that is never exactly right still ranks its samples (the packaged 135M student answers no
+arithmetic or causal-loop item right, which gives the binary reward no signal: experiments/svf_default).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 DOMAINS = ("arithmetic", "facts", "causal_loop")
+REWARDS = ("binary", "graded")
 FACT_CATEGORIES = ("capital", "continent", "symbol", "element", "author", "si_unit")
 NAMES = ["Mia", "Leo", "Ava", "Noah", "Zoe", "Omar", "Lena", "Ravi", "Iris", "Tom"]
 THINGS = ["apples", "books", "marbles", "stickers", "pencils", "coins", "cards", "shells"]
@@ -90,14 +95,22 @@ def domain_items(domain: str, split: str, n: int, seed: int = 0, heldout_fractio
 _INT = re.compile(r"-?\d+")
 
 
+def stated_result(prediction: str) -> int | None:
+    """The number an arithmetic answer states: the first integer after the last ``=`` of its first line
+    (``"15 + 23 = 38"`` -> 38), else its first integer (``"38 apples"`` -> 38); None without one."""
+    line = prediction.strip().split("\n", 1)[0].replace(",", "")
+    found = _INT.search(line.rsplit("=", 1)[1]) if "=" in line else None
+    found = found or _INT.search(line)
+    return int(found.group()) if found else None
+
+
 def check(domain: str, prediction: str, answer: str) -> bool:
     """Whether ``prediction`` answers the item right (see the module docstring for each domain's rule)."""
     if domain == "arithmetic":
-        found = _INT.search(prediction.replace(",", ""))
-        return found is not None and int(found.group()) == int(answer)
+        stated = stated_result(prediction)
+        return stated is not None and stated == int(answer)
     if domain == "facts":
-        line = prediction.strip().split("\n", 1)[0].lower()
-        return re.search(rf"(?<!\w){re.escape(answer.lower())}(?!\w)", line) is not None
+        return _whole_word(answer.lower(), prediction.strip().split("\n", 1)[0].lower())
     if domain == "causal_loop":
         from uzr.tasks.causal_loop import score_answer
 
@@ -105,6 +118,36 @@ def check(domain: str, prediction: str, answer: str) -> bool:
     raise ValueError(f"unknown domain {domain!r}; valid domains: {', '.join(DOMAINS)}")
 
 
-def reward(domain: str, prediction: str, answer: str) -> float:
-    """+1 right, -1 wrong (the reference's rewards)."""
-    return 1.0 if check(domain, prediction, answer) else -1.0
+def credit(domain: str, prediction: str, answer: str) -> float:
+    """Partial credit in [0, 1]; 1 exactly when :func:`check` says right.
+
+    - ``arithmetic``: 0.5 when the result appears in the answer's first line but is not the stated number
+      (``"6 bags, 3 x 2 = 6 ... 2 books"``: worked out, not stated);
+    - ``facts``: the share of the answer's words found as whole words in the first line (``Dickens`` for
+      ``Charles Dickens``: 0.5);
+    - ``causal_loop``: the share of variables given their right value (:func:`~uzr.tasks.causal_loop.score_answer`).
+    """
+    if check(domain, prediction, answer):
+        return 1.0
+    line = prediction.strip().split("\n", 1)[0]
+    if domain == "arithmetic":
+        return 0.5 if int(answer) in {int(x) for x in _INT.findall(line.replace(",", ""))} else 0.0
+    if domain == "facts":
+        words = answer.lower().split()
+        return sum(_whole_word(w, line.lower()) for w in words) / len(words)
+    from uzr.tasks.causal_loop import score_answer
+
+    return score_answer(prediction, answer)[1]
+
+
+def _whole_word(word: str, text: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text) is not None
+
+
+def reward(domain: str, prediction: str, answer: str, kind: str = "binary") -> float:
+    """``binary``: +1 right, -1 wrong (the reference's rewards); ``graded``: ``2 * credit - 1`` in [-1, 1]."""
+    if kind == "binary":
+        return 1.0 if check(domain, prediction, answer) else -1.0
+    if kind == "graded":
+        return 2.0 * credit(domain, prediction, answer) - 1.0
+    raise ValueError(f"unknown reward {kind!r}; valid: {', '.join(REWARDS)}")

@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 BASE = "base"
 CLASSIFY = ("Which kind of question is this? Reply with one word: arithmetic (a word problem with numbers), "
             "facts (a question about the world) or rules (variables updated by rules).\n\nQuestion: {q}")
-INJECTION_NOTE = ("attention injection needs a teacher and the harvest/controller stages, which svf_default does not "
-                  "run; its facts-QA accuracy with a paired interval vs the plain student is in the evaluate stage of "
-                  "`python -m uzr.train` (default stages), on the facts prompts (not these items)")
+INJECTION_NOTE = ("attention injection needs a teacher and the harvest/controller stages, which this run does not "
+                  "use: svf.injection=true (+experiment=svf_compare) adds its row on these items")
+INJECTION_ROW = "attention injection (controller)"
 CLASS_WORDS = {"arithmetic": "arithmetic", "facts": "facts", "causal_loop": "rules"}
 
 
@@ -89,6 +89,8 @@ class SVFEvalStage(UncachedStage):
             n_params = params * len(svf.mixture or svf.domains) if strategy == "cem" else params
             rows[strategy] = {"correct": ok, "parameters": n_params, "seconds": round(time.perf_counter() - t0, 1), **extra}
         rows.update(baseline_rows(run, held))
+        if svf.injection:
+            rows[INJECTION_ROW] = injection_row(run, held)
         table = {}
         for name, row in rows.items():
             entry = {"accuracy": float(np.mean(row["correct"])), "n": len(row["correct"]),
@@ -99,7 +101,7 @@ class SVFEvalStage(UncachedStage):
             entry.update({k: v for k, v in row.items() if k not in ("correct", "parameters")})
             table[name] = entry
         section["comparison"] = table
-        section["not_compared"] = {"attention injection": INJECTION_NOTE}
+        section["not_compared"] = {} if svf.injection else {"attention injection": INJECTION_NOTE}
         if "svf_baselines" not in run.artifacts:
             section["not_compared"]["lora, ia3"] = "add the svf_baselines stage (stages=[svf,svf_baselines,svf_eval])"
         _tables(run, section)
@@ -146,6 +148,26 @@ def baseline_rows(run, held: dict) -> dict:
             "seconds": round(time.perf_counter() - t0, 1), "lr": {d: b.meta["lr"] for d, b in per.items()},
             "layers": list(per[svf.domains[0]].plan.layers)}
     return rows
+
+
+def injection_row(run, held: dict) -> dict:
+    """The student with the controller's attention injected (``inject.*``, ``alpha.*``; the harvest and controller
+    artifacts cached, or built when missing) answering every domain's held-out items; its trainable parameters are
+    the controllers'."""
+    from uzr.inject import Injector
+    from uzr.runner import load_stages
+
+    cfg, svf = run.cfg, run.cfg.svf
+    load_stages(run, ["controller"], build=["harvest", "controller"])
+    controllers = run.artifacts["controller"].controllers
+    model, tok = run.models.get("student")
+    t0 = time.perf_counter()
+    # prompt_len=None: decoding steps count from each prompt's prefill, as in generation elsewhere
+    injector = Injector(controllers, cfg.alpha, cfg.inject.mode, prompt_len=None)
+    ok = [c for d in svf.domains for c in answers_correct(model, tok, held[d], svf, injector)]
+    return {"correct": ok, "parameters": sum(p.numel() for c in controllers.values() for p in c.parameters()),
+            "seconds": round(time.perf_counter() - t0, 1), "layers": sorted(controllers), "alpha": cfg.alpha.value,
+            "schedule": cfg.alpha.schedule, "mode": cfg.inject.mode}
 
 
 def _cell(c: list[bool], base: list[bool] | None = None) -> dict:

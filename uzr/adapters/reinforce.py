@@ -3,8 +3,9 @@
 A step takes ``prompts_per_step`` training prompts, samples ``samples_per_prompt`` answers from the
 student with the current expert (temperature ``svf.temperature``; an SVF expert's weights materialised for the
 sampling, :meth:`~uzr.adapters.svf.SVFTrainable.frozen`), scores each answer with the domain's
-checker (±1), and minimises ``-Σ r · log p(answer)`` over the samples divided by their number (the
-reference: summed log-likelihood of the generated tokens times the reward, over the batch), plus
+checker (``svf.reward``: ±1, or graded), and minimises ``-Σ r · log p(answer)`` over the samples divided by their
+number (the reference: summed log-likelihood of the generated tokens times the reward, over the batch; with
+``svf.baseline=prompt_mean`` ``r`` minus its prompt's mean reward, :func:`advantages`), plus
 ``kl_weight · KL(base || expert)`` summed over the answer tokens when ``kl_weight > 0`` (the reference's
 ``F.kl_div(log p_expert, log p_base, log_target=True, reduction="sum")``; off by default). Adam at
 ``svf.lr`` on ``z`` only; the Trainer clips the gradient norm at ``svf.clip``. The student's weights are
@@ -48,8 +49,10 @@ def _answer_length(tokenizer, ids: Sequence[int], stop_ids: set[int]) -> int:
 
 @torch.no_grad()
 def sample_answers(model, tokenizer, texts: Sequence[str], samples: int, max_new_tokens: int, temperature: float = 1.0,
-                   add_special_tokens: bool = True) -> tuple[list[list[int]], list[list[int]], list[str]]:
-    """``samples`` sampled answers per text (plain sampling: no top-k / top-p), in text-major order.
+                   add_special_tokens: bool = True, greedy: bool = False
+                   ) -> tuple[list[list[int]], list[list[int]], list[str]]:
+    """``samples`` sampled answers per text (plain sampling: no top-k / top-p), in text-major order;
+    ``greedy``: the greedy answer instead (then ``samples`` must be 1).
 
     Returns ``(prompt ids, answer ids, answer text (first line, stripped))``, one entry per sample."""
     side, pad_token = tokenizer.padding_side, tokenizer.pad_token
@@ -59,8 +62,9 @@ def sample_answers(model, tokenizer, texts: Sequence[str], samples: int, max_new
             tokenizer.pad_token = tokenizer.eos_token
         enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
                         ).to(model_device(model))
-        out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                             num_return_sequences=samples, max_new_tokens=max_new_tokens,
+        how = (dict(do_sample=False, temperature=None, top_k=None, top_p=None) if greedy
+               else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0))
+        out = model.generate(**enc, **how, num_return_sequences=samples, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id)
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad_token
@@ -97,6 +101,20 @@ def answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Sequence[S
     return torch.stack(totals), dists
 
 
+def advantages(rewards: Tensor, samples: int, baseline: str = "none") -> Tensor:
+    """What multiplies each sample's log-likelihood (N,), samples in text-major order (``samples`` per prompt).
+
+    ``none``: the reward itself (the reference's REINFORCE). ``prompt_mean``: the reward minus the mean reward of
+    its prompt's samples (a leave-nothing-out baseline, as in RLOO / GRPO without the scaling): a prompt whose
+    samples all score the same contributes nothing, instead of pushing every sample down when all are wrong."""
+    if baseline == "none":
+        return rewards
+    if baseline == "prompt_mean":
+        per_prompt = rewards.reshape(-1, samples)
+        return (per_prompt - per_prompt.mean(1, keepdim=True)).reshape(-1)
+    raise ValueError(f"unknown baseline {baseline!r}; valid: none, prompt_mean")
+
+
 class ReinforceModule(L.LightningModule):
     """Trains the ``z`` of one expert (or another trainable edit) with REINFORCE; the student (``model``) stays frozen and unregistered
     (it is neither moved nor saved in checkpoints: a checkpoint holds ``z`` and the optimiser state).
@@ -108,7 +126,8 @@ class ReinforceModule(L.LightningModule):
     def __init__(self, model, tokenizer, decomp: Decomposition | None, texts: Sequence[str], answers: Sequence[str],
                  reward_fn: Callable[[str, str], float], lr: float = 2e-3, kl_weight: float = 0.0,
                  samples_per_prompt: int = 4, max_new_tokens: int = 24, temperature: float = 1.0,
-                 init_z: float = 0.1, add_special_tokens: bool = True, edit: nn.Module | None = None):
+                 init_z: float = 0.1, add_special_tokens: bool = True, edit: nn.Module | None = None,
+                 baseline: str = "none"):
         super().__init__()
         # the trained edit: an SVF expert's z (from ``decomp``), or any trainable ModelEdit module (``edit``: the
         # LoRA / IA3 baselines of uzr.adapters.peft_edit), trained by the same objective
@@ -118,6 +137,7 @@ class ReinforceModule(L.LightningModule):
         self.texts, self.answers, self.reward_fn = list(texts), list(answers), reward_fn
         self.lr, self.kl_weight, self.samples = lr, kl_weight, samples_per_prompt
         self.max_new_tokens, self.temperature, self.add_special = max_new_tokens, temperature, add_special_tokens
+        self.baseline = baseline  # none: the raw reward (the reference) | prompt_mean: minus its prompt's mean reward
         self.history: list[dict[str, float]] = []  # per step: mean reward, loss, kl
 
     def configure_optimizers(self):
@@ -138,7 +158,7 @@ class ReinforceModule(L.LightningModule):
             logp, dists = answer_logprobs(self.lm, prompts, answers, pad)
         rewards = torch.tensor([self.reward_fn(text, self.answers[items[k // self.samples]])
                                 for k, text in enumerate(decoded)], dtype=logp.dtype, device=logp.device)
-        loss = -(rewards * logp).sum() / len(rewards)
+        loss = -(advantages(rewards, self.samples, self.baseline) * logp).sum() / len(rewards)
         kl = torch.zeros((), device=logp.device)
         if self.kl_weight > 0:
             with torch.no_grad():

@@ -1,4 +1,5 @@
-"""The ``svf`` stage: one SVF expert per domain, trained with REINFORCE (cached, resumable).
+"""The ``svf`` stage: one SVF expert per domain, trained with REINFORCE or distilled from the teacher
+(``svf.objective``; cached, resumable).
 
 The artifact holds ``<domain>/expert.safetensors`` + ``expert.json`` for every domain of ``svf.domains``.
 A domain named in ``svf.experts`` is loaded from its folder instead of trained (checked against the model).
@@ -26,8 +27,8 @@ from uzr.cache import file_digest
 from uzr.resumable_fit import fit_resumable
 
 log = logging.getLogger(__name__)
-TRAINING_FIELDS = ("domains", "matrices", "layers", "objective", "init_z", "lr", "clip", "kl_weight",
-                   "samples_per_prompt", "prompts_per_step", "epochs", "train_items", "max_new_tokens", "temperature",
+TRAINING_FIELDS = ("domains", "matrices", "layers", "objective", "reward", "baseline", "init_z", "lr", "clip",
+                   "kl_weight", "samples_per_prompt", "prompts_per_step", "epochs", "train_items", "max_new_tokens", "temperature",
                    "heldout_fraction", "prompt_format", "causal_levels", "causal_max_vars")
 
 
@@ -59,7 +60,8 @@ class SVFStage:
         svf = cfg.svf
         given = {d: file_digest(Path(p).expanduser() / "expert.safetensors") for d, p in sorted(svf.experts.items())}
         return {"svf": {k: getattr(svf, k) for k in TRAINING_FIELDS}, "student": dataclasses.asdict(cfg.student),
-                "seed": cfg.seed, "trainer": dataclasses.asdict(cfg.trainer), "given_experts": given}
+                "seed": cfg.seed, "trainer": dataclasses.asdict(cfg.trainer), "given_experts": given,
+                **teacher_key(cfg)}
 
     def _decomp(self, run):
         model, _ = run.models.get("student")
@@ -100,13 +102,20 @@ class SVFStage:
                             for d, e in artifact.experts.items()}}
 
 
+def teacher_key(cfg) -> dict:
+    """The teacher is part of what trained an expert only when it is distilled from."""
+    return {"teacher": dataclasses.asdict(cfg.teacher)} if cfg.svf.objective == "distill" else {}
+
+
 def train_expert(run, model, tok, decomp, domain: str, out: Path) -> dict:
     """REINFORCE one expert on the domain's training prompts; writes ``out/expert.*``; returns its training log."""
     cfg, svf = run.cfg, run.cfg.svf
     module, training = fit_reinforce(run, model, tok, domain, out / "checkpoints", f"svf expert {domain}",
                                      decomp=decomp)
     meta = expert_meta(decomp, cfg.student.name, svf.matrices, svf.layers, domain, svf.objective, training=training,
-                       lr=svf.lr, clip=svf.clip, kl_weight=svf.kl_weight, samples_per_prompt=svf.samples_per_prompt)
+                       lr=svf.lr, clip=svf.clip, kl_weight=svf.kl_weight, samples_per_prompt=svf.samples_per_prompt,
+                       reward=svf.reward, baseline=svf.baseline,
+                       **({"teacher": cfg.teacher.name} if svf.objective == "distill" else {}))
     save_expert(out, SVFExpert(module.z(), meta))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     log.info("svf expert %s: %s", domain, training)
@@ -115,18 +124,15 @@ def train_expert(run, model, tok, decomp, domain: str, out: Path) -> dict:
 
 def fit_reinforce(run, model, tok, domain: str, checkpoints: Path, what: str, decomp=None, edit=None,
                   lr: float | None = None):
-    """REINFORCE (``svf.*`` settings; ``lr`` overrides ``svf.lr``) of an SVF expert (``decomp``) or a trainable
-    edit (``edit``) on the domain's ``svf.train_items`` training prompts, resumable from ``checkpoints``.
-    Returns the trained module and its training log."""
-    from uzr.adapters.reinforce import ReinforceModule
-
+    """Train an SVF expert (``decomp``) or a trainable edit (``edit``) by ``svf.objective`` (``svf.*`` settings;
+    ``lr`` overrides ``svf.lr``) on the domain's ``svf.train_items`` training prompts, resumable from
+    ``checkpoints``. Returns the trained module and its training log (mean reward, or mean KL to the teacher,
+    of the first and the last epoch)."""
     cfg, svf = run.cfg, run.cfg.svf
     items = items_for(svf, domain, "train", svf.train_items, cfg.seed)
     texts, special = formatted(tok, items, svf.prompt_format)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = ReinforceModule(model, tok, decomp, texts, [it.answer for it in items],
-                             lambda pred, ans: reward(domain, pred, ans), lr or svf.lr, svf.kl_weight,
-                             svf.samples_per_prompt, svf.max_new_tokens, svf.temperature, svf.init_z, special, edit=edit)
+    module, metric = _objective(run, model, tok, domain, decomp, edit, items, texts, special, lr or svf.lr)
     loader = DataLoader(list(range(len(items))), batch_size=svf.prompts_per_step, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     t = cfg.trainer
@@ -136,11 +142,29 @@ def fit_reinforce(run, model, tok, domain: str, checkpoints: Path, what: str, de
         deterministic=t.deterministic, log_every_n_steps=1, logger=False, default_root_dir=str(run.out_dir),
         enable_model_summary=False, enable_progress_bar=False, gradient_clip_val=svf.clip,
         gradient_clip_algorithm="norm"), train_dataloaders=loader)
-    rewards = [h["reward"] for h in module.history]
-    training = {"steps": len(rewards), "mean_reward_first_epoch": _mean(rewards[:len(loader)]),
-                "mean_reward_last_epoch": _mean(rewards[-len(loader):]), "seconds": round(time.perf_counter() - start, 1),
-                "resumed": resumed, "train_items": len(items)}
+    values = [h[metric] for h in module.history]
+    training = {"steps": len(values), f"mean_{metric}_first_epoch": _mean(values[:len(loader)]),
+                f"mean_{metric}_last_epoch": _mean(values[-len(loader):]), f"{metric}_per_step": [round(v, 4) for v in values],
+                "seconds": round(time.perf_counter() - start, 1), "resumed": resumed, "train_items": len(items)}
     return module, training
+
+
+def _objective(run, model, tok, domain, decomp, edit, items, texts, special, lr):
+    """The LightningModule of ``svf.objective`` and the name of the value it logs per step."""
+    svf = run.cfg.svf
+    if svf.objective == "distill":
+        from uzr.adapters.distill import DistillModule, check_same_vocabulary
+
+        teacher, teacher_tok = run.models.get("teacher")
+        check_same_vocabulary(teacher_tok, tok)
+        return DistillModule(model, teacher, tok, decomp, texts, lr, svf.max_new_tokens, svf.init_z, special,
+                             edit=edit), "kl"
+    from uzr.adapters.reinforce import ReinforceModule
+
+    return ReinforceModule(model, tok, decomp, texts, [it.answer for it in items],
+                           lambda pred, ans: reward(domain, pred, ans, svf.reward), lr, svf.kl_weight,
+                           svf.samples_per_prompt, svf.max_new_tokens, svf.temperature, svf.init_z, special,
+                           edit=edit, baseline=svf.baseline), "reward"
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -27,7 +27,7 @@ from uzr.config.inject import AUTO, AlphaSpec, InjectSpec, validate_alpha, valid
 from uzr.config.lru_mla import LRUMLASpec, validate_lru_mla
 from uzr.config.model import ModelSpec
 from uzr.config.model import validate_spec as validate_model
-from uzr.config.svf import SVFSpec, validate_svf
+from uzr.config.svf import SVFSpec, svf_extra_stages, validate_distill, validate_svf, validate_svf_injection
 from uzr.stages import REGISTRY, groups_read, unknown_stages
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -206,14 +206,17 @@ def validate(cfg: RunConfig) -> None:
     bad = unknown_stages(cfg.stages)
     if bad:
         raise ValueError(f"stages={cfg.stages}: unknown {bad}; valid stages: {', '.join(REGISTRY)}")
-    stages = [*cfg.stages, *extra_stages(cfg)]  # stages a selected stage needs only for some settings
+    extra = [*extra_stages(cfg), *svf_extra_stages(cfg)]  # stages a selected stage needs only for some settings
+    stages = [*cfg.stages, *extra]
     required, optional = groups_read(stages)
     for group in sorted(required):
         if getattr(cfg, group) is None:
             readers = [s.name for s in REGISTRY.values() if group in s.reads and s.name in stages]
             options = ", ".join(group_options(group)) or "see conf/"
             why = (" (dominance.models includes 'injected', which needs the controller; or drop 'injected')"
-                   if set(readers) & set(extra_stages(cfg)) else "")
+                   if set(readers) & set(extra_stages(cfg)) else
+                   " (svf.injection=true scores the attention-injected student, which needs the controller)"
+                   if set(readers) & set(svf_extra_stages(cfg)) else "")
             raise ValueError(f"stages {readers or cfg.stages} read the '{group}' config group, which this config "
                              f"lacks; add {group}=<option> (options: {options}) or drop those stages{why}")
     groups = required | {g for g in optional if getattr(cfg, g) is not None}
@@ -247,6 +250,8 @@ def validate(cfg: RunConfig) -> None:
     if "svf" in groups:
         student = cfg.student if "student" in groups else None
         validate_svf(cfg.svf, student and student.name, student and student.num_layers)
+        validate_distill(cfg.svf, cfg.teacher if "teacher" in groups else None, student)
+        validate_svf_injection(cfg)
     if "lru_mla" in groups:
         validate_lru_mla(cfg.lru_mla)
 

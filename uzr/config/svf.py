@@ -13,7 +13,9 @@ from pathlib import Path
 
 DOMAINS = ("arithmetic", "facts", "causal_loop")
 MATRICES = ("mlp", "attn", "mlp+attn")
-OBJECTIVES = ("reinforce",)
+OBJECTIVES = ("reinforce", "distill")
+REWARDS = ("binary", "graded")
+BASELINES_REINFORCE = ("none", "prompt_mean")  # uzr.adapters.domains.reward: the reference's ±1, or 2 * partial credit - 1
 STRATEGIES = ("prompt", "classifier", "cem", "oracle_domain")
 PROMPT_FORMATS = ("qa", "chat", "auto")
 BASELINES = ("lora", "ia3")  # peft adapters at the SVF expert's parameter budget (uzr.adapters.peft_edit)
@@ -24,7 +26,14 @@ class SVFSpec:
     domains: list[str] = field(default_factory=lambda: list(DOMAINS))  # one expert per domain
     matrices: str = "mlp"  # mlp | attn | mlp+attn (the reference adapts MLP matrices only)
     layers: list[int] | None = None  # decoder layers adapted (None = every layer)
-    objective: str = "reinforce"  # ±1 rewards from the domain's checker
+    # reinforce: rewards from the domain's checker (svf.reward); distill: KL(teacher || student) of the next-token
+    # distributions over the teacher's greedy answers to the training prompts (needs a teacher sharing the
+    # student's vocabulary)
+    objective: str = "reinforce"
+    reward: str = "binary"  # binary: the reference's ±1 | graded: 2 * partial credit - 1 (uzr.adapters.domains.credit)
+    # none: REINFORCE on the raw reward (the reference) | prompt_mean: minus the mean reward of the prompt's samples,
+    # so a prompt whose samples all score alike adds nothing (needs samples_per_prompt >= 2)
+    baseline: str = "none"
     init_z: float = 0.1  # the reference's init_val; uniform, so the initial expert is the base model exactly
     lr: float = 2e-3  # Adam, the reference's
     clip: float = 1e-3  # gradient-norm clip, the reference's
@@ -57,6 +66,9 @@ class SVFSpec:
     baseline_lrs: list[float] = field(default_factory=lambda: [5e-4, 2e-3, 1e-2])
     val_items: int = 16
     lora_rank: int = 1
+    # svf_eval also scores the attention-injected student (the controller of the harvest / controller stages, at the
+    # run's inject.* and alpha.* settings, cached or built) on the same held-out items: +experiment=svf_compare
+    injection: bool = False
 
 
 def _is_int(v) -> bool:
@@ -77,8 +89,13 @@ def validate_svf(s: SVFSpec, student_name: str | None = None, num_layers: int | 
     if s.matrices not in MATRICES:
         raise bad("matrices", " | ".join(MATRICES))
     if s.objective not in OBJECTIVES:
-        raise bad("objective", " | ".join(OBJECTIVES) + " (distill, to the teacher's next-token distribution, is not "
-                      "implemented: the packaged teacher, Gemma 3, does not share SmolLM2's vocabulary)")
+        raise bad("objective", " | ".join(OBJECTIVES))
+    if s.baseline not in BASELINES_REINFORCE:
+        raise bad("baseline", " | ".join(BASELINES_REINFORCE) + " (REINFORCE's reward baseline)")
+    if s.baseline == "prompt_mean" and _is_int(s.samples_per_prompt) and s.samples_per_prompt < 2:
+        raise bad("samples_per_prompt", "an integer >= 2 with svf.baseline=prompt_mean (one sample is its own mean)")
+    if s.reward not in REWARDS:
+        raise bad("reward", " | ".join(REWARDS) + " (binary: the reference's ±1; graded: 2 * partial credit - 1)")
     if s.layers is not None:
         if not s.layers or len(set(s.layers)) != len(s.layers):
             raise bad("layers", "null (every layer) or a non-empty list of distinct layer indices")
@@ -127,6 +144,8 @@ def validate_svf(s: SVFSpec, student_name: str | None = None, num_layers: int | 
     if s.cem_population < 2 or not 2 <= int(s.cem_elite_ratio * s.cem_population) <= s.cem_population:
         raise ValueError(f"svf.cem_population={s.cem_population} x svf.cem_elite_ratio={s.cem_elite_ratio} must "
                          "keep at least 2 elites")
+    if not isinstance(s.injection, bool):
+        raise bad("injection", "true | false")
     _validate_experts(s, student_name)
 
 
@@ -156,3 +175,42 @@ def _validate_experts(s: SVFSpec, student_name: str | None) -> None:
                                  f"needs {field_name}={now!r}: it was made for another model or setting")
         if s.layers is not None and meta.get("layers") != sorted(s.layers):
             raise ValueError(f"{key}={folder!r} adapts layers {meta.get('layers')}, svf.layers={sorted(s.layers)}")
+
+
+def vocabulary_source(spec) -> tuple | None:
+    """What fixes a model spec's vocabulary, known without loading it: the tiny tokenizer's name or the GGUF
+    package file; ``None`` for hub models (two hub ids may share one vocabulary: compared once loaded)."""
+    if spec.source == "tiny":
+        return ("tiny", spec.tokenizer)
+    if spec.source == "gguf_package":
+        return ("gguf_package", spec.gguf_package, spec.gguf_file)
+    return None
+
+
+def validate_distill(s: SVFSpec, teacher, student) -> None:
+    """``svf.objective=distill`` needs a teacher group whose vocabulary is the student's (next-token
+    distributions are compared token for token)."""
+    if s.objective != "distill":
+        return
+    fix = ("use a teacher that shares the student's tokenizer (e.g. teacher=gemma3_270m student=gemma3_270m, the "
+           "positive-control pair, or teacher=tiny_gemma3 student=tiny_qwen2), or svf.objective=reinforce")
+    if teacher is None:
+        raise ValueError(f"svf.objective='distill' reads the teacher group, which this config lacks; add "
+                         f"teacher=<option>: {fix}")
+    a, b = vocabulary_source(teacher), vocabulary_source(student)
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"svf.objective='distill' needs one vocabulary, but teacher={teacher.name} ({a[-1]}) and "
+                         f"student={student.name} ({b[-1]}) tokenize differently: {fix}")
+
+
+def svf_extra_stages(cfg) -> list[str]:
+    """Stages svf_eval needs beyond its registry line: the controller (and its harvest) for the injection row."""
+    svf = getattr(cfg, "svf", None)
+    return ["controller"] if "svf_eval" in cfg.stages and svf is not None and svf.injection else []
+
+
+def validate_svf_injection(cfg) -> None:
+    """``svf.injection=true`` injects the controller at ``alpha.*`` without a gate."""
+    if cfg.svf.injection and cfg.alpha is not None and cfg.alpha.schedule == "gated":
+        raise ValueError("svf.injection=true with alpha.schedule='gated': the SVF table injects the controller "
+                         "without the gate stage; valid schedules here: constant, linear, cosine, entropy_local")
