@@ -15,13 +15,12 @@ from uzr.config import RunConfig
 from uzr.config.corpus import domain_spec
 from uzr.evaluate.domains import domain_metrics, domain_store
 from uzr.evaluate.passes import heatmap_figure, student_pass
+from uzr.evaluate.qa import domain_qa, facts_qa
 from uzr.evaluate.sources import STORED_ROWS, controller_rows, live_prior, text_prior
-from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_setting, score_settings
-from uzr.facts_qa import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, plain_qa_scores, qa_prompts
+from uzr.evaluate.texts import PLAIN, heldout_rows, injection_setting, score_settings
 from uzr.harvest.head_matching import teacher_heads_of
 from uzr.harvest.stage import per_head as targets_per_head
 from uzr.inject import Injector
-from uzr.intervals import accuracy_difference
 from uzr.stages import UncachedStage
 
 
@@ -67,36 +66,15 @@ class EvaluateStage(UncachedStage):
         def make_injector() -> Injector:
             return Injector(live_prior(source, controllers, per_head), cfg.alpha, cfg.inject.mode, prompt_len=0)
 
+        live = None if source in STORED_ROWS else make_injector
         if cfg.evaluate.facts_qa:
-            metrics["facts_qa"] = facts_qa(run, None if source in STORED_ROWS else make_injector)
+            metrics["facts_qa"] = facts_qa(run, live)
+        if cfg.evaluate.qa_domains:
+            metrics["qa_domains"] = {name: domain_qa(run, name, live) for name in cfg.evaluate.qa_domains}
         if cfg.evaluate.figure and rows and source not in STORED_ROWS:
             run.images["heatmaps"] = figure(run.out_dir / "figures", rows[0], controllers, student, layers[0], cfg,
                                             make_injector)
         return metrics
-
-
-def facts_qa(run, make_injector) -> dict:
-    """Facts-QA accuracy of teacher, student and injected student on the same held-out prompts, with the paired
-    interval of injected minus student. ``make_injector`` None: the source needs stored rows that prompts lack."""
-    cfg = run.cfg
-    prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
-    student, student_tok = run.models.get("student")
-    plain = plain_qa_scores(run, "student")
-    out = {"teacher": accuracy_of(prompts, plain_qa_scores(run, "teacher")), "student": accuracy_of(prompts, plain),
-           "injected": None, "num_prompts": len(prompts), "score": QA_SCORE}
-    if make_injector is None:
-        out["injected_note"] = f"inject.source={cfg.inject.source} needs a text's stored rows; prompts have none"
-        return out
-    memo = run.stored if cfg.alpha.schedule != "gated" else None
-    injected = injected_qa_scores(memo, student, student_tok, prompts, cfg.gate.prompt_format,
-                                  lambda rows: make_injector(), injection_key(cfg.inject.source, cfg.inject.mode,
-                                                                              cfg.alpha)[1:],
-                                  cfg.evaluate.qa_batch_size, desc="facts QA: injected")
-    out["injected"] = accuracy_of(prompts, injected)
-    if prompts:
-        difference = accuracy_difference(correct_of(prompts, injected), correct_of(prompts, plain))
-        out["injected_minus_student"] = {**difference.as_dict(), "verdict": difference.verdict(higher_is_better=True)}
-    return out
 
 
 def figure(folder: Path, row: dict, controllers: dict, student, layer: int, cfg: RunConfig, make_injector) -> Path:
