@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import lightning as L
 import numpy as np
@@ -207,3 +208,31 @@ def test_killed_group_training_resumes_and_ends_like_an_uninterrupted_one(tmp_pa
         assert resumed[key] == whole[key], key
     np.testing.assert_allclose(resumed["nll"], whole["nll"], rtol=1e-6)
     assert all(torch.equal(resumed_weights[k], whole_weights[k]) for k in whole_weights)
+
+
+def test_dependency_order_writes_each_variable_once_it_has_settled():
+    """answer_order=dependency: the answer's variables by the round from which each keeps its final value (ties by
+    letter), so on the acyclic levels a rule's sources come before its target — except where the target's value
+    settles early by coincidence (e.g. max(A, B) already right after one round); letter order keeps the generator's
+    answer."""
+    from uzr.reasoning.training import make_items
+
+    spec = LRUMLASpec(levels=[1, 3], train_items=200)
+    items, _ = make_items(spec, 200, seed=5)
+    letters, _ = make_items(LRUMLASpec(levels=[1, 3], answer_order="letter"), 200, seed=5)
+    table = generate({"n": 200, "levels": [1, 3], "seed": 5, "max_vars": spec.max_vars, "max_rounds": spec.max_rounds,
+                      "trajectory": True})
+    in_order = 0
+    for answer, letter, prompt, reference, trajectory, steps in zip(
+            items.answers, letters.answers, *(table[c].to_pylist() for c in ("prompt", "answer", "trajectory", "steps"))):
+        assert letter == reference and score_answer(answer, reference) == (True, 1.0)
+        names = [part.split("=")[0] for part in answer.split(", ")]
+        settled = {chr(65 + j): min(r for r in range(steps + 1) if all(t[j] == trajectory[steps][j]
+                                                                        for t in trajectory[r:steps + 1]))
+                   for j in range(len(names))}
+        assert names == sorted(names, key=lambda x: (settled[x], x))
+        position = {x: i for i, x in enumerate(names)}
+        in_order += all(position[source] < position[target] for target, expression in
+                        (rule.split("=", 1) for rule in compact_prompt(prompt).split("|")[1].split(";"))
+                        for source in set(re.findall(r"[A-H]", expression)))
+    assert in_order >= 0.9 * len(items.answers)

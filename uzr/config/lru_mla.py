@@ -33,10 +33,11 @@ class LRUMLASpec:
     max_rounds: int = 4
     train_items: int = 24000
     eval_items: int = 1600  # held-out items (the same for every group: intervals are paired)
-    # The order of the answer's variables. letter: A, B, C, ... (the generator's answer); dependency: in the
-    # order they settle (sources first, then each variable after the one its rule reads), so that every value is
-    # one rule applied to a number already written. In letter order a level-1 chain asks a 2-layer model for a
-    # composition of up to three rules in one pass: it stayed at chance (experiments/lru_mla/README.md).
+    # The order of the answer's variables. letter: A, B, C, ... (the generator's answer); dependency: by the round
+    # from which each keeps its final value (sources first, then each variable after the one its rule reads, but
+    # where a value settles early by coincidence, ~5% of acyclic items), so that a value is mostly one rule applied
+    # to a number already written. In letter order a level-1 chain asks a 2-layer model for a composition of up to
+    # three rules in one pass: it stayed at chance (experiments/lru_mla/README.md).
     answer_order: str = "dependency"
     # model (the same for every group but the attention and the matched MLP width)
     d_model: int = 64
