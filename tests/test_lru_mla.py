@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import resolved
 from uzr.config.lru_mla import GROUPS, LRUMLASpec
@@ -158,3 +162,77 @@ def test_halting_bias_of_the_design_cannot_halt_before_t_max():
     for bias, expected in ((-2.0, 8.0), (-1.0, 4.0), (-1.0 + 1e-3, 4.0)):
         lru = LatentReasoningUnit(16, max_steps=8, halt_bias=bias)
         assert lru(c).halted.steps.float().mean().item() == expected
+
+
+class _Killed(Exception):
+    """Stands in for a kill: raised mid-epoch, after an epoch's checkpoint was written."""
+
+
+def test_killed_group_training_resumes_and_ends_like_an_uninterrupted_one(tmp_path, one_thread, monkeypatch):
+    """A group killed in its second epoch resumes from the first epoch's checkpoint in the artifact's work folder
+    and ends with the uninterrupted training's weights, training log and held-out scores."""
+    from types import SimpleNamespace
+
+    from uzr.reasoning import stage, training
+
+    tiny = ["lru_mla.train_items=64", "lru_mla.eval_items=8", "lru_mla.epochs=3", "lru_mla.batch_size=32",
+            "lru_mla.d_model=32", "lru_mla.heads=2", "lru_mla.head_dim=8", "lru_mla.rope_dim=4", "lru_mla.kv_rank=16",
+            "lru_mla.max_steps=3", "lru_mla.warmup_steps=2"]
+
+    def run_of(name: str):
+        cfg = resolved("+experiment=lru_mla", *tiny, f"paths.cache_dir={tmp_path / name}")
+        return SimpleNamespace(cfg=cfg, out_dir=tmp_path / f"{name}_run")
+
+    def trained(run):
+        train, heldout = stage.datasets(run.cfg.lru_mla, run.cfg.seed)
+        folder, _ = stage.cached_group(run, "mla_lru_act", train, heldout)
+        return json.loads((folder / "group.json").read_text()), load_file(str(folder / "model.safetensors")), folder
+
+    whole, whole_weights, _ = trained(run_of("whole"))
+
+    def kill(self, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 1:
+            raise _Killed
+
+    killed = run_of("killed")
+    monkeypatch.setattr(training.AblationModule, "on_train_batch_start", kill, raising=False)
+    with pytest.raises(_Killed):
+        trained(killed)
+    assert list((tmp_path / "killed").glob("lru_mla_group/*.partial/checkpoints/last.ckpt")), "no checkpoint"
+    monkeypatch.undo()
+    resumed, resumed_weights, folder = trained(killed)
+    assert resumed["resumed"] is True and whole["resumed"] is False
+    assert json.loads((folder / "manifest.json").read_text())["resumed"] is True
+    assert not (folder / "checkpoints").exists()
+    for key in ("steps", "loss_by_epoch", "iterations_by_epoch", "exact", "partial", "iterations", "tokens_right"):
+        assert resumed[key] == whole[key], key
+    np.testing.assert_allclose(resumed["nll"], whole["nll"], rtol=1e-6)
+    assert all(torch.equal(resumed_weights[k], whole_weights[k]) for k in whole_weights)
+
+
+def test_dependency_order_writes_each_variable_once_it_has_settled():
+    """answer_order=dependency: the answer's variables by the round from which each keeps its final value (ties by
+    letter), so on the acyclic levels a rule's sources come before its target — except where the target's value
+    settles early by coincidence (e.g. max(A, B) already right after one round); letter order keeps the generator's
+    answer."""
+    from uzr.reasoning.training import make_items
+
+    spec = LRUMLASpec(levels=[1, 3], train_items=200)
+    items, _ = make_items(spec, 200, seed=5)
+    letters, _ = make_items(LRUMLASpec(levels=[1, 3], answer_order="letter"), 200, seed=5)
+    table = generate({"n": 200, "levels": [1, 3], "seed": 5, "max_vars": spec.max_vars, "max_rounds": spec.max_rounds,
+                      "trajectory": True})
+    in_order = 0
+    for answer, letter, prompt, reference, trajectory, steps in zip(
+            items.answers, letters.answers, *(table[c].to_pylist() for c in ("prompt", "answer", "trajectory", "steps"))):
+        assert letter == reference and score_answer(answer, reference) == (True, 1.0)
+        names = [part.split("=")[0] for part in answer.split(", ")]
+        settled = {chr(65 + j): min(r for r in range(steps + 1) if all(t[j] == trajectory[steps][j]
+                                                                        for t in trajectory[r:steps + 1]))
+                   for j in range(len(names))}
+        assert names == sorted(names, key=lambda x: (settled[x], x))
+        position = {x: i for i, x in enumerate(names)}
+        in_order += all(position[source] < position[target] for target, expression in
+                        (rule.split("=", 1) for rule in compact_prompt(prompt).split("|")[1].split(";"))
+                        for source in set(re.findall(r"[A-H]", expression)))
+    assert in_order >= 0.9 * len(items.answers)

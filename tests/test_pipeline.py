@@ -119,8 +119,10 @@ def test_smoke_injects_each_source_on_the_same_texts(smoke_run, source):
     """inject.source swaps what is injected, on the cached store and controller; uniform in bias mode is exactly
     the student (softmax ignores a constant per row); the stored-row sources are reported on text only."""
     tmp, _ = smoke_run
+    # the uniform run also scores the causal-loop QA domain (a no-op injection must leave every candidate's score)
+    domains = ["evaluate.qa_domains=[causal_loop]", "evaluate.qa_domain_items=6"] if source == "uniform" else []
     proc = run_train(tmp, "+experiment=smoke", f"inject.source={source}", "stages=[harvest,controller,evaluate]",
-                     "alpha.value=1.0", run_dir=f"run-{source}")
+                     "alpha.value=1.0", *domains, run_dir=f"run-{source}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ev = json.loads((tmp / f"run-{source}" / "metrics.json").read_text())["evaluate"]
     first = json.loads((tmp / "run" / "metrics.json").read_text())["evaluate"]
@@ -128,6 +130,11 @@ def test_smoke_injects_each_source_on_the_same_texts(smoke_run, source):
     if source == "uniform":
         assert ev["bits_per_byte"]["injected"] == ev["bits_per_byte"]["student"]
         assert ev["bits_per_byte"]["injected_minus_student"]["verdict"] == "no difference"
+        loop = ev["qa_domains"]["causal_loop"]
+        assert loop["num_prompts"] == 6 and loop["injected"] == loop["student"] and loop["teacher"] is not None
+        assert loop["injected_minus_student"]["n"] == 6 and loop["injected_minus_student"]["verdict"] == "no difference"
+        assert sum(c["n"] for c in loop["by_category"].values()) == 6
+        assert "causal_loop QA accuracy" in proc.stdout
     else:
         assert ev["bits_per_byte"]["injected"] != ev["bits_per_byte"]["student"]
         assert ev["facts_qa"]["injected"] is None and "stored rows" in ev["facts_qa"]["injected_note"]

@@ -30,6 +30,9 @@ def results_rows(metrics: dict) -> tuple[list[str], list[list]]:
         if qa:
             rows.append([f"facts QA accuracy, {qa['num_prompts']} prompts (ref = teacher)", qa["teacher"], qa["student"],
                          qa["injected"]])
+        for name, dq in ev.get("qa_domains", {}).items():
+            rows.append([f"{name} QA accuracy, {dq['num_prompts']} items (ref = teacher)", dq["teacher"], dq["student"],
+                         dq["injected"]])
         if "next_token_kl" in ev:
             rows.append(["next-token KL to teacher", None, ev["next_token_kl"]["student"], ev["next_token_kl"]["injected"]])
         for layer, gaps in ev["habit_distance"].items():
@@ -79,6 +82,13 @@ def verdict(metrics: dict) -> list[str]:
                          f"chance 0.25, {qa['num_prompts']} prompts)")
         elif qa and qa.get("injected_note"):
             lines.append(f"facts QA with injection not measured: {qa['injected_note']}")
+        for name, dq in ev.get("qa_domains", {}).items():
+            if dq.get("injected") is None:
+                lines.append(f"{name} QA with injection not measured: {dq.get('injected_note')}")
+                continue
+            lines.append(f"{what}: {name} QA accuracy {_paired(dq.get('injected_minus_student'), 'items', 3)} "
+                         f"(student {dq['student']:.3f} -> {dq['injected']:.3f}; teacher {dq['teacher']:.3f}, "
+                         f"chance 0.25, {dq['num_prompts']} items)")
     return lines
 
 

@@ -33,6 +33,7 @@ from uzr.stages import REGISTRY, groups_read, unknown_stages
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Stages of the folded-in systems (DESIGN.md §9): selected by their experiments (stages=[...]), not by default.
 HEAD_MATCHING = ("attention", "output")  # harvest.head_matching
+QA_DOMAINS = ("causal_loop",)  # evaluate.qa_domains (uzr/evaluate/qa_domains.py)
 SYSTEM_STAGES = ("dominance", "svf", "svf_baselines", "svf_eval", "lru_mla")
 
 
@@ -75,6 +76,13 @@ class EvaluateSpec:
     # More text domains for bits per byte (conf/data options, e.g. [korean, licenses]), each harvested as its own
     # store (evaluate.num_texts texts) and reported with its own paired interval beside the run's data.
     domains: list[str] = field(default_factory=list)
+    # Checkable QA domains scored like facts QA (teacher, student, injected student; 4 candidates, the right one by
+    # summed log-likelihood; paired interval of injected minus student): causal_loop = uzr.tasks.causal_loop items
+    # (levels 1-4, 2-4 variables, at most 3 rounds) whose 3 wrong candidates each move one variable's value
+    # (uzr/evaluate/qa_domains.py). [] = none: the default experiment is at its time budget.
+    qa_domains: list[str] = field(default_factory=list)
+    qa_domain_items: int = 64  # items per QA domain
+    qa_domain_seed: int = 0  # generator seed of the QA domains' items
 
 
 @dataclass
@@ -329,6 +337,14 @@ def _validate_evaluate(ev: EvaluateSpec) -> None:
         raise ValueError(f"evaluate.qa_prompts={ev.qa_prompts} must be >= 0 (0 = all held-out QA prompts)")
     if ev.qa_batch_size < 1:
         raise ValueError(f"evaluate.qa_batch_size={ev.qa_batch_size} must be >= 1 (prompts per facts-QA batch)")
+    unknown = [d for d in ev.qa_domains if d not in QA_DOMAINS]
+    if unknown or len(set(ev.qa_domains)) != len(ev.qa_domains):
+        raise ValueError(f"evaluate.qa_domains={list(ev.qa_domains)} is invalid (unknown: {unknown}); valid: distinct "
+                         f"names from {', '.join(QA_DOMAINS)}, or [] for none")
+    if isinstance(ev.qa_domain_items, bool) or not isinstance(ev.qa_domain_items, int) or ev.qa_domain_items < 1:
+        raise ValueError(f"evaluate.qa_domain_items={ev.qa_domain_items!r} is invalid; valid: an integer >= 1")
+    if isinstance(ev.qa_domain_seed, bool) or not isinstance(ev.qa_domain_seed, int) or ev.qa_domain_seed < 0:
+        raise ValueError(f"evaluate.qa_domain_seed={ev.qa_domain_seed!r} is invalid; valid: an integer >= 0")
     if len(set(ev.domains)) != len(ev.domains):
         raise ValueError(f"evaluate.domains={ev.domains} names a domain twice")
     for name in ev.domains:

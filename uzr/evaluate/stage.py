@@ -15,13 +15,12 @@ from uzr.config import RunConfig
 from uzr.config.corpus import domain_spec
 from uzr.evaluate.domains import domain_metrics, domain_store
 from uzr.evaluate.passes import heatmap_figure, student_pass
+from uzr.evaluate.qa import domain_qa, facts_qa
 from uzr.evaluate.sources import ORACLE_FLOOR, STORED_ROWS, controller_rows, live_prior, text_prior
-from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_setting, score_settings
-from uzr.facts_qa import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, plain_qa_scores, qa_prompts
+from uzr.evaluate.texts import PLAIN, heldout_rows, injection_setting, score_settings
 from uzr.harvest.head_matching import teacher_heads_of
 from uzr.harvest.stage import per_head as targets_per_head
 from uzr.inject import Injector
-from uzr.intervals import accuracy_difference
 from uzr.oracle import TeacherPrior
 from uzr.sinks import detect_sinks
 from uzr.stages import UncachedStage
@@ -74,8 +73,12 @@ class EvaluateStage(UncachedStage):
                      else live_prior(source, controllers, per_head))
             return Injector(prior, cfg.alpha, cfg.inject.mode, prompt_len=0, sinks=sinks)
 
-        if cfg.evaluate.facts_qa:  # the oracle reads each prompt's text live; shuffled needs another text's rows
-            metrics["facts_qa"] = facts_qa(run, None if source == "shuffled" else make_injector)
+        # the oracle reads each prompt's text live; shuffled needs another text's stored rows, which prompts lack
+        live = None if source == "shuffled" else make_injector
+        if cfg.evaluate.facts_qa:
+            metrics["facts_qa"] = facts_qa(run, live)
+        if cfg.evaluate.qa_domains:
+            metrics["qa_domains"] = {name: domain_qa(run, name, live) for name in cfg.evaluate.qa_domains}
         if cfg.evaluate.figure and rows and source not in STORED_ROWS:
             run.images["heatmaps"] = figure(run.out_dir / "figures", rows[0], controllers, student, layers[0], cfg,
                                             make_injector)
@@ -101,33 +104,6 @@ def run_sinks(run, store) -> dict | None:
     return run.memo(("sinks", str(store.folder), tuple(cfg.inject.layers), cfg.inject.sink_ratio),
                     lambda: detect_sinks(store.rows("train"), list(cfg.inject.layers), cfg.inject.sink_ratio,
                                          cfg.harvest.locality_window))
-
-
-def facts_qa(run, make_injector) -> dict:
-    """Facts-QA accuracy of teacher, student and injected student on the same held-out prompts, with the paired
-    interval of injected minus student. ``make_injector`` None: the source needs another text's stored rows
-    (``shuffled``), which prompts lack."""
-    cfg = run.cfg
-    prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
-    student, student_tok = run.models.get("student")
-    plain = plain_qa_scores(run, "student")
-    out = {"teacher": accuracy_of(prompts, plain_qa_scores(run, "teacher")), "student": accuracy_of(prompts, plain),
-           "injected": None, "num_prompts": len(prompts), "score": QA_SCORE}
-    if make_injector is None:
-        out["injected_note"] = f"inject.source={cfg.inject.source} needs a text's stored rows; prompts have none"
-        return out
-    memo = run.stored if cfg.alpha.schedule != "gated" else None
-    injected = injected_qa_scores(memo, student, student_tok, prompts, cfg.gate.prompt_format,
-                                  lambda rows: make_injector(), injection_key(cfg.inject.source, cfg.inject.mode,
-                                                                              cfg.alpha, make_injector().sinks)[1:],
-                                  cfg.evaluate.qa_batch_size, desc="facts QA: injected")
-    out["injected"] = accuracy_of(prompts, injected)
-    # per prompt, so that two runs on the same prompts can be paired afterwards
-    out["correct"] = {"student": correct_of(prompts, plain), "injected": correct_of(prompts, injected)}
-    if prompts:
-        difference = accuracy_difference(correct_of(prompts, injected), correct_of(prompts, plain))
-        out["injected_minus_student"] = {**difference.as_dict(), "verdict": difference.verdict(higher_is_better=True)}
-    return out
 
 
 def figure(folder: Path, row: dict, controllers: dict, student, layer: int, cfg: RunConfig, make_injector) -> Path:

@@ -1,8 +1,11 @@
 """The ``lru_mla`` stage: the four-group ablation (A attention, B MLA, C MLA + LRU fixed, D MLA + LRU + ACT).
 
-Cached and resumable: each group trains with a Lightning checkpoint every epoch in ``<group>/checkpoints`` of
-the artifact's work folder; a finished group (``<group>/model.safetensors`` + ``group.json`` holding its
-training log and its per-item held-out scores) is kept and skipped when a killed run is started again.
+Cached and resumable: each group is its own artifact (kind ``lru_mla_group``, keyed by the ablation's settings
+without ``groups`` and ``figure``, plus the group), so runs with different ``lru_mla.groups`` (e.g. two processes
+training two groups each) share their groups, and the four-group run reuses them. A group trains with a Lightning
+checkpoint every epoch in ``checkpoints/`` of its work folder and resumes from it when a killed run is started
+again; the finished group holds ``model.safetensors`` and ``group.json`` (its training log and per-item held-out
+scores), copied into the stage's artifact as ``<group>/``.
 The report (:mod:`uzr.reasoning.ablation_report`) compares the groups on the same held-out items.
 """
 
@@ -44,12 +47,14 @@ class LRUMLAStage:
     def build(self, run, folder: Path) -> dict:
         spec, seed = run.cfg.lru_mla, run.cfg.seed
         train, heldout = datasets(spec, seed)
+        reused = {}
         for group in spec.groups:
-            out = folder / group
-            if (out / "group.json").is_file():  # finished before a kill
-                continue
-            train_group(run, group, train, heldout, out)
-        return {"groups": list(spec.groups), "train_items": len(train.ids), "heldout_items": len(heldout.ids)}
+            done, reused[group] = cached_group(run, group, train, heldout)
+            (folder / group).mkdir(parents=True, exist_ok=True)
+            for name in GROUP_FILES:
+                shutil.copyfile(done / name, folder / group / name)
+        return {"groups": list(spec.groups), "train_items": len(train.ids), "heldout_items": len(heldout.ids),
+                "groups_reused": reused}
 
     def load(self, run, folder: Path) -> dict:
         """Each group's ``group.json``, the held-out items and the training answers (regenerated: same seed)."""
@@ -67,6 +72,28 @@ class LRUMLAStage:
         from uzr.reasoning.ablation_report import present
 
         present(run, section)
+
+
+GROUP_FILES = ("model.safetensors", "group.json")
+GROUP_VERSION = 1  # bump when a trained group changes meaning
+
+
+def group_payload(cfg, group: str) -> dict:
+    """What one group's training depends on: the ablation's settings but the group list and the figure switch."""
+    spec = {k: v for k, v in dataclasses.asdict(cfg.lru_mla).items() if k not in ("groups", "figure")}
+    return {"lru_mla": spec, "group": group, "seed": cfg.seed, "trainer": dataclasses.asdict(cfg.trainer)}
+
+
+def cached_group(run, group: str, train, heldout) -> tuple[Path, bool]:
+    """The folder of ``group``'s trained artifact (built now, or resumed from its checkpoint) and whether it was
+    reused."""
+    from uzr.cache import ArtifactCache, content_key
+
+    payload = group_payload(run.cfg, group)
+    folder, built = ArtifactCache(run.cfg.cache_dir).get_or_build(
+        "lru_mla_group", content_key("lru_mla_group", payload, GROUP_VERSION), payload,
+        lambda work: {"resumed": train_group(run, group, train, heldout, work)["resumed"]})
+    return folder, not built
 
 
 def train_group(run, group: str, train, heldout, out: Path) -> dict:

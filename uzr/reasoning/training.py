@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from uzr.config.lru_mla import LRUMLASpec
 from uzr.reasoning.lru import convergence_ratio
 from uzr.reasoning.tiny_lm import TinyLM
-from uzr.tasks.compact import PAD, CharCodec
+from uzr.tasks.compact import PAD, CharCodec, reorder_answer, settle_order
 
 
 @dataclass
@@ -41,9 +41,13 @@ def make_items(spec: LRUMLASpec, n: int, seed: int, exclude: set[str] | None = N
     """``n`` generated items (fewer after dropping prompts in ``exclude``) and their prompts."""
     from uzr.tasks.causal_loop import generate
 
+    dependency = spec.answer_order == "dependency"
     table = generate({"n": n, "levels": list(spec.levels), "seed": seed, "max_vars": spec.max_vars,
-                      "max_rounds": spec.max_rounds})
+                      "max_rounds": spec.max_rounds, "trajectory": dependency})
     prompts, answers = table["prompt"].to_pylist(), table["answer"].to_pylist()
+    if dependency:  # the answer's variables in the order they settle (uzr.tasks.compact.settle_order)
+        answers = [reorder_answer(a, settle_order(t, s)) for a, t, s in
+                   zip(answers, table["trajectory"].to_pylist(), table["steps"].to_pylist())]
     levels = np.asarray(table["level"].to_pylist(), np.int64)
     keep = [i for i, p in enumerate(prompts) if not exclude or p not in exclude]
     ids, sep = CharCodec().sequences([prompts[i] for i in keep], [answers[i] for i in keep])
@@ -100,11 +104,29 @@ class AblationModule(L.LightningModule):
         self.history = list(checkpoint.get("history", []))
 
 
+class EpochShuffle(torch.utils.data.Sampler):
+    """A permutation of ``n`` items drawn from ``seed`` and the epoch (Lightning calls ``set_epoch``), so that a
+    training resumed at epoch ``e`` sees the batches an uninterrupted one sees (a generator carried across epochs
+    would restart from its seed)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 def loader(items: Items, batch_size: int, seed: int, shuffle: bool = True):
     from torch.utils.data import DataLoader, TensorDataset
 
     data = TensorDataset(torch.from_numpy(items.ids), torch.from_numpy(items.sep))
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(data, batch_size=batch_size, sampler=EpochShuffle(len(data), seed) if shuffle else None)
 
 
 def _variable_credit(right: np.ndarray, answer_ids: np.ndarray, comma: int) -> float:

@@ -44,6 +44,29 @@ def compact_answer(answer: str) -> str:
     return answer.replace(" ", "")
 
 
+def settle_order(trajectory: list[list[int]], steps: int) -> list[int]:
+    """Variable indices (letter order) sorted by the round from which each keeps its final value, ties by letter.
+
+    ``trajectory``: the states after rounds 0..``steps`` (or more), each in letter order (the generator's
+    ``trajectory`` column). In an acyclic system that round is the variable's depth (sources 0), so writing the
+    answer in this order puts every value after the value its rule reads: each is one rule applied to a number
+    already written, not a composition of all the rules on the way (which a small model cannot do in one pass)."""
+    final = trajectory[steps]
+    settle = []
+    for j, value in enumerate(final):
+        r = steps
+        while r > 0 and trajectory[r - 1][j] == value:
+            r -= 1
+        settle.append(r)
+    return sorted(range(len(final)), key=lambda j: (settle[j], j))
+
+
+def reorder_answer(answer: str, order: list[int]) -> str:
+    """``A=1, B=2, C=3`` with its assignments in ``order`` (indices into the letter-ordered list)."""
+    parts = answer.split(", ")
+    return ", ".join(parts[j] for j in order)
+
+
 class CharCodec:
     """Characters of :data:`ALPHABET` <-> ids (after the four special ids)."""
 
