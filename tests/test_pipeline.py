@@ -117,7 +117,8 @@ def test_second_run_reuses_store_and_controller(smoke_run):
 @pytest.mark.parametrize("source", ["teacher", "shuffled", "uniform"])
 def test_smoke_injects_each_source_on_the_same_texts(smoke_run, source):
     """inject.source swaps what is injected, on the cached store and controller; uniform in bias mode is exactly
-    the student (softmax ignores a constant per row); the stored-row sources are reported on text only."""
+    the student (softmax ignores a constant per row); shuffled is reported on text only, the teacher oracle also
+    on facts QA (live)."""
     tmp, _ = smoke_run
     # the uniform run also scores the causal-loop QA domain (a no-op injection must leave every candidate's score)
     domains = ["evaluate.qa_domains=[causal_loop]", "evaluate.qa_domain_items=6"] if source == "uniform" else []
@@ -137,7 +138,10 @@ def test_smoke_injects_each_source_on_the_same_texts(smoke_run, source):
         assert "causal_loop QA accuracy" in proc.stdout
     else:
         assert ev["bits_per_byte"]["injected"] != ev["bits_per_byte"]["student"]
-        assert ev["facts_qa"]["injected"] is None and "stored rows" in ev["facts_qa"]["injected_note"]
+        if source == "shuffled":  # another text's rows: prompts have none
+            assert ev["facts_qa"]["injected"] is None and "stored rows" in ev["facts_qa"]["injected_note"]
+        else:  # the live oracle: the teacher reads each candidate's text itself
+            assert 0 <= ev["facts_qa"]["injected"] <= 1 and "injected_minus_student" in ev["facts_qa"]
     assert f"injection ({source})" in proc.stdout
 
 

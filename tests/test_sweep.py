@@ -202,8 +202,9 @@ def compose_jobs(experiment: str, *extra: str):
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from uzr.config import resolve_config
+    from uzr.config import register_configs, resolve_config
 
+    register_configs()  # the schema node train.yaml names; other tests may not have registered it in this process
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         base = [f"+experiment={experiment}", "paths.cache_dir=/nonexistent", *extra]
         cfg = compose("train", overrides=base, return_hydra_config=True)

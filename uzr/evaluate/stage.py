@@ -43,7 +43,8 @@ class EvaluateStage(UncachedStage):
             injected = injection_setting("injected", text_prior(source, controllers, rows, cfg.device, heads_of),
                                          cfg.alpha, cfg.inject.mode, source_name=source, sinks=sinks)
             return score_settings(student, student_tok, rows, [PLAIN, injected], layers, cfg.harvest.locality_window,
-                                  cfg.harvest.max_length, teacher if same_vocab else None, run.memo, desc)
+                                  cfg.harvest.max_length, teacher if same_vocab else None, run.memo, desc,
+                                  stored=run.stored)
 
         rows = heldout_rows(store, cfg.evaluate.num_texts)
         scores = texts(rows, "evaluate")

@@ -34,11 +34,14 @@ from uzr.text_bytes import predicted_bytes
 @dataclass(frozen=True)
 class Setting:
     """A way to run the student. ``edit(ids, row)`` gives a fresh edit for one text's ids (1, S) and its store
-    row, or None for the plain student; ``key`` identifies the computation (equal keys must give equal numbers)."""
+    row, or None for the plain student; ``key`` identifies the computation (equal keys must give equal numbers).
+    ``storable``: the key, the text and the run's artifacts fix the result, so it may be kept across runs (not
+    so for ``shuffled``, whose prior comes from another text of the evaluated set)."""
 
     name: str
     key: Hashable
     edit: Callable[[torch.Tensor, dict], ModelEdit | None] = field(default=lambda ids, row: None, compare=False)
+    storable: bool = True
 
 
 @dataclass
@@ -75,7 +78,7 @@ class TextScores:
 @torch.no_grad()
 def score_settings(student, tokenizer, rows: Sequence[dict], settings: Sequence[Setting], layers: Sequence[int],
                    window: int, max_length: int, teacher=None, memo: Callable | None = None,
-                   desc: str = "evaluate") -> TextScores:
+                   desc: str = "evaluate", stored: Callable | None = None) -> TextScores:
     """Every setting on every held-out store row, one :func:`student_pass` each.
 
     Args:
@@ -84,6 +87,8 @@ def score_settings(student, tokenizer, rows: Sequence[dict], settings: Sequence[
             aligned rows (the leading block the store keeps); ``window``: locality window (tokens).
         teacher: a model with the student's vocabulary, for next-token KL (None: not measured).
         memo: ``memo(key, compute)`` shared with other stages; passes are keyed by (setting key, text).
+        stored: the run's :meth:`~uzr.runner.RunContext.stored`: each storable setting's per-text scores are kept
+            across runs too (a warm re-run or a sweep's next job reads them instead of running the student).
     """
     memo = memo or (lambda key, compute: compute())
     device = next(student.parameters()).device
@@ -97,14 +102,15 @@ def score_settings(student, tokenizer, rows: Sequence[dict], settings: Sequence[
         out.teacher_bytes.append(int(row["teacher_bytes"]))
         ids = torch.as_tensor(np.asarray(row["input_ids"]), dtype=torch.long, device=device).reshape(1, -1)
         teacher_rows = {layer: torch.as_tensor(row[f"teacher_dist_L{layer}"]) for layer in layers}
-        teacher_final = None
-        if teacher is not None:
-            teacher_final = memo(("teacher_final", index, row["text"]),
-                                 partial(_teacher_final, teacher, ids))
+        # the teacher's pass runs only for a setting that is not already stored
+        teacher_final = None if teacher is None else partial(memo, ("teacher_final", index, row["text"]),
+                                                             partial(_teacher_final, teacher, ids))
         for setting in settings:
-            scores = memo(("text", setting.key, index, row["text"], tuple(layers), window, teacher is not None),
+            keep = stored if stored is not None and setting.storable else memo
+            scores = keep(("text", setting.key, index, row["text"], tuple(layers), window, teacher is not None),
                           partial(_measure, student, ids, row, setting, layers, window, teacher_rows, teacher,
                                   teacher_final))
+            scores = {**scores, "habits": {int(k): v for k, v in scores["habits"].items()}}  # JSON keys are str
             target = out.settings[setting.name]
             target.nll.append(scores["nll"])
             target.habits.append(scores["habits"])
@@ -123,14 +129,15 @@ def _teacher_final(teacher, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _measure(student, ids: torch.Tensor, row: dict, setting: Setting, layers: Sequence[int], window: int,
-             teacher_rows: dict[int, torch.Tensor], teacher, teacher_final: torch.Tensor | None) -> dict:
-    """One setting on one text: its summed loss, its habit gaps per layer, and its next-token KL."""
+             teacher_rows: dict[int, torch.Tensor], teacher, teacher_final: Callable[[], torch.Tensor] | None) -> dict:
+    """One setting on one text: its summed loss, its habit gaps per layer, and its next-token KL
+    (``teacher_final()``: the teacher's final hidden states (1, S, D) on the text)."""
     d = teacher_rows[layers[0]].shape[-1]  # the leading (d, d) block the store keeps
     result = student_pass(student, ids, list(layers), window, setting.edit(ids, row), d)
     scores = {"nll": float(result.nll.sum()),
               "habits": {layer: habit_gap(result.head_mean[layer], teacher_rows[layer], window) for layer in layers}}
     if teacher_final is not None:
-        scores["next_token_kl"] = next_token_kl(teacher, teacher_final, student, result.final)
+        scores["next_token_kl"] = next_token_kl(teacher, teacher_final(), student, result.final)
     return scores
 
 
@@ -158,7 +165,7 @@ def injection_setting(name: str, source: dict | Callable[[torch.Tensor, dict], A
         prior = source(ids, row) if callable(source) else source
         return Injector(prior, alpha, mode, prompt_len=0, gate=gate, sinks=sinks)
 
-    return Setting(name, injection_key(source_name, mode, alpha, sinks), edit)
+    return Setting(name, injection_key(source_name, mode, alpha, sinks), edit, storable=source_name != "shuffled")
 
 
 def injection_key(source: str, mode: str, alpha, sinks: dict | None = None) -> tuple:

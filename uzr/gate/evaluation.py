@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,7 +44,7 @@ def alpha_settings(cfg: RunConfig, spec: GateSpec) -> list[tuple[str, AlphaSpec 
 def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, gate: GateModule, models,
                    num_texts: int | None = None, num_prompts: int | None = None,
                    plain_qa: Callable[[str], list[list[float]]] | None = None, memo: Callable | None = None,
-                   qa_memo: Callable | None = None) -> dict:
+                   stored: Callable | None = None) -> dict:
     """Facts-QA accuracy and bits per byte for no injection, constant alphas and gated alphas.
 
     QA (:mod:`uzr.facts_qa`): the held-out answerable prompts (``evaluate.qa_prompts`` of them, or
@@ -53,7 +54,7 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     accuracy and bits per byte sit beside them. ``plain_qa(role)``: the facts-QA candidate scores of the
     uninjected ``"student"`` or the ``"teacher"`` on the same prompts, measured once per run and shared
     with the evaluate stage (default: scored here); ``memo``: the run's memo, so texts the evaluate stage
-    already scored in the same setting are not scored again; ``qa_memo``: where the injected rows' QA scores
+    already scored in the same setting are not scored again; ``stored``: where the injected rows' QA scores
     are kept (the run's :meth:`~uzr.runner.RunContext.stored`: shared with the evaluate stage and later runs).
 
     Returns ``{"table": {setting: {"qa_accuracy", "bits_per_byte", "mean_gate_qa"?, "mean_gate_text"?}},
@@ -99,8 +100,8 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
             return qa_scores(model, model_tok, qa, spec.prompt_format, batch_size=batch, desc=f"facts QA: {role}")
 
     def injected_qa(name: str, alpha: AlphaSpec) -> list[list[float]]:
-        # qa_memo keys hold the run's artifact keys (the gate's among them), so gated rows are safe to keep too
-        return injected_qa_scores(qa_memo, student, tok, qa, spec.prompt_format, qa_injector(alpha),
+        # stored keys hold the run's artifact keys (the gate's among them), so gated rows are safe to keep too
+        return injected_qa_scores(stored, student, tok, qa, spec.prompt_format, qa_injector(alpha),
                                   (cfg.inject.mode, alpha_key(alpha)), batch, desc=f"facts QA: {name}")
 
     qa_by_setting = {name: plain_qa("student") if alpha is None else injected_qa(name, alpha) for name, alpha in settings}
@@ -121,10 +122,14 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     text_settings = [PLAIN if alpha is None else injection_setting(name, ctrls, alpha, cfg.inject.mode, gate_values)
                      for name, alpha in settings]
     scores = score_settings(student, tok, rows, text_settings, layers, cfg.harvest.locality_window,
-                            cfg.harvest.max_length, memo=memo, desc="bits per byte: gated vs constant")
-    text_gates = [gate_values(torch.as_tensor(np.asarray(r["input_ids"]), device=device).reshape(1, -1)) for r in rows]
-    gate_count = sum(g.numel() for g in text_gates)
-    gate_sum = sum(float(g.sum()) for g in text_gates)
+                            cfg.harvest.max_length, memo=memo, desc="bits per byte: gated vs constant", stored=stored)
+    def gate_total(row: dict) -> list:  # [sum, count] of one text's gate values
+        gates = gate_values(torch.as_tensor(np.asarray(row["input_ids"]), device=device).reshape(1, -1))
+        return [float(gates.sum()), gates.numel()]
+
+    keep = stored or (lambda key, compute: compute())
+    totals = [keep(("gate_total", row["text"]), partial(gate_total, row)) for row in rows]
+    gate_sum, gate_count = sum(t[0] for t in totals), sum(t[1] for t in totals)
 
     table = {}
     for name, _ in settings:

@@ -165,7 +165,7 @@ class GateStage:
 
         evaluation = evaluate_gated(run.cfg, run.artifacts["harvest"], run.artifacts["controller"].controllers, gate,
                                     run.models, plain_qa=lambda role: plain_qa_scores(run, role), memo=run.memo,
-                                    qa_memo=run.stored)
+                                    stored=run.stored)
         run.tables["gated"] = gated_table(evaluation)
         return {"heldout": gate.report(), "evaluation": evaluation}
 
