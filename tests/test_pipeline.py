@@ -122,6 +122,8 @@ def test_smoke_injects_each_source_on_the_same_texts(smoke_run, source):
     tmp, _ = smoke_run
     # the uniform run also scores the causal-loop QA domain (a no-op injection must leave every candidate's score)
     domains = ["evaluate.qa_domains=[causal_loop]", "evaluate.qa_domain_items=6"] if source == "uniform" else []
+    if source == "teacher":  # the live oracle re-runs the teacher on every candidate: a few prompts show it
+        domains.append("evaluate.qa_prompts=12")
     proc = run_train(tmp, "+experiment=smoke", f"inject.source={source}", "stages=[harvest,controller,evaluate]",
                      "alpha.value=1.0", *domains, run_dir=f"run-{source}")
     assert proc.returncode == 0, proc.stderr[-3000:]
