@@ -175,6 +175,11 @@ def _plain_states(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int) 
     return states
 
 
+def _first_rows(groups: Sequence[Sequence[CandidateRow]]) -> np.ndarray:
+    """(G,) index of each prompt's first row among all rows of ``groups`` in order."""
+    return np.cumsum([0] + [len(g) for g in groups])[:-1]
+
+
 def _cache_rows(cache: DynamicCache, select: torch.Tensor) -> DynamicCache:
     """A new cache holding batch rows ``select`` of ``cache`` (repeats allowed; ``cache`` is kept)."""
     out = DynamicCache()
@@ -195,7 +200,7 @@ def _edited_shared_states(model, groups: Sequence[Sequence[CandidateRow]], edit:
     device = next(model.parameters()).device
     decoder = decoder_of(model)
     rows = [r for group in groups for r in group]
-    first = np.cumsum([0] + [len(g) for g in groups])[:-1]  # each prompt's first row
+    first = _first_rows(groups)
     own = [min(_common_prefix([r.ids for r in group]), min(r.scored[0] for r in group)) for group in groups]
     uniform = edit.gate is None or bool((edit.gate == edit.gate[:1]).all())
     shared = max(0, min(_common_prefix([r.ids for r in rows]), *(n - 1 for n in own))) if uniform else 0
@@ -261,8 +266,8 @@ def _shares_prefix(model, edit: ModelEdit, groups: Sequence[Sequence[CandidateRo
         return False
     if edit.gate is None:
         return True
-    first = torch.tensor([int(k) for k, g in zip(np.cumsum([0] + [len(g) for g in groups]), groups) for _ in g])
-    return bool((edit.gate == edit.gate[first.to(edit.gate.device)]).all())
+    first = np.repeat(_first_rows(groups), [len(g) for g in groups])  # (rows,) each row's prompt's first row
+    return bool((edit.gate == edit.gate[torch.from_numpy(first).to(edit.gate.device)]).all())
 
 
 @torch.no_grad()
@@ -284,7 +289,7 @@ def score_candidates(model, groups: Sequence[Sequence[CandidateRow]], pad_id: in
     prompt's first answer token is usually common to its candidates (the same prompt tokens before it).
     """
     rows = [r for group in groups for r in group]
-    first_row = [k0 for k0, group in zip(np.cumsum([0] + [len(g) for g in groups]), groups) for _ in group]
+    first_row = np.repeat(_first_rows(groups), [len(g) for g in groups])  # (rows,) each row's prompt's first row
     # tokens to j - 1 shared with the group's first row, whose states stop before its last token (a target only):
     # a candidate that is a token prefix of another ("L" and "LI") shares all of its tokens
     common = [min(_common_prefix([r.ids for r in group]), len(group[0].ids) - 1) for group in groups for _ in group]

@@ -120,7 +120,7 @@ class Injector(ModelEdit):
         self.gate = gate  # (B, 1) or (B, q) gate output for schedule ``gated``; may be set later
         self.sinks = {layer: s for layer in self.prior.layers if (s := sink_sets(sinks, layer)) is not None}
         # token ids of the sequence so far, per layer like the key cache: sink keys and priors that read the text
-        self.needs_ids = bool(self.sinks) or getattr(self.prior, "needs_ids", False)
+        self.needs_ids = bool(self.sinks) or self.prior.needs_ids
         self._new_ids: torch.Tensor | None = None
         self._id_cache: dict[int, torch.Tensor] = {}
         self._hidden: dict[int, torch.Tensor] = {}
