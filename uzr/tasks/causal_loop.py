@@ -31,9 +31,9 @@ import sys
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from uzr.config.tasks import CYCLIC_LEVELS, MIN_VARS, CausalLoopSpec, coerce_causal_loop
+from uzr.tasks.text_pieces import U8, TextRows, fuse, numbers, pack, render
 
 LETTERS = "ABCDEFGH"
 
@@ -43,7 +43,6 @@ BINARY = (ADD2, SUB2, MAX2, MIN2)
 UNARY_OPS = {1: (ADD, SUB, MUL), 2: (ADD, SUB, MUL, MOD, HALF, COPY), 3: (ADD, SUB, MUL),
              4: (ADD, SUB, MUL, MOD, HALF, COPY)}
 COND_FRACTION = 1 / 3  # level 4: share of unary rules made conditional on another variable
-MAX_ABS = 999_999  # numbers are rendered with at most 6 digits
 
 
 def apply_rule(op, a, b, k, t):
@@ -148,89 +147,63 @@ def settled_round(traj: np.ndarray) -> np.ndarray:
     return np.where(same.any(0), same.argmax(0), -1)
 
 
-# ---------------------------------------------------------------- text as token ids
+# ---------------------------------------------------------------- text as byte pieces
 PARALLEL_TEXT = "Each round applies every rule at once to the previous round's values."
 SEQUENTIAL_TEXT = "Each round applies the rules one by one in the order listed, each using the newest values."
-VOCAB = ["", "-", *"0123456789", *LETTERS, "=", ", ", ". ", "; ", " = ", " + ", " - ", " * ", " % ", " // 2",
-         "max(", "min(", ")", " if ", " > ", " else ", "Start: ", "Rules: ", PARALLEL_TEXT, SEQUENTIAL_TEXT,
-         " All values are taken modulo ", ".", " What are the values once nothing changes?",
-         " What are the values after ", " round?", " rounds?", " Answer as A=.., B=.., for every variable."]
-ID = {w: i for i, w in enumerate(VOCAB)}
-PAD, DIGIT0, LETTER0 = ID[""], ID["0"], ID["A"]
-TOKEN = np.uint8  # token ids (the vocabulary has < 256 words)
-_VOCAB_ARROW, _EMPTY = pa.array(VOCAB, pa.large_string()), pa.scalar("", pa.large_string())
-OP_TOKEN = {ADD: " + ", SUB: " - ", MUL: " * ", MOD: " % ", HALF: " // 2", ADD2: " + ", SUB2: " - ",
-            MAX2: ", ", MIN2: ", ", COND: " + "}
-_OP_TOKEN = np.full(COND + 1, PAD, TOKEN)
-for _code, _word in OP_TOKEN.items():
-    _OP_TOKEN[_code] = ID[_word]
+ANSWER_AS = " Answer as A=.., B=.., for every variable."
 
 
-def render(tokens: np.ndarray) -> pa.LargeStringArray:
-    """Token ids (n, L) -> Arrow strings, one per row: the concatenation of the row's vocabulary words
-    (gathered and joined by Arrow's kernels, no Python loop over rows)."""
-    keep = tokens != PAD
-    offsets = np.concatenate([[0], np.cumsum(keep.sum(1, dtype=np.int64))])
-    words = _VOCAB_ARROW.take(pa.array(tokens[keep]))
-    return pc.binary_join(pa.LargeListArray.from_arrays(offsets, words), _EMPTY)
+def _table(texts: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
+    """Rule code -> piece (vals, lens), each (COND + 1,); codes not in ``texts`` get the empty piece."""
+    vals, lens = np.zeros(COND + 1, U8), np.zeros(COND + 1, np.int64)
+    for code, text in texts.items():
+        vals[code], lens[code] = pack(text), len(text)
+    return vals, lens
 
 
-def _digits(values: np.ndarray) -> np.ndarray:
-    a = np.abs(values)
-    out = np.full((*values.shape, 7), PAD, TOKEN)
-    out[..., 0] = np.where(values < 0, ID["-"], PAD)
-    for i, p in enumerate(range(5, -1, -1)):
-        out[..., i + 1] = np.where((a >= 10 ** p) | (p == 0), DIGIT0 + (a // 10 ** p) % 10, PAD)
-    return out
+_OP = _table({ADD: " + ", SUB: " - ", MUL: " * ", MOD: " % ", HALF: " // 2", ADD2: " + ", SUB2: " - ",
+              MAX2: ", ", MIN2: ", ", COND: " + "})
+_OPEN, _CLOSE = _table({MAX2: "max(", MIN2: "min("}), _table({MAX2: ")", MIN2: ")"})
+_IS_BINARY = np.isin(np.arange(COND + 1), BINARY)
+_HAS_K = np.isin(np.arange(COND + 1), (ADD, SUB, MUL, MOD, COND))  # the rules that show their constant k
 
 
-_SMALL = 9999
-_NUMBER_TABLE = _digits(np.arange(-_SMALL, _SMALL + 1))
+def _letters(index: np.ndarray) -> tuple[np.ndarray, int]:
+    """Letter indices (...,) -> one-byte pieces."""
+    return (ord("A") + index).astype(U8), 1
 
 
-def number_tokens(values: np.ndarray) -> np.ndarray:
-    """Integers (...,) -> token ids (..., 7): sign, then up to 6 digits without leading zeros."""
-    biggest = np.abs(values).max(initial=0)
-    if biggest > MAX_ABS:
-        raise OverflowError(f"a causal-loop value exceeds {MAX_ABS}; lower max_vars")
-    return _NUMBER_TABLE[values + _SMALL] if biggest <= _SMALL else _digits(values)
+def state_text(rows: TextRows, state: np.ndarray, sep_last: str) -> None:
+    """Append ``A=3, B=0, ...`` + sep_last: the values of ``state`` (n, V), in letter order."""
+    V = state.shape[1]
+    names = np.array([pack(f"{LETTERS[j]}=") for j in range(V)], U8), 2  # (V,)
+    seps = [", "] * (V - 1) + [sep_last]
+    rows.sequence(names, numbers(state), (np.array([pack(t) for t in seps], U8), np.array([len(t) for t in seps])))
 
 
-def _const(token: str, n: int) -> np.ndarray:
-    return np.full((n, 1), ID[token], TOKEN)
+def rule_text(rows: TextRows, rules: Rules, letter_of: np.ndarray, order: np.ndarray) -> None:
+    """Append the rules in listing order ``order`` (n, R), e.g. ``D = C + 1 if A > 3 else C; B = max(A, C). ``;
+    ``letter_of`` (n, V): role -> letter index."""
+    def listed(a):  # (n, R) in listing order
+        return np.take_along_axis(a, order, 1)
 
-
-def _cat(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts, 1, dtype=TOKEN, casting="unsafe")
-
-
-def state_tokens(state: np.ndarray, sep_last: str) -> np.ndarray:
-    """Values in letter order (n, V) -> ``A=3, B=0, ...`` + sep_last, as tokens (n, 10 V)."""
-    n, V = state.shape
-    nums = number_tokens(state)
-    parts = []
-    for j in range(V):
-        parts += [_const(LETTERS[j], n), _const("=", n), nums[:, j], _const(", " if j < V - 1 else sep_last, n)]
-    return _cat(parts)
-
-
-def rule_tokens(rules: Rules, letter_of: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Tokens (n, 28) of rule index r (n,) per sample, e.g. ``D = C + 1 if A > 3 else C``."""
-    def at(a):
-        return np.take_along_axis(a, r[:, None], 1)[:, 0]
-    op, k, t = at(rules.op), at(rules.k), at(rules.t)
-    name = lambda role: LETTER0 + np.take_along_axis(letter_of, role[:, None], 1)  # noqa: E731
-    s1, s2 = name(at(rules.s1)), name(at(rules.s2))
-    binary, cond = np.isin(op, BINARY)[:, None], (op == COND)[:, None]
-    opc = op[:, None]
-    return _cat([
-        name(at(rules.tgt)), _const(" = ", len(op)),
-        np.where(opc == MAX2, ID["max("], np.where(opc == MIN2, ID["min("], PAD)),
-        s1, _OP_TOKEN[opc], np.where(binary, s2, PAD),
-        np.where(binary | (opc == HALF) | (opc == COPY), PAD, number_tokens(k)),
-        np.where((opc == MAX2) | (opc == MIN2), ID[")"], PAD),
-        np.where(cond, ID[" if "], PAD), np.where(cond, s2, PAD), np.where(cond, ID[" > "], PAD),
-        np.where(cond, number_tokens(t), PAD), np.where(cond, ID[" else "], PAD), np.where(cond, s1, PAD)])
+    op = listed(rules.op)
+    tgt, s1, s2 = (_letters(np.take_along_axis(letter_of, listed(role), 1)) for role in (rules.tgt, rules.s1, rules.s2))
+    binary, has_k, k = _IS_BINARY[op], _HAS_K[op], numbers(listed(rules.k))
+    second = fuse(s2, (_CLOSE[0][op], _CLOSE[1][op]))  # binary: its second source, then ")" after max/min
+    blocks = [
+        fuse(tgt, fuse((pack(" = "), 3), (_OPEN[0][op], _OPEN[1][op]))),  # "D = " or "D = max("
+        fuse(s1, (_OP[0][op], _OP[1][op])),  # "C + " or "C // 2" or "C" (copy)
+        (np.where(binary, second[0], np.where(has_k, k[0], U8.type(0))), np.where(binary, second[1], has_k * k[1]))]
+    cond = op == COND
+    if cond.any():  # "if A > 3 else C"
+        t = numbers(listed(rules.t))
+        blocks += [(np.where(cond, pack(" if ") | s2[0] << U8.type(32) | U8.type(pack(" > ")) << U8.type(40), U8.type(0)),
+                    8 * cond), (np.where(cond, t[0], U8.type(0)), cond * t[1]),
+                   (np.where(cond, pack(" else ") | s1[0] << U8.type(48), U8.type(0)), 7 * cond)]
+    R = op.shape[1]
+    seps = ["; "] * (R - 1) + [". "]
+    rows.sequence(*blocks, (np.array([pack(t) for t in seps], U8), 2))
 
 
 # ---------------------------------------------------------------- one group, one chunk
@@ -256,31 +229,43 @@ def generate_group(rng: np.random.Generator, spec: CausalLoopSpec, level: int, n
     np.put_along_axis(traj_letters, np.broadcast_to(letter_of, traj.shape), traj, 2)
     traj_letters = traj_letters.transpose(1, 0, 2)  # (n, rounds + 1, V)
 
-    rule_parts = []
-    for p in range(R):
-        rule_parts += [rule_tokens(rules, letter_of, order[:, p]), _const("; " if p < R - 1 else ". ", n)]
-    after = _cat([_const(" What are the values after ", n), number_tokens(steps),
-                  np.where(steps[:, None] == 1, ID[" round?"], ID[" rounds?"])])
-    settle = np.full_like(after, PAD)
-    settle[:, 0] = ID[" What are the values once nothing changes?"]
-    modulus = [_const(" All values are taken modulo ", n), number_tokens(rules.modulus), _const(".", n)]
-    prompt = _cat([
-        _const("Start: ", n), state_tokens(traj_letters[:, 0], ". "), _const("Rules: ", n), *rule_parts,
-        _const(PARALLEL_TEXT if spec.update == "parallel" else SEQUENTIAL_TEXT, n), *(modulus if cyclic else []),
-        np.where(fixed[:, None], settle, after), _const(" Answer as A=.., B=.., for every variable.", n)])
-    answer = state_tokens(traj_letters[np.arange(n), steps], "")
-    return {"prompt": prompt, "answer": answer, "steps": steps, "trajectory": traj_letters}
+    return {"prompt": prompt_text(spec, rules, letter_of, order, traj_letters[:, 0], fixed, steps),
+            "answer": answer_text(traj_letters[np.arange(n), steps]), "steps": steps, "trajectory": traj_letters}
+
+
+def prompt_text(spec: CausalLoopSpec, rules: Rules, letter_of: np.ndarray, order: np.ndarray, start: np.ndarray,
+                fixed: np.ndarray, steps: np.ndarray) -> TextRows:
+    """The prompts of a group: ``start`` (n, V) values in letter order, ``fixed`` (n,) asks for the fixed point,
+    else after ``steps`` (n,) rounds."""
+    rows = TextRows(len(start))
+    rows.text("Start: ")
+    state_text(rows, start, ". ")
+    rows.text("Rules: ")
+    rule_text(rows, rules, letter_of, order)
+    update = PARALLEL_TEXT if spec.update == "parallel" else SEQUENTIAL_TEXT
+    if rules.modulus.any():  # the cyclic levels
+        rows.text(update + " All values are taken modulo ")
+        rows.sequence(numbers(rules.modulus[:, None]), (pack("."), 1))
+    else:
+        rows.text(update)
+    asked = ~fixed  # a stated round count
+    rows.text(" What are the values once nothing changes?" + ANSWER_AS, fixed)
+    rows.text(" What are the values after ", asked)
+    count = numbers(steps)
+    rows.pieces(np.where(asked, count[0], U8.type(0))[:, None], (asked * count[1])[:, None])
+    rows.text(" round?" + ANSWER_AS, asked & (steps == 1))
+    rows.text(" rounds?" + ANSWER_AS, asked & (steps != 1))
+    return rows
+
+
+def answer_text(final: np.ndarray) -> TextRows:
+    """``A=2, B=6, ...``: the values ``final`` (n, V) in letter order."""
+    rows = TextRows(len(final))
+    state_text(rows, final, "")
+    return rows
 
 
 _MIN_VARS = np.array([MIN_VARS.get(lv, 0) for lv in range(max(MIN_VARS) + 1)])
-
-
-def _scatter(rows: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
-    """(index, token matrix (k, w)) pairs -> one (n, max w) matrix, rows at their index, padded."""
-    out = np.full((n, max(m.shape[1] for _, m in rows)), PAD, TOKEN)
-    for index, m in rows:
-        out[index, :m.shape[1]] = m
-    return out
 
 
 def generate_chunk(rng: np.random.Generator, spec: CausalLoopSpec, n: int) -> pa.Table:
@@ -298,8 +283,8 @@ def generate_chunk(rng: np.random.Generator, spec: CausalLoopSpec, n: int) -> pa
         steps[where] = g["steps"]
     V = nvars.astype(np.int64)
     columns = {
-        "prompt": render(_scatter([(w, g["prompt"]) for w, g in groups], n)),
-        "answer": render(_scatter([(w, g["answer"]) for w, g in groups], n)),
+        "prompt": render([(w, g["prompt"]) for w, g in groups], n),
+        "answer": render([(w, g["answer"]) for w, g in groups], n, gap=True),  # may end in a piece
         "level": pa.array(levels.astype(np.int32)),
         "variables": pa.LargeListArray.from_arrays(
             np.concatenate([[0], np.cumsum(V)]),
