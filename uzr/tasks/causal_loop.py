@@ -45,18 +45,6 @@ UNARY_OPS = {1: (ADD, SUB, MUL), 2: (ADD, SUB, MUL, MOD, HALF, COPY), 3: (ADD, S
 COND_FRACTION = 1 / 3  # level 4: share of unary rules made conditional on another variable
 
 
-def apply_rule(op, a, b, k, t):
-    """Value of a rule, elementwise: ``op`` code, ``a`` = its first source, ``b`` its second source (the
-    condition variable of ``COND``), ``k`` its constant, ``t`` the condition threshold. Python semantics
-    for ``%`` and ``//`` (floor), as numpy's integer ops."""
-    return np.select(
-        [op == COPY, op == ADD, op == SUB, op == MUL, op == MOD, op == HALF,
-         op == ADD2, op == SUB2, op == MAX2, op == MIN2],
-        [a, a + k, a - k, a * k, a % np.maximum(k, 1), a // 2,
-         a + b, a - b, np.maximum(a, b), np.minimum(a, b)],
-        default=np.where(b > t, a + k, a))
-
-
 class Rules:
     """The rules of a group of ``n`` samples, ``R`` rules each, in structural (role) order: arrays
     ``tgt, op, s1, s2, k, t`` of shape (n, R), roles in ``[0, V)``; ``modulus`` (n,), 0 = none."""
@@ -110,41 +98,76 @@ def draw_rules(rng: np.random.Generator, level: int, n: int, V: int, moduli: tup
     return rules
 
 
-def step(state: np.ndarray, rules: Rules, order: np.ndarray | None) -> np.ndarray:
-    """One round. state: (n, V) int64 by role. ``order`` (n, R): listing order for sequential update
-    (rule indices); None = parallel. Returns the new state (n, V)."""
-    def value(src_state, idx):
-        pick = (lambda a: a[:, idx]) if order is None else (lambda a: np.take_along_axis(a, idx, 1))
-        a = np.take_along_axis(src_state, pick(rules.s1), 1)
-        b = np.take_along_axis(src_state, pick(rules.s2), 1)
-        v = apply_rule(pick(rules.op), a, b, pick(rules.k), pick(rules.t))
-        m = rules.modulus[:, None]
-        return np.where(m > 0, v % np.maximum(m, 1), v), pick(rules.tgt)
+class Listed:
+    """A group's rules in listing order, their variables as letter indices: ``tgt, s1, s2`` (n, R) in
+    ``[0, V)``; ``op`` (n, R), ``k, t`` (n, R) int32; ``modulus`` (n, 1) int32, 0 = none."""
 
-    if order is None:  # all rules at once, from the previous values
-        v, tgt = value(state, slice(None))
-        new = state.copy()
-        np.put_along_axis(new, tgt, v, 1)
-        return new
-    new = state.copy()
-    for p in range(order.shape[1]):  # in listed order, each from the newest values
-        v, tgt = value(new, order[:, p:p + 1])
-        np.put_along_axis(new, tgt, v, 1)
-    return new
+    def __init__(self, rules: Rules, order: np.ndarray, letter_of: np.ndarray):
+        def listed(a):  # (n, R), column p = the rule listed p-th
+            return np.take_along_axis(a, order, 1)
+
+        self.op, self.k, self.t = listed(rules.op), listed(rules.k).astype(np.int32), listed(rules.t).astype(np.int32)
+        self.tgt, self.s1, self.s2 = (np.take_along_axis(letter_of, listed(role), 1)
+                                      for role in (rules.tgt, rules.s1, rules.s2))
+        self.modulus = rules.modulus.astype(np.int32)[:, None]
 
 
-def simulate(start: np.ndarray, rules: Rules, order: np.ndarray | None, rounds: int) -> np.ndarray:
-    """States after 0..rounds rounds: (rounds + 1, n, V)."""
-    traj = [start]
-    for _ in range(rounds):
-        traj.append(step(traj[-1], rules, order))
-    return np.stack(traj)
+class Program:
+    """Listed rules as arithmetic on int32 (n, R) arrays: a rule's value from its sources' values a and b is
+    ``a * mul + add + sign * b + kc * (b > t)`` (copy, +k, -k, *k, a + b, a - b, the conditional +k), replaced
+    by ``a % k``, ``a // 2``, ``max(a, b)`` or ``min(a, b)`` where those rules are, then taken ``% modulus`` on
+    the cyclic levels. Sources and targets are flat indices into the state (n * V,) in letter order."""
+
+    def __init__(self, rules: Listed, V: int):
+        op, k = rules.op, rules.k
+        n = op.shape[0]
+        base = np.arange(n)[:, None] * V  # (n, 1) row starts in the flat state
+        self.tgt, self.s1, self.s2 = base + rules.tgt, base + rules.s1, base + rules.s2
+        self.mul = np.where(op == MUL, k, 1).astype(np.int32)
+        self.add = np.where(op == ADD, k, np.where(op == SUB, -k, 0)).astype(np.int32)
+        self.sign = (op == ADD2).astype(np.int32) - (op == SUB2)
+        self.kc, self.k, self.t = np.where(op == COND, k, 0).astype(np.int32), k, rules.t
+        self.special = [(code, op == code) for code in (MOD, HALF, MAX2, MIN2) if (op == code).any()]
+        self.reads_b = bool(self.sign.any() or self.kc.any() or any(c in (MAX2, MIN2) for c, _ in self.special))
+        self.modulus = rules.modulus if rules.modulus.any() else None
+
+    def value(self, a: np.ndarray, b: np.ndarray | None, cols: slice) -> np.ndarray:
+        """Values (n, c) of the rules in columns ``cols`` from their sources' values ``a``, ``b`` (n, c)."""
+        v = a * self.mul[:, cols] + self.add[:, cols]
+        if self.reads_b:
+            v += self.sign[:, cols] * b + self.kc[:, cols] * (b > self.t[:, cols])
+        for code, where in self.special:
+            w = where[:, cols]
+            if code == MOD:
+                v = np.where(w, a % self.k[:, cols], v)
+            elif code == HALF:
+                v = np.where(w, a >> 1, v)  # floor division by 2, negative values too
+            else:
+                v = np.where(w, (np.maximum if code == MAX2 else np.minimum)(a, b), v)
+        return v if self.modulus is None else v % self.modulus
+
+
+def simulate(start: np.ndarray, program: Program, sequential: bool, rounds: int) -> np.ndarray:
+    """States after 0..rounds rounds (n, rounds + 1, V) int32, from ``start`` (n, V) in letter order. Parallel:
+    every rule reads the previous round's values; sequential: in listing order, each reads the newest."""
+    n, V = start.shape
+    traj = np.empty((n, rounds + 1, V), np.int32)
+    traj[:, 0] = start
+    state = start.astype(np.int32).reshape(-1)  # (n * V,) a copy, updated in place
+    R = program.tgt.shape[1]
+    steps = [slice(p, p + 1) for p in range(R)] if sequential else [slice(None)]
+    for r in range(rounds):
+        for cols in steps:  # parallel: one step reads all sources before any target is written
+            b = state[program.s2[:, cols]] if program.reads_b else None
+            state[program.tgt[:, cols]] = program.value(state[program.s1[:, cols]], b, cols)
+        traj[:, r + 1] = state.reshape(n, V)
+    return traj
 
 
 def settled_round(traj: np.ndarray) -> np.ndarray:
     """Per sample, the first round r with state r == state r+1 (a fixed point), or -1 if none. (n,)"""
-    same = (traj[1:] == traj[:-1]).all(-1)  # (rounds, n)
-    return np.where(same.any(0), same.argmax(0), -1)
+    same = (traj[:, 1:] == traj[:, :-1]).all(-1)  # (n, rounds)
+    return np.where(same.any(1), same.argmax(1), -1)
 
 
 # ---------------------------------------------------------------- text as byte pieces
@@ -181,15 +204,11 @@ def state_text(rows: TextRows, state: np.ndarray, sep_last: str) -> None:
     rows.sequence(names, numbers(state), (np.array([pack(t) for t in seps], U8), np.array([len(t) for t in seps])))
 
 
-def rule_text(rows: TextRows, rules: Rules, letter_of: np.ndarray, order: np.ndarray) -> None:
-    """Append the rules in listing order ``order`` (n, R), e.g. ``D = C + 1 if A > 3 else C; B = max(A, C). ``;
-    ``letter_of`` (n, V): role -> letter index."""
-    def listed(a):  # (n, R) in listing order
-        return np.take_along_axis(a, order, 1)
-
-    op = listed(rules.op)
-    tgt, s1, s2 = (_letters(np.take_along_axis(letter_of, listed(role), 1)) for role in (rules.tgt, rules.s1, rules.s2))
-    binary, has_k, k = _IS_BINARY[op], _HAS_K[op], numbers(listed(rules.k))
+def rule_text(rows: TextRows, rules: Listed) -> None:
+    """Append the rules in listing order, e.g. ``D = C + 1 if A > 3 else C; B = max(A, C). ``"""
+    op = rules.op
+    tgt, s1, s2 = _letters(rules.tgt), _letters(rules.s1), _letters(rules.s2)
+    binary, has_k, k = _IS_BINARY[op], _HAS_K[op], numbers(rules.k)
     second = fuse(s2, (_CLOSE[0][op], _CLOSE[1][op]))  # binary: its second source, then ")" after max/min
     blocks = [
         fuse(tgt, fuse((pack(" = "), 3), (_OPEN[0][op], _OPEN[1][op]))),  # "D = " or "D = max("
@@ -197,7 +216,7 @@ def rule_text(rows: TextRows, rules: Rules, letter_of: np.ndarray, order: np.nda
         (np.where(binary, second[0], np.where(has_k, k[0], U8.type(0))), np.where(binary, second[1], has_k * k[1]))]
     cond = op == COND
     if cond.any():  # "if A > 3 else C"
-        t = numbers(listed(rules.t))
+        t = numbers(rules.t)
         blocks += [(np.where(cond, pack(" if ") | s2[0] << U8.type(32) | U8.type(pack(" > ")) << U8.type(40), U8.type(0)),
                     8 * cond), (np.where(cond, t[0], U8.type(0)), cond * t[1]),
                    (np.where(cond, pack(" else ") | s1[0] << U8.type(48), U8.type(0)), 7 * cond)]
@@ -208,44 +227,46 @@ def rule_text(rows: TextRows, rules: Rules, letter_of: np.ndarray, order: np.nda
 
 # ---------------------------------------------------------------- one group, one chunk
 def generate_group(rng: np.random.Generator, spec: CausalLoopSpec, level: int, n: int, V: int) -> dict:
-    """``n`` samples of ``level`` with ``V`` variables: token matrices ``prompt`` and ``answer``, ``steps``
-    (n,) and ``trajectory`` (n, rounds + 1, V), the states after each round in letter order."""
+    """``n`` samples of ``level`` with ``V`` variables: the text rows ``prompt`` and ``answer``, ``steps`` (n,) and
+    ``trajectory`` (n, rounds + 1, V), the states after each round in letter order."""
     rules = draw_rules(rng, level, n, V, (spec.min_modulus, spec.max_modulus))
     R = rules.op.shape[1]
     cyclic = level in CYCLIC_LEVELS
-    start = rng.integers(0, rules.modulus[:, None] if cyclic else 10, (n, V))
+    start = rng.integers(0, rules.modulus[:, None] if cyclic else 10, (n, V))  # by role
     order = np.argsort(rng.random((n, R)), 1)  # listing order of the rules (sequential update order)
+    if cyclic:  # drawn before the simulation, in the order the seed's stream has always had
+        ask_fixed = rng.random(n) < spec.fixed_point_fraction
+        stated = rng.integers(1, spec.max_rounds + 1, n)
+    letter_of = np.argsort(rng.random((n, V)), 1)  # role -> letter index
+    start_letters = np.empty_like(start)
+    np.put_along_axis(start_letters, letter_of, start, 1)
+    listed = Listed(rules, order, letter_of)
     rounds = spec.max_rounds if cyclic else V  # acyclic: depth <= V - 1 rounds, one more shows it settled
-    traj = simulate(start, rules, None if spec.update == "parallel" else order, rounds)
+    traj = simulate(start_letters, Program(listed, V), spec.update == "sequential", rounds)  # (n, rounds + 1, V)
     settled = settled_round(traj)
     if cyclic:
-        fixed = (settled >= 1) & (rng.random(n) < spec.fixed_point_fraction)
-        steps = np.where(fixed, settled, rng.integers(1, spec.max_rounds + 1, n))
+        fixed = (settled >= 1) & ask_fixed
+        steps = np.where(fixed, settled, stated)
     else:
         assert (settled >= 0).all(), "an acyclic system did not settle"
         fixed, steps = np.ones(n, bool), settled
-    letter_of = np.argsort(rng.random((n, V)), 1)  # role -> letter index
-    traj_letters = np.empty_like(traj)
-    np.put_along_axis(traj_letters, np.broadcast_to(letter_of, traj.shape), traj, 2)
-    traj_letters = traj_letters.transpose(1, 0, 2)  # (n, rounds + 1, V)
-
-    return {"prompt": prompt_text(spec, rules, letter_of, order, traj_letters[:, 0], fixed, steps),
-            "answer": answer_text(traj_letters[np.arange(n), steps]), "steps": steps, "trajectory": traj_letters}
+    return {"prompt": prompt_text(spec, listed, start_letters, fixed, steps),
+            "answer": answer_text(traj[np.arange(n), steps]), "steps": steps, "trajectory": traj}
 
 
-def prompt_text(spec: CausalLoopSpec, rules: Rules, letter_of: np.ndarray, order: np.ndarray, start: np.ndarray,
-                fixed: np.ndarray, steps: np.ndarray) -> TextRows:
+def prompt_text(spec: CausalLoopSpec, rules: Listed, start: np.ndarray, fixed: np.ndarray,
+                steps: np.ndarray) -> TextRows:
     """The prompts of a group: ``start`` (n, V) values in letter order, ``fixed`` (n,) asks for the fixed point,
     else after ``steps`` (n,) rounds."""
     rows = TextRows(len(start))
     rows.text("Start: ")
     state_text(rows, start, ". ")
     rows.text("Rules: ")
-    rule_text(rows, rules, letter_of, order)
+    rule_text(rows, rules)
     update = PARALLEL_TEXT if spec.update == "parallel" else SEQUENTIAL_TEXT
     if rules.modulus.any():  # the cyclic levels
         rows.text(update + " All values are taken modulo ")
-        rows.sequence(numbers(rules.modulus[:, None]), (pack("."), 1))
+        rows.sequence(numbers(rules.modulus), (pack("."), 1))
     else:
         rows.text(update)
     asked = ~fixed  # a stated round count
