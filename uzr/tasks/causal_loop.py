@@ -32,7 +32,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 
-from uzr.config.tasks import CYCLIC_LEVELS, MIN_VARS, CausalLoopSpec, coerce_causal_loop
+from uzr.config.tasks import CYCLIC_LEVELS, MAX_VARS, MIN_VARS, CausalLoopSpec, coerce_causal_loop
 from uzr.tasks.text_pieces import U8, TextRows, fuse, numbers, pack, render
 
 LETTERS = "ABCDEFGH"
@@ -289,16 +289,26 @@ def answer_text(final: np.ndarray) -> TextRows:
 _MIN_VARS = np.array([MIN_VARS.get(lv, 0) for lv in range(max(MIN_VARS) + 1)])
 
 
+def _letter_strings(V: np.ndarray) -> pa.StringArray:
+    """``A, B, ..`` up to each sample's variable count V (n,), flattened: one-letter Arrow strings (sum V,)."""
+    letters = (np.arange(V.max())[None, :] < V[:, None]).nonzero()[1]  # (sum V,) letter index of each
+    offsets = np.arange(len(letters) + 1, dtype=np.int32)
+    return pa.StringArray.from_buffers(len(letters), pa.py_buffer(offsets),
+                                       pa.py_buffer((ord("A") + letters).astype(np.uint8)))
+
+
 def generate_chunk(rng: np.random.Generator, spec: CausalLoopSpec, n: int) -> pa.Table:
     """``n`` samples in draw order: level uniform over ``spec.levels``, V uniform per level."""
-    levels = np.asarray(spec.levels)[rng.integers(0, len(spec.levels), n)]
+    rank = rng.integers(0, len(spec.levels), n)  # (n,) position of the sample's level in spec.levels
+    levels = np.asarray(spec.levels)[rank]
     nvars = rng.integers(_MIN_VARS[levels], spec.max_vars + 1)
+    key = rank * (MAX_VARS + 1) + nvars  # (n,) one value per (level, V) group, in the order groups are drawn
+    by_group = np.argsort(key, kind="stable")  # (n,) sample indices, each group's in draw order
+    keys, firsts = np.unique(key[by_group], return_index=True)
     groups = []
-    for level in spec.levels:
-        for V in range(MIN_VARS[level], spec.max_vars + 1):
-            where = np.flatnonzero((levels == level) & (nvars == V))
-            if len(where):
-                groups.append((where, generate_group(rng, spec, level, len(where), V)))
+    for group_key, where in zip(keys, np.split(by_group, firsts[1:])):
+        level, V = spec.levels[int(group_key) // (MAX_VARS + 1)], int(group_key) % (MAX_VARS + 1)
+        groups.append((where, generate_group(rng, spec, level, len(where), V)))
     steps = np.zeros(n, np.int64)
     for where, g in groups:
         steps[where] = g["steps"]
@@ -307,9 +317,7 @@ def generate_chunk(rng: np.random.Generator, spec: CausalLoopSpec, n: int) -> pa
         "prompt": render([(w, g["prompt"]) for w, g in groups], n),
         "answer": render([(w, g["answer"]) for w, g in groups], n, gap=True),  # may end in a piece
         "level": pa.array(levels.astype(np.int32)),
-        "variables": pa.LargeListArray.from_arrays(
-            np.concatenate([[0], np.cumsum(V)]),
-            pa.array(np.asarray(list(LETTERS))[(np.arange(V.max())[None, :] < V[:, None]).nonzero()[1]])),
+        "variables": pa.LargeListArray.from_arrays(np.concatenate([[0], np.cumsum(V)]), _letter_strings(V)),
         "steps": pa.array(steps.astype(np.int32)),
     }
     if spec.trajectory:
