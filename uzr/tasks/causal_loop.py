@@ -270,12 +270,12 @@ def prompt_text(spec: CausalLoopSpec, rules: Listed, start: np.ndarray, fixed: n
     else:
         rows.text(update)
     asked = ~fixed  # a stated round count
-    rows.text(" What are the values once nothing changes?" + ANSWER_AS, fixed)
     rows.text(" What are the values after ", asked)
     count = numbers(steps)
     rows.pieces(np.where(asked, count[0], U8.type(0))[:, None], (asked * count[1])[:, None])
     rows.text(" round?" + ANSWER_AS, asked & (steps == 1))
     rows.text(" rounds?" + ANSWER_AS, asked & (steps != 1))
+    rows.text(" What are the values once nothing changes?" + ANSWER_AS, fixed)  # after the (empty) count piece
     return rows
 
 

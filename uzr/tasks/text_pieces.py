@@ -92,16 +92,21 @@ class TextRows:
 
     def __init__(self, n: int):
         self.n = n
-        self.blocks: list[tuple[np.ndarray, np.ndarray]] = []  # piece blocks (n, k)
-        self.runs: list[tuple[int, bytes, np.ndarray | None]] = []  # (column, text, mask or None)
+        # (first column, piece vals (n, k) or a run's bytes, the run's rows (n,) bool or None)
+        self.segments: list[tuple[int, np.ndarray | bytes, np.ndarray | None]] = []
+        self.lens: list[np.ndarray] = []  # each segment's byte lengths (n, k)
         self.columns = 0
+
+    def _add(self, vals, lens: np.ndarray, mask=None) -> None:
+        self.segments.append((self.columns, vals, mask))
+        self.lens.append(lens)
+        self.columns += lens.shape[1]
 
     def pieces(self, vals, lens) -> None:
         """A block of pieces (n, k), or broadcastable to it: (k,) is the same in every row, (n, 1) one column."""
         vals, lens = np.asarray(vals, U8), np.asarray(lens, np.int64)
         shape = np.broadcast_shapes(vals.shape, lens.shape, (self.n, 1))
-        self.blocks.append((np.broadcast_to(vals, shape), np.broadcast_to(lens, shape)))
-        self.columns += shape[1]
+        self._add(np.broadcast_to(vals, shape), np.broadcast_to(lens, shape))
 
     def sequence(self, *blocks: tuple) -> None:
         """Blocks of pieces (n, k) that alternate within the row (:func:`interleave`), fused where they fit."""
@@ -110,31 +115,33 @@ class TextRows:
     def text(self, text: str, mask: np.ndarray | None = None) -> None:
         """Constant text in every row (or the rows of ``mask`` (n,) bool): one piece if it fits, else a run."""
         raw = text.encode()
-        if len(raw) <= 8:
-            val = U8.type(pack(text))
+        present = np.ones((self.n, 1), bool) if mask is None else mask[:, None]
+        if len(raw) > 8:
+            self._add(raw, np.where(present, len(raw), 0), mask)
+        elif mask is None:
+            self.pieces(pack(text), len(raw))
         else:
-            self.runs.append((self.columns, raw, mask))
-            val = U8.type(0)
-        if mask is None:
-            self.pieces(val, len(raw))
-        else:
-            self.pieces(np.where(mask, val, U8.type(0))[:, None], np.where(mask, len(raw), 0)[:, None])
+            self.pieces(np.where(present, U8.type(pack(text)), U8.type(0)), present * len(raw))
 
     def lengths(self) -> np.ndarray:
         """Every column's byte length per row (n, columns)."""
-        return np.concatenate([L for _, L in self.blocks], 1)
+        return np.concatenate(self.lens, 1)
 
-    def write(self, buf: np.ndarray, start: np.ndarray, lens: np.ndarray) -> None:
-        """Store the rows into ``buf`` (uint8) at the offsets ``start`` (n,); ``lens``: :meth:`lengths`."""
+    def write(self, buf: np.ndarray, start: np.ndarray, lens: np.ndarray, limit: np.ndarray) -> None:
+        """Store the rows into ``buf`` (uint8) at the offsets ``start`` (n,); ``lens``: :meth:`lengths`;
+        ``limit`` (n,): where the bytes a row may touch end (its end, or the end of its spare bytes)."""
         pos = start[:, None] + np.cumsum(lens, 1) - lens  # (n, C) where each column begins
-        vals = np.concatenate([v for v, _ in self.blocks], 1)  # (n, C)
-        is_run = np.zeros(lens.shape[1], bool)
-        is_run[[c for c, _, _ in self.runs]] = True
-        store = (lens > 0) & ~is_run  # (n, C): empty pieces would spill past a row's end
-        _view(buf, U8)[pos[store]] = vals[store]  # row-major: each row's pieces in order
-        for column, raw, mask in self.runs:
-            rows = pos[:, column] if mask is None else pos[mask, column]
-            _view(buf, np.dtype(f"V{len(raw)}"))[rows] = np.frombuffer(raw, f"V{len(raw)}")[0]
+        pieces = [(pos[:, c:c + v.shape[1]], v) for c, v, _ in self.segments if not isinstance(v, bytes)]
+        last = pieces[-1][0][:, -1]  # (n,) the last piece's position: its 8-byte store must stay in the row
+        if (last + 8 > limit).any():
+            raise ValueError("a row's last piece would write past its end: end it in a run of >= 8 bytes or "
+                             "render with gap=True")
+        for at, vals in pieces:  # row-major: each row's pieces in order; later blocks after earlier ones
+            _view(buf, U8)[at] = vals
+        for column, raw, mask in self.segments:
+            if isinstance(raw, bytes):
+                at = pos[:, column] if mask is None else pos[mask, column]
+                _view(buf, np.dtype(f"V{len(raw)}"))[at] = np.frombuffer(raw, f"V{len(raw)}")[0]
 
 
 def _view(buf: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -154,7 +161,7 @@ def render(groups: list[tuple[np.ndarray, TextRows]], n: int, gap: bool = False)
     starts = ends - lengths - spare
     buf = np.zeros(int(ends[-1]) + 8, np.uint8)
     for (where, rows), group_lens in zip(groups, lens):
-        rows.write(buf, starts[where], group_lens)
+        rows.write(buf, starts[where], group_lens, ends[where])
     if gap:
         keep = np.ones(int(ends[-1]), bool)
         keep[(ends[:, None] - spare + np.arange(spare)).ravel()] = False
