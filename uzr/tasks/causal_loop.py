@@ -19,9 +19,10 @@ in the order listed, each reading the newest values). Every answer is unique: th
 deterministic, a fixed point is absorbing, and a cycle that does not settle within ``max_rounds`` is
 asked for a stated round count.
 
-Generation is vectorised: a chunk's samples are grouped by (level, V), their rules drawn and simulated
-as numpy arrays over the group, and their text built as a matrix of token ids over a small vocabulary
-that :func:`render` turns into an Arrow string column without a Python loop over samples.
+Generation is vectorised: a chunk's samples are grouped by (level, V), their rules drawn as numpy arrays
+over the group and simulated as int32 arithmetic on flat states (:class:`Program`), and their text built as
+blocks of byte pieces that :func:`uzr.tasks.text_pieces.render` stores straight into an Arrow string buffer,
+without a Python loop over samples.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from uzr.config.tasks import CYCLIC_LEVELS, MAX_VARS, MIN_VARS, CausalLoopSpec, coerce_causal_loop
-from uzr.tasks.text_pieces import U8, TextRows, fuse, numbers, pack, render
+from uzr.tasks.text_pieces import U8, TextRows, either, fuse, numbers, only, pack, render, words
 
 LETTERS = "ABCDEFGH"
 
@@ -199,30 +200,23 @@ def _letters(index: np.ndarray) -> tuple[np.ndarray, int]:
 def state_text(rows: TextRows, state: np.ndarray, sep_last: str) -> None:
     """Append ``A=3, B=0, ...`` + sep_last: the values of ``state`` (n, V), in letter order."""
     V = state.shape[1]
-    names = np.array([pack(f"{LETTERS[j]}=") for j in range(V)], U8), 2  # (V,)
-    seps = [", "] * (V - 1) + [sep_last]
-    rows.sequence(names, numbers(state), (np.array([pack(t) for t in seps], U8), np.array([len(t) for t in seps])))
+    rows.sequence(words([f"{LETTERS[j]}=" for j in range(V)]), numbers(state), words([", "] * (V - 1) + [sep_last]))
 
 
 def rule_text(rows: TextRows, rules: Listed) -> None:
     """Append the rules in listing order, e.g. ``D = C + 1 if A > 3 else C; B = max(A, C). ``"""
     op = rules.op
     tgt, s1, s2 = _letters(rules.tgt), _letters(rules.s1), _letters(rules.s2)
-    binary, has_k, k = _IS_BINARY[op], _HAS_K[op], numbers(rules.k)
-    second = fuse(s2, (_CLOSE[0][op], _CLOSE[1][op]))  # binary: its second source, then ")" after max/min
+    second = fuse(s2, (_CLOSE[0][op], _CLOSE[1][op]))  # a binary rule's second source, ")" after max/min
     blocks = [
         fuse(tgt, fuse((pack(" = "), 3), (_OPEN[0][op], _OPEN[1][op]))),  # "D = " or "D = max("
         fuse(s1, (_OP[0][op], _OP[1][op])),  # "C + " or "C // 2" or "C" (copy)
-        (np.where(binary, second[0], np.where(has_k, k[0], U8.type(0))), np.where(binary, second[1], has_k * k[1]))]
+        either(_IS_BINARY[op], second, only(_HAS_K[op], numbers(rules.k)))]  # "A)", "3" or nothing
     cond = op == COND
-    if cond.any():  # "if A > 3 else C"
-        t = numbers(rules.t)
-        blocks += [(np.where(cond, pack(" if ") | s2[0] << U8.type(32) | U8.type(pack(" > ")) << U8.type(40), U8.type(0)),
-                    8 * cond), (np.where(cond, t[0], U8.type(0)), cond * t[1]),
-                   (np.where(cond, pack(" else ") | s1[0] << U8.type(48), U8.type(0)), 7 * cond)]
-    R = op.shape[1]
-    seps = ["; "] * (R - 1) + [". "]
-    rows.sequence(*blocks, (np.array([pack(t) for t in seps], U8), 2))
+    if cond.any():  # " if A > 3 else C"
+        blocks += [only(cond, fuse(fuse((pack(" if "), 4), s2), (pack(" > "), 3))), only(cond, numbers(rules.t)),
+                   only(cond, fuse((pack(" else "), 6), s1))]
+    rows.sequence(*blocks, words(["; "] * (op.shape[1] - 1) + [". "]))
 
 
 # ---------------------------------------------------------------- one group, one chunk
@@ -271,8 +265,7 @@ def prompt_text(spec: CausalLoopSpec, rules: Listed, start: np.ndarray, fixed: n
         rows.text(update)
     asked = ~fixed  # a stated round count
     rows.text(" What are the values after ", asked)
-    count = numbers(steps)
-    rows.pieces(np.where(asked, count[0], U8.type(0))[:, None], (asked * count[1])[:, None])
+    rows.pieces(*only(asked[:, None], numbers(steps[:, None])))
     rows.text(" round?" + ANSWER_AS, asked & (steps == 1))
     rows.text(" rounds?" + ANSWER_AS, asked & (steps != 1))
     rows.text(" What are the values once nothing changes?" + ANSWER_AS, fixed)  # after the (empty) count piece
@@ -323,13 +316,13 @@ def generate_chunk(rng: np.random.Generator, spec: CausalLoopSpec, n: int) -> pa
     if spec.trajectory:
         trajs = [g["trajectory"] for _, g in groups]  # (k, rounds + 1, V) per group
         width = max(t.shape[2] for t in trajs)
-        full = np.zeros((n, max(t.shape[1] for t in trajs), width), np.int64)
+        full = np.zeros((n, max(t.shape[1] for t in trajs), width), np.int32)
         for where, g in groups:
             full[where, :g["trajectory"].shape[1], :g["trajectory"].shape[2]] = g["trajectory"]
         keep = (np.arange(full.shape[1])[None, :, None] <= steps[:, None, None]) & \
                (np.arange(width)[None, None, :] < V[:, None, None])
         inner = pa.LargeListArray.from_arrays(
-            np.concatenate([[0], np.cumsum(np.repeat(V, steps + 1))]), pa.array(full[keep].astype(np.int32)))
+            np.concatenate([[0], np.cumsum(np.repeat(V, steps + 1))]), pa.array(full[keep]))
         columns["trajectory"] = pa.LargeListArray.from_arrays(np.concatenate([[0], np.cumsum(steps + 1)]), inner)
     return pa.table(columns)
 

@@ -38,6 +38,22 @@ def fuse(a: tuple, b: tuple) -> tuple:
     return np.asarray(va, U8) | (np.asarray(vb, U8) << (np.asarray(la, U8) * U8.type(8))), la + lb
 
 
+def words(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """One constant piece per column: ``(vals, lens)`` (len(texts),), the same in every row."""
+    return np.array([pack(t) for t in texts], U8), np.array([len(t.encode()) for t in texts])
+
+
+def only(mask: np.ndarray, piece: tuple) -> tuple:
+    """The piece where ``mask`` holds, the empty piece elsewhere (shapes broadcast)."""
+    vals, lens = piece
+    return np.where(mask, np.asarray(vals, U8), U8.type(0)), mask * np.asarray(lens)
+
+
+def either(mask: np.ndarray, a: tuple, b: tuple) -> tuple:
+    """Piece ``a`` where ``mask`` holds, ``b`` elsewhere."""
+    return np.where(mask, np.asarray(a[0], U8), np.asarray(b[0], U8)), np.where(mask, a[1], b[1])
+
+
 def fits(a: tuple, b: tuple) -> bool:
     return int(np.max(a[1])) + int(np.max(b[1])) <= 8
 
