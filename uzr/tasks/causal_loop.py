@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from uzr.config.tasks import CYCLIC_LEVELS, MAX_VARS, MIN_VARS, CausalLoopSpec, coerce_causal_loop
-from uzr.tasks.text_pieces import U8, TextRows, either, fuse, numbers, only, pack, render, words
+from uzr.tasks.text_pieces import TextRows, numbers, only, pack, render, words
 
 LETTERS = "ABCDEFGH"
 
@@ -177,24 +177,27 @@ SEQUENTIAL_TEXT = "Each round applies the rules one by one in the order listed, 
 ANSWER_AS = " Answer as A=.., B=.., for every variable."
 
 
-def _table(texts: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
-    """Rule code -> piece (vals, lens), each (COND + 1,); codes not in ``texts`` get the empty piece."""
-    vals, lens = np.zeros(COND + 1, U8), np.zeros(COND + 1, np.int64)
-    for code, text in texts.items():
-        vals[code], lens[code] = pack(text), len(text)
-    return vals, lens
+OP_TEXT = {ADD: " + ", SUB: " - ", MUL: " * ", MOD: " % ", HALF: " // 2", ADD2: " + ", SUB2: " - ", MAX2: ", ",
+           MIN2: ", ", COND: " + ", COPY: ""}
+MAX_K = 9  # rule constants are drawn in [1, 9] (_draw_constants)
+_L = len(LETTERS)
 
 
-_OP = _table({ADD: " + ", SUB: " - ", MUL: " * ", MOD: " % ", HALF: " // 2", ADD2: " + ", SUB2: " - ",
-              MAX2: ", ", MIN2: ", ", COND: " + "})
-_OPEN, _CLOSE = _table({MAX2: "max(", MIN2: "min("}), _table({MAX2: ")", MIN2: ")"})
-_IS_BINARY = np.isin(np.arange(COND + 1), BINARY)
-_HAS_K = np.isin(np.arange(COND + 1), (ADD, SUB, MUL, MOD, COND))  # the rules that show their constant k
+def _head(op: int, tgt: int) -> str:
+    return f"{LETTERS[tgt]} = " + {MAX2: "max(", MIN2: "min("}.get(op, "")
 
 
-def _letters(index: np.ndarray) -> tuple[np.ndarray, int]:
-    """Letter indices (...,) -> one-byte pieces."""
-    return (ord("A") + index).astype(U8), 1
+def _body(op: int, s1: int, s2: int, k: int) -> str:
+    if op in BINARY:
+        return LETTERS[s1] + OP_TEXT[op] + LETTERS[s2] + (")" if op in (MAX2, MIN2) else "")
+    return LETTERS[s1] + OP_TEXT[op] + ("" if op in (HALF, COPY) else str(k))
+
+
+# every rule's text in two pieces, by table: "D = max(" by (op, target); "C, A)" or "C + 3" by (op, s1, s2, k)
+_HEAD = words([_head(op, tgt) for op in range(COND + 1) for tgt in range(_L)])
+_BODY = words([_body(op, s1, s2, k) for op in range(COND + 1) for s1 in range(_L) for s2 in range(_L)
+               for k in range(MAX_K + 1)])
+_IF, _ELSE = words([f" if {x} > " for x in LETTERS]), words([f" else {x}" for x in LETTERS])
 
 
 def state_text(rows: TextRows, state: np.ndarray, sep_last: str) -> None:
@@ -206,16 +209,13 @@ def state_text(rows: TextRows, state: np.ndarray, sep_last: str) -> None:
 def rule_text(rows: TextRows, rules: Listed) -> None:
     """Append the rules in listing order, e.g. ``D = C + 1 if A > 3 else C; B = max(A, C). ``"""
     op = rules.op
-    tgt, s1, s2 = _letters(rules.tgt), _letters(rules.s1), _letters(rules.s2)
-    second = fuse(s2, (_CLOSE[0][op], _CLOSE[1][op]))  # a binary rule's second source, ")" after max/min
-    blocks = [
-        fuse(tgt, fuse((pack(" = "), 3), (_OPEN[0][op], _OPEN[1][op]))),  # "D = " or "D = max("
-        fuse(s1, (_OP[0][op], _OP[1][op])),  # "C + " or "C // 2" or "C" (copy)
-        either(_IS_BINARY[op], second, only(_HAS_K[op], numbers(rules.k)))]  # "A)", "3" or nothing
+    head = op * _L + rules.tgt  # (n, R) index into _HEAD
+    body = ((op * _L + rules.s1) * _L + rules.s2) * (MAX_K + 1) + rules.k  # (n, R) index into _BODY
+    blocks = [(_HEAD[0][head], _HEAD[1][head]), (_BODY[0][body], _BODY[1][body])]
     cond = op == COND
     if cond.any():  # " if A > 3 else C"
-        blocks += [only(cond, fuse(fuse((pack(" if "), 4), s2), (pack(" > "), 3))), only(cond, numbers(rules.t)),
-                   only(cond, fuse((pack(" else "), 6), s1))]
+        blocks += [only(cond, (_IF[0][rules.s2], 8)), only(cond, numbers(rules.t)),
+                   only(cond, (_ELSE[0][rules.s1], 7))]
     rows.sequence(*blocks, words(["; "] * (op.shape[1] - 1) + [". "]))
 
 

@@ -49,11 +49,6 @@ def only(mask: np.ndarray, piece: tuple) -> tuple:
     return np.where(mask, np.asarray(vals, U8), U8.type(0)), mask * np.asarray(lens)
 
 
-def either(mask: np.ndarray, a: tuple, b: tuple) -> tuple:
-    """Piece ``a`` where ``mask`` holds, ``b`` elsewhere."""
-    return np.where(mask, np.asarray(a[0], U8), np.asarray(b[0], U8)), np.where(mask, a[1], b[1])
-
-
 def fits(a: tuple, b: tuple) -> bool:
     return int(np.max(a[1])) + int(np.max(b[1])) <= 8
 
