@@ -104,12 +104,15 @@ class Listed:
     ``[0, V)``; ``op`` (n, R), ``k, t`` (n, R) int32; ``modulus`` (n, 1) int32, 0 = none."""
 
     def __init__(self, rules: Rules, order: np.ndarray, letter_of: np.ndarray):
-        def listed(a):  # (n, R), column p = the rule listed p-th
-            return np.take_along_axis(a, order, 1)
+        n, R = order.shape
+        at = (order + np.arange(n)[:, None] * R).ravel()  # (n * R,) flat index of the rule listed p-th
 
+        def listed(a):  # (n, R), column p = the rule listed p-th
+            return a.ravel()[at].reshape(n, R)
+
+        letter_rows = np.arange(n)[:, None] * letter_of.shape[1]  # (n, 1) row starts in the flat letter_of
         self.op, self.k, self.t = listed(rules.op), listed(rules.k).astype(np.int32), listed(rules.t).astype(np.int32)
-        self.tgt, self.s1, self.s2 = (np.take_along_axis(letter_of, listed(role), 1)
-                                      for role in (rules.tgt, rules.s1, rules.s2))
+        self.tgt, self.s1, self.s2 = (letter_of.ravel()[letter_rows + listed(role)] for role in (rules.tgt, rules.s1, rules.s2))
         self.modulus = rules.modulus.astype(np.int32)[:, None]
 
 

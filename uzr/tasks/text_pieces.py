@@ -138,10 +138,15 @@ class TextRows:
         """Every column's byte length per row (n, columns)."""
         return np.concatenate(self.lens, 1)
 
-    def write(self, buf: np.ndarray, start: np.ndarray, lens: np.ndarray, limit: np.ndarray) -> None:
-        """Store the rows into ``buf`` (uint8) at the offsets ``start`` (n,); ``lens``: :meth:`lengths`;
-        ``limit`` (n,): where the bytes a row may touch end (its end, or the end of its spare bytes)."""
-        pos = start[:, None] + np.cumsum(lens, 1) - lens  # (n, C) where each column begins
+    def column_ends(self) -> np.ndarray:
+        """Where each column ends within its row (n, columns); the last column: the row's length."""
+        return np.cumsum(self.lengths(), 1)
+
+    def write(self, buf: np.ndarray, start: np.ndarray, ends: np.ndarray, limit: np.ndarray) -> None:
+        """Store the rows into ``buf`` (uint8) at the offsets ``start`` (n,); ``ends`` (n, C): where each column
+        ends within the row (:meth:`column_ends`); ``limit`` (n,): where the bytes a row may touch end (its end,
+        or the end of its spare bytes)."""
+        pos = start[:, None] + ends - self.lengths()  # (n, C) where each column begins
         pieces = [(pos[:, c:c + v.shape[1]], v) for c, v, _ in self.segments if not isinstance(v, bytes)]
         last = pieces[-1][0][:, -1]  # (n,) the last piece's position: its 8-byte store must stay in the row
         if (last + 8 > limit).any():
@@ -164,15 +169,15 @@ def render(groups: list[tuple[np.ndarray, TextRows]], n: int, gap: bool = False)
     """Groups of rows ``(row indices (k,), TextRows of k rows)`` covering rows 0..n-1 -> one Arrow string
     column in row order. ``gap``: 8 spare bytes after each row (rows that may end in a piece)."""
     lengths = np.zeros(n, np.int64)
-    lens = [rows.lengths() for _, rows in groups]  # (k, columns) per group
-    for (where, _), group_lens in zip(groups, lens):
-        lengths[where] = group_lens.sum(1)
+    column_ends = [rows.column_ends() for _, rows in groups]  # (k, columns) per group
+    for (where, _), group_ends in zip(groups, column_ends):
+        lengths[where] = group_ends[:, -1]
     spare = 8 if gap else 0
     ends = np.cumsum(lengths + spare)  # (n,) staged row ends, spare bytes included
     starts = ends - lengths - spare
     buf = np.zeros(int(ends[-1]) + 8, np.uint8)
-    for (where, rows), group_lens in zip(groups, lens):
-        rows.write(buf, starts[where], group_lens, ends[where])
+    for (where, rows), group_ends in zip(groups, column_ends):
+        rows.write(buf, starts[where], group_ends, ends[where])
     if gap:
         keep = np.ones(int(ends[-1]), bool)
         keep[(ends[:, None] - spare + np.arange(spare)).ravel()] = False
