@@ -157,6 +157,8 @@ def simulate(start: np.ndarray, program: Program, sequential: bool, rounds: int)
     n, V = start.shape
     traj = np.empty((n, rounds + 1, V), np.int32)
     traj[:, 0] = start
+    # int32: with at most MAX_VARS variables every value stays within 6 digits (the text raises beyond), and
+    # a rule multiplies by at most 3
     state = start.astype(np.int32).reshape(-1)  # (n * V,) a copy, updated in place
     R = program.tgt.shape[1]
     steps = [slice(p, p + 1) for p in range(R)] if sequential else [slice(None)]
