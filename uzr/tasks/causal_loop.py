@@ -112,7 +112,8 @@ class Listed:
 
         letter_rows = np.arange(n)[:, None] * letter_of.shape[1]  # (n, 1) row starts in the flat letter_of
         self.op, self.k, self.t = listed(rules.op), listed(rules.k).astype(np.int32), listed(rules.t).astype(np.int32)
-        self.tgt, self.s1, self.s2 = (letter_of.ravel()[letter_rows + listed(role)] for role in (rules.tgt, rules.s1, rules.s2))
+        self.tgt, self.s1, self.s2 = (letter_of.ravel()[letter_rows + listed(role)]
+                                      for role in (rules.tgt, rules.s1, rules.s2))
         self.modulus = rules.modulus.astype(np.int32)[:, None]
 
 
