@@ -151,19 +151,20 @@ class TextRows:
         """Store the rows into ``buf`` (uint8) at the offsets ``start`` (n,); ``ends`` (n, C): where each column
         ends within the row (:meth:`column_ends`); ``limit`` (n,): where the bytes a row may touch end (its end,
         or the end of its spare bytes)."""
-        pos = start[:, None] + ends - self.lengths()  # (n, C) where each column begins
-        pieces = [(pos[:, c:c + v.shape[1]], v) for c, v, _ in self.segments if not isinstance(v, bytes)]
-        last = pieces[-1][0][:, -1]  # (n,) the last piece's position: its 8-byte store must stay in the row
-        if (last + 8 > limit).any():
+        def begins(column: int) -> np.ndarray:  # (n,) where the column begins in buf
+            return start if column == 0 else start + ends[:, column - 1]
+
+        pieces = [(c, v) for c, v, _ in self.segments if not isinstance(v, bytes)]
+        if (begins(pieces[-1][0] + pieces[-1][1].shape[1] - 1) + 8 > limit).any():
             raise ValueError("a row's last piece would write past its end: end it in a run of >= 8 bytes or "
                              "render with gap=True")
         stores = _view(buf, U8)
-        for at, vals in pieces:
-            for j in range(at.shape[1]):  # column by column, in row order: later pieces overwrite spills
-                stores[at[:, j]] = vals[:, j]  # rows never overlap (checked above), so one store per row
-        for column, raw, mask in self.segments:
+        for c, vals in pieces:
+            for j in range(vals.shape[1]):  # column by column, in row order: later pieces overwrite spills
+                stores[begins(c + j)] = vals[:, j]  # rows never overlap (checked above), so one store per row
+        for c, raw, mask in self.segments:
             if isinstance(raw, bytes):
-                at = pos[:, column] if mask is None else pos[mask, column]
+                at = begins(c) if mask is None else begins(c)[mask]
                 _view(buf, np.dtype(f"V{len(raw)}"))[at] = np.frombuffer(raw, f"V{len(raw)}")[0]
 
 
