@@ -162,6 +162,7 @@ def test_positive_control_composes_teacher_and_damaged_self():
     assert {**dataclasses.asdict(run_cfg.student), "damage": None} == {**dataclasses.asdict(run_cfg.teacher),
                                                                        "damage": None}
     assert "gate" not in run_cfg.stages
+    assert run_cfg.controller.target == "per_head"  # the ceiling check is the per-head oracle
     moved = resolved("+experiment=positive_control", "student.damage.layers=[2,7]")
     assert moved.inject.layers == moved.inject.teacher_layers == [2, 7]
 

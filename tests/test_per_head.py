@@ -194,10 +194,11 @@ def test_a_head_mean_store_is_never_used_for_per_head(tmp_path):
     def keys(*overrides):
         return artifact_keys(resolved("+experiment=positive_control", *overrides), ["controller"])
 
-    head_mean, per_head = keys(), keys("controller.target=per_head")
+    head_mean, per_head = keys("controller.target=head_mean"), keys()  # the positive control is per head
     assert head_mean["harvest"] != per_head["harvest"] and head_mean["controller"] != per_head["controller"]
-    # the default leaves head-mean keys as they were before per-head targets existed (old caches stay valid)
-    payload = HarvestStage().key_payload(resolved("+experiment=positive_control"), {})
+    assert keys("controller.target=per_head") == per_head  # the default and the override: one store, one controller
+    # head-mean keys stay as they were before per-head targets existed (old caches stay valid)
+    payload = HarvestStage().key_payload(resolved("+experiment=positive_control", "controller.target=head_mean"), {})
     assert "target" not in payload
     store = HarvestStore(tmp_path / "store")
     store.write_layout(StoreLayout(layers=[1], teacher_layers=[1], hidden_size=8, teacher_num_layers=2,

@@ -4,7 +4,9 @@ For each stage of the plan (:func:`uzr.stages.plan`: the selected stages and wha
 runner computes its cache key from the config and the keys of the stages it needs, takes its artifact
 from the cache or builds it (only selected stages build; a needed stage that is not selected must be
 cached, and the error names it), loads it, and asks it for its section of ``metrics.json``.
-``metrics.json`` → ``artifacts`` records each artifact's key, path and whether this run built it.
+``metrics.json`` → ``artifacts`` records each artifact's key, path and whether this run built it, and
+``timing`` the wall and process CPU seconds of each stage (its build or load, then its report: models load
+lazily inside the first stage that needs them, so their load counts there).
 Nothing here knows a particular stage: adding one is a module and a line in :data:`uzr.stages.REGISTRY`.
 """
 
@@ -14,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,7 @@ class RunContext:
     info: dict[str, dict] = field(default_factory=dict)  # stage name -> {"key", "built", "path"}
     images: dict[str, Path] = field(default_factory=dict)  # logged figures
     tables: dict[str, tuple[list[str], list[list]]] = field(default_factory=dict)  # logged tables
+    timing: dict[str, dict] = field(default_factory=dict)  # stage name -> {"wall_s", "cpu_s"} (stopwatch)
     _memo: dict[Any, Any] = field(default_factory=dict)
 
     def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
@@ -113,11 +117,29 @@ def load_stages(run: RunContext, selected: Iterable[str], build: Iterable[str] |
             continue
         upstream = {need: run.info[need]["key"] for need in info.needs}
         key, payload = stage_key(info, impl, run.cfg, upstream)
-        path, built = cache.get_or_build(info.name, key, payload, lambda folder, impl=impl: impl.build(run, folder),
-                                         allow_build=info.name in build)
-        run.info[info.name] = {"key": key, "built": built, "path": str(path)}
-        run.artifacts[info.name] = impl.load(run, path)
+        with stopwatch(run.timing, info.name):
+            path, built = cache.get_or_build(info.name, key, payload,
+                                             lambda folder, impl=impl: impl.build(run, folder),
+                                             allow_build=info.name in build)
+            run.info[info.name] = {"key": key, "built": built, "path": str(path)}
+            run.artifacts[info.name] = impl.load(run, path)
     return impls
+
+
+@contextmanager
+def stopwatch(timing: dict, name: str):
+    """Adds the wall and process CPU seconds (every thread of this process) of the block to ``timing[name]``.
+
+    On a shared machine wall time measures the load; the CPU seconds of a one-thread run bound a quiet
+    one-core run from above, so both are kept.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        entry = timing.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
+        entry["wall_s"] = round(entry["wall_s"] + time.perf_counter() - wall, 2)
+        entry["cpu_s"] = round(entry["cpu_s"] + time.process_time() - cpu, 2)
 
 
 def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict:
@@ -139,9 +161,11 @@ def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict
         impls = load_stages(run_ctx, cfg.stages)
         metrics["artifacts"] = run_ctx.info
         for name, impl in impls.items():
-            section = impl.report(run_ctx, run_ctx.artifacts.get(name))
+            with stopwatch(run_ctx.timing, name):
+                section = impl.report(run_ctx, run_ctx.artifacts.get(name))
             if section is not None:
                 metrics[name] = section
+        metrics["timing"] = run_ctx.timing
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         header, rows = results_rows(metrics)
         if rows:
