@@ -38,6 +38,17 @@ def resolved(*overrides: str):
     return resolve_config(cfg)
 
 
+def offline_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a ``python -m uzr.*`` subprocess: offline, its own ``HOME``, nothing else of this shell's
+    but the thread counts. Those must travel: without them each run starts one torch thread per core beside the
+    other pytest-xdist workers, and the waiting threads of oversubscribed OpenMP pools cost more than they
+    compute (measured: a real-pair run took 3-4x its one-thread CPU time)."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
+           "WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(home)}
+    env.update({var: os.environ[var] for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if var in os.environ})
+    return {**env, **extra}
+
+
 def model_spec(name: str):
     from uzr.models import ModelSpec
 

@@ -9,14 +9,12 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, offline_env
 
 
 def run_live(tmp_path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "uzr.live", "+experiment=smoke", "logger=csv", f"paths.cache_dir={tmp_path / 'cache'}", *args]
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin",
-           "HOME": str(tmp_path)}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=offline_env(tmp_path), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT, share_models
+from .conftest import ROOT, offline_env, share_models
 
 
 def run_train(tmp_path, *overrides: str, timeout: int = 600, run_dir: str = "run",
@@ -19,8 +19,7 @@ def run_train(tmp_path, *overrides: str, timeout: int = 600, run_dir: str = "run
         share_models(tmp_path / "cache", models)
     cmd = [sys.executable, "-m", "uzr.train", *overrides, f"paths.cache_dir={tmp_path / 'cache'}",
            f"hydra.run.dir={tmp_path / run_dir}"]
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin",
-           "HOME": str(tmp_path), "UZR_CACHE": str(tmp_path / "cache")}
+    env = offline_env(tmp_path, UZR_CACHE=str(tmp_path / "cache"))
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -38,7 +38,7 @@ from uzr.cache import (
     verify,
 )
 
-from .conftest import CONF, ROOT, composed, model_spec, resolved
+from .conftest import CONF, ROOT, composed, model_spec, offline_env, resolved
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -55,9 +55,8 @@ _BLOCKED_MAIN = (
 def blocked_train(tmp: Path, cache: Path, run_dir: str, *overrides: str, timeout: int = 600):
     cmd = [sys.executable, "-c", _BLOCKED_MAIN, "+experiment=smoke", "logger=csv", *overrides,
            f"paths.cache_dir={cache}", f"hydra.run.dir={tmp / run_dir}"]
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
-           "PATH": "/usr/bin:/bin", "HOME": str(tmp), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=offline_env(tmp, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def metrics_of(tmp: Path, run_dir: str) -> dict:

@@ -17,7 +17,7 @@ import pytest
 
 from uzr.harvest.store import HarvestStore
 
-from .conftest import ROOT
+from .conftest import ROOT, offline_env
 
 SMOKE = ["+experiment=smoke", "data.num_texts=24", "harvest.shard_size=2", "logger=csv"]
 
@@ -27,7 +27,6 @@ def command(tmp_path, *overrides):
             f"hydra.run.dir={tmp_path / 'run'}"]
 
 
-ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin"}
 
 
 def finished_store(tmp_path) -> HarvestStore:
@@ -51,7 +50,7 @@ def assert_same_store(a: HarvestStore, b: HarvestStore):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
-    proc = subprocess.run(command(tmp, "stages=[harvest]"), cwd=ROOT, env={**ENV, "HOME": str(tmp)},
+    proc = subprocess.run(command(tmp, "stages=[harvest]"), cwd=ROOT, env=offline_env(tmp),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return finished_store(tmp)
@@ -59,7 +58,7 @@ def reference(tmp_path_factory):
 
 def test_killed_harvest_resumes_and_equals_uninterrupted(tmp_path, reference):
     cmd = command(tmp_path, "stages=[harvest]")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=offline_env(tmp_path), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and len(glob.glob(str(tmp_path / "cache/harvest/*.partial/shard-*"))) < 3:
@@ -68,7 +67,7 @@ def test_killed_harvest_resumes_and_equals_uninterrupted(tmp_path, reference):
     proc.wait()
     partial = glob.glob(str(tmp_path / "cache/harvest/*.partial/shard-*"))
     assert 3 <= len(partial) < 12, "the kill must land mid-harvest"
-    resumed = subprocess.run(cmd, cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, capture_output=True, text=True,
+    resumed = subprocess.run(cmd, cwd=ROOT, env=offline_env(tmp_path), capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "harvest resumes" in resumed.stdout + resumed.stderr
@@ -79,7 +78,7 @@ def test_killed_harvest_resumes_and_equals_uninterrupted(tmp_path, reference):
 
 def test_two_process_harvest_equals_single_process(tmp_path, reference):
     proc = subprocess.run(command(tmp_path, "stages=[harvest]", "harvest.devices=2", "harvest.strategy=ddp_spawn"),
-                          cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=offline_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_store(finished_store(tmp_path), reference)
 
@@ -87,7 +86,7 @@ def test_two_process_harvest_equals_single_process(tmp_path, reference):
 def kill_after_checkpoint(cmd, tmp_path, kind: str) -> None:
     """Start ``cmd`` and kill it (the whole process group) a second after ``kind`` wrote its first checkpoint."""
     checkpoint = str(tmp_path / f"cache/{kind}/*.partial/checkpoints/last.ckpt")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=offline_env(tmp_path), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
     while time.time() < deadline and not glob.glob(checkpoint):
@@ -108,7 +107,7 @@ def test_killed_controller_and_gate_training_resume_from_their_last_checkpoint(t
     ]:
         cmd = command(tmp_path, *overrides)
         kill_after_checkpoint(cmd, tmp_path, kind)
-        resumed = subprocess.run(cmd, cwd=ROOT, env={**ENV, "HOME": str(tmp_path)}, capture_output=True, text=True,
+        resumed = subprocess.run(cmd, cwd=ROOT, env=offline_env(tmp_path), capture_output=True, text=True,
                                  timeout=600)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert f"{kind} training resumes" in resumed.stdout + resumed.stderr

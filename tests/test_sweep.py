@@ -18,15 +18,14 @@ from typing import Any
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, offline_env
 
 SMOKE_ALPHAS = (0, 0.5, 1)
 
 
 def env_for(tmp: Path) -> dict:
     # The cache goes through $UZR_CACHE (cache_dir's default), so it is no job override.
-    return {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
-            "WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(tmp), "UZR_CACHE": str(tmp / "cache")}
+    return offline_env(tmp, UZR_CACHE=str(tmp / "cache"))
 
 
 def multirun(tmp: Path, *overrides: str, sweep: str | None = "sweep", cwd: Path = ROOT,
