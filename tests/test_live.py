@@ -97,3 +97,58 @@ def test_live_with_prompt_level_gate(live_cache):
     assert len(labels) >= 400 and {"CONFIDENT"} < {row["label"] for row in labels}
     report = json.loads((gate_dir / "gate.json").read_text())["report"]
     assert report["level"] == "prompt" and "verdict" in report
+
+
+def test_gate_table_and_live_demo_keep_sinks_like_the_evaluate_stage(live_cache, monkeypatch):
+    """``inject.sinks=keep`` reaches the gate table's injected rows and the live demo's injector: the gate table's
+    constant row is the evaluate stage's injected student (computed apart, no shared memo), and keep and replace
+    are stored under different keys, so neither reads the other's scores."""
+    import uzr.generation
+    from uzr.evaluate.stage import EvaluateStage
+    from uzr.facts_qa import plain_qa_scores
+    from uzr.gate import evaluate_gated
+    from uzr.live import LiveSession, compose_config, ensure_artifacts
+    from uzr.sinks import run_sinks
+
+    tmp, _ = live_cache
+    # the tiny random student attends almost uniformly (mean share ratios 1.000-1.008 on the smoke store), so a
+    # ratio just above 1 is what detects sink tokens on it
+    base = ["+experiment=smoke", f"paths.cache_dir={tmp / 'cache'}", "gate.eval_alphas=[0.5]", "inject.sink_ratio=1.005",
+            "evaluate.num_texts=1", "evaluate.qa_prompts=2", "evaluate.figure=false"]
+    keep_cfg, replace_cfg = compose_config([*base, "inject.sinks=keep"]), compose_config(base)
+    run = ensure_artifacts(keep_cfg, build=False)
+    store, controllers, gate = run.artifacts["harvest"], run.artifacts["controller"].controllers, run.artifacts["gate"]
+    sinks = run_sinks(keep_cfg, store, run.memo)
+    assert any(s.first or s.token_ids for s in sinks.values()) and run_sinks(replace_cfg, store) is None
+
+    evaluated = EvaluateStage().report(run, None)  # keeps its injected scores in the cache (run.stored)
+    assert evaluated["sinks"]["mode"] == "keep"
+    constant = f"constant@{keep_cfg.alpha.value:g}"
+    def plain_qa(role):  # the uninjected scores (cached per model), not what is compared here
+        return plain_qa_scores(run, role)
+
+    alone = evaluate_gated(keep_cfg, store, controllers, gate, run.models, plain_qa=plain_qa)["table"]  # no memo
+    assert alone[constant]["bits_per_byte"] == evaluated["bits_per_byte"]["injected"]
+    assert alone[constant]["qa_accuracy"] == evaluated["facts_qa"]["injected"]
+    assert alone["none"]["bits_per_byte"] == evaluated["bits_per_byte"]["student"]
+
+    # replace through the same stored cache: it would read keep's scores if the keys left the sinks out
+    replaced = evaluate_gated(replace_cfg, store, controllers, gate, run.models, plain_qa=plain_qa,
+                              stored=run.stored)["table"]
+    gated = f"gated@{keep_cfg.alpha.value:g}"
+    for name in (constant, gated):
+        assert replaced[name]["bits_per_byte"] != alone[name]["bits_per_byte"]
+    assert replaced["none"]["bits_per_byte"] == alone["none"]["bits_per_byte"]
+
+    # the live demo injects with the same sinks
+    seen = []
+    original = uzr.generation.generate_answers
+
+    def spy(*args, injector=None, **kwargs):
+        seen.append(injector)
+        return original(*args, injector=injector, **kwargs)
+
+    monkeypatch.setattr(uzr.generation, "generate_answers", spy)
+    result = LiveSession(keep_cfg, run, max_new_tokens=2).answer("Who wrote Hamlet?")
+    assert result["sinks"] == "keep"
+    assert seen[0] is None and seen[1].sinks == {layer: s for layer, s in sinks.items() if s.first or s.token_ids}

@@ -69,11 +69,14 @@ class LiveSession:
     def __init__(self, cfg, run, max_new_tokens: int = 32):
         import torch
 
+        from uzr.sinks import run_sinks
+
         self.cfg, self.run, self.max_new_tokens = cfg, run, max_new_tokens
         self.student, self.tok = run.models.get("student")
         self.controllers = run.artifacts["controller"].controllers
         self.gate = run.artifacts["gate"]
         self.layers = list(cfg.inject.layers)
+        self.sinks = run_sinks(cfg, run.artifacts["harvest"], run.memo)  # inject.sinks=keep, as in the evaluate stage
         self.torch = torch
 
     def alpha_spec(self):
@@ -101,13 +104,13 @@ class LiveSession:
         plain = generate_answers(self.student, self.tok, [text], self.max_new_tokens, batch_size=1,
                                  add_special_tokens=special)[0]
         injector = Injector(self.controllers, alpha, self.cfg.inject.mode, prompt_len=None,
-                            gate=torch.tensor([[gate]], device=next(self.student.parameters()).device))
+                            gate=torch.tensor([[gate]], device=next(self.student.parameters()).device), sinks=self.sinks)
         injected = generate_answers(self.student, self.tok, [text], self.max_new_tokens, batch_size=1,
                                     injector=injector, add_special_tokens=special)[0]
         return {
             "prompt": prompt, "formatted_prompt": text, "gate": gate, "gate_level": self.gate.level,
             "alpha": applied, "alpha_base": alpha.value, "schedule": "gated", "mode": self.cfg.inject.mode,
-            "entropy_local": alpha.entropy_local,
+            "entropy_local": alpha.entropy_local, "sinks": self.cfg.inject.sinks,
             "answers": {"student": plain["answer"], "injected": injected["answer"]},
             "student_mean_entropy": {"student": plain["mean_entropy"], "injected": injected["mean_entropy"]},
             "student": self.cfg.student.name, "teacher": self.cfg.teacher.name,

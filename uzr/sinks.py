@@ -137,3 +137,16 @@ def sink_sets(mapping: Mapping[int, SinkSet] | None, layer: int) -> SinkSet | No
     """The layer's sinks when any were detected (None: nothing to keep, the edit is ``replace``'s)."""
     sinks = (mapping or {}).get(layer)
     return sinks if sinks is not None and (sinks.first or sinks.token_ids) else None
+
+
+def run_sinks(cfg, store, memo=None) -> dict[int, SinkSet] | None:
+    """The run's sinks: for ``inject.sinks=keep``, ``{layer: SinkSet}`` of the injected layers, detected on the
+    store's training texts (:func:`detect_sinks`) once per run through ``memo`` (the run's
+    :meth:`~uzr.runner.RunContext.memo`); None for ``replace``. The evaluate stage, the gate table and the live demo
+    all build their injectors with it, so the three inject alike."""
+    if cfg.inject.sinks != "keep":
+        return None
+    memo = memo or (lambda key, compute: compute())
+    layers = list(cfg.inject.layers)
+    return memo(("sinks", str(store.folder), tuple(layers), cfg.inject.sink_ratio),
+                lambda: detect_sinks(store.rows("train"), layers, cfg.inject.sink_ratio, cfg.harvest.locality_window))

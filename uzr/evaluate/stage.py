@@ -22,7 +22,7 @@ from uzr.harvest.head_matching import teacher_heads_of
 from uzr.harvest.stage import per_head as targets_per_head
 from uzr.inject import Injector
 from uzr.oracle import TeacherPrior
-from uzr.sinks import detect_sinks
+from uzr.sinks import run_sinks
 from uzr.stages import UncachedStage
 
 
@@ -37,7 +37,7 @@ class EvaluateStage(UncachedStage):
         source = cfg.inject.source
         per_head = targets_per_head(cfg)
         heads_of = {layer: teacher_heads_of(store.layout, layer) for layer in layers} if per_head else None
-        sinks = run_sinks(run, store)
+        sinks = run_sinks(cfg, store, run.memo)
 
         def texts(rows: list[dict], desc: str):
             injected = injection_setting("injected", text_prior(source, controllers, rows, cfg.device, heads_of),
@@ -94,17 +94,6 @@ def live_teacher(run, store, layers: list[int], heads_of) -> TeacherPrior:
     mapping = dict(zip(store.layout.layers, store.layout.teacher_layers))
     return TeacherPrior(teacher, teacher_tok, student_tok, {layer: mapping[layer] for layer in layers}, heads_of,
                         ORACLE_FLOOR, run.cfg.harvest.block_size)
-
-
-def run_sinks(run, store) -> dict | None:
-    """``inject.sinks=keep``: the student's sink keys per injected layer, detected on the store's training texts
-    (:func:`uzr.sinks.detect_sinks`); None for ``replace``."""
-    cfg = run.cfg
-    if cfg.inject.sinks != "keep":
-        return None
-    return run.memo(("sinks", str(store.folder), tuple(cfg.inject.layers), cfg.inject.sink_ratio),
-                    lambda: detect_sinks(store.rows("train"), list(cfg.inject.layers), cfg.inject.sink_ratio,
-                                         cfg.harvest.locality_window))
 
 
 def figure(folder: Path, row: dict, controllers: dict, student, layer: int, cfg: RunConfig, make_injector) -> Path:

@@ -28,6 +28,7 @@ from uzr.evaluate.passes import habit_gap, mean_dicts, next_token_kl, student_pa
 from uzr.hooks import ModelEdit
 from uzr.inject import Injector
 from uzr.priors import AttentionPrior
+from uzr.sinks import sink_sets
 from uzr.text_bytes import predicted_bytes
 
 
@@ -170,12 +171,16 @@ def injection_setting(name: str, source: dict | Callable[[torch.Tensor, dict], A
 
 def injection_key(source: str, mode: str, alpha, sinks: dict | None = None) -> tuple:
     """The identity of an injected setting (equal keys give equal numbers on the same text or prompts); the
-    controller's key is the one the gate table's constant rows share with the evaluate stage (``sinks=replace``)."""
+    controller's key is the one the gate table's constant rows share with the evaluate stage. ``sinks`` (``{layer:
+    SinkSet}``, ``inject.sinks=keep``) is part of it: keep and replace never read each other's stored scores."""
     base = ("inject", mode, alpha_key(alpha))
     base = base if source == "controller" else (*base, source)
-    if not sinks:
+    # only layers with detected sinks change the numbers (the injector ignores the rest, as :func:`sink_sets` says),
+    # so keep with none detected is replace's key, and every caller keys a given injection alike
+    kept = {layer: s for layer in sorted(sinks or {}) if (s := sink_sets(sinks, layer)) is not None}
+    if not kept:
         return base
-    return (*base, "keep_sinks", json.dumps({str(k): [s.first, list(s.token_ids)] for k, s in sorted(sinks.items())}))
+    return (*base, "keep_sinks", json.dumps({str(k): [s.first, list(s.token_ids)] for k, s in kept.items()}))
 
 
 PLAIN = Setting("none", ("plain",))
