@@ -246,15 +246,21 @@ def prompt_routes(model, tok, items, svf) -> list[str]:
 
 
 @torch.no_grad()
-def pooled_states(model, tok, texts) -> np.ndarray:
+def pooled_states(model, tok, texts, batch_size: int = 16) -> np.ndarray:
+    """(N, D) mean over each text's tokens of the final hidden state; texts run ``batch_size`` at a time,
+    right-padded, the padding left out of the mean (equal to one text at a time up to float rounding)."""
     from uzr.attention import decoder_of
+    from uzr.masks import pad_sequences
 
+    device = next(model.parameters()).device
     out = []
-    for text in texts:
-        enc = tok(text, return_tensors="pt").to(next(model.parameters()).device)
-        h = decoder_of(model)(**enc).last_hidden_state[0]  # (S, D)
-        out.append(h.float().mean(0).cpu().numpy())
-    return np.stack(out)
+    for start in range(0, len(texts), batch_size):
+        ids, mask = pad_sequences([tok(t)["input_ids"] for t in texts[start:start + batch_size]],
+                                  tok.pad_token_id or 0)  # (b, S) right-padded
+        ids, mask = ids.to(device), mask.to(device)
+        h = decoder_of(model)(input_ids=ids, attention_mask=mask.long()).last_hidden_state.float()  # (b, S, D)
+        out.append(((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).cpu().numpy())  # (b, D)
+    return np.concatenate(out)
 
 
 def classifier_routes(run, model, tok, items) -> list[str]:
