@@ -144,7 +144,7 @@ def _shared_prompt_logprobs(model, prompt: Sequence[int], answers: Sequence[Sequ
     device = model_device(model)
     decoder = decoder_of(model)
     first = decoder(input_ids=torch.tensor([list(prompt)], device=device), use_cache=True)
-    cache = first.past_key_values
+    cache = first.cache
     cache.batch_repeat_interleave(len(answers))
     ids, mask = pad_sequences(answers, pad_id)  # (N, A) right-padded
     ids, mask = ids.to(device), mask.to(device)
