@@ -32,6 +32,7 @@ from uzr.attention import decoder_of
 from uzr.masks import pad_sequences
 from uzr.models import model_device
 from uzr.next_token import lm_head_logits
+from uzr.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +212,11 @@ class ReinforceModule(L.LightningModule):
         # sample from the current edit with its weights materialised when it can (SVF: no per-token hooks), then
         # score the samples through the differentiable edit
         sampler = self.edit.frozen() if hasattr(self.edit, "frozen") else self.edit
+        clock = Stopwatch()
         with sampler.attach(self.lm):
             prompts, answers, decoded = sample_answers(self.lm, self.tokenizer, texts, self.samples, self.max_new_tokens,
                                                        self.temperature, self.add_special)
+        sample_cpu = clock.read()["cpu_seconds"]
         with self.edit.attach(self.lm):
             logp, dists = answer_logprobs(self.lm, prompts, answers, pad)
         rewards = torch.tensor([self.reward_fn(text, self.answers[items[k // self.samples]])
@@ -225,9 +228,11 @@ class ReinforceModule(L.LightningModule):
                 _, base = answer_logprobs(self.lm, prompts, answers, pad)  # the plain student
             kl = sum(torch.sum(b.exp() * (b - d)) for b, d in zip(base, dists)) / len(rewards)
             loss = loss + self.kl_weight * kl
-        self.history.append({"reward": float(rewards.mean()), "loss": float(loss.detach()), "kl": float(kl)})
-        log.info("reinforce step %d: mean reward %+.3f, loss %.4f", len(self.history), float(rewards.mean()),
-                 float(loss.detach()))  # a step takes seconds to minutes on a CPU: say where the run is
+        self.history.append({"reward": float(rewards.mean()), "loss": float(loss.detach()), "kl": float(kl),
+                             "sample_cpu_seconds": sample_cpu})
+        log.info("reinforce step %d: mean reward %+.3f, loss %.4f; CPU s: sampling %.1f, scoring forward %.1f",
+                 len(self.history), float(rewards.mean()), float(loss.detach()), sample_cpu,
+                 clock.read()["cpu_seconds"] - sample_cpu)  # a step takes seconds to minutes on a CPU: say where the run is
         self.log("train/reward", rewards.mean(), prog_bar=True, batch_size=len(items))
         self.log("train/loss", loss.detach(), batch_size=len(items))
         return loss
