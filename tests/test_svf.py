@@ -186,3 +186,17 @@ def test_frozen_training_edit_materialises_what_the_hooks_compute(tiny_models):
     assert (hooked - plain).abs().max() > 1e-3 and torch.allclose(materialised, hooked, atol=1e-4)
     after = state(model)
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_pooled_states_in_padded_batches_equal_one_text_at_a_time(tiny_models):
+    """The classifier strategy's features: batching (right padding, masked mean) changes nothing."""
+    import numpy as np
+
+    from uzr.adapters.evaluation import pooled_states
+
+    model, tok = tiny_models["qwen2"]
+    texts = ["a", "hello there, general", "abc def", "x" * 30]
+    batched = pooled_states(model, tok, texts, batch_size=3)
+    single = np.concatenate([pooled_states(model, tok, [t], batch_size=1) for t in texts])
+    assert batched.shape == (4, model.config.hidden_size)
+    np.testing.assert_allclose(batched, single, atol=1e-5, rtol=1e-4)

@@ -90,3 +90,56 @@ def test_sampled_answers_and_their_logprobs_line_up(tiny_models):
         n = len(prompts[k])
         want = sum(float(logp[n - 1 + t, answers[k][t]]) for t in range(len(answers[k])))
         assert abs(float(totals[k]) - want) < 1e-4 and dists[k].shape == (len(answers[k]), logp.shape[-1])
+
+
+def test_shared_prompt_scoring_equals_the_padded_pass_with_gradients(tiny_models):
+    """The samples of one prompt share one pass over it (a repeated KV cache): the same log-probabilities and
+    the same gradient on z as scoring every prompt + answer as its own padded row (Llama, Qwen2, and Gemma 3 with
+    its sliding-window layers)."""
+    from uzr.adapters.reinforce import _full_sequence_logprobs
+    from uzr.adapters.svf import SVFTrainable
+
+    for family in ("llama", "qwen2", "gemma3"):
+        model, tok = tiny_models[family]
+        torch.manual_seed(1)
+        prompts, answers, _ = sample_answers(model, tok, ["abc", "hello there"], samples=3, max_new_tokens=5)
+        edit = SVFTrainable(decompose(target_matrices(model, "mlp")))
+        with torch.no_grad():
+            for z in edit.z:
+                z.add_(torch.randn_like(z))
+        grads, values = [], []
+        for score in (answer_logprobs, _full_sequence_logprobs):
+            edit.zero_grad()
+            with edit.attach(model):
+                totals, dists = score(model, prompts, answers, tok.pad_token_id)
+                (totals.sum() + sum(d.exp().pow(2).sum() for d in dists)).backward()
+            values.append((totals.detach(), [d.detach() for d in dists]))
+            grads.append(torch.cat([z.grad.flatten() for z in edit.z]))
+        torch.testing.assert_close(values[0][0], values[1][0], atol=1e-4, rtol=1e-5)
+        for a, b in zip(values[0][1], values[1][1]):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-3)
+        assert grads[0].abs().sum() > 0, family
+
+
+def test_sampling_stops_at_the_first_line_with_the_same_answers(tiny_models):
+    """sample_answers stops every row at the end of its first line (a stopping criterion): the answers equal
+    those of generating all max_new_tokens with the same seed and cutting each at its first line."""
+    from uzr.adapters.reinforce import _answer_length
+
+    model, tok = tiny_models["llama"]
+    torch.manual_seed(0)
+    _, answers, decoded = sample_answers(model, tok, ["abc", "hello there"], samples=8, max_new_tokens=30)
+    torch.manual_seed(0)
+    side, tok.padding_side = tok.padding_side, "left"  # as sample_answers pads (the fixture is shared: restored)
+    try:
+        enc = tok(["abc", "hello there"], return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    full = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=8,
+                          max_new_tokens=30, pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
+    stop = {tok.eos_token_id, tok.pad_token_id}
+    want = [row[:_answer_length(tok, row, stop)] for row in full.tolist()]
+    assert answers == want
+    assert any(len(a) < 30 for a in answers) and any("\n" in tok.decode(a) for a in answers)  # the stop was exercised
+    assert all("\n" not in d for d in decoded)

@@ -27,7 +27,7 @@ class _EntropyRecorder:
         return scores
 
 
-class _LineStop:
+class LineStop:
     """StoppingCriteria: a sequence is done once its answer has text and then a line break."""
 
     def __init__(self, tokenizer, start: int):
@@ -79,7 +79,7 @@ def generate_answers(model, tokenizer, texts: Sequence[str], max_new_tokens: int
                 out = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                     logits_processor=LogitsProcessorList([recorder]),
-                    stopping_criteria=StoppingCriteriaList([_LineStop(tokenizer, n_prompt)]),
+                    stopping_criteria=StoppingCriteriaList([LineStop(tokenizer, n_prompt)]),
                     top_p=None, top_k=None, temperature=None,
                 )
             new = out[:, n_prompt:].cpu()

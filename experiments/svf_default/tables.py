@@ -14,36 +14,41 @@ def interval(v: dict | None) -> str:
     return f"{v['estimate']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]" if v else "—"
 
 
+def p_value(v: dict | None) -> str:
+    return f"{v['p_value']:.2g}" if v and v.get("p_value") is not None else "—"
+
+
 def matrix(section: dict) -> list[str]:
     domains = section["domains"]
     out = ["| setting | " + " | ".join(f"{d} (n={section['eval_items'][d]})" for d in domains) + " |",
            "|---|" + "---|" * len(domains)]
     for row, cols in section["matrix"].items():
-        cells = [f"{cols[d]['accuracy']:.3f}" + (f" {interval(cols[d].get('vs_base'))} {cols[d]['verdict']}"
-                                                 if "vs_base" in cols[d] else "") for d in domains]
+        cells = [f"{cols[d]['accuracy']:.3f}" + (f" {interval(cols[d].get('vs_base'))} p={p_value(cols[d]['vs_base'])}"
+                                                 f" {cols[d]['verdict']}" if "vs_base" in cols[d] else "") for d in domains]
         out.append(f"| {row} | " + " | ".join(cells) + " |")
     return out
 
 
 def comparison(section: dict) -> list[str]:
-    out = ["| setting | accuracy | n | vs base [95% paired] | verdict | trainable params | routing acc. |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| setting | accuracy | n | vs base [95% paired] | McNemar p | verdict | trainable params | routing acc. | "
+           "CPU s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, e in section["comparison"].items():
         routing = f"{e['routing_accuracy']:.3f}" if "routing_accuracy" in e else "—"
-        out.append(f"| {name} | {e['accuracy']:.3f} | {e['n']} | {interval(e.get('vs_base'))} | "
-                   f"{e.get('verdict', '—')} | {e['trainable_parameters']:,} | {routing} |")
+        out.append(f"| {name} | {e['accuracy']:.3f} | {e['n']} | {interval(e.get('vs_base'))} | {p_value(e.get('vs_base'))} | "
+                   f"{e.get('verdict', '—')} | {e['trainable_parameters']:,} | {routing} | {e.get('cpu_seconds', '—')} |")
     return out
 
 
 def training(metrics: dict) -> list[str]:
     """One row per expert: its mean reward (or KL to the teacher, under distill) per step."""
-    out = ["| expert | steps | mean per step | first epoch | last epoch | seconds |", "|---|---|---|---|---|---|"]
+    out = ["| expert | steps | mean per step | first epoch | last epoch | wall s | CPU s (sampling) |",
+           "|---|---|---|---|---|---|---|"]
     for d, t in metrics.get("svf", {}).get("experts", {}).items():
         metric = "kl" if "kl_per_step" in t else "reward"
         per_step = ", ".join(f"{v:+.3f}" for v in t.get(f"{metric}_per_step", []))
         out.append(f"| {d} | {t.get('steps', '—')} | {metric}: {per_step or '—'} | "
                    f"{t.get(f'mean_{metric}_first_epoch')} | {t.get(f'mean_{metric}_last_epoch')} | "
-                   f"{t.get('seconds', '—')} |")
+                   f"{t.get('seconds', '—')} | {t.get('cpu_seconds', '—')} ({t.get('sampling_cpu_seconds', '—')}) |")
     return out
 
 
@@ -54,6 +59,9 @@ def main(path: str) -> None:
                          ("Comparison (mixed held-out prompts)", comparison(section))):
         print(f"### {title}\n")
         print("\n".join(lines) + "\n")
+    if "matrix_cell_cpu_seconds" in section:
+        print(f"matrix: {section.get('matrix_seconds')} s wall, {section.get('matrix_cpu_seconds')} CPU s; CPU s per cell "
+              f"(40 greedy answers unless n says otherwise): {section['matrix_cell_cpu_seconds']}\n")
     for name in ("prompt", "classifier"):
         if name in section["comparison"]:
             print(f"{name} routes (true domain -> chosen): {section['comparison'][name].get('routes')}\n")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from uzr.adapters.svf import SVFEdit, SVFTrainable, layer_of, mix_masks
 from uzr.hooks import injected
 from uzr.intervals import accuracy_difference
 from uzr.stages import UncachedStage
+from uzr.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 BASE = "base"
@@ -57,15 +57,19 @@ class SVFEvalStage(UncachedStage):
         model, tok = run.models.get("student")
         model.eval()
         held = {d: items_for(svf, d, "heldout", svf.eval_items, cfg.seed) for d in svf.domains}
-        start = time.perf_counter()
-        correct: dict[str, dict[str, list[bool]]] = {BASE: {d: answers_correct(model, tok, held[d], svf) for d in svf.domains}}
-        for e, expert in art.experts.items():
-            edit = SVFEdit(art.decomp, expert.masks())
-            correct[e] = {d: answers_correct(model, tok, held[d], svf, edit) for d in svf.domains}
+        start = Stopwatch()
+        correct: dict[str, dict[str, list[bool]]] = {}
+        cell_cpu: dict[str, dict[str, float]] = {}  # CPU seconds of each cell's greedy answers
+        for row, edit in [(BASE, None), *[(e, SVFEdit(art.decomp, x.masks())) for e, x in art.experts.items()]]:
+            correct[row], cell_cpu[row] = {}, {}
+            for d in svf.domains:
+                clock = Stopwatch()
+                correct[row][d] = answers_correct(model, tok, held[d], svf, edit)
+                cell_cpu[row][d] = clock.read()["cpu_seconds"]
         matrix = {row: {d: _cell(c, correct[BASE][d]) if row != BASE else _cell(c) for d, c in cols.items()}
                   for row, cols in correct.items()}
         section = {"domains": list(svf.domains), "eval_items": {d: len(v) for d, v in held.items()}, "matrix": matrix,
-                   "matrix_seconds": round(time.perf_counter() - start, 1)}
+                   **{f"matrix_{k}": v for k, v in start.read().items()}, "matrix_cell_cpu_seconds": cell_cpu}
         mixed = [it for d in svf.domains for it in held[d]]
         base_mixed = [c for d in svf.domains for c in correct[BASE][d]]
         params = art.experts[svf.domains[0]].num_parameters
@@ -74,7 +78,7 @@ class SVFEvalStage(UncachedStage):
             rows[f"expert:{e}"] = {"correct": [c for d in svf.domains for c in correct[e][d]], "parameters": params}
         routes = {}
         for strategy in svf.strategies:
-            t0 = time.perf_counter()
+            clock = Stopwatch()
             if strategy == "cem":
                 ok, extra = cem_strategy(run, art, held, correct)
             else:
@@ -87,7 +91,7 @@ class SVFEvalStage(UncachedStage):
                 extra = {"routing_accuracy": float(np.mean([c == it.domain for it, c in zip(mixed, choice)])),
                          "routes": _confusion(mixed, choice)}
             n_params = params * len(svf.mixture or svf.domains) if strategy == "cem" else params
-            rows[strategy] = {"correct": ok, "parameters": n_params, "seconds": round(time.perf_counter() - t0, 1), **extra}
+            rows[strategy] = {"correct": ok, "parameters": n_params, **clock.read(), **extra}
         rows.update(baseline_rows(run, held))
         if svf.injection:
             rows[INJECTION_ROW] = injection_row(run, held)
@@ -141,11 +145,10 @@ def baseline_rows(run, held: dict) -> dict:
     model, tok = run.models.get("student")
     rows = {}
     for method, per in (run.artifacts.get("svf_baselines") or {}).items():
-        t0 = time.perf_counter()
+        clock = Stopwatch()
         ok = [c for d in svf.domains for c in answers_correct(model, tok, held[d], svf, per[d].edit(model))]
         rows[f"{method} (oracle domain)"] = {
-            "correct": ok, "parameters": per[svf.domains[0]].plan.parameters,
-            "seconds": round(time.perf_counter() - t0, 1), "lr": {d: b.meta["lr"] for d, b in per.items()},
+            "correct": ok, "parameters": per[svf.domains[0]].plan.parameters, **clock.read(), "lr": {d: b.meta["lr"] for d, b in per.items()},
             "layers": list(per[svf.domains[0]].plan.layers)}
     return rows
 
@@ -161,12 +164,12 @@ def injection_row(run, held: dict) -> dict:
     load_stages(run, ["controller"], build=["harvest", "controller"])
     controllers = run.artifacts["controller"].controllers
     model, tok = run.models.get("student")
-    t0 = time.perf_counter()
+    clock = Stopwatch()
     # prompt_len=None: decoding steps count from each prompt's prefill, as in generation elsewhere
     injector = Injector(controllers, cfg.alpha, cfg.inject.mode, prompt_len=None)
     ok = [c for d in svf.domains for c in answers_correct(model, tok, held[d], svf, injector)]
     return {"correct": ok, "parameters": sum(p.numel() for c in controllers.values() for p in c.parameters()),
-            "seconds": round(time.perf_counter() - t0, 1), "layers": sorted(controllers), "alpha": cfg.alpha.value,
+            **clock.read(), "layers": sorted(controllers), "alpha": cfg.alpha.value,
             "schedule": cfg.alpha.schedule, "mode": cfg.inject.mode}
 
 
@@ -246,15 +249,21 @@ def prompt_routes(model, tok, items, svf) -> list[str]:
 
 
 @torch.no_grad()
-def pooled_states(model, tok, texts) -> np.ndarray:
+def pooled_states(model, tok, texts, batch_size: int = 16) -> np.ndarray:
+    """(N, D) mean over each text's tokens of the final hidden state; texts run ``batch_size`` at a time,
+    right-padded, the padding left out of the mean (equal to one text at a time up to float rounding)."""
     from uzr.attention import decoder_of
+    from uzr.masks import pad_sequences
 
+    device = next(model.parameters()).device
     out = []
-    for text in texts:
-        enc = tok(text, return_tensors="pt").to(next(model.parameters()).device)
-        h = decoder_of(model)(**enc).last_hidden_state[0]  # (S, D)
-        out.append(h.float().mean(0).cpu().numpy())
-    return np.stack(out)
+    for start in range(0, len(texts), batch_size):
+        ids, mask = pad_sequences([tok(t)["input_ids"] for t in texts[start:start + batch_size]],
+                                  tok.pad_token_id or 0)  # (b, S) right-padded
+        ids, mask = ids.to(device), mask.to(device)
+        h = decoder_of(model)(input_ids=ids, attention_mask=mask.long()).last_hidden_state.float()  # (b, S, D)
+        out.append(((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).cpu().numpy())  # (b, D)
+    return np.concatenate(out)
 
 
 def classifier_routes(run, model, tok, items) -> list[str]:

@@ -32,6 +32,7 @@ from uzr.attention import decoder_of
 from uzr.masks import pad_sequences
 from uzr.models import model_device
 from uzr.next_token import lm_head_logits
+from uzr.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ def sample_answers(model, tokenizer, texts: Sequence[str], samples: int, max_new
     ``greedy``: the greedy answer instead (then ``samples`` must be 1).
 
     Returns ``(prompt ids, answer ids, answer text (first line, stripped))``, one entry per sample."""
+    from transformers import StoppingCriteriaList
+
+    from uzr.generation import LineStop
+
     side, pad_token = tokenizer.padding_side, tokenizer.pad_token
     try:
         tokenizer.padding_side = "left"
@@ -64,8 +69,12 @@ def sample_answers(model, tokenizer, texts: Sequence[str], samples: int, max_new
                         ).to(model_device(model))
         how = (dict(do_sample=False, temperature=None, top_k=None, top_p=None) if greedy
                else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0))
+        # every row stops at the end of its first line (all that is checked and scored): the step ends when the
+        # last row's line does, not at max_new_tokens; a finished row's later draws are discarded, so the answers
+        # are those of the unstopped run (later calls start from another RNG state: fewer steps drew)
         out = model.generate(**enc, **how, num_return_sequences=samples, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id,
+                             stopping_criteria=StoppingCriteriaList([LineStop(tokenizer, enc["input_ids"].shape[1])]))
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad_token
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -86,7 +95,35 @@ def sample_answers(model, tokenizer, texts: Sequence[str], samples: int, max_new
 def answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int = 0
                     ) -> tuple[Tensor, list[Tensor]]:
     """Summed log-probability of each answer after its prompt (N,), and the per-position log-softmax
-    over the vocabulary at the answer tokens (one (n_i, V) tensor per sequence)."""
+    over the vocabulary at the answer tokens (one (n_i, V) tensor per sequence).
+
+    Consecutive sequences with the same prompt (a REINFORCE step's samples of one prompt) share one pass over
+    that prompt: its KV cache is repeated for every answer, so the prompt's tokens are run (and
+    back-propagated) once per prompt instead of once per sample (:func:`_shared_prompt_logprobs`; equal to the
+    padded full-sequence pass up to float rounding, ``tests/test_svf_reinforce.py``)."""
+    runs = _prompt_runs(prompts)
+    if all(end - start == 1 for start, end in runs):
+        return _full_sequence_logprobs(model, prompts, answers, pad_id)
+    totals, dists = [], []
+    for start, end in runs:
+        t, d = _shared_prompt_logprobs(model, prompts[start], answers[start:end], pad_id)
+        totals.append(t)
+        dists += d
+    return torch.cat(totals), dists
+
+
+def _prompt_runs(prompts: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of consecutive identical prompts."""
+    runs, start = [], 0
+    for k in range(1, len(prompts) + 1):
+        if k == len(prompts) or list(prompts[k]) != list(prompts[start]):
+            runs.append((start, k))
+            start = k
+    return runs
+
+
+def _full_sequence_logprobs(model, prompts, answers, pad_id: int) -> tuple[Tensor, list[Tensor]]:
+    """Every prompt + answer as one right-padded batch (prompts that differ: nothing to share)."""
     seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
     ids, mask = pad_sequences(seqs, pad_id)  # right-padded
     device = model_device(model)
@@ -97,6 +134,30 @@ def answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Sequence[S
         pos = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=device)  # positions predicting the answer
         logp = torch.log_softmax(lm_head_logits(model, hidden[b, pos]).float(), -1)  # (n, V)
         totals.append(logp.gather(-1, ids[b, pos + 1][:, None]).sum())
+        dists.append(logp)
+    return torch.stack(totals), dists
+
+
+def _shared_prompt_logprobs(model, prompt: Sequence[int], answers: Sequence[Sequence[int]], pad_id: int
+                            ) -> tuple[Tensor, list[Tensor]]:
+    """One prompt, N answers: the prompt runs once (1 row), its KV cache is repeated N times and the answers run
+    right-padded on top of it. Gradients reach the prompt's pass through the repeated cache."""
+    device = model_device(model)
+    decoder = decoder_of(model)
+    first = decoder(input_ids=torch.tensor([list(prompt)], device=device), use_cache=True)
+    cache = first.cache
+    cache.batch_repeat_interleave(len(answers))
+    ids, mask = pad_sequences(answers, pad_id)  # (N, A) right-padded
+    ids, mask = ids.to(device), mask.to(device)
+    full_mask = torch.cat([torch.ones(len(answers), len(prompt), dtype=torch.long, device=device), mask.long()], 1)
+    hidden = decoder(input_ids=ids, attention_mask=full_mask, cache=cache, use_cache=True
+                     ).last_hidden_state  # (N, A, D)
+    last = first.last_hidden_state[0, -1:]  # (1, D): predicts every answer's first token
+    totals, dists = [], []
+    for b, a in enumerate(answers):
+        h = torch.cat([last, hidden[b, :len(a) - 1]])  # (n, D): the states predicting answer tokens 0..n-1
+        logp = torch.log_softmax(lm_head_logits(model, h).float(), -1)  # (n, V)
+        totals.append(logp.gather(-1, ids[b, :len(a)][:, None]).sum())
         dists.append(logp)
     return torch.stack(totals), dists
 
@@ -151,9 +212,11 @@ class ReinforceModule(L.LightningModule):
         # sample from the current edit with its weights materialised when it can (SVF: no per-token hooks), then
         # score the samples through the differentiable edit
         sampler = self.edit.frozen() if hasattr(self.edit, "frozen") else self.edit
+        clock = Stopwatch()
         with sampler.attach(self.lm):
             prompts, answers, decoded = sample_answers(self.lm, self.tokenizer, texts, self.samples, self.max_new_tokens,
                                                        self.temperature, self.add_special)
+        sample_cpu = clock.read()["cpu_seconds"]
         with self.edit.attach(self.lm):
             logp, dists = answer_logprobs(self.lm, prompts, answers, pad)
         rewards = torch.tensor([self.reward_fn(text, self.answers[items[k // self.samples]])
@@ -165,9 +228,11 @@ class ReinforceModule(L.LightningModule):
                 _, base = answer_logprobs(self.lm, prompts, answers, pad)  # the plain student
             kl = sum(torch.sum(b.exp() * (b - d)) for b, d in zip(base, dists)) / len(rewards)
             loss = loss + self.kl_weight * kl
-        self.history.append({"reward": float(rewards.mean()), "loss": float(loss.detach()), "kl": float(kl)})
-        log.info("reinforce step %d: mean reward %+.3f, loss %.4f", len(self.history), float(rewards.mean()),
-                 float(loss.detach()))  # a step takes seconds to minutes on a CPU: say where the run is
+        self.history.append({"reward": float(rewards.mean()), "loss": float(loss.detach()), "kl": float(kl),
+                             "sample_cpu_seconds": sample_cpu})
+        log.info("reinforce step %d: mean reward %+.3f, loss %.4f; CPU s: sampling %.1f, scoring forward %.1f",
+                 len(self.history), float(rewards.mean()), float(loss.detach()), sample_cpu,
+                 clock.read()["cpu_seconds"] - sample_cpu)  # a step takes seconds to minutes on a CPU: say where the run is
         self.log("train/reward", rewards.mean(), prog_bar=True, batch_size=len(items))
         self.log("train/loss", loss.detach(), batch_size=len(items))
         return loss

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from uzr.adapters.svd import decompose, target_matrices
 from uzr.adapters.svf import SVFExpert, expert_meta, load_expert, save_expert
 from uzr.cache import file_digest
 from uzr.resumable_fit import fit_resumable
+from uzr.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 TRAINING_FIELDS = ("domains", "matrices", "layers", "objective", "reward", "baseline", "init_z", "lr", "clip",
@@ -136,7 +136,7 @@ def fit_reinforce(run, model, tok, domain: str, checkpoints: Path, what: str, de
     loader = DataLoader(list(range(len(items))), batch_size=svf.prompts_per_step, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     t = cfg.trainer
-    start = time.perf_counter()
+    clock = Stopwatch()
     resumed = fit_resumable(module, checkpoints, what, dict(
         max_epochs=svf.epochs, accelerator=t.accelerator, devices=1, precision=t.precision,
         deterministic=t.deterministic, log_every_n_steps=1, logger=False, default_root_dir=str(run.out_dir),
@@ -145,7 +145,7 @@ def fit_reinforce(run, model, tok, domain: str, checkpoints: Path, what: str, de
     values = [h[metric] for h in module.history]
     training = {"steps": len(values), f"mean_{metric}_first_epoch": _mean(values[:len(loader)]),
                 f"mean_{metric}_last_epoch": _mean(values[-len(loader):]), f"{metric}_per_step": [round(v, 4) for v in values],
-                "seconds": round(time.perf_counter() - start, 1), "resumed": resumed, "train_items": len(items)}
+                **clock.read(), **_sampling_cpu(module.history), "resumed": resumed, "train_items": len(items)}
     return module, training
 
 
@@ -165,6 +165,12 @@ def _objective(run, model, tok, domain, decomp, edit, items, texts, special, lr)
                            lambda pred, ans: reward(domain, pred, ans, svf.reward), lr, svf.kl_weight,
                            svf.samples_per_prompt, svf.max_new_tokens, svf.temperature, svf.init_z, special,
                            edit=edit, baseline=svf.baseline), "reward"
+
+
+def _sampling_cpu(history: list[dict]) -> dict:
+    """CPU seconds the steps spent sampling (the rest of a step is scoring, backward and the optimiser)."""
+    spent = [h["sample_cpu_seconds"] for h in history if "sample_cpu_seconds" in h]
+    return {"sampling_cpu_seconds": round(sum(spent), 1)} if spent else {}
 
 
 def _mean(xs: list[float]) -> float | None:
