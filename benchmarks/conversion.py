@@ -16,24 +16,18 @@ import argparse
 import contextlib
 import hashlib
 import os
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def convert(spec, read_once: bool) -> tuple[float, float, str]:
     """Wall s, CPU s and the sha256 of the written weights for one conversion into a fresh folder."""
     from uzr import models
+    from uzr.timing import Stopwatch
 
     gguf, _ = models._locate_gguf(spec, "model")
     original = models._gguf_read_once
@@ -41,9 +35,9 @@ def convert(spec, read_once: bool) -> tuple[float, float, str]:
         models._gguf_read_once = contextlib.nullcontext
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            wall, cpu = time.perf_counter(), cpu_seconds()
+            clock = Stopwatch()
             models._convert_gguf(spec, gguf, Path(tmp) / "model")
-            wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+            wall, cpu = clock.elapsed()
             digest = hashlib.sha256((Path(tmp) / "model" / "model.safetensors").read_bytes()).hexdigest()
     finally:
         models._gguf_read_once = original
@@ -75,7 +69,7 @@ def main() -> None:
             old = best.get(name, (float("inf"), float("inf")))
             best[name] = (min(old[0], wall), min(old[1], cpu))
     print(f"{spec.name}: best of {args.rounds} rounds, load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
-    print(f"| conversion | wall s | CPU s |\n|---|---|---|")
+    print("| conversion | wall s | CPU s |\n|---|---|---|")
     for name, (wall, cpu) in best.items():
         print(f"| {name} | {wall:.1f} | {cpu:.1f} |")
     (w3, c3), (w1, c1) = best.values()

@@ -1,10 +1,10 @@
-"""Per-stage timing in ``metrics.json`` → ``timing`` (:func:`uzr.runner.stopwatch`): wall and process CPU seconds."""
+"""Per-stage timing in ``metrics.json`` → ``timing`` (:func:`uzr.timing.stopwatch`): wall and process CPU seconds."""
 
 import time
 
 import pytest
 
-from uzr.runner import stopwatch
+from uzr.timing import stopwatch
 
 
 def _spin(seconds: float) -> None:

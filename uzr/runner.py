@@ -16,7 +16,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 from uzr.cache import ArtifactCache, content_key
 from uzr.config import RunConfig
 from uzr.stages import Stage, StageInfo, plan
+from uzr.timing import stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -124,22 +124,6 @@ def load_stages(run: RunContext, selected: Iterable[str], build: Iterable[str] |
             run.info[info.name] = {"key": key, "built": built, "path": str(path)}
             run.artifacts[info.name] = impl.load(run, path)
     return impls
-
-
-@contextmanager
-def stopwatch(timing: dict, name: str):
-    """Adds the wall and process CPU seconds (every thread of this process) of the block to ``timing[name]``.
-
-    On a shared machine wall time measures the load; the CPU seconds of a one-thread run bound a quiet
-    one-core run from above, so both are kept.
-    """
-    wall, cpu = time.perf_counter(), time.process_time()
-    try:
-        yield
-    finally:
-        entry = timing.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
-        entry["wall_s"] = round(entry["wall_s"] + time.perf_counter() - wall, 2)
-        entry["cpu_s"] = round(entry["cpu_s"] + time.process_time() - cpu, 2)
 
 
 def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict:
