@@ -159,18 +159,20 @@ def injection_row(run, held: dict) -> dict:
     the controllers'."""
     from uzr.inject import Injector
     from uzr.runner import load_stages
+    from uzr.sinks import run_sinks
 
     cfg, svf = run.cfg, run.cfg.svf
     load_stages(run, ["controller"], build=["harvest", "controller"])
     controllers = run.artifacts["controller"].controllers
+    sinks = run_sinks(cfg, run.artifacts["harvest"], run.memo)  # inject.sinks=keep as in the evaluate stage
     model, tok = run.models.get("student")
     clock = Stopwatch()
     # prompt_len=None: decoding steps count from each prompt's prefill, as in generation elsewhere
-    injector = Injector(controllers, cfg.alpha, cfg.inject.mode, prompt_len=None)
+    injector = Injector(controllers, cfg.alpha, cfg.inject.mode, prompt_len=None, sinks=sinks)
     ok = [c for d in svf.domains for c in answers_correct(model, tok, held[d], svf, injector)]
     return {"correct": ok, "parameters": sum(p.numel() for c in controllers.values() for p in c.parameters()),
             **clock.read(), "layers": sorted(controllers), "alpha": cfg.alpha.value,
-            "schedule": cfg.alpha.schedule, "mode": cfg.inject.mode}
+            "schedule": cfg.alpha.schedule, "mode": cfg.inject.mode, "sinks": cfg.inject.sinks}
 
 
 def _cell(c: list[bool], base: list[bool] | None = None) -> dict:
