@@ -138,5 +138,6 @@ def test_harvest_only_run_without_injection_groups(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics) == {"name", "artifacts"} and metrics["artifacts"]["harvest"]["built"]
+    assert set(metrics) == {"name", "artifacts", "timing"} and metrics["artifacts"]["harvest"]["built"]
+    assert set(metrics["timing"]) == {"harvest"} and metrics["timing"]["harvest"]["cpu_s"] > 0  # the stage's build
     assert (Path(metrics["artifacts"]["harvest"]["path"]) / "layout.json").exists()
