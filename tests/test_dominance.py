@@ -292,3 +292,23 @@ def test_vision_language_configs_load_with_the_image_text_class(tmp_path):
     LlamaConfig().save_pretrained(tmp_path / "lm")
     assert _auto_class(tmp_path / "vlm", {}) is AutoModelForImageTextToText
     assert _auto_class(tmp_path / "lm", {}) is AutoModelForCausalLM
+
+
+def test_injected_setting_keeps_the_students_sinks_like_the_evaluate_stage(tmp_path):
+    """``inject.sinks=keep`` reaches the dominance stage's injector: on the same samples and cached controller the
+    injected student's MDI moves with the sinks while the plain student's does not."""
+    from uzr.runner import run
+
+    def mdi(*overrides):
+        cfg = resolved("+experiment=smoke", "stages=[harvest,controller,dominance]", "+dominance=text",
+                       "dominance.models=[student,injected]", "dominance.num_samples=3", "dominance.queries=prompt",
+                       "dominance.stage_width=1", "evaluate.figure=false", "logger=csv",
+                       f"paths.cache_dir={tmp_path / 'cache'}", *overrides)
+        settings = run(cfg, tmp_path / "run", {}, "test")["dominance"]["settings"]
+        return {s: [st["MDI"]["mean"] for st in settings[s]["instruction_passage"]["stages"].values()]
+                for s in ("student", "injected")}
+
+    replace = mdi()
+    keep = mdi("inject.sinks=keep", "inject.sink_ratio=1.005")  # tiny random models attend almost uniformly
+    assert keep["student"] == replace["student"]
+    assert keep["injected"] != pytest.approx(replace["injected"], rel=1e-6)

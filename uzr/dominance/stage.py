@@ -66,12 +66,14 @@ def split_data(labels: np.ndarray, groups: tuple[str, ...], row_mass: np.ndarray
 class DominanceStage(UncachedStage):
     def report(self, run, artifact) -> dict:
         cfg, d = run.cfg, run.cfg.dominance
-        controllers = None
+        controllers = sinks = None
         if injects(d):
             from uzr.runner import load_stages
+            from uzr.sinks import run_sinks
 
             load_stages(run, ["controller"], build=["harvest", "controller"])  # cached, or built when missing
             controllers = run.artifacts["controller"].controllers
+            sinks = run_sinks(cfg, run.artifacts["harvest"], run.memo)  # inject.sinks=keep, as the evaluate stage
         if d.source in VISION_SOURCES:
             from uzr.dominance.sources import vision_items
 
@@ -82,7 +84,7 @@ class DominanceStage(UncachedStage):
             items = text_items(cfg)
         data, stages, answers = {}, {}, {}
         for setting in d.models:
-            data[setting], stages[setting], answers[setting] = measure_setting(run, setting, items, controllers)
+            data[setting], stages[setting], answers[setting] = measure_setting(run, setting, items, controllers, sinks)
         settings = summarise(data, stages, d.bootstrap, d.seed)
         section = {"source": d.source, "queries": d.queries, "num_samples": len(items), "settings": settings,
                    "consistency": consistency_report(data)}
@@ -128,8 +130,9 @@ class DominanceStage(UncachedStage):
                       f"{c['undefined']} undefined (no mass on either group)")
 
 
-def measure_setting(run, setting: str, items: list, controllers) -> tuple[dict, dict, list[str]]:
-    """One setting over every sample: ({split: SplitData}, {stage: layers}, answers)."""
+def measure_setting(run, setting: str, items: list, controllers, sinks=None) -> tuple[dict, dict, list[str]]:
+    """One setting over every sample: ({split: SplitData}, {stage: layers}, answers). ``sinks``: the injected
+    setting's kept sink keys (:func:`uzr.sinks.run_sinks`), None for ``inject.sinks=replace``."""
     cfg, d = run.cfg, run.cfg.dominance
     role = "student" if setting == "injected" else setting
     model, tok = run.models.get(role)
@@ -137,7 +140,7 @@ def measure_setting(run, setting: str, items: list, controllers) -> tuple[dict, 
                           {"early": d.early, "middle": d.middle, "late": d.late})
     splits = splits_of(d)
     need_answer = d.queries == "generated" or any(SPLITS[s].prompt_queries is None for s in splits)
-    make_edit = _edit_factory(controllers, cfg) if setting == "injected" else None
+    make_edit = _edit_factory(controllers, cfg, sinks) if setting == "injected" else None
     prepare = _preparer(model, tok, getattr(cfg, role), d.source in VISION_SOURCES)
     rows: dict[str, list] = {s: [] for s in splits}
     answers = []
@@ -170,11 +173,11 @@ def sweep_row(section: dict) -> dict[str, float]:
     return row
 
 
-def _edit_factory(controllers, cfg):
+def _edit_factory(controllers, cfg, sinks=None):
     from uzr.inject import Injector
 
     def make(prompt_len):
-        return Injector(controllers, cfg.alpha, cfg.inject.mode, prompt_len=prompt_len)
+        return Injector(controllers, cfg.alpha, cfg.inject.mode, prompt_len=prompt_len, sinks=sinks)
 
     return make
 
