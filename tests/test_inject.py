@@ -186,11 +186,12 @@ def test_warmup_prompt_caches_keys_without_logits(tiny_models):
 
 
 @pytest.mark.real
-def test_packaged_student_generate_with_cache_equals_recompute():
-    from tests.conftest import model_spec
+def test_packaged_student_generate_with_cache_equals_recompute(converted_models, tmp_path):
+    from tests.conftest import model_spec, share_models
     from uzr.models import load_model
 
-    model, tok = load_model(model_spec("student/smollm2_135m"))
+    # the session's converted models (not the repository's cache: a test leaves nothing there)
+    model, tok = load_model(model_spec("student/smollm2_135m"), cache_dir=share_models(tmp_path, converted_models))
     ctrls = controllers_for(model, [4, 15, 26], seed=3)
     for ctrl in ctrls.values():  # the random prior, tempered so the student still writes text
         for p in ctrl.parameters():
