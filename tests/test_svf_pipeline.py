@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from .test_pipeline import run_train
@@ -42,6 +43,12 @@ def test_svf_pipeline_writes_matrix_strategies_and_reuses_experts(tmp_path):
     assert params == 3 * (48 + 48 + 48)  # 3 layers x (gate, up, down): rank min(48, 96) each
     assert table["cem"]["trainable_parameters"] == 3 * params and table["oracle_domain"]["routing_accuracy"] == 1.0
     assert all(table[k]["n"] == 9 for k in table)
+    others = [k for k in table if k != "base"]  # every two rows paired on the same items (e.g. SVF vs LoRA)
+    assert len(section["pairs"]) == len(others) * (len(others) - 1) // 2
+    pair = section["pairs"]["expert:arithmetic − lora (oracle domain)"]
+    assert pair["estimate"] == pytest.approx(table["expert:arithmetic"]["accuracy"]
+                                             - table["lora (oracle domain)"]["accuracy"])
+    assert pair["low"] <= pair["estimate"] <= pair["high"] and pair["verdict"] in ("better", "worse", "no difference")
     for strategy in ("prompt", "classifier", "oracle_domain"):  # every item routed somewhere, counted by true domain
         routes = table[strategy]["routes"]
         assert set(routes) == set(domains) and all(sum(r.values()) == 3 for r in routes.values())

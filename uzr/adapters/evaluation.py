@@ -105,6 +105,7 @@ class SVFEvalStage(UncachedStage):
             entry.update({k: v for k, v in row.items() if k not in ("correct", "parameters")})
             table[name] = entry
         section["comparison"] = table
+        section["pairs"] = pairwise(rows, cfg.seed)
         section["not_compared"] = {} if svf.injection else {"attention injection": INJECTION_NOTE}
         if "svf_baselines" not in run.artifacts:
             section["not_compared"]["lora, ia3"] = "add the svf_baselines stage (stages=[svf,svf_baselines,svf_eval])"
@@ -173,6 +174,19 @@ def injection_row(run, held: dict) -> dict:
     return {"correct": ok, "parameters": sum(p.numel() for c in controllers.values() for p in c.parameters()),
             **clock.read(), "layers": sorted(controllers), "alpha": cfg.alpha.value,
             "schedule": cfg.alpha.schedule, "mode": cfg.inject.mode, "sinks": cfg.inject.sinks}
+
+
+def pairwise(rows: dict, seed: int) -> dict:
+    """Every two rows but base, on the same mixed held-out items: ``"A − B"`` -> accuracy difference
+    [95% paired bootstrap], McNemar p and verdict, so that e.g. SVF and LoRA are ranked only when their paired
+    interval excludes 0. ``rows``: name -> {"correct": (n,) bools in the base row's item order}."""
+    names = [name for name in rows if name != BASE]
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            diff = accuracy_difference(rows[a]["correct"], rows[b]["correct"], seed=seed)
+            out[f"{a} − {b}"] = {**diff.as_dict(), "verdict": diff.verdict(higher_is_better=True)}
+    return out
 
 
 def _cell(c: list[bool], base: list[bool] | None = None) -> dict:
