@@ -39,6 +39,14 @@ def comparison(section: dict) -> list[str]:
     return out
 
 
+def pairs(section: dict) -> list[str]:
+    """Every two rows but base on the same items (``svf_eval.pairs``; runs from before it have none)."""
+    out = ["| A − B | difference [95% paired] | McNemar p | verdict |", "|---|---|---|---|"]
+    for name, v in section.get("pairs", {}).items():
+        out.append(f"| {name} | {interval(v)} | {p_value(v)} | {v['verdict']} |")
+    return out if len(out) > 2 else []
+
+
 def training(metrics: dict) -> list[str]:
     """One row per expert: its mean reward (or KL to the teacher, under distill) per step."""
     out = ["| expert | steps | mean per step | first epoch | last epoch | wall s | CPU s (sampling) |",
@@ -56,7 +64,10 @@ def main(path: str) -> None:
     metrics = json.loads(Path(path).read_text())
     section = metrics["svf_eval"]
     for title, lines in (("Training", training(metrics)), ("Accuracy matrix", matrix(section)),
-                         ("Comparison (mixed held-out prompts)", comparison(section))):
+                         ("Comparison (mixed held-out prompts)", comparison(section)),
+                         ("Rows against each other (same items)", pairs(section))):
+        if not lines:
+            continue
         print(f"### {title}\n")
         print("\n".join(lines) + "\n")
     if "matrix_cell_cpu_seconds" in section:
