@@ -48,6 +48,11 @@ class ModelPool:
 MEMO_VERSION = 1  # bump when what a stored memo holds changes
 
 
+def unmemoised(key: Any, compute: Callable[[], Any]) -> Any:
+    """The :meth:`RunContext.memo` signature without a run: computes every time (callers given no memo)."""
+    return compute()
+
+
 @dataclass
 class RunContext:
     """What the stages of one run share: config, models, loggers, the artifacts loaded so far."""

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from uzr.runner import unmemoised
+
 MIN_TEXTS = 2  # a sink token id must recur across texts, not within one
 _TINY = 1e-30
 
@@ -146,7 +148,7 @@ def run_sinks(cfg, store, memo=None) -> dict[int, SinkSet] | None:
     all build their injectors with it, so the three inject alike."""
     if cfg.inject.sinks != "keep":
         return None
-    memo = memo or (lambda key, compute: compute())
+    memo = memo or unmemoised
     layers = list(cfg.inject.layers)
     return memo(("sinks", str(store.folder), tuple(layers), cfg.inject.sink_ratio),
                 lambda: detect_sinks(store.rows("train"), layers, cfg.inject.sink_ratio, cfg.harvest.locality_window))

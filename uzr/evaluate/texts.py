@@ -28,6 +28,7 @@ from uzr.evaluate.passes import habit_gap, mean_dicts, next_token_kl, student_pa
 from uzr.hooks import ModelEdit
 from uzr.inject import Injector
 from uzr.priors import AttentionPrior
+from uzr.runner import unmemoised
 from uzr.sinks import sink_sets
 from uzr.text_bytes import predicted_bytes
 
@@ -91,7 +92,7 @@ def score_settings(student, tokenizer, rows: Sequence[dict], settings: Sequence[
         stored: the run's :meth:`~uzr.runner.RunContext.stored`: each storable setting's per-text scores are kept
             across runs too (a warm re-run or a sweep's next job reads them instead of running the student).
     """
-    memo = memo or (lambda key, compute: compute())
+    memo = memo or unmemoised
     device = next(student.parameters()).device
     out = TextScores({s.name: SettingScores() for s in settings}, [], [], [])
     for index, row in enumerate(tqdm(rows, desc=desc, unit="text")):

@@ -23,6 +23,7 @@ from uzr.inject import AlphaSpec, Injector
 from uzr.intervals import accuracy_difference, bits_per_byte_difference
 from uzr.models import model_device
 from uzr.prompts import PromptSet, adds_special_tokens, format_prompt, resolve_format
+from uzr.runner import unmemoised
 from uzr.sinks import run_sinks
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
         gates = gate_values(torch.as_tensor(np.asarray(row["input_ids"]), device=device).reshape(1, -1))
         return [float(gates.sum()), gates.numel()]
 
-    keep = stored or (lambda key, compute: compute())
+    keep = stored or unmemoised
     totals = [keep(("gate_total", row["text"]), partial(gate_total, row)) for row in rows]
     gate_sum, gate_count = sum(t[0] for t in totals), sum(t[1] for t in totals)
 
