@@ -127,6 +127,8 @@ class RunContext:
         fixes the models, controllers and gate) and its device, e.g. the injected facts-QA scores that a warm
         re-run or the next job of a sweep would otherwise compute again."""
         def from_cache() -> Any:
+            # the stages' keys only: sub-artifacts follow from them, and listing them would tie the key to what
+            # happened to run before
             payload = {"key": json.loads(json.dumps(key, default=str)), "device": self.cfg.device,
                        "artifacts": {name: info["key"] for name, info in sorted(self.info.items())}}
 
