@@ -94,8 +94,9 @@ class TrainerSpec:
     """Lightning Trainer options for the training stages (and the harvest's accelerator)."""
 
     accelerator: str = "cpu"
-    # These three leave a trained artifact as it is, but were in the keys of the stages that existed when the rule
-    # was written: keyed there (those keys stay), left out of the gate's and of every later stage's.
+    # log_every_n_steps never changes a trained artifact, devices and strategy not on one device; the three were in
+    # the keys of the stages that existed when the key rule was written: keyed there (those keys stay), left out of
+    # the gate's and of every later stage's.
     devices: int = field(default=1, metadata=keyed_only_by(*TRAINER_KEYED_BY))
     strategy: str = field(default="auto", metadata=keyed_only_by(*TRAINER_KEYED_BY))
     precision: str = "32-true"
