@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from uzr.config.model import DamageSpec, key_fields
+from uzr.config.model import DamageSpec, model_key
 from uzr.damage import head_permutation
 from uzr.models import load_model
 
@@ -148,7 +148,7 @@ def test_load_model_validates_damage_against_the_declared_layers():
 
 def test_gemma3_270m_is_a_student():
     run_cfg = resolved("student=gemma3_270m", "inject.layers=[4,9,14]")  # the schema's [4, 15, 26] fits 30 layers
-    assert key_fields(run_cfg.student) == key_fields(run_cfg.teacher)  # the packaged Gemma, undamaged
+    assert model_key(run_cfg.student) == model_key(run_cfg.teacher)  # the packaged Gemma, undamaged
     assert run_cfg.student.damage == DamageSpec()
 
 
@@ -181,8 +181,8 @@ def test_a_damaged_student_never_shares_an_undamaged_store():
     assert keys("student.damage.kind=permute_heads", "student.damage.strength=1")["harvest"] != damaged["harvest"]
     # no damage leaves the spec's key fields as they were before damage existed (old caches stay valid)
     plain = resolved("+experiment=positive_control", "student.damage.layers=[]", "inject.layers=[4]").student
-    assert "damage" not in key_fields(plain)
-    assert key_fields(plain) == {k: v for k, v in dataclasses.asdict(plain).items() if k != "damage"}
+    assert "damage" not in model_key(plain)
+    assert model_key(plain) == {k: v for k, v in dataclasses.asdict(plain).items() if k != "damage"}
 
 
 def test_specs_from_plain_mappings_carry_their_damage():

@@ -241,11 +241,13 @@ def test_chat_format_scores_match_on_a_tokenizer_with_a_chat_template(tiny_model
 
 
 def test_plain_scores_are_cached_per_model_and_prompt_set(tiny_models, tmp_path):
-    from tests.conftest import model_spec
+    from tests.conftest import model_spec, resolved
     from uzr.facts_qa import cached_plain_scores
+    from uzr.runner import RunContext
 
     model, tok = tiny_models["llama"]
     spec = model_spec("student/tiny_llama")
+    run = RunContext(resolved("+experiment=smoke", f"paths.cache_dir={tmp_path}"), tmp_path / "run")
     prompts = qa_prompts(0, 0.25, limit=5)
     loads = []
 
@@ -253,12 +255,15 @@ def test_plain_scores_are_cached_per_model_and_prompt_set(tiny_models, tmp_path)
         loads.append(1)
         return model, tok
 
-    first = cached_plain_scores(tmp_path, spec, "cpu", load, prompts, "qa", 4)
-    again = cached_plain_scores(tmp_path, spec, "cpu", load, prompts, "qa", 4)
+    first = cached_plain_scores(run, spec, load, prompts, "qa", 4)
+    again = cached_plain_scores(run, spec, load, prompts, "qa", 4)
     assert loads == [1] and again == first
     assert_close(first, one_by_one(model, tok, prompts, "qa"))
-    cached_plain_scores(tmp_path, spec, "cpu", load, prompts[:4], "qa", 4)  # another prompt set: scored anew
+    cached_plain_scores(run, spec, load, prompts[:4], "qa", 4)  # another prompt set: scored anew
     assert loads == [1, 1]
+    # each prompt set built once, by this run, under the key it had before run.artifact made it (pinned)
+    assert {name: record["built"] for name, record in run.sub_artifacts.items()} == {
+        "facts_qa/fb9f4ffb08fe64f5": True, "facts_qa/73de141ac9213344": True}
 
 
 def test_next_token_stats_in_blocks_equal_the_whole_softmax(tiny_models):

@@ -139,9 +139,9 @@ def test_tiny_lru_model_trains_above_chance_on_level_1(one_thread):
     ("lru_mla.ponder_weight=-1", r"lru_mla.ponder_weight=-1"),
 ])
 def test_bad_ablation_config_fails_before_training_naming_the_field(override, match, monkeypatch):
-    import uzr.reasoning.stage as stage
+    import uzr.reasoning.groups as groups
 
-    monkeypatch.setattr(stage, "train_group", lambda *a, **k: pytest.fail("validation must come before training"))
+    monkeypatch.setattr(groups, "train_group", lambda *a, **k: pytest.fail("validation must come before training"))
     with pytest.raises(ValueError, match=match):
         resolved("+experiment=lru_mla", override)
 
@@ -171,9 +171,8 @@ class _Killed(Exception):
 def test_killed_group_training_resumes_and_ends_like_an_uninterrupted_one(tmp_path, one_thread, monkeypatch):
     """A group killed in its second epoch resumes from the first epoch's checkpoint in the artifact's work folder
     and ends with the uninterrupted training's weights, training log and held-out scores."""
-    from types import SimpleNamespace
-
-    from uzr.reasoning import stage, training
+    from uzr.reasoning import groups, training
+    from uzr.runner import RunContext
 
     tiny = ["lru_mla.train_items=64", "lru_mla.eval_items=8", "lru_mla.epochs=3", "lru_mla.batch_size=32",
             "lru_mla.d_model=32", "lru_mla.heads=2", "lru_mla.head_dim=8", "lru_mla.rope_dim=4", "lru_mla.kv_rank=16",
@@ -181,11 +180,11 @@ def test_killed_group_training_resumes_and_ends_like_an_uninterrupted_one(tmp_pa
 
     def run_of(name: str):
         cfg = resolved("+experiment=lru_mla", *tiny, f"paths.cache_dir={tmp_path / name}")
-        return SimpleNamespace(cfg=cfg, out_dir=tmp_path / f"{name}_run")
+        return RunContext(cfg, tmp_path / f"{name}_run")
 
     def trained(run):
-        train, heldout = stage.datasets(run.cfg.lru_mla, run.cfg.seed)
-        folder, _ = stage.cached_group(run, "mla_lru_act", train, heldout)
+        train, heldout = groups.datasets(run.cfg.lru_mla, run.cfg.seed)
+        folder, _ = groups.cached_group(run, "mla_lru_act", train, heldout)
         return json.loads((folder / "group.json").read_text()), load_file(str(folder / "model.safetensors")), folder
 
     whole, whole_weights, _ = trained(run_of("whole"))

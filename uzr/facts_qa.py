@@ -33,14 +33,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from uzr.attention import decoder_of
+from uzr.config.keys import key_of
 from uzr.hooks import ModelEdit, injected
 from uzr.inject import Injector, InjectorState
 from uzr.masks import pad_sequences
@@ -341,8 +343,6 @@ def qa_scores(model, tokenizer, prompts: Sequence[Prompt], prompt_format: str = 
     ``edit_for(row_prompts)``: a fresh edit for one batch, given the prompt of each of its rows in order
     (``len(candidates)`` rows per prompt, e.g. to give each row its prompt's gate value); None = the plain
     model. ``desc``: label of a progress bar counting prompts (None: no bar)."""
-    from tqdm.auto import tqdm
-
     style = resolve_format(tokenizer, prompt_format)
     prefix, special, pad_id = answer_prefix(style), adds_special_tokens(style), tokenizer.pad_token_id or 0
     groups = [candidate_rows(tokenizer, format_prompt(p.question, tokenizer, style), p.candidates, prefix, special)
@@ -405,16 +405,14 @@ def correct_of(prompts: Sequence[Prompt], scores: Sequence[Sequence[float]]) -> 
     return [int(np.argmax(s)) == p.correct_index() for p, s in zip(prompts, scores)]
 
 
-def cached_plain_scores(cache_dir: str | Path, spec, device: str, model_and_tokenizer: Callable[[], tuple],
-                        prompts: Sequence[Prompt], prompt_format: str, batch_size: int,
-                        desc: str | None = None) -> list[list[float]]:
+def cached_plain_scores(run, spec, model_and_tokenizer: Callable[[], tuple], prompts: Sequence[Prompt],
+                        prompt_format: str, batch_size: int, desc: str | None = None) -> list[list[float]]:
     """Candidate scores of an uninjected model (``spec``: its :class:`~uzr.models.ModelSpec`), computed once per
-    model, device, prompt set, format and batch size and kept in the artifact cache as ``facts_qa/<key>``;
-    ``model_and_tokenizer()`` is called only to build it."""
-    from uzr.cache import ArtifactCache, content_key
-
-    payload = {"model": asdict(spec), "device": device, "prompt_format": prompt_format, "batch_size": batch_size,
-               "prompts": [[p.id, p.question, list(p.candidates)] for p in prompts]}
+    model, device (the run's), prompt set, format and batch size and kept in the artifact cache as
+    ``facts_qa/<key>`` (``run``: a :class:`~uzr.runner.RunContext`); ``model_and_tokenizer()`` is called only to
+    build it."""
+    payload = {"model": key_of(spec, "facts_qa"), "device": run.cfg.device, "prompt_format": prompt_format,
+               "batch_size": batch_size, "prompts": [[p.id, p.question, list(p.candidates)] for p in prompts]}
 
     def build(folder: Path) -> dict:
         model, tokenizer = model_and_tokenizer()
@@ -422,8 +420,7 @@ def cached_plain_scores(cache_dir: str | Path, spec, device: str, model_and_toke
         (folder / "scores.json").write_text(json.dumps({"ids": [p.id for p in prompts], "scores": scores}))
         return {"num_prompts": len(prompts)}
 
-    folder, _ = ArtifactCache(cache_dir).get_or_build("facts_qa", content_key("facts_qa", payload, QA_CACHE_VERSION),
-                                                      payload, build)
+    folder, _ = run.artifact("facts_qa", payload, build, version=QA_CACHE_VERSION)
     return json.loads((folder / "scores.json").read_text())["scores"]
 
 
@@ -438,9 +435,8 @@ def plain_qa_scores(run, role: str) -> list[list[float]]:
         prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
         if not prompts:
             return []
-        return cached_plain_scores(cfg.cache_dir, getattr(cfg, role), cfg.device, lambda: run.models.get(role),
-                                   prompts, cfg.gate.prompt_format, cfg.evaluate.qa_batch_size,
-                                   desc=f"facts QA: {role}")
+        return cached_plain_scores(run, getattr(cfg, role), lambda: run.models.get(role), prompts,
+                                   cfg.gate.prompt_format, cfg.evaluate.qa_batch_size, desc=f"facts QA: {role}")
 
     return run.memo(("facts_qa", role), score)
 

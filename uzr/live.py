@@ -69,14 +69,17 @@ class LiveSession:
     def __init__(self, cfg, run, max_new_tokens: int = 32):
         import torch
 
+        from uzr.controller.stage import ControllerStage
+        from uzr.gate.stage import GateStage
+        from uzr.harvest.stage import HarvestStage
         from uzr.sinks import run_sinks
 
         self.cfg, self.run, self.max_new_tokens = cfg, run, max_new_tokens
         self.student, self.tok = run.models.get("student")
-        self.controllers = run.artifacts["controller"].controllers
-        self.gate = run.artifacts["gate"]
+        self.controllers = run.upstream(ControllerStage).controllers
+        self.gate = run.upstream(GateStage)
         self.layers = list(cfg.inject.layers)
-        self.sinks = run_sinks(cfg, run.artifacts["harvest"], run.memo)  # inject.sinks=keep, as in the evaluate stage
+        self.sinks = run_sinks(cfg, run.upstream(HarvestStage), run.memo)  # inject.sinks=keep, as in the evaluate stage
         self.torch = torch
 
     def alpha_spec(self):

@@ -4,9 +4,12 @@ For each stage of the plan (:func:`uzr.stages.plan`: the selected stages and wha
 runner computes its cache key from the config and the keys of the stages it needs, takes its artifact
 from the cache or builds it (only selected stages build; a needed stage that is not selected must be
 cached, and the error names it), loads it, and asks it for its section of ``metrics.json``.
-``metrics.json`` → ``artifacts`` records each artifact's key, path and whether this run built it, and
-``timing`` the wall and process CPU seconds of each stage (its build or load, then its report: models load
-lazily inside the first stage that needs them, so their load counts there).
+A stage reads the artifacts of the stages it needs with :meth:`RunContext.upstream` (typed by the stage class)
+and makes any smaller cached piece of its work (a trained group, a domain's store, a memoised score) with
+:meth:`RunContext.artifact`. ``metrics.json`` → ``artifacts`` records each artifact's key, path and whether this
+run built it (stages by name, sub-artifacts as ``kind/key``), and ``timing`` the wall and process CPU seconds of
+each stage (its build or load, then its report: models load lazily inside the first stage that needs them, so
+their load counts there).
 Nothing here knows a particular stage: adding one is a module and a line in :data:`uzr.stages.REGISTRY`.
 """
 
@@ -18,11 +21,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from uzr.cache import ArtifactCache, content_key
 from uzr.config import RunConfig
-from uzr.stages import Stage, StageInfo, plan
+from uzr.stages import REGISTRY, Stage, StageInfo, plan
 from uzr.timing import stopwatch
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ class ModelPool:
 
     def get(self, role: str):
         if role not in self._loaded:
+            # transformers: imported only when a model loads, not by code that keys or loads artifacts
             from uzr.models import load_model
 
             spec = getattr(self.cfg, role)
@@ -46,6 +50,13 @@ class ModelPool:
 
 
 MEMO_VERSION = 1  # bump when what a stored memo holds changes
+Loaded = TypeVar("Loaded", covariant=True)
+
+
+class LoadsArtifact(Protocol[Loaded]):
+    """A stage class, typed by what its ``load`` returns (what :meth:`RunContext.upstream` hands back)."""
+
+    def load(self, run: Any, folder: Path) -> Loaded: ...
 
 
 def unmemoised(key: Any, compute: Callable[[], Any]) -> Any:
@@ -55,18 +66,53 @@ def unmemoised(key: Any, compute: Callable[[], Any]) -> Any:
 
 @dataclass
 class RunContext:
-    """What the stages of one run share: config, models, loggers, the artifacts loaded so far."""
+    """What the stages of one run share: config, models, loggers, the artifacts loaded so far.
+
+    Outside a run (the live demo, tests) ``RunContext(cfg, out_dir)`` is the same context: models load on first use
+    and sub-artifacts go to ``cfg``'s cache."""
 
     cfg: RunConfig
     out_dir: Path
-    models: ModelPool
+    models: ModelPool | None = None  # None: a pool of cfg's models
     loggers: list = field(default_factory=list)
     artifacts: dict[str, Any] = field(default_factory=dict)  # stage name -> loaded artifact
     info: dict[str, dict] = field(default_factory=dict)  # stage name -> {"key", "built", "path"}
+    sub_artifacts: dict[str, dict] = field(default_factory=dict)  # "kind/key" -> {"key", "built", "path"}
     images: dict[str, Path] = field(default_factory=dict)  # logged figures
     tables: dict[str, tuple[list[str], list[list]]] = field(default_factory=dict)  # logged tables
     timing: dict[str, dict] = field(default_factory=dict)  # stage name -> {"wall_s", "cpu_s"} (stopwatch)
     _memo: dict[Any, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.models is None:
+            self.models = ModelPool(self.cfg)
+
+    def upstream(self, stage: type[LoadsArtifact[Loaded]]) -> Loaded:
+        """The loaded artifact of ``stage`` (a registered stage class, e.g. ``ControllerStage``), typed as its
+        ``load`` returns it. Fails naming the stage when this run has not loaded it."""
+        name = stage_name(stage)
+        if name not in self.artifacts:
+            loaded = ", ".join(self.artifacts) or "none"
+            raise LookupError(
+                f"the {name!r} artifact is not loaded in this run (loaded: {loaded}): the stage reading it must need "
+                f"{name!r} (StageInfo.needs in uzr/stages.py), or select it: stages=[..., {name}]")
+        return self.artifacts[name]
+
+    def artifact(self, kind: str, payload: dict, build: Callable[[Path], dict | None], *,
+                 version: int) -> tuple[Path, bool]:
+        """The cache folder of the sub-artifact ``kind`` keyed by the content of (``kind``, ``payload``,
+        ``version``) and whether this call built it: ``build(folder)`` fills it when it is missing (atomically,
+        once even across concurrent jobs; returns extras for its manifest). Recorded in ``metrics.json`` →
+        ``artifacts`` as ``kind/key``; bump ``version`` when what ``build`` writes changes meaning."""
+        key = content_key(kind, payload, version)
+        folder, built = ArtifactCache(self.cfg.cache_dir).get_or_build(kind, key, payload, build)
+        # the first record of the run stays: "built" says this run built it, even when asked again later
+        self.sub_artifacts.setdefault(f"{kind}/{key}", {"key": key, "built": built, "path": str(folder)})
+        return folder, built
+
+    def artifact_records(self) -> dict[str, dict]:
+        """``metrics.json`` → ``artifacts``: each stage's record by name, then each sub-artifact's as ``kind/key``."""
+        return {**self.info, **self.sub_artifacts}
 
     def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per run for ``key``: stages share measurements (e.g. the plain student's
@@ -81,17 +127,27 @@ class RunContext:
         fixes the models, controllers and gate) and its device, e.g. the injected facts-QA scores that a warm
         re-run or the next job of a sweep would otherwise compute again."""
         def from_cache() -> Any:
+            # the stages' keys only: sub-artifacts follow from them, and listing them would tie the key to what
+            # happened to run before
             payload = {"key": json.loads(json.dumps(key, default=str)), "device": self.cfg.device,
                        "artifacts": {name: info["key"] for name, info in sorted(self.info.items())}}
 
             def build(folder: Path) -> None:
                 (folder / "value.json").write_text(json.dumps(compute()))
 
-            folder, _ = ArtifactCache(self.cfg.cache_dir).get_or_build(
-                "memo", content_key("memo", payload, MEMO_VERSION), payload, build)
+            folder, _ = self.artifact("memo", payload, build, version=MEMO_VERSION)
             return json.loads((folder / "value.json").read_text())
 
         return self.memo(key, from_cache)
+
+
+def stage_name(stage: type) -> str:
+    """The registry name of a stage implementation class; TypeError if no stage of :data:`REGISTRY` is it."""
+    impl = f"{stage.__module__}:{stage.__qualname__}"
+    for info in REGISTRY.values():
+        if info.impl == impl:
+            return info.name
+    raise TypeError(f"{impl} is not a registered stage (uzr/stages.py REGISTRY)")
 
 
 def stage_key(info: StageInfo, impl: Stage, cfg: RunConfig, upstream: dict[str, str]) -> tuple[str, dict]:
@@ -133,6 +189,8 @@ def load_stages(run: RunContext, selected: Iterable[str], build: Iterable[str] |
 
 def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict:
     """Run the selected stages; writes ``metrics.json`` into ``out_dir`` and returns the metrics."""
+    # Lightning and the loggers (wandb) take seconds to import: not for the modules that import this one only to
+    # key artifacts or for RunContext.
     import lightning as L
 
     from uzr.loggers import finish, log_summary, make_loggers
@@ -154,6 +212,7 @@ def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict
                 section = impl.report(run_ctx, run_ctx.artifacts.get(name))
             if section is not None:
                 metrics[name] = section
+        metrics["artifacts"] = run_ctx.artifact_records()  # now with the sub-artifacts the stages made
         metrics["timing"] = run_ctx.timing
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         header, rows = results_rows(metrics)

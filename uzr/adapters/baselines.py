@@ -20,10 +20,14 @@ from pathlib import Path
 
 import torch
 
+from uzr.adapters.evaluation import answers_correct
 from uzr.adapters.peft_edit import BaselinePlan, PeftTrainable, plan_baseline
-from uzr.adapters.stage import TRAINING_FIELDS, fit_reinforce, formatted, items_for
+from uzr.adapters.reinforce import answer_logprobs
+from uzr.adapters.stage import fit_reinforce, formatted, items_for
 from uzr.adapters.svd import target_matrices
 from uzr.checkpoint import load_checkpoint, save_checkpoint
+from uzr.config.keys import key_of
+from uzr.hooks import injected
 
 log = logging.getLogger(__name__)
 ADAPTER_FORMAT, ADAPTER_VERSION = "uzr.peft_baseline", 1
@@ -43,10 +47,6 @@ def validation_items(svf, domain: str, seed: int):
 @torch.no_grad()
 def validation_score(model, tok, items, svf, edit) -> tuple[float, float]:
     """(greedy accuracy, mean per-token log-likelihood of the reference answers) with ``edit`` attached."""
-    from uzr.adapters.evaluation import answers_correct
-    from uzr.adapters.reinforce import answer_logprobs
-    from uzr.hooks import injected
-
     accuracy = sum(answers_correct(model, tok, items, svf, edit)) / len(items)
     texts, special = formatted(tok, items, svf.prompt_format)
     prompts = [tok(t, add_special_tokens=special)["input_ids"] for t in texts]
@@ -68,10 +68,8 @@ class Baseline:
 
 class SVFBaselinesStage:
     def key_payload(self, cfg, upstream: Mapping[str, str]) -> dict:
-        svf = cfg.svf
-        fields = (*TRAINING_FIELDS, "baselines", "baseline_lrs", "val_items", "lora_rank")
-        return {"svf": {k: getattr(svf, k) for k in fields}, "student": dataclasses.asdict(cfg.student),
-                "seed": cfg.seed, "trainer": dataclasses.asdict(cfg.trainer)}
+        return {"svf": key_of(cfg.svf, "svf_baselines"), "student": key_of(cfg.student, "svf_baselines"),
+                "seed": cfg.seed, "trainer": key_of(cfg.trainer, "svf_baselines")}
 
     def build(self, run, folder: Path) -> dict:
         svf = run.cfg.svf

@@ -24,7 +24,7 @@ import torch
 
 from uzr.adapters.cem import cem
 from uzr.adapters.domains import check
-from uzr.adapters.stage import SVFArtifact, formatted, items_for
+from uzr.adapters.stage import SVFArtifact, SVFStage, formatted, items_for
 from uzr.adapters.svf import SVFEdit, SVFTrainable, layer_of, mix_masks
 from uzr.hooks import injected
 from uzr.intervals import accuracy_difference
@@ -52,7 +52,7 @@ def answers_correct(model, tok, items, svf, edit=None) -> list[bool]:
 
 class SVFEvalStage(UncachedStage):
     def report(self, run, artifact) -> dict:
-        art: SVFArtifact = run.artifacts["svf"]
+        art = run.upstream(SVFStage)
         cfg, svf = run.cfg, run.cfg.svf
         model, tok = run.models.get("student")
         model.eval()
@@ -158,14 +158,16 @@ def injection_row(run, held: dict) -> dict:
     """The student with the controller's attention injected (``inject.*``, ``alpha.*``; the harvest and controller
     artifacts cached, or built when missing) answering every domain's held-out items; its trainable parameters are
     the controllers'."""
+    from uzr.controller.stage import ControllerStage
+    from uzr.harvest.stage import HarvestStage
     from uzr.inject import Injector
     from uzr.runner import load_stages
     from uzr.sinks import run_sinks
 
     cfg, svf = run.cfg, run.cfg.svf
     load_stages(run, ["controller"], build=["harvest", "controller"])
-    controllers = run.artifacts["controller"].controllers
-    sinks = run_sinks(cfg, run.artifacts["harvest"], run.memo)  # inject.sinks=keep as in the evaluate stage
+    controllers = run.upstream(ControllerStage).controllers
+    sinks = run_sinks(cfg, run.upstream(HarvestStage), run.memo)  # inject.sinks=keep as in the evaluate stage
     model, tok = run.models.get("student")
     clock = Stopwatch()
     # prompt_len=None: decoding steps count from each prompt's prefill, as in generation elsewhere

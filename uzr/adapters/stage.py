@@ -19,17 +19,18 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from uzr.adapters.distill import DistillModule, check_same_vocabulary
 from uzr.adapters.domains import domain_items, reward
+from uzr.adapters.reinforce import ReinforceModule
 from uzr.adapters.svd import decompose, target_matrices
 from uzr.adapters.svf import SVFExpert, expert_meta, load_expert, save_expert
 from uzr.cache import file_digest
+from uzr.config.keys import key_of
+from uzr.prompts import adds_special_tokens, format_prompt, resolve_format
 from uzr.resumable_fit import fit_resumable
 from uzr.timing import Stopwatch
 
 log = logging.getLogger(__name__)
-TRAINING_FIELDS = ("domains", "matrices", "layers", "objective", "reward", "baseline", "init_z", "lr", "clip",
-                   "kl_weight", "samples_per_prompt", "prompts_per_step", "epochs", "train_items", "max_new_tokens", "temperature",
-                   "heldout_fraction", "prompt_format", "causal_levels", "causal_max_vars")
 
 
 def question_text(item) -> str:
@@ -38,8 +39,6 @@ def question_text(item) -> str:
 
 
 def formatted(tokenizer, items, prompt_format: str) -> tuple[list[str], bool]:
-    from uzr.prompts import adds_special_tokens, format_prompt, resolve_format
-
     style = resolve_format(tokenizer, prompt_format)
     return [format_prompt(question_text(it), tokenizer, style) for it in items], adds_special_tokens(style)
 
@@ -59,9 +58,8 @@ class SVFStage:
     def key_payload(self, cfg, upstream: Mapping[str, str]) -> dict:
         svf = cfg.svf
         given = {d: file_digest(Path(p).expanduser() / "expert.safetensors") for d, p in sorted(svf.experts.items())}
-        return {"svf": {k: getattr(svf, k) for k in TRAINING_FIELDS}, "student": dataclasses.asdict(cfg.student),
-                "seed": cfg.seed, "trainer": dataclasses.asdict(cfg.trainer), "given_experts": given,
-                **teacher_key(cfg)}
+        return {"svf": key_of(svf, "svf"), "student": key_of(cfg.student, "svf"), "seed": cfg.seed,
+                "trainer": key_of(cfg.trainer, "svf"), "given_experts": given, **teacher_key(cfg)}
 
     def _decomp(self, run):
         model, _ = run.models.get("student")
@@ -104,7 +102,7 @@ class SVFStage:
 
 def teacher_key(cfg) -> dict:
     """The teacher is part of what trained an expert only when it is distilled from."""
-    return {"teacher": dataclasses.asdict(cfg.teacher)} if cfg.svf.objective == "distill" else {}
+    return {"teacher": key_of(cfg.teacher, "svf")} if cfg.svf.objective == "distill" else {}
 
 
 def train_expert(run, model, tok, decomp, domain: str, out: Path) -> dict:
@@ -153,14 +151,10 @@ def _objective(run, model, tok, domain, decomp, edit, items, texts, special, lr)
     """The LightningModule of ``svf.objective`` and the name of the value it logs per step."""
     svf = run.cfg.svf
     if svf.objective == "distill":
-        from uzr.adapters.distill import DistillModule, check_same_vocabulary
-
         teacher, teacher_tok = run.models.get("teacher")
         check_same_vocabulary(teacher_tok, tok)
         return DistillModule(model, teacher, tok, decomp, texts, lr, svf.max_new_tokens, svf.init_z, special,
                              edit=edit), "kl"
-    from uzr.adapters.reinforce import ReinforceModule
-
     return ReinforceModule(model, tok, decomp, texts, [it.answer for it in items],
                            lambda pred, ans: reward(domain, pred, ans, svf.reward), lr, svf.kl_weight,
                            svf.samples_per_prompt, svf.max_new_tokens, svf.temperature, svf.init_z, special,

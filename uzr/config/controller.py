@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from uzr.config.fields import from_mapping
+from uzr.config.keys import KEYED_UNLESS_DEFAULT
 
 ARCHS = ("bilinear", "seed_mlp", "lru")
 # What the controller predicts (issue 13): the teacher's head-mean distribution, shared by every student head,
@@ -23,7 +24,9 @@ class ControllerSpec:
     """Controller architecture, loss weights and training hyperparameters (Hydra structured config)."""
 
     arch: str = "bilinear"  # "bilinear" | "seed_mlp" | "lru" (bilinear whose features an LRU refines)
-    target: str = "head_mean"  # one of TARGETS; per_head: one distribution per student (query) head
+    # one of TARGETS; per_head: one distribution per student (query) head (keyed unless the default: head-mean
+    # controllers keep the keys they had before targets existed)
+    target: str = field(default="head_mean", metadata=KEYED_UNLESS_DEFAULT)
     key_dim: int = 64  # bilinear: width of query/key features
     mlp_hidden: int = 128  # bilinear: hidden width of the q/k MLPs
     num_buckets: int = 32  # bilinear: relative-distance buckets (exact below num_buckets // 2, log beyond)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from uzr.config.fields import from_mapping
+from uzr.config.keys import NOT_KEYED
 
 LABELS = ("token", "prompt")
 FEATURES = ("hidden", "ctrl_entropy", "ctrl_peak", "student_entropy")
@@ -21,10 +22,6 @@ DEFAULT_HEDGES = [
     "hypothetical", "not real", "perhaps", "maybe", "possibly", "might be", "probably", "i think",
     "i believe", "not enough information", "hard to say", "difficult to say",
 ]
-# GateSpec fields that only shape the evaluation, not the trained gate (left out of its cache key).
-EVAL_ONLY_FIELDS = ("eval_alphas",)
-
-
 
 @dataclass
 class GateSpec:
@@ -53,7 +50,8 @@ class GateSpec:
     max_epochs: int = 30
     batch_size: int = 256
     balance: bool = True  # weight positives by negatives/positives of the training split in the BCE
-    eval_alphas: list[float] = field(default_factory=lambda: [0.5, 1.0])  # constant and gated rows of the table
+    # constant and gated rows of the table: the evaluation only, not the trained gate
+    eval_alphas: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata=NOT_KEYED)
 
 
 def validate_gate_spec(spec: GateSpec) -> GateSpec:

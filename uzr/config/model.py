@@ -80,9 +80,11 @@ class ModelSpec:
         return self
 
 
-def key_fields(spec: ModelSpec) -> dict[str, Any]:
-    """The spec as a plain dict for artifact keys. ``damage`` is left out when it damages nothing, so the
-    keys of undamaged models are what they were before damage existed; a damaged spec always differs."""
+def model_key(spec: ModelSpec) -> dict[str, Any]:
+    """The spec as the key of the model it loads (the harvest store's). ``damage`` is left out when it damages
+    nothing, so the keys of undamaged models are what they were before damage existed; a damaged spec always
+    differs, a null strength keyed as the kind's default. (Stages keyed before damage existed, svf and facts QA,
+    key the spec as written: :func:`uzr.config.keys.key_of`.)"""
     plain = asdict(spec)
     if not spec.damage.layers:
         plain.pop("damage")

@@ -24,6 +24,7 @@ from uzr.config.corpus import CorpusSpec, domain_spec, validate_corpus_spec
 from uzr.config.dominance import DominanceSpec, extra_stages, validate_dominance
 from uzr.config.gate import GateSpec, validate_gate_spec
 from uzr.config.inject import AUTO, AlphaSpec, InjectSpec, validate_alpha, validate_inject
+from uzr.config.keys import KEYED_UNLESS_DEFAULT, NOT_KEYED, keyed_only_by
 from uzr.config.lru_mla import LRUMLASpec, validate_lru_mla
 from uzr.config.model import ModelSpec
 from uzr.config.model import validate_spec as validate_model
@@ -35,13 +36,15 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 HEAD_MATCHING = ("attention", "output")  # harvest.head_matching
 QA_DOMAINS = ("causal_loop",)  # evaluate.qa_domains (uzr/evaluate/qa_domains.py)
 SYSTEM_STAGES = ("dominance", "svf", "svf_baselines", "svf_eval", "lru_mla")
+# The artifacts whose keys hold every trainer.* field (see TrainerSpec).
+TRAINER_KEYED_BY = ("controller", "svf", "svf_baselines", "lru_mla", "lru_mla_group")
 
 
 @dataclass
 class HarvestSpec:
     # Student layers stored (a superset of inject.layers, so a sweep over layers shares one store);
-    # None = inject.layers.
-    layers: list[int] | None = None
+    # None = inject.layers. Not keyed as given: the store's key holds the effective set (harvest_layers).
+    layers: list[int] | None = field(default=None, metadata=NOT_KEYED)
     max_length: int = 256  # student tokens per text (longer texts are truncated)
     # Head-mean distributions are stored for the leading min(S, this) positions only: they take S^2
     # per layer, everything else (statistics, hidden states) covers all S.
@@ -55,7 +58,8 @@ class HarvestSpec:
     # Per-head targets (controller.target=per_head): attention = teacher heads matched to student heads by attention
     # similarity (mean row KL, Hungarian or nearest); output = by output slot (o_proj/v_proj weights: a damaged
     # copy of the teacher, whose permuted heads attention matching cannot repair). uzr/harvest/head_matching.py
-    head_matching: str = "attention"
+    # Keyed unless the default: stores keep the keys they had before head matching existed.
+    head_matching: str = field(default="attention", metadata=KEYED_UNLESS_DEFAULT)
     devices: int = 1  # processes for Trainer.predict (accelerator from trainer.accelerator)
     strategy: str = "auto"  # e.g. ddp, ddp_spawn: each rank writes whole shards into one store
 
@@ -90,11 +94,14 @@ class TrainerSpec:
     """Lightning Trainer options for the training stages (and the harvest's accelerator)."""
 
     accelerator: str = "cpu"
-    devices: int = 1
-    strategy: str = "auto"
+    # log_every_n_steps never changes a trained artifact, devices and strategy not on one device; the three were in
+    # the keys of the stages that existed when the key rule was written: keyed there (those keys stay), left out of
+    # the gate's and of every later stage's.
+    devices: int = field(default=1, metadata=keyed_only_by(*TRAINER_KEYED_BY))
+    strategy: str = field(default="auto", metadata=keyed_only_by(*TRAINER_KEYED_BY))
     precision: str = "32-true"
     deterministic: bool = True
-    log_every_n_steps: int = 5
+    log_every_n_steps: int = field(default=5, metadata=keyed_only_by(*TRAINER_KEYED_BY))
 
 
 @dataclass

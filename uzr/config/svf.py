@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from uzr.config.keys import NOT_KEYED, keyed_only_by
+
 DOMAINS = ("arithmetic", "facts", "causal_loop")
 MATRICES = ("mlp", "attn", "mlp+attn")
 OBJECTIVES = ("reinforce", "distill")
@@ -42,7 +44,8 @@ class SVFSpec:
     prompts_per_step: int = 4
     epochs: int = 2  # passes over the train_items training prompts of a domain (a checkpoint after each)
     train_items: int = 32  # training prompts per domain
-    eval_items: int = 40  # held-out prompts per domain (every expert, strategy and the base model see the same)
+    # held-out prompts per domain (every expert, strategy and the base model see the same): the evaluation only
+    eval_items: int = field(default=40, metadata=NOT_KEYED)
     max_new_tokens: int = 24
     temperature: float = 1.0  # sampling temperature of the training answers (evaluation is greedy)
     heldout_fraction: float = 0.25  # train / held-out split of each domain (a hash of the question)
@@ -50,25 +53,31 @@ class SVFSpec:
     causal_levels: list[int] = field(default_factory=lambda: [1])  # causal-loop levels asked
     causal_max_vars: int = 3
     # Pre-trained experts {domain: folder holding expert.json + expert.safetensors}, used instead of training.
-    experts: dict[str, str] = field(default_factory=dict)
-    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
-    mixture: list[str] | None = None  # domains whose experts CEM mixes (None = every domain); distinct
-    cem_population: int = 32
-    cem_elite_ratio: float = 0.2
-    cem_iterations: int = 50
-    cem_shots: int = 4  # few-shot examples per domain that CEM scores a mixture on (taken from train)
-    classifier_epochs: int = 200  # full-batch epochs of the pooled-hidden-state domain classifier
-    figure: bool = True
+    # Keyed by the sha256 of each expert's weights instead (uzr.adapters.stage).
+    experts: dict[str, str] = field(default_factory=dict, metadata=NOT_KEYED)
+    # The evaluation (stage svf_eval, not cached) from here on; only the LoRA / IA3 fields below key svf_baselines.
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES), metadata=NOT_KEYED)
+    # domains whose experts CEM mixes (None = every domain); distinct
+    mixture: list[str] | None = field(default=None, metadata=NOT_KEYED)
+    cem_population: int = field(default=32, metadata=NOT_KEYED)
+    cem_elite_ratio: float = field(default=0.2, metadata=NOT_KEYED)
+    cem_iterations: int = field(default=50, metadata=NOT_KEYED)
+    # few-shot examples per domain that CEM scores a mixture on (taken from train)
+    cem_shots: int = field(default=4, metadata=NOT_KEYED)
+    # full-batch epochs of the pooled-hidden-state domain classifier
+    classifier_epochs: int = field(default=200, metadata=NOT_KEYED)
+    figure: bool = field(default=True, metadata=NOT_KEYED)
     # LoRA / IA3 baselines (stage svf_baselines): same domains, objective, items, epochs and clip as the experts, as
     # many layers as fit in one expert's parameter count; lr chosen per method and domain on val_items validation
     # prompts (train split, after the training prompts), never on the held-out items.
-    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
-    baseline_lrs: list[float] = field(default_factory=lambda: [5e-4, 2e-3, 1e-2])
-    val_items: int = 16
-    lora_rank: int = 1
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES), metadata=keyed_only_by("svf_baselines"))
+    baseline_lrs: list[float] = field(default_factory=lambda: [5e-4, 2e-3, 1e-2],
+                                      metadata=keyed_only_by("svf_baselines"))
+    val_items: int = field(default=16, metadata=keyed_only_by("svf_baselines"))
+    lora_rank: int = field(default=1, metadata=keyed_only_by("svf_baselines"))
     # svf_eval also scores the attention-injected student (the controller of the harvest / controller stages, at the
     # run's inject.* and alpha.* settings, cached or built) on the same held-out items: +experiment=svf_compare
-    injection: bool = False
+    injection: bool = field(default=False, metadata=NOT_KEYED)
 
 
 def _is_int(v) -> bool:

@@ -10,24 +10,23 @@ from pathlib import Path
 import lightning as L
 
 from uzr.config import RunConfig
+from uzr.config.keys import key_of
 from uzr.controller.checkpoint import load_controller, save_controller
 from uzr.controller.module import METHODS, ControllerModule
 from uzr.data import StoreDataModule
+from uzr.harvest.stage import HarvestStage
 from uzr.harvest.stage import per_head as targets_per_head
 from uzr.resumable_fit import fit_resumable
 
 
 class ControllerStage:
     def key_payload(self, cfg: RunConfig, upstream: Mapping[str, str]) -> dict:
-        controller = dataclasses.asdict(cfg.controller)
-        if controller["target"] == "head_mean":  # the default: head-mean controllers keep the keys they had
-            del controller["target"]
-        return {"harvest": upstream["harvest"], "controller": controller,
-                "layers": list(cfg.inject.layers), "seed": cfg.seed, "trainer": dataclasses.asdict(cfg.trainer)}
+        return {"harvest": upstream["harvest"], "controller": key_of(cfg.controller, "controller"),
+                "layers": list(cfg.inject.layers), "seed": cfg.seed, "trainer": key_of(cfg.trainer, "controller")}
 
     def build(self, run, folder: Path) -> dict:
         """Fit the controllers; Lightning checkpoints in ``folder`` let a killed run resume where it stopped."""
-        cfg, store = run.cfg, run.artifacts["harvest"]
+        cfg, store = run.cfg, run.upstream(HarvestStage)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         per_head = targets_per_head(cfg)
         datamodule = StoreDataModule(store, cfg.inject.layers, cfg.controller.batch_size, cfg.seed, per_head)
@@ -45,7 +44,7 @@ class ControllerStage:
         shutil.rmtree(checkpoints, ignore_errors=True)  # the finished artifact is the safetensors file
         return {"heldout": report, "resumed": resumed}
 
-    def load(self, run, folder: Path):
+    def load(self, run, folder: Path) -> ControllerArtifact:
         """``{layer (int): Controller}`` on the run's device, in eval mode; the metadata goes to ``self``."""
         cfg = run.cfg
         controllers, meta = load_controller(folder, expected={

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from uzr.cache import ArtifactCache
 from uzr.config.corpus import CorpusSpec, domain_spec
+from uzr.harvest.stage import HarvestStage
 from uzr.harvest.store import HarvestStore
 from uzr.intervals import bits_per_byte_difference
-from uzr.runner import stage_key
 from uzr.stages import REGISTRY
 
 # heldout_fraction for a domain store: round(f * n) = n for every n a corpus has, clamped to n - 1 by the corpus
@@ -33,15 +32,14 @@ def evaluation_corpus(spec: CorpusSpec, num_texts: int) -> CorpusSpec:
 
 
 def domain_store(run, name: str) -> tuple[HarvestStore, str]:
-    """The harvest store of domain ``name`` for this run's models and harvest settings (built when missing)."""
+    """The harvest store of domain ``name`` for this run's models and harvest settings (built when missing) and
+    its key: an ordinary ``harvest`` artifact, keyed and built by the harvest stage with the domain as its data."""
     cfg = dataclasses.replace(run.cfg, data=evaluation_corpus(domain_spec(name), run.cfg.evaluate.num_texts))
-    domain_run = dataclasses.replace(run, cfg=cfg)
-    info = REGISTRY["harvest"]
-    stage = info.implementation()
-    key, payload = stage_key(info, stage, cfg, {})
-    folder, _ = ArtifactCache(cfg.cache_dir).get_or_build(info.name, key, payload,
-                                                          lambda f: stage.build(domain_run, f))
-    return stage.load(domain_run, folder), key
+    domain_run = dataclasses.replace(run, cfg=cfg)  # shares the run's models, memo and artifact records
+    stage = HarvestStage()
+    folder, _ = domain_run.artifact("harvest", stage.key_payload(cfg, {}), lambda f: stage.build(domain_run, f),
+                                    version=REGISTRY["harvest"].version)
+    return stage.load(domain_run, folder), folder.name  # the folder is named by the key
 
 
 def domain_metrics(scores, plain: str, injected: str, cut: str) -> dict:

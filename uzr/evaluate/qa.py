@@ -31,6 +31,7 @@ from uzr.facts_qa import (
 )
 from uzr.intervals import accuracy_difference
 from uzr.prompts import Prompt
+from uzr.tasks.causal_loop import generate, parse_assignments, score_answer
 
 OFFSETS = (-2, -1, 1, 2)
 CAUSAL_LOOP = {"levels": [1, 2, 3, 4], "max_vars": 4, "max_rounds": 3}  # the generator settings of the domain
@@ -38,8 +39,6 @@ CAUSAL_LOOP = {"levels": [1, 2, 3, 4], "max_vars": 4, "max_rounds": 3}  # the ge
 
 def wrong_answers(answer: str, rng: random.Random, modulus: int = 0, k: int = 3) -> list[str]:
     """``k`` distinct answers that differ from ``answer`` (``A=1, B=2``) in one variable each."""
-    from uzr.tasks.causal_loop import parse_assignments, score_answer
-
     values = parse_assignments(answer)
     names = list(values)
     rng.shuffle(names)
@@ -61,8 +60,6 @@ def wrong_answers(answer: str, rng: random.Random, modulus: int = 0, k: int = 3)
 
 def causal_loop_prompts(n: int, seed: int) -> list[Prompt]:
     """``n`` causal-loop items as 4-candidate prompts, the same for the same ``seed``."""
-    from uzr.tasks.causal_loop import generate
-
     table = generate({"n": n, "seed": seed, **CAUSAL_LOOP})
     prompts = []
     for i, (question, answer, level) in enumerate(zip(table["prompt"].to_pylist(), table["answer"].to_pylist(),
@@ -130,8 +127,8 @@ def domain_qa(run, name: str, make_injector) -> dict:
 
     def plain(role: str) -> list:
         return run.memo((name, role), lambda: cached_plain_scores(
-            cfg.cache_dir, getattr(cfg, role), cfg.device, lambda: run.models.get(role), prompts,
-            cfg.gate.prompt_format, cfg.evaluate.qa_batch_size, desc=f"{name} QA: {role}"))
+            run, getattr(cfg, role), lambda: run.models.get(role), prompts, cfg.gate.prompt_format,
+            cfg.evaluate.qa_batch_size, desc=f"{name} QA: {role}"))
 
     return {**qa_comparison(run, prompts, plain, make_injector, f"{name} QA"), "chance": 0.25,
             "items": {"seed": cfg.evaluate.qa_domain_seed, **CAUSAL_LOOP}}

@@ -13,12 +13,14 @@ import torch
 
 from uzr.config import RunConfig
 from uzr.config.corpus import domain_spec
+from uzr.controller.stage import ControllerStage
 from uzr.evaluate.domains import domain_metrics, domain_store
 from uzr.evaluate.passes import heatmap_figure, student_pass
 from uzr.evaluate.qa import domain_qa, facts_qa
 from uzr.evaluate.sources import ORACLE_FLOOR, STORED_ROWS, controller_rows, live_prior, text_prior
 from uzr.evaluate.texts import PLAIN, heldout_rows, injection_setting, score_settings
 from uzr.harvest.head_matching import teacher_heads_of
+from uzr.harvest.stage import HarvestStage
 from uzr.harvest.stage import per_head as targets_per_head
 from uzr.inject import Injector
 from uzr.oracle import TeacherPrior
@@ -29,7 +31,7 @@ from uzr.stages import UncachedStage
 class EvaluateStage(UncachedStage):
     def report(self, run, artifact) -> dict:
         cfg = run.cfg
-        store, controllers = run.artifacts["harvest"], run.artifacts["controller"].controllers
+        store, controllers = run.upstream(HarvestStage), run.upstream(ControllerStage).controllers
         student, student_tok = run.models.get("student")
         teacher, teacher_tok = run.models.get("teacher")
         same_vocab = teacher_tok.get_vocab() == student_tok.get_vocab()  # next-token KL needs one vocabulary

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -17,11 +16,13 @@ from uzr.cache import atomic_write
 from uzr.config.gate import (
     CAUTIOUS,
     CONFIDENT,
-    EVAL_ONLY_FIELDS,
     WAFFLE,
     GateSpec,
     coerce_gate_spec,
 )
+from uzr.config.keys import key_of
+from uzr.controller.stage import ControllerStage
+from uzr.facts_qa import plain_qa_scores
 from uzr.gate.checkpoint import load_gate, save_gate
 from uzr.gate.evaluation import evaluate_gated, gated_table, print_gated_table
 from uzr.gate.features import (
@@ -39,6 +40,7 @@ from uzr.gate.labels import (
     token_labels,
 )
 from uzr.gate.model import GateModule, fit_gate
+from uzr.harvest.stage import HarvestStage
 from uzr.prompts import PROMPTS_VERSION, PromptSet, adds_special_tokens, format_prompt, resolve_format
 
 if TYPE_CHECKING:
@@ -54,14 +56,10 @@ LABELS_FILE = "labels.jsonl"  # the prompt-level labels, one JSON line per promp
 
 def gate_payload(cfg: RunConfig, controller_key: str) -> dict:
     """What determines the gate artifact: the controller's key plus the gate's training knobs."""
-    gate = dataclasses.asdict(cfg.gate)
-    for name in EVAL_ONLY_FIELDS:
-        gate.pop(name, None)
     return {
-        "controller": controller_key, "gate": gate, "seed": cfg.seed, "features_version": FEATURES_VERSION,
+        "controller": controller_key, "gate": key_of(cfg.gate, "gate"), "seed": cfg.seed,
+        "features_version": FEATURES_VERSION, "trainer": key_of(cfg.trainer, "gate"),
         "prompts_version": PROMPTS_VERSION if cfg.gate.label == "prompt" else None,
-        "trainer": {"accelerator": cfg.trainer.accelerator, "precision": cfg.trainer.precision,
-                    "deterministic": cfg.trainer.deterministic},
     }
 
 
@@ -153,7 +151,7 @@ class GateStage:
         return gate_payload(cfg, upstream["controller"])
 
     def build(self, run, folder: Path) -> dict:
-        return train_gate(folder, run.cfg, run.artifacts["harvest"], run.artifacts["controller"].controllers,
+        return train_gate(folder, run.cfg, run.upstream(HarvestStage), run.upstream(ControllerStage).controllers,
                           run.models, run.loggers)
 
     def load(self, run, folder: Path) -> GateModule:
@@ -161,10 +159,9 @@ class GateStage:
         return gate
 
     def report(self, run, gate: GateModule) -> dict:
-        from uzr.facts_qa import plain_qa_scores
-
-        evaluation = evaluate_gated(run.cfg, run.artifacts["harvest"], run.artifacts["controller"].controllers, gate,
-                                    run.models, plain_qa=lambda role: plain_qa_scores(run, role), memo=run.memo,
+        controllers = run.upstream(ControllerStage).controllers
+        evaluation = evaluate_gated(run.cfg, run.upstream(HarvestStage), controllers, gate, run.models,
+                                    plain_qa=lambda role: plain_qa_scores(run, role), memo=run.memo,
                                     stored=run.stored)
         run.tables["gated"] = gated_table(evaluation)
         return {"heldout": gate.report(), "evaluation": evaluation}

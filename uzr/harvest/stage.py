@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 from uzr.config import RunConfig, harvest_layers
-from uzr.config.model import key_fields
+from uzr.config.keys import key_of
+from uzr.config.model import model_key
 from uzr.corpus import load_run_corpus
 from uzr.harvest.head_matching import match_outputs, match_store
 from uzr.harvest.layer_matching import layer_kl_figure, match_layers
@@ -23,13 +23,10 @@ class HarvestStage:
     def key_payload(self, cfg: RunConfig, upstream: Mapping[str, str]) -> dict:
         payload = {
             # the model specs without an empty damage: damaged students never share an undamaged store
-            "teacher": key_fields(cfg.teacher), "student": key_fields(cfg.student),
-            "data": dataclasses.asdict(cfg.data), "harvest": dataclasses.asdict(cfg.harvest),
-            "layers": harvest_layers(cfg),
+            "teacher": model_key(cfg.teacher), "student": model_key(cfg.student),
+            "data": key_of(cfg.data, "harvest"), "harvest": key_of(cfg.harvest, "harvest"),
+            "layers": harvest_layers(cfg),  # the effective set (harvest.layers itself is not keyed)
         }
-        payload["harvest"].pop("layers")  # folded into "layers" above: only the effective set counts
-        if payload["harvest"]["head_matching"] == "attention":  # the default keeps the keys stores had before
-            payload["harvest"].pop("head_matching")
         if per_head(cfg):  # a head-mean store lacks the per-head rows: never reuse it (head-mean keys unchanged)
             payload["target"] = cfg.controller.target
         return payload

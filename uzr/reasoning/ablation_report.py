@@ -14,11 +14,19 @@ groups on the same held-out items, iterations by level and their correlation wit
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
+from scipy.stats import spearmanr
 
 from uzr.config.lru_mla import GROUP_LETTERS
 from uzr.intervals import accuracy_difference, bits_per_byte_difference
+from uzr.reasoning.ablation_figure import figure
+from uzr.reasoning.groups import load_group_model
+from uzr.reasoning.training import evaluate, greedy_agreement
+from uzr.tasks.causal_loop import parse_assignments, score_answer
 
 PAIRS = (("mla", "baseline"), ("mla_lru_fixed", "mla"), ("mla_lru_act", "mla"), ("mla_lru_act", "mla_lru_fixed"),
          ("mla_lru_fixed", "baseline"), ("mla_lru_act", "baseline"))
@@ -35,8 +43,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def spearman_interval(x: np.ndarray, y: np.ndarray, samples: int = 1000, seed: int = 0) -> dict:
     """Spearman's rho of x and y with a 95% bootstrap interval over items."""
-    from scipy.stats import spearmanr
-
     rho = float(spearmanr(x, y).statistic)
     rng = np.random.default_rng(seed)
     reps = []
@@ -69,10 +75,6 @@ def accuracy_rows(result: dict, level: np.ndarray) -> dict:
 
 def blind_reference(train_answers: list[str], heldout_answers: list[str], level: np.ndarray) -> dict:
     """Chance: exact and partial credit of the best prompt-blind answer (each variable's most frequent value)."""
-    from collections import Counter
-
-    from uzr.tasks.causal_loop import parse_assignments, score_answer
-
     counts: dict[str, Counter] = {}
     for a in train_answers:
         for k, v in parse_assignments(a).items():
@@ -125,13 +127,10 @@ def paired_section(groups: dict, level: np.ndarray, seed: int) -> dict:
 
 def complete(run, artifact: dict) -> None:
     """Fill what an older artifact's ``group.json`` lacks (answer loss, greedy-decoding agreement) from its weights."""
-    from uzr.reasoning.stage import load_group_model
-    from uzr.reasoning.training import evaluate, greedy_agreement
-
     for group, result in artifact["groups"].items():
         if "nll" in result and "greedy_agreement" in result:
             continue
-        model = load_group_model(run, artifact["folder"], group)
+        model = load_group_model(run.cfg.lru_mla, group, run.cfg.seed, artifact["folder"] / group)
         if "nll" not in result:
             scores = evaluate(model, artifact["heldout"])
             result.update({k: scores[k] for k in ("nll", "tokens", "tokens_right")})
@@ -161,17 +160,12 @@ def summarise(run, artifact: dict) -> dict:
                      f"{s['convergence_ratio']:.3f}" if "convergence_ratio" in s else "-"])
     run.tables["lru_mla"] = (header, rows)
     if run.cfg.lru_mla.figure:
-        from uzr.reasoning.ablation_figure import figure
-
         run.images["lru_mla"] = figure(run.out_dir / "figures" / "lru_mla.png", section)
     return section
 
 
 def present(run, section: dict) -> None:
     """Print the groups' table and the paired differences of exact accuracy."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console(width=max(Console().width, 170))
     header, rows = run.tables["lru_mla"]
     table = Table(title="LRU/MLA ablation: exact accuracy [95% Wilson] by level, held-out items")
