@@ -114,7 +114,7 @@ REGISTRY: dict[str, StageInfo] = {s.name: s for s in (
     StageInfo("svf_baselines", (), ("student", "svf", "trainer"), 1, "uzr.adapters.baselines:SVFBaselinesStage",
               summary="LoRA and IA3 (peft) per domain at an SVF expert's parameter count, lr tuned on validation"),
     StageInfo("svf_eval", ("svf",), ("student", "svf"), 1, "uzr.adapters.evaluation:SVFEvalStage", cached=False,
-              optional=("inject", "alpha"), needs_when="uzr.config.svf:injection_needs",  # svf.injection: its row
+              optional=("alpha",), needs_when="uzr.config.svf:injection_needs",  # svf.injection: its row
               summary="SVF accuracy matrix (base + experts x domains) and adaptation strategies vs base"),
     StageInfo("lru_mla", (), ("lru_mla", "trainer"), 1, "uzr.reasoning.stage:LRUMLAStage",
               summary="four groups trained on causal-loop tasks: attention, MLA, MLA + LRU fixed, MLA + LRU + ACT"),

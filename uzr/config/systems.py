@@ -6,7 +6,7 @@ in :data:`uzr.stages.REGISTRY`). The built-in modules are :data:`BUILTIN`. A sys
 registers through one entry point of group ``uzr.systems`` naming its module, e.g. in its ``pyproject.toml``::
 
     [project.entry-points."uzr.systems"]
-    toy = "toy_system"
+    my_system = "my_system"
 
 Nothing else names it: the schema (:class:`uzr.config.RunConfig`), validation, the planner and
 ``python -m uzr.stages`` pick it up. Such a module must not import :mod:`uzr.config` names that are built from
