@@ -187,10 +187,14 @@ def builders(selected: Iterable[str], cfg: RunConfig | None) -> set[str]:
     return build
 
 
-def groups_read(selected: Iterable[str] | list[StageInfo], cfg: RunConfig | None = None) -> tuple[set[str], set[str]]:
-    """(required, optional) config groups of the selected stages and the stages they need (or of a plan)."""
-    selected = list(selected)
-    stages = selected if all(isinstance(s, StageInfo) for s in selected) and selected else plan(selected, cfg)
+def groups_read(selected: Iterable[str], cfg: RunConfig | None = None) -> tuple[set[str], set[str]]:
+    """(required, optional) config groups of the selected stages and the stages they need."""
+    return groups_of(plan(selected, cfg))
+
+
+def groups_of(stages: Iterable[StageInfo]) -> tuple[set[str], set[str]]:
+    """(required, optional) config groups of ``stages`` (a plan)."""
+    stages = list(stages)
     required = {group for info in stages for group in info.reads}
     return required, {group for info in stages for group in info.optional} - required
 

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from uzr.config.platform import resolve_cache_dir
 from uzr.config.systems import config_groups
-from uzr.stages import StageInfo, conditional_needs, groups_read, plan, registry, unknown_stages
+from uzr.stages import StageInfo, conditional_needs, groups_of, plan, registry, unknown_stages
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -100,7 +100,7 @@ def validate(cfg: RunConfig) -> None:
     if bad:
         raise ValueError(f"stages={cfg.stages}: unknown {bad}; valid stages: {', '.join(registry())}")
     planned = plan(cfg.stages, cfg)
-    required, optional = groups_read(planned)
+    required, optional = groups_of(planned)
     for group in sorted(required):
         if getattr(cfg, group) is None:
             raise ValueError(missing_group(group, planned, cfg))
