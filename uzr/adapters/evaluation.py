@@ -156,12 +156,12 @@ def baseline_rows(run, held: dict) -> dict:
 
 def injection_row(run, held: dict) -> dict:
     """The student with the controller's attention injected (``inject.*``, ``alpha.*``; the harvest and controller
-    artifacts cached, or built when missing: the runner plans them) answering every domain's held-out items; its trainable parameters are
+    artifacts cached, or built when missing) answering every domain's held-out items; its trainable parameters are
     the controllers'."""
     from uzr.inject import Injector
     from uzr.sinks import run_sinks
 
-    cfg, svf = run.cfg, run.cfg.svf  # the runner planned harvest and controller for it (uzr.config.svf.injection_needs)
+    cfg, svf = run.cfg, run.cfg.svf
     controllers = run.artifacts["controller"].controllers
     sinks = run_sinks(cfg, run.artifacts["harvest"], run.memo)  # inject.sinks=keep as in the evaluate stage
     model, tok = run.models.get("student")

@@ -2,8 +2,8 @@
 
 Not cached (it measures in every run, so a sweep over queries x stages x alpha measures each point).
 Measured settings: ``dominance.models`` — ``teacher``, ``student``, and ``injected`` (the student with the
-controller injected at the run's inject/alpha settings; the runner plans the controller, and the harvest
-it needs, from the cache or builds them). Every setting answers the same samples; the injected student is compared
+controller injected at the run's inject/alpha settings; the controller, and the harvest it needs, come
+from the cache or are built). Every setting answers the same samples; the injected student is compared
 with the student by a paired bootstrap over samples.
 """
 
@@ -67,7 +67,7 @@ class DominanceStage(UncachedStage):
     def report(self, run, artifact) -> dict:
         cfg, d = run.cfg, run.cfg.dominance
         controllers = sinks = None
-        if injects(d):  # the runner planned the controller for it (uzr.config.dominance.injection_needs)
+        if injects(d):
             from uzr.sinks import run_sinks
 
             controllers = run.artifacts["controller"].controllers
