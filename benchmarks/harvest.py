@@ -281,7 +281,7 @@ def _forward_args(args) -> list[str]:
 
 
 def _pipeline_block_size() -> int:
-    """``harvest.block_size`` of the pipeline's schema (``uzr/config/run.py``): the benchmark measures what runs."""
+    """``harvest.block_size`` of the pipeline's schema (``uzr/config/harvest.py``): the benchmark measures what runs."""
     from uzr.config import HarvestSpec
 
     return HarvestSpec().block_size

@@ -27,8 +27,10 @@ def modules(root: Path = ROOT) -> dict[str, Path]:
 
 
 def _imported(node: ast.AST) -> list[str]:
+    # ``from pkg import name`` imports the submodule pkg.name when there is one, else a name of pkg itself; the
+    # resolver below keeps the longest module each candidate names.
     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-        return [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        return [f"{node.module}.{alias.name}" for alias in node.names]
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     return []

@@ -93,6 +93,24 @@ def test_bad_configs_fail_before_loading(overrides, message, monkeypatch):
         resolved(*overrides)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("alpha.value=abc", "error: Error merging override alpha.value=abc: Value 'abc' of type 'str' could not be "
+                        "converted to Float (key: alpha.value)"),
+    ("inject.mode=bogus", "error: inject.mode='bogus' is unknown; valid choices: bias, mix"),
+    ("teacher=gpt5", "error: In 'train': Could not find 'teacher/gpt5' Available options in 'teacher': gemma3_270m "),
+])
+def test_a_config_error_is_one_line_without_a_traceback(tmp_path, override, message):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, offline_env
+
+    proc = subprocess.run([sys.executable, "-m", "uzr.train", "+experiment=smoke", override,
+                           f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1
+
+
 def test_unknown_group_choice_lists_the_options():
     from hydra.errors import MissingConfigException
 

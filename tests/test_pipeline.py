@@ -150,6 +150,7 @@ def test_missing_artifact_with_stage_switched_off_is_named(tmp_path):
     proc = run_train(tmp_path, "+experiment=smoke", "stages=[controller,evaluate]")
     assert proc.returncode != 0
     assert "no harvest artifact" in proc.stderr and "stages=[...]" in proc.stderr
+    assert "Traceback" in proc.stderr  # a failure of the run, not of its config, keeps its traceback
 
 
 def test_bad_layer_fails_before_loading(tmp_path):

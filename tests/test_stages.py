@@ -141,3 +141,16 @@ def test_harvest_only_run_without_injection_groups(tmp_path):
     assert set(metrics) == {"name", "artifacts", "timing"} and metrics["artifacts"]["harvest"]["built"]
     assert set(metrics["timing"]) == {"harvest"} and metrics["timing"]["harvest"]["cpu_s"] > 0  # the stage's build
     assert (Path(metrics["artifacts"]["harvest"]["path"]) / "layout.json").exists()
+
+
+def test_a_need_that_depends_on_settings_is_planned_and_built_only_then():
+    from uzr.stages import builders
+
+    injected = resolved("+experiment=dominance_text")  # dominance.models includes "injected"
+    assert [s.name for s in plan(injected.stages, injected)] == ["harvest", "controller", "dominance"]
+    assert builders(injected.stages, injected) == {"harvest", "controller", "dominance"}  # built when missing
+    plain = resolved("+experiment=dominance_text", "dominance.models=[teacher,student]")
+    assert [s.name for s in plan(plain.stages, plain)] == ["dominance"]
+    svf = resolved("+experiment=svf_compare")  # svf.injection=true: the injection row needs the controller
+    assert [s.name for s in plan(svf.stages, svf)] == ["svf", "svf_baselines", "harvest", "controller", "svf_eval"]
+    assert builders(["controller", "evaluate"], svf) == {"controller", "evaluate"}  # a fixed need must be cached

@@ -1,16 +1,17 @@
 """The runner: walks the selected stages in dependency order over the shared artifact cache.
 
-For each stage of the plan (:func:`uzr.stages.plan`: the selected stages and what they need) the
-runner computes its cache key from the config and the keys of the stages it needs, takes its artifact
-from the cache or builds it (only selected stages build; a needed stage that is not selected must be
-cached, and the error names it), loads it, and asks it for its section of ``metrics.json``.
+For each stage of the plan (:func:`uzr.stages.plan`: the selected stages and what they need, including
+needs that depend on the config) the runner computes its cache key from the config and the keys of the
+stages it needs, takes its artifact from the cache or builds it (:func:`uzr.stages.builders`: selected
+stages and what they need only for their settings build; any other needed stage must be cached, and the
+error names it), loads it, and asks it for its section of ``metrics.json``.
 A stage reads the artifacts of the stages it needs with :meth:`RunContext.upstream` (typed by the stage class)
 and makes any smaller cached piece of its work (a trained group, a domain's store, a memoised score) with
 :meth:`RunContext.artifact`. ``metrics.json`` → ``artifacts`` records each artifact's key, path and whether this
 run built it (stages by name, sub-artifacts as ``kind/key``), and ``timing`` the wall and process CPU seconds of
 each stage (its build or load, then its report: models load lazily inside the first stage that needs them, so
 their load counts there).
-Nothing here knows a particular stage: adding one is a module and a line in :data:`uzr.stages.REGISTRY`.
+Nothing here knows a particular stage or system (:mod:`uzr.config.systems`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 from uzr.cache import ArtifactCache, content_key
 from uzr.config import RunConfig
-from uzr.stages import REGISTRY, Stage, StageInfo, plan
+from uzr.stages import Stage, StageInfo, builders, plan, registry
 from uzr.timing import stopwatch
 
 log = logging.getLogger(__name__)
@@ -142,12 +143,12 @@ class RunContext:
 
 
 def stage_name(stage: type) -> str:
-    """The registry name of a stage implementation class; TypeError if no stage of :data:`REGISTRY` is it."""
+    """The registry name of a stage implementation class; TypeError if no registered stage is it."""
     impl = f"{stage.__module__}:{stage.__qualname__}"
-    for info in REGISTRY.values():
+    for info in registry().values():
         if info.impl == impl:
             return info.name
-    raise TypeError(f"{impl} is not a registered stage (uzr/stages.py REGISTRY)")
+    raise TypeError(f"{impl} is not a registered stage (uzr.stages.registry())")
 
 
 def stage_key(info: StageInfo, impl: Stage, cfg: RunConfig, upstream: dict[str, str]) -> tuple[str, dict]:
@@ -158,25 +159,26 @@ def stage_key(info: StageInfo, impl: Stage, cfg: RunConfig, upstream: dict[str, 
 def artifact_keys(cfg: RunConfig, selected: Iterable[str]) -> dict[str, str]:
     """The cache key of every cached stage in the plan of ``selected`` (nothing is built or loaded)."""
     keys: dict[str, str] = {}
-    for info in plan(list(selected)):
+    for info in plan(list(selected), cfg):
         if info.cached:
-            keys[info.name] = stage_key(info, info.implementation(), cfg, {need: keys[need] for need in info.needs})[0]
+            upstream = {need: keys[need] for need in info.needs_for(cfg)}
+            keys[info.name] = stage_key(info, info.implementation(), cfg, upstream)[0]
     return keys
 
 
 def load_stages(run: RunContext, selected: Iterable[str], build: Iterable[str] | None = None) -> dict[str, Stage]:
-    """Bring the artifacts of ``selected`` (and what they need) into ``run.artifacts``; the stages in
-    ``build`` (default: ``selected``) build theirs when missing. Returns the plan as ``{name: implementation}``,
-    in dependency order."""
+    """Bring the artifacts of ``selected`` (and what they need for ``run.cfg``) into ``run.artifacts``; the stages
+    in ``build`` (default: :func:`uzr.stages.builders`) build theirs when missing. Returns the plan as
+    ``{name: implementation}``, in dependency order."""
     selected = list(selected)
-    build = set(selected if build is None else build)
+    build = builders(selected, run.cfg) if build is None else set(build)
     cache = ArtifactCache(run.cfg.cache_dir)
     impls: dict[str, Stage] = {}
-    for info in plan(selected):
+    for info in plan(selected, run.cfg):
         impl = impls[info.name] = info.implementation()
         if not info.cached:
             continue
-        upstream = {need: run.info[need]["key"] for need in info.needs}
+        upstream = {need: run.info[need]["key"] for need in info.needs_for(run.cfg)}
         key, payload = stage_key(info, impl, run.cfg, upstream)
         with stopwatch(run.timing, info.name):
             path, built = cache.get_or_build(info.name, key, payload,

@@ -6,8 +6,14 @@ implementation (a class with ``key_payload``, ``build``, ``load`` and ``report``
 The implementation is named by import path and imported only when the stage runs: this module, and
 config validation that reads it, stay free of torch.
 
-``python -m uzr.stages`` prints the registry. Adding a system adds its stage modules and one line each
-in :data:`REGISTRY`; the runner (:mod:`uzr.runner`) does not change.
+A need that depends on the config (the dominance stage needs the controller only when it measures an
+injected student) is declared by the stage line too: ``needs_when`` names a torch-free function
+``(cfg) -> {stage: why}``, and the planner (:func:`plan`) adds those stages like fixed needs, the runner
+builds them when missing (:func:`builders`) and a config lacking a group they read is told why.
+
+``python -m uzr.stages`` prints the registry: the built-in lines of :data:`REGISTRY` and those of systems
+plugged in through ``uzr.systems`` entry points (:mod:`uzr.config.systems`). Neither the runner
+(:mod:`uzr.runner`) nor the schema changes for a new system.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from uzr.plugins import plugged_in_stages
 
 if TYPE_CHECKING:
     from uzr.config import RunConfig
@@ -63,27 +71,44 @@ class StageInfo:
     cached: bool = True  # False: run every time, nothing stored in the artifact cache
     summary: str = ""
     optional: tuple[str, ...] = ()  # config groups it reads when the config has them
+    default: bool = False  # selected when the config names no stages
+    # "module:function" (torch-free): cfg -> {stage: why} of the stages it needs only for some settings
+    needs_when: str = ""
 
     def implementation(self) -> Stage:
-        module, name = self.impl.split(":")
-        return getattr(importlib.import_module(module), name)()
+        return _named(self.impl)()
+
+    def needs_for(self, cfg: RunConfig | None) -> dict[str, str]:
+        """The stages this one needs in the run of ``cfg``: ``{name: why}``, why = "" for its fixed ``needs``
+        (``cfg`` None: the fixed needs only)."""
+        needs = dict.fromkeys(self.needs, "")
+        if self.needs_when and cfg is not None:
+            needs.update(_named(self.needs_when)(cfg))
+        return needs
+
+
+def _named(path: str) -> Any:
+    """The object that ``"module:name"`` names."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 REGISTRY: dict[str, StageInfo] = {s.name: s for s in (
     StageInfo("harvest", (), ("teacher", "student", "data", "harvest", "trainer"), 3,
-              "uzr.harvest.stage:HarvestStage", optional=("inject",),  # stores harvest.layers + inject.layers
+              "uzr.harvest.stage:HarvestStage", optional=("inject",), default=True,  # stores harvest + inject layers
               summary="teacher and student attention statistics on a corpus -> Arrow store"),
     StageInfo("controller", ("harvest",), ("student", "inject", "controller", "trainer"), 1,
-              "uzr.controller.stage:ControllerStage",
+              "uzr.controller.stage:ControllerStage", default=True,
               summary="controllers predicting the teacher's attention from student states -> safetensors"),
     StageInfo("gate", ("controller",), ("teacher", "student", "inject", "alpha", "gate", "evaluate", "trainer"), 1,
-              "uzr.gate.stage:GateStage",
+              "uzr.gate.stage:GateStage", default=True,
               summary="when to inject, and gated vs constant alpha on facts QA and bits per byte"),
     StageInfo("evaluate", ("controller",), ("teacher", "student", "inject", "alpha", "gate", "harvest", "evaluate"),
-              1, "uzr.evaluate.stage:EvaluateStage", cached=False,
+              1, "uzr.evaluate.stage:EvaluateStage", cached=False, default=True,
               summary="bits per byte, facts QA, habit distance and heatmaps, injected vs not vs teacher"),
     StageInfo("dominance", (), ("dominance",), 1, "uzr.dominance.stage:DominanceStage", cached=False,
-              optional=("teacher", "student", "data", "inject", "alpha"),  # + controller when it injects
+              optional=("teacher", "student", "data", "inject", "alpha"),
+              needs_when="uzr.config.dominance:injection_needs",  # the controller when it measures "injected"
               summary="attention dominance (MDI / AEI / A_T) per layer and stage on two token groups"),
     StageInfo("svf", (), ("student", "svf", "trainer"), 1, "uzr.adapters.stage:SVFStage",
               optional=("teacher",),  # svf.objective=distill
@@ -91,18 +116,33 @@ REGISTRY: dict[str, StageInfo] = {s.name: s for s in (
     StageInfo("svf_baselines", (), ("student", "svf", "trainer"), 1, "uzr.adapters.baselines:SVFBaselinesStage",
               summary="LoRA and IA3 (peft) per domain at an SVF expert's parameter count, lr tuned on validation"),
     StageInfo("svf_eval", ("svf",), ("student", "svf"), 1, "uzr.adapters.evaluation:SVFEvalStage", cached=False,
+              optional=("alpha",), needs_when="uzr.config.svf:injection_needs",  # svf.injection: its row
               summary="SVF accuracy matrix (base + experts x domains) and adaptation strategies vs base"),
     StageInfo("lru_mla", (), ("lru_mla", "trainer"), 1, "uzr.reasoning.stage:LRUMLAStage",
               summary="four groups trained on causal-loop tasks: attention, MLA, MLA + LRU fixed, MLA + LRU + ACT"),
 )}
 
 
+def registry() -> dict[str, StageInfo]:
+    """Every stage: :data:`REGISTRY` and the lines of the systems plugged in through entry points."""
+    stages = dict(REGISTRY)
+    for info in plugged_in_stages():
+        if info.name in stages:
+            raise ValueError(f"stage {info.name!r} of a plugged-in system is already registered: "
+                             f"{stages[info.name].impl} and {info.impl}")
+        stages[info.name] = info
+    return stages
+
+
 def unknown_stages(names: Iterable[str]) -> list[str]:
-    return [n for n in names if n not in REGISTRY]
+    stages = registry()
+    return [n for n in names if n not in stages]
 
 
-def plan(selected: Iterable[str]) -> list[StageInfo]:
-    """The selected stages and everything they need, in dependency order (needs first)."""
+def plan(selected: Iterable[str], cfg: RunConfig | None = None) -> list[StageInfo]:
+    """The selected stages and everything they need in the run of ``cfg`` (fixed needs only when None),
+    in dependency order (needs first)."""
+    stages, selected = registry(), list(selected)
     order: list[StageInfo] = []
 
     def visit(name: str, path: tuple[str, ...]) -> None:
@@ -110,36 +150,68 @@ def plan(selected: Iterable[str]) -> list[StageInfo]:
             raise ValueError(f"stage dependency cycle: {' -> '.join((*path, name))}")
         if any(s.name == name for s in order):
             return
-        info = REGISTRY[name]
-        for need in info.needs:
+        info = stages[name]
+        for need in info.needs_for(cfg):
             visit(need, (*path, name))
         order.append(info)
 
     bad = unknown_stages(selected)
     if bad:
-        raise ValueError(f"stages={list(selected)}: unknown {bad}; valid stages: {', '.join(REGISTRY)}")
-    for name in REGISTRY:  # registry order breaks ties, so the plan is stable
+        raise ValueError(f"stages={selected}: unknown {bad}; valid stages: {', '.join(stages)}")
+    for name in stages:  # registry order breaks ties, so the plan is stable
         if name in selected:
             visit(name, ())
     return order
 
 
-def groups_read(selected: Iterable[str]) -> tuple[set[str], set[str]]:
+def conditional_needs(planned: Iterable[StageInfo], cfg: RunConfig) -> dict[str, list[str]]:
+    """``{stage: [why, ...]}``: the stages of a plan that only a setting of another planned stage needs."""
+    why: dict[str, list[str]] = {}
+    for info in planned:
+        for need, reason in info.needs_for(cfg).items():
+            if need not in info.needs:
+                why.setdefault(need, []).append(reason)
+    return why
+
+
+def builders(selected: Iterable[str], cfg: RunConfig | None) -> set[str]:
+    """The stages of the plan that build their artifact when it is missing: the selected ones, and a stage that
+    a building stage needs only for its settings, with everything that one needs (the controller a dominance
+    run injects is built like a selected stage). A fixed need that is not selected must be cached."""
+    build = set(selected)
+    for info in reversed(plan(selected, cfg)):  # dependents before their needs
+        if info.name in build:
+            for need in info.needs_for(cfg):
+                if need not in info.needs:
+                    build |= {s.name for s in plan([need], cfg)}
+    return build
+
+
+def groups_read(selected: Iterable[str], cfg: RunConfig | None = None) -> tuple[set[str], set[str]]:
     """(required, optional) config groups of the selected stages and the stages they need."""
-    stages = plan(selected)
+    return groups_of(plan(selected, cfg))
+
+
+def groups_of(stages: Iterable[StageInfo]) -> tuple[set[str], set[str]]:
+    """(required, optional) config groups of ``stages`` (a plan)."""
+    stages = list(stages)
     required = {group for info in stages for group in info.reads}
     return required, {group for info in stages for group in info.optional} - required
 
 
 def describe() -> str:
-    rows = [("stage", "needs", "reads config groups", "version", "cached"), *(
-        (s.name, ", ".join(s.needs) or "-", ", ".join((*s.reads, *(f"{g}?" for g in s.optional))), str(s.version),
-         "yes" if s.cached else "no (per run)")
-        for s in REGISTRY.values())]
+    stages = registry()
+    rows = [("stage", "needs", "reads config groups", "version", "cached", "default"), *(
+        (s.name, ", ".join((*s.needs, *(["+cfg"] if s.needs_when else []))) or "-",
+         ", ".join((*s.reads, *(f"{g}?" for g in s.optional))), str(s.version),
+         "yes" if s.cached else "no (per run)", "yes" if s.default else "no")
+        for s in stages.values())]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines += ["(group?: read when the config has it)", "", *(f"{s.name}: {s.summary} ({s.impl})" for s in REGISTRY.values())]
+    lines += ["(group?: read when the config has it; +cfg: more needs depending on the config, from its needs_when)",
+              "", *(f"{s.name}: {s.summary} ({s.impl}{'; needs_when ' + s.needs_when if s.needs_when else ''})"
+                    for s in stages.values())]
     return "\n".join(lines)
 
 

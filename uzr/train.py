@@ -1,16 +1,23 @@
-"""Hydra entry point: ``python -m uzr.train +experiment=NAME key=value ...`` (``-m`` for sweeps)."""
+"""Hydra entry point: ``python -m uzr.train +experiment=NAME key=value ...`` (``-m`` for sweeps).
+
+A config error (a bad value, an unknown key or option) prints one line, ``error: <key>=<value> ...: <what is
+valid>``, and exits with status 2; a failure of a run keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from uzr.config import register_configs, resolve_config
 from uzr.environment import machine_info, package_versions
@@ -54,7 +61,10 @@ def sweep_group(hydra_cfg) -> str | None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    run_cfg = resolve_config(cfg)  # fails before any model loads
+    try:
+        run_cfg = resolve_config(cfg)  # fails before any model loads
+    except (ValueError, FileNotFoundError) as err:
+        config_error(err)
     from uzr.runner import run  # heavy imports after validation
 
     hydra_cfg = HydraConfig.get()
@@ -75,5 +85,26 @@ def main(cfg: DictConfig) -> float | None:
     return ev["bits_per_byte"]["injected"] if ev else None
 
 
+def config_error(err: BaseException) -> None:
+    """Exit with status 2 and the error on one line of stderr: a config error is fixed by its message, and its
+    traceback would only hide it."""
+    text = str(err).split("Config search path")[0]  # Hydra's unknown option: keep the options, not the search path
+    cause = err.__cause__
+    if isinstance(cause, OmegaConfBaseException):  # an override Hydra could not merge: OmegaConf says why
+        text += f": {cause.msg.splitlines()[0]} (key: {cause.full_key})"
+    print("error: " + " ".join(text.split()), file=sys.stderr)  # Hydra's option lists span lines
+    sys.exit(2)
+
+
+def cli() -> None:
+    """``main`` with errors of composition (an override Hydra cannot merge, an unknown option) on one line too:
+    Hydra prints those itself unless it may raise them (HYDRA_FULL_ERROR)."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except (ConfigCompositionException, MissingConfigException) as err:
+        config_error(err)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

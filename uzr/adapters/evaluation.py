@@ -161,11 +161,9 @@ def injection_row(run, held: dict) -> dict:
     from uzr.controller.stage import ControllerStage
     from uzr.harvest.stage import HarvestStage
     from uzr.inject import Injector
-    from uzr.runner import load_stages
     from uzr.sinks import run_sinks
 
     cfg, svf = run.cfg, run.cfg.svf
-    load_stages(run, ["controller"], build=["harvest", "controller"])
     controllers = run.upstream(ControllerStage).controllers
     sinks = run_sinks(cfg, run.upstream(HarvestStage), run.memo)  # inject.sinks=keep as in the evaluate stage
     model, tok = run.models.get("student")

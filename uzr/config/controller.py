@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from uzr.config.checks import check_choice, check_float, check_int, invalid
 from uzr.config.fields import from_mapping
+from uzr.config.groups import ConfigGroup
 from uzr.config.keys import KEYED_UNLESS_DEFAULT
 
 ARCHS = ("bilinear", "seed_mlp", "lru")
@@ -55,40 +56,45 @@ class ControllerSpec:
 def validate_spec(spec: ControllerSpec) -> ControllerSpec:
     """Check every field; raise ValueError naming the key, its value and what is valid."""
 
-    def bad(key: str, valid: str) -> ValueError:
-        return ValueError(f"controller.{key}={getattr(spec, key)!r} is invalid; valid: {valid}")
+    def key(name: str) -> str:
+        return f"controller.{name}"
 
-    if spec.arch not in ARCHS:
-        raise bad("arch", " | ".join(ARCHS))
-    if spec.target not in TARGETS:
-        raise bad("target", " | ".join(TARGETS))
-    for key in ("key_dim", "mlp_hidden", "max_len", "locality_window", "max_epochs", "batch_size"):
-        v = getattr(spec, key)
-        if key == "locality_window" and v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise bad(key, "an integer >= 1")
-    if isinstance(spec.num_buckets, bool) or not isinstance(spec.num_buckets, int) or spec.num_buckets < 2:
-        raise bad("num_buckets", "an integer >= 2")
-    if not isinstance(spec.max_distance, int) or spec.max_distance <= spec.num_buckets // 2:
-        raise bad("max_distance", f"an integer > num_buckets // 2 = {spec.num_buckets // 2}")
-    for key in ("kl_weight", "mse_weight", "stats_weight", "weight_decay", "stability_weight", "sparsity_weight",
-                "ponder_weight", "lru_exit_tol"):
-        v = getattr(spec, key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise bad(key, "a finite number >= 0")
+    check_choice(key("arch"), spec.arch, ARCHS)
+    check_choice(key("target"), spec.target, TARGETS)
+    for name in ("key_dim", "mlp_hidden", "max_len", "locality_window", "max_epochs", "batch_size"):
+        if not (name == "locality_window" and spec.locality_window is None):
+            check_int(key(name), getattr(spec, name), minimum=1)
+    check_int(key("num_buckets"), spec.num_buckets, minimum=2)
+    check_int(key("max_distance"), spec.max_distance, minimum=spec.num_buckets // 2 + 1,
+              valid=f"an integer > num_buckets // 2 = {spec.num_buckets // 2}")
+    for name in ("kl_weight", "mse_weight", "stats_weight", "weight_decay", "stability_weight", "sparsity_weight",
+                 "ponder_weight", "lru_exit_tol"):
+        check_float(key(name), getattr(spec, name), low=0)
     if spec.kl_weight + spec.mse_weight + spec.stats_weight <= 0:
-        raise bad("kl_weight", "at least one of kl_weight, mse_weight, stats_weight > 0")
-    if spec.lru_halting not in HALTING:
-        raise bad("lru_halting", " | ".join(HALTING))
-    if isinstance(spec.lru_max_steps, bool) or not isinstance(spec.lru_max_steps, int) or spec.lru_max_steps < 1:
-        raise bad("lru_max_steps", "an integer >= 1")
-    t = spec.lru_threshold
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
-        raise bad("lru_threshold", "a number in (0, 1] (1 - eps; 1 runs lru_max_steps steps)")
-    if isinstance(spec.lr, bool) or not isinstance(spec.lr, (int, float)) or not (0 < spec.lr < math.inf):
-        raise bad("lr", "a finite number > 0")
+        raise invalid(key("kl_weight"), spec.kl_weight, "at least one of kl_weight, mse_weight, stats_weight > 0")
+    check_choice(key("lru_halting"), spec.lru_halting, HALTING)
+    check_int(key("lru_max_steps"), spec.lru_max_steps, minimum=1)
+    check_float(key("lru_threshold"), spec.lru_threshold, 0, 1, open_low=True,
+                valid="a number in (0, 1] (1 - eps; 1 runs lru_max_steps steps)")
+    check_float(key("lr"), spec.lr, low=0, open_low=True, valid="a finite number > 0")
     return spec
+
+
+def follow_harvest_window(cfg) -> None:
+    """One locality window for the harvest's statistics and the controller's loss."""
+    c, h = cfg.controller, cfg.harvest
+    if c.locality_window is None:
+        c.locality_window = h.locality_window
+    elif c.locality_window != h.locality_window:
+        raise ValueError(
+            f"controller.locality_window={c.locality_window} differs from harvest.locality_window="
+            f"{h.locality_window}: the controller's locality loss would measure another habit than the store "
+            "holds; set only harvest.locality_window (the controller follows it)")
+
+
+def validate_controller(cfg) -> None:
+    follow_harvest_window(cfg)
+    validate_spec(cfg.controller)
 
 
 def coerce_spec(spec: ControllerSpec | Mapping[str, Any] | None) -> ControllerSpec:
@@ -97,3 +103,6 @@ def coerce_spec(spec: ControllerSpec | Mapping[str, Any] | None) -> ControllerSp
     if spec.locality_window is None:
         spec = dataclasses.replace(spec, locality_window=LOCALITY_WINDOW)
     return validate_spec(spec)
+
+
+CONFIG_GROUPS = (ConfigGroup("controller", ControllerSpec, validate_controller),)

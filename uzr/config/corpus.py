@@ -5,9 +5,11 @@ from __future__ import annotations
 import glob
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from numbers import Integral
 from pathlib import Path
 from typing import Any
+
+from uzr.config.checks import is_int, is_number
+from uzr.config.groups import ConfigGroup
 
 SOURCES = ("pydoc", "text_file", "jsonl", "hub", "packaged")
 PACKAGED = Path(__file__).resolve().parents[1] / "corpora"  # data.source=packaged: data.path is relative to it
@@ -36,10 +38,6 @@ class CorpusSpec:
     # text over harvest.max_length student tokens is cut into windows of at most that many tokens at paragraph /
     # sentence / whitespace boundaries, every byte kept (uzr.corpus.token_windows; max_chars unused)
     long_text: str = "truncate"  # one of LONG_TEXT
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, Integral) and not isinstance(v, bool)
 
 
 def invalid(key: str, value: Any, valid: str) -> ValueError:
@@ -71,16 +69,15 @@ def validate_corpus_spec(spec: CorpusSpec | Mapping[str, Any]) -> CorpusSpec:
         raise invalid("source", s.source, f"expected one of {list(SOURCES)}")
     if s.long_text not in LONG_TEXT:
         raise invalid("long_text", s.long_text, f"expected one of {list(LONG_TEXT)}")
-    if not _is_int(s.num_texts) or not (s.num_texts == 0 or s.num_texts >= 2):
+    if not is_int(s.num_texts) or not (s.num_texts == 0 or s.num_texts >= 2):
         raise invalid("num_texts", s.num_texts, "expected an integer >= 2 (train + heldout), or 0 for all")
-    if isinstance(s.heldout_fraction, bool) or not isinstance(s.heldout_fraction, (int, float)) \
-            or not 0 < s.heldout_fraction < 1:
+    if not is_number(s.heldout_fraction) or not 0 < s.heldout_fraction < 1:
         raise invalid("heldout_fraction", s.heldout_fraction, "expected a number in the open interval (0, 1)")
-    if not _is_int(s.seed) or s.seed < 0:
+    if not is_int(s.seed) or s.seed < 0:
         raise invalid("seed", s.seed, "expected an integer >= 0")
-    if not _is_int(s.min_chars) or s.min_chars < 1:
+    if not is_int(s.min_chars) or s.min_chars < 1:
         raise invalid("min_chars", s.min_chars, "expected an integer >= 1")
-    if not _is_int(s.max_chars) or s.max_chars < s.min_chars:
+    if not is_int(s.max_chars) or s.max_chars < s.min_chars:
         raise invalid("max_chars", s.max_chars, f"expected an integer >= min_chars={s.min_chars!r}")
     if not isinstance(s.text_field, str) or not s.text_field:
         raise invalid("text_field", s.text_field, "expected a non-empty string")
@@ -136,6 +133,9 @@ def domain_spec(name: str, where: str = "evaluate.domains") -> CorpusSpec:
         raise ValueError(f"{where}: data option {name!r} needs {missing} set on the command line, so it cannot be "
                          "an evaluation domain; write a conf/data option with them set")
     return validate_corpus_spec(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CorpusSpec), raw)))
+
+
+CONFIG_GROUPS = (ConfigGroup("data", CorpusSpec, lambda cfg: validate_corpus_spec(cfg.data)),)
 
 
 # --------------------------------------------------------------------------- reading sources

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from uzr.config.groups import ConfigGroup
+
 SOURCES = ("text", "mmmu_pro", "synthetic")  # text: instruction/passage prompts; the others: images
 VISION_SOURCES = ("mmmu_pro", "synthetic")
 QUERIES = ("generated", "prompt")
@@ -54,9 +56,11 @@ def injects(spec: DominanceSpec | None) -> bool:
     return spec is not None and "injected" in spec.models
 
 
-def extra_stages(cfg) -> list[str]:
-    """Stages the dominance stage needs beyond its registry line: the controller when it injects."""
-    return ["controller"] if "dominance" in cfg.stages and injects(cfg.dominance) else []
+def injection_needs(cfg) -> dict[str, str]:
+    """The dominance stage's needs that depend on settings: the controller when it measures the injected student."""
+    if not injects(cfg.dominance):
+        return {}
+    return {"controller": "dominance.models includes 'injected', which needs the controller; or drop 'injected'"}
 
 
 def _choice(key: str, value, choices) -> None:
@@ -126,3 +130,6 @@ def _validate_stages(d: DominanceSpec, num_layers: int, role: str) -> None:
         if bad:
             raise ValueError(f"dominance.{stage}={layers}: {bad} outside the {role}'s layers "
                              f"(0..{num_layers - 1}, or -{num_layers}..-1 from the end)")
+
+
+CONFIG_GROUPS = (ConfigGroup("dominance", DominanceSpec, validate_dominance),)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from uzr.config.checks import check_choice, check_distinct, check_float, check_int, invalid, is_number
 from uzr.config.fields import from_mapping
+from uzr.config.groups import ConfigGroup
 from uzr.config.keys import NOT_KEYED
 
 LABELS = ("token", "prompt")
@@ -57,51 +58,36 @@ class GateSpec:
 def validate_gate_spec(spec: GateSpec) -> GateSpec:
     """Check every field; raise ValueError naming ``gate.<key>``, its value and what is valid."""
 
-    def bad(key: str, valid: str) -> ValueError:
-        return ValueError(f"gate.{key}={getattr(spec, key)!r} is invalid; valid: {valid}")
+    def key(name: str) -> str:
+        return f"gate.{name}"
 
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if spec.label not in LABELS:
-        raise bad("label", " | ".join(LABELS))
-    for key in ("confident_quantile", "waffle_quantile", "heldout_fraction"):
-        v = getattr(spec, key)
-        if not number(v) or not 0 < v < 1:
-            raise bad(key, "a number strictly between 0 and 1")
+    check_choice(key("label"), spec.label, LABELS)
+    for name in ("confident_quantile", "waffle_quantile", "heldout_fraction"):
+        check_float(key(name), getattr(spec, name), 0, 1, open_low=True, open_high=True,
+                    valid="a number strictly between 0 and 1")
     if spec.waffle_quantile <= spec.confident_quantile:
-        raise bad("waffle_quantile", f"a quantile above confident_quantile={spec.confident_quantile}")
-    for key in ("confident_entropy", "waffle_entropy"):
-        v = getattr(spec, key)
-        if v is not None and (not number(v) or v < 0):
-            raise bad(key, "null or a finite number of nats >= 0")
+        raise invalid(key("waffle_quantile"), spec.waffle_quantile,
+                      f"a quantile above confident_quantile={spec.confident_quantile}")
+    for name in ("confident_entropy", "waffle_entropy"):
+        if getattr(spec, name) is not None:
+            check_float(key(name), getattr(spec, name), low=0, valid="null or a finite number of nats >= 0")
     if (spec.confident_entropy is not None and spec.waffle_entropy is not None
             and spec.waffle_entropy <= spec.confident_entropy):
-        raise bad("waffle_entropy", f"a value above confident_entropy={spec.confident_entropy}")
+        raise invalid(key("waffle_entropy"), spec.waffle_entropy, f"a value above confident_entropy={spec.confident_entropy}")
     if not all(isinstance(h, str) and h.strip() for h in spec.hedges):
-        raise bad("hedges", "a list of non-empty phrases")
-    if spec.prompt_format not in ("qa", "chat", "auto"):
-        raise bad("prompt_format", "qa | chat | auto")
-    if not spec.features or any(f not in FEATURES for f in spec.features) or len(set(spec.features)) != len(spec.features):
-        raise bad("features", f"a non-empty list of distinct names from {list(FEATURES)}")
-    if spec.pool not in POOLS:
-        raise bad("pool", " | ".join(POOLS))
-    if isinstance(spec.hidden_pca, bool) or not isinstance(spec.hidden_pca, int) or spec.hidden_pca < 0:
-        raise bad("hidden_pca", "an integer >= 0 (0 = no projection)")
-    for key in ("max_new_tokens", "max_tokens", "hidden", "max_epochs", "batch_size"):
-        v = getattr(spec, key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise bad(key, "an integer >= 1")
-    if isinstance(spec.prompt_seed, bool) or not isinstance(spec.prompt_seed, int):
-        raise bad("prompt_seed", "an integer")
-    if not number(spec.dropout) or not 0 <= spec.dropout < 1:
-        raise bad("dropout", "a number in [0, 1)")
-    if not number(spec.lr) or spec.lr <= 0:
-        raise bad("lr", "a finite number > 0")
-    if not number(spec.weight_decay) or spec.weight_decay < 0:
-        raise bad("weight_decay", "a finite number >= 0")
-    if not spec.eval_alphas or any(not number(a) or a < 0 for a in spec.eval_alphas):
-        raise bad("eval_alphas", "a non-empty list of finite numbers >= 0")
+        raise invalid(key("hedges"), spec.hedges, "a list of non-empty phrases")
+    check_choice(key("prompt_format"), spec.prompt_format, ("qa", "chat", "auto"))
+    check_distinct(key("features"), spec.features, FEATURES)
+    check_choice(key("pool"), spec.pool, POOLS)
+    check_int(key("hidden_pca"), spec.hidden_pca, minimum=0, valid="an integer >= 0 (0 = no projection)")
+    for name in ("max_new_tokens", "max_tokens", "hidden", "max_epochs", "batch_size"):
+        check_int(key(name), getattr(spec, name), minimum=1)
+    check_int(key("prompt_seed"), spec.prompt_seed)
+    check_float(key("dropout"), spec.dropout, 0, 1, open_high=True)
+    check_float(key("lr"), spec.lr, low=0, open_low=True)
+    check_float(key("weight_decay"), spec.weight_decay, low=0)
+    if not spec.eval_alphas or any(not is_number(a) or a < 0 for a in spec.eval_alphas):
+        raise invalid(key("eval_alphas"), spec.eval_alphas, "a non-empty list of finite numbers >= 0")
     return spec
 
 
@@ -109,3 +95,6 @@ def coerce_gate_spec(spec: GateSpec | Mapping[str, Any] | None) -> GateSpec:
     """GateSpec from a spec, a mapping or None (defaults); validated."""
     spec = from_mapping(GateSpec, spec, "gate")
     return validate_gate_spec(spec)
+
+
+CONFIG_GROUPS = (ConfigGroup("gate", GateSpec, lambda cfg: validate_gate_spec(cfg.gate)),)

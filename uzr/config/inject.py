@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from uzr.config.groups import ConfigGroup
+
 SCHEDULES = ("constant", "linear", "cosine", "entropy_local", "gated")
 MODES = ("bias", "mix")
 # What is injected (uzr.priors): the method, its oracle ceiling, and three controls.
@@ -92,3 +94,56 @@ def validate_inject(spec: InjectSpec, student_layers: int) -> None:
                          "share of a row's mass)")
     if spec.source not in SOURCES:
         raise ValueError(f"inject.source={spec.source!r} is unknown; valid choices: {', '.join(SOURCES)}")
+
+
+def proportional_teacher_layer(cfg, layer: int) -> int:
+    lt, ls = cfg.teacher.num_layers, cfg.student.num_layers
+    return round(layer * (lt - 1) / max(ls - 1, 1))
+
+
+def auto_teacher_layers(cfg) -> bool:
+    """Whether the harvest chooses the teacher layers (``inject.teacher_layers=auto``)."""
+    return cfg.inject is not None and cfg.inject.teacher_layers == AUTO
+
+
+def teacher_layer_map(cfg) -> list[int]:
+    """The teacher layer mapped to each injected student layer (a given or proportional map; with
+    ``teacher_layers=auto`` the harvest store's ``layout.teacher_layers`` holds the map)."""
+    if auto_teacher_layers(cfg):
+        raise ValueError("inject.teacher_layers=auto: the map is chosen by the harvest (store layout.teacher_layers)")
+    if cfg.inject.teacher_layers is not None:
+        return list(cfg.inject.teacher_layers)
+    return [proportional_teacher_layer(cfg, layer) for layer in cfg.inject.layers]
+
+
+def validate_injection(cfg) -> None:
+    """The inject group against the models' depths, and against the alpha and controller groups when read."""
+    validate_inject(cfg.inject, cfg.student.num_layers)
+    mapping = [] if auto_teacher_layers(cfg) else teacher_layer_map(cfg)  # auto: chosen by the harvest
+    if not auto_teacher_layers(cfg) and len(mapping) != len(cfg.inject.layers):
+        raise ValueError(
+            f"inject.teacher_layers={mapping} must have one teacher layer per injected layer "
+            f"(inject.layers={cfg.inject.layers})"
+        )
+    bad = [t for t in mapping if not 0 <= t < cfg.teacher.num_layers]
+    if bad:
+        raise ValueError(
+            f"inject.teacher_layers={mapping}: {bad} outside the teacher's layers 0..{cfg.teacher.num_layers - 1}"
+        )
+    if cfg.alpha is not None:
+        for bad_layer in cfg.alpha.layer_weights:
+            if bad_layer not in cfg.inject.layers:
+                raise ValueError(f"alpha.layer_weights names layer {bad_layer}, not in inject.layers={cfg.inject.layers}")
+    if cfg.controller is not None:
+        c, h = cfg.controller, cfg.harvest
+        if c.arch == "seed_mlp" and c.max_len < h.max_length:
+            raise ValueError(
+                f"controller.max_len={c.max_len} < harvest.max_length={h.max_length}: the seed_mlp "
+                "controller only predicts up to max_len positions; raise controller.max_len"
+            )
+
+
+CONFIG_GROUPS = (
+    ConfigGroup("inject", InjectSpec, validate_injection),
+    ConfigGroup("alpha", AlphaSpec, lambda cfg: validate_alpha(cfg.alpha)),
+)

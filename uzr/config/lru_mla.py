@@ -13,9 +13,10 @@ is solved for so that its total is within ``match_tolerance`` of the largest gro
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from uzr.config.checks import check_bool, check_choice, check_float, check_int, invalid, is_int
+from uzr.config.groups import ConfigGroup
 from uzr.config.keys import NOT_KEYED, keyed_only_by
 from uzr.config.tasks import LEVELS, MAX_VARS, MIN_VARS
 
@@ -71,55 +72,40 @@ class LRUMLASpec:
     figure: bool = field(default=True, metadata=NOT_KEYED)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def validate_lru_mla(s: LRUMLASpec) -> None:
     """Raise ValueError naming ``lru_mla.<field>``, its value and what is valid."""
 
-    def bad(key: str, valid: str) -> ValueError:
-        return ValueError(f"lru_mla.{key}={getattr(s, key)!r} is invalid; valid: {valid}")
+    def key(name: str) -> str:
+        return f"lru_mla.{name}"
 
     unknown = [g for g in s.groups if g not in GROUPS]
     if not s.groups or unknown or len(set(s.groups)) != len(s.groups):
         raise ValueError(f"lru_mla.groups={list(s.groups)!r} is invalid (unknown: {unknown}); valid: distinct "
                          f"groups from {', '.join(GROUPS)}")
-    bad_levels = [lv for lv in s.levels if not _is_int(lv) or lv not in LEVELS]
+    bad_levels = [lv for lv in s.levels if not is_int(lv) or lv not in LEVELS]
     if not s.levels or bad_levels or len(set(s.levels)) != len(s.levels):
         raise ValueError(f"lru_mla.levels={list(s.levels)!r} is invalid; valid: distinct levels from {list(LEVELS)}")
     need = max(MIN_VARS[lv] for lv in s.levels)
-    if not _is_int(s.max_vars) or not need <= s.max_vars <= MAX_VARS:
-        raise bad("max_vars", f"an integer in [{need}, {MAX_VARS}] (levels {list(s.levels)} need {need})")
-    for key in ("max_rounds", "train_items", "eval_items", "d_model", "layers", "heads", "head_dim", "kv_rank",
-                "max_steps", "mix_kernel", "epochs", "batch_size"):
-        if not _is_int(getattr(s, key)) or getattr(s, key) < 1:
-            raise bad(key, "an integer >= 1")
-    if not _is_int(s.rope_dim) or s.rope_dim < 0 or s.rope_dim % 2:
-        raise bad("rope_dim", "an even integer >= 0 (0: no RoPE part)")
-    if s.q_rank is not None and (not _is_int(s.q_rank) or s.q_rank < 1):
-        raise bad("q_rank", "null (full-rank query) or an integer >= 1")
-    if not _is_int(s.warmup_steps) or s.warmup_steps < 0:
-        raise bad("warmup_steps", "an integer >= 0")
-    if not _is_num(s.ffn_mult) or s.ffn_mult <= 0:
-        raise bad("ffn_mult", "a number > 0")
-    if not _is_num(s.match_tolerance) or not 0 < s.match_tolerance < 1:
-        raise bad("match_tolerance", "a number in (0, 1)")
-    if not _is_num(s.threshold) or not 0 < s.threshold <= 1:
-        raise bad("threshold", "a number in (0, 1] (1 - eps; 1 never halts early)")
-    for key in ("halt_bias_init",):
-        if not _is_num(getattr(s, key)):
-            raise bad(key, "a finite number")
-    for key in ("stability_weight", "sparsity_weight", "ponder_weight", "weight_decay"):
-        if not _is_num(getattr(s, key)) or getattr(s, key) < 0:
-            raise bad(key, "a finite number >= 0")
-    if not _is_num(s.lr) or s.lr <= 0:
-        raise bad("lr", "a number > 0")
-    if s.answer_order not in ANSWER_ORDERS:
-        raise bad("answer_order", " | ".join(ANSWER_ORDERS))
-    if not isinstance(s.figure, bool):
-        raise bad("figure", "true | false")
+    check_int(key("max_vars"), s.max_vars, need, MAX_VARS,
+              valid=f"an integer in [{need}, {MAX_VARS}] (levels {list(s.levels)} need {need})")
+    for name in ("max_rounds", "train_items", "eval_items", "d_model", "layers", "heads", "head_dim", "kv_rank",
+                 "max_steps", "mix_kernel", "epochs", "batch_size"):
+        check_int(key(name), getattr(s, name), minimum=1)
+    if not is_int(s.rope_dim) or s.rope_dim < 0 or s.rope_dim % 2:
+        raise invalid(key("rope_dim"), s.rope_dim, "an even integer >= 0 (0: no RoPE part)")
+    if s.q_rank is not None:
+        check_int(key("q_rank"), s.q_rank, minimum=1, valid="null (full-rank query) or an integer >= 1")
+    check_int(key("warmup_steps"), s.warmup_steps, minimum=0)
+    check_float(key("ffn_mult"), s.ffn_mult, low=0, open_low=True, valid="a number > 0")
+    check_float(key("match_tolerance"), s.match_tolerance, 0, 1, open_low=True, open_high=True)
+    check_float(key("threshold"), s.threshold, 0, 1, open_low=True,
+                valid="a number in (0, 1] (1 - eps; 1 never halts early)")
+    check_float(key("halt_bias_init"), s.halt_bias_init)
+    for name in ("stability_weight", "sparsity_weight", "ponder_weight", "weight_decay"):
+        check_float(key(name), getattr(s, name), low=0)
+    check_float(key("lr"), s.lr, low=0, open_low=True, valid="a number > 0")
+    check_choice(key("answer_order"), s.answer_order, ANSWER_ORDERS)
+    check_bool(key("figure"), s.figure)
+
+
+CONFIG_GROUPS = (ConfigGroup("lru_mla", LRUMLASpec, lambda cfg: validate_lru_mla(cfg.lru_mla)),)

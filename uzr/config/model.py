@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from uzr.config.checks import is_int, is_number
+from uzr.config.groups import ConfigGroup
 
 SOURCES = ("hub", "gguf_package", "tiny")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -117,7 +119,7 @@ def validate_spec(spec: ModelSpec, role: str = "model") -> None:
     choice("quantization", QUANTIZATIONS)
     for key in ("num_layers", "num_heads", "num_kv_heads", "hidden_size"):
         value = getattr(spec, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise invalid(role, key, value, "a positive integer")
     if spec.num_heads % spec.num_kv_heads:
         raise invalid(role, "num_kv_heads", spec.num_kv_heads, f"a divisor of num_heads={spec.num_heads}")
@@ -149,7 +151,7 @@ def validate_damage(spec: ModelSpec, role: str = "model") -> None:
     if damage.kind not in DAMAGE_KINDS:
         raise invalid(role, "damage.kind", damage.kind, f"one of {list(DAMAGE_KINDS)}")
     layers = list(damage.layers)
-    if any(not isinstance(layer, int) or isinstance(layer, bool) for layer in layers):
+    if not all(is_int(layer) for layer in layers):
         raise invalid(role, "damage.layers", layers, "a list of integer layer indices")
     bad = [layer for layer in layers if not 0 <= layer < spec.num_layers]
     if bad:
@@ -159,7 +161,7 @@ def validate_damage(spec: ModelSpec, role: str = "model") -> None:
     if len(set(layers)) != len(layers):
         raise invalid(role, "damage.layers", layers, "each layer at most once")
     strength = damage.effective_strength
-    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength):
+    if not is_number(strength):
         raise invalid(role, "damage.strength", damage.strength, "a finite number or null (the kind's default)")
     if damage.kind == "temperature" and strength <= 0:
         raise invalid(role, "damage.strength", damage.strength,
@@ -200,3 +202,11 @@ def as_spec(spec: Any) -> ModelSpec:
                              f"valid damage keys: {sorted(damage_keys)}")
         spec["damage"] = DamageSpec(**spec["damage"])
     return ModelSpec(**spec)
+
+
+def model_group(role: str) -> ConfigGroup:
+    """The ``teacher`` or ``student`` group: a :class:`ModelSpec` validated under its role's name."""
+    return ConfigGroup(role, ModelSpec, lambda cfg: validate_spec(getattr(cfg, role), role))
+
+
+CONFIG_GROUPS = (model_group("teacher"), model_group("student"))

@@ -7,10 +7,11 @@ student (reading their JSON metadata only), before any model loads.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from uzr.config.checks import check_bool, check_choice, check_float, check_int, invalid, is_int, is_number
+from uzr.config.groups import ConfigGroup
 from uzr.config.keys import NOT_KEYED, keyed_only_by
 
 DOMAINS = ("arithmetic", "facts", "causal_loop")
@@ -80,61 +81,51 @@ class SVFSpec:
     injection: bool = field(default=False, metadata=NOT_KEYED)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def validate_svf(s: SVFSpec, student_name: str | None = None, num_layers: int | None = None) -> None:
     """Raise ValueError naming the ``svf.<field>``, its value and what is valid."""
 
-    def bad(key: str, valid: str) -> ValueError:
-        return ValueError(f"svf.{key}={getattr(s, key)!r} is invalid; valid: {valid}")
+    def key(name: str) -> str:
+        return f"svf.{name}"
+
+    def bad(name: str, valid: str) -> ValueError:
+        return invalid(key(name), getattr(s, name), valid)
 
     unknown = [d for d in s.domains if d not in DOMAINS]
     if not s.domains or unknown:
         raise ValueError(f"svf.domains={list(s.domains)!r}: unknown domain(s) {unknown}; valid domains: {', '.join(DOMAINS)}")
     if len(set(s.domains)) != len(s.domains):
         raise bad("domains", "each domain at most once (one expert per domain)")
-    if s.matrices not in MATRICES:
-        raise bad("matrices", " | ".join(MATRICES))
-    if s.objective not in OBJECTIVES:
-        raise bad("objective", " | ".join(OBJECTIVES))
-    if s.baseline not in BASELINES_REINFORCE:
-        raise bad("baseline", " | ".join(BASELINES_REINFORCE) + " (REINFORCE's reward baseline)")
-    if s.baseline == "prompt_mean" and _is_int(s.samples_per_prompt) and s.samples_per_prompt < 2:
+    check_choice(key("matrices"), s.matrices, MATRICES)
+    check_choice(key("objective"), s.objective, OBJECTIVES)
+    check_choice(key("baseline"), s.baseline, BASELINES_REINFORCE,
+                 " | ".join(BASELINES_REINFORCE) + " (REINFORCE's reward baseline)")
+    if s.baseline == "prompt_mean" and is_int(s.samples_per_prompt) and s.samples_per_prompt < 2:
         raise bad("samples_per_prompt", "an integer >= 2 with svf.baseline=prompt_mean (one sample is its own mean)")
-    if s.reward not in REWARDS:
-        raise bad("reward", " | ".join(REWARDS) + " (binary: the reference's ±1; graded: 2 * partial credit - 1)")
+    check_choice(key("reward"), s.reward, REWARDS,
+                 " | ".join(REWARDS) + " (binary: the reference's ±1; graded: 2 * partial credit - 1)")
     if s.layers is not None:
         if not s.layers or len(set(s.layers)) != len(s.layers):
             raise bad("layers", "null (every layer) or a non-empty list of distinct layer indices")
         if num_layers is not None and any(not 0 <= x < num_layers for x in s.layers):
             raise bad("layers", f"indices in 0..{num_layers - 1} (the student's layers)")
-    for key in ("lr", "clip", "temperature"):
-        v = getattr(s, key)
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise bad(key, "a number > 0")
-    if not isinstance(s.kl_weight, (int, float)) or not math.isfinite(s.kl_weight) or s.kl_weight < 0:
-        raise bad("kl_weight", "a number >= 0 (0 = off, the reference's default)")
-    for key in ("samples_per_prompt", "prompts_per_step", "epochs", "train_items", "eval_items", "max_new_tokens",
-                "cem_iterations", "cem_shots", "classifier_epochs", "causal_max_vars"):
-        if not _is_int(getattr(s, key)) or getattr(s, key) < 1:
-            raise bad(key, "an integer >= 1")
+    for name in ("lr", "clip", "temperature"):
+        check_float(key(name), getattr(s, name), low=0, open_low=True, valid="a number > 0")
+    check_float(key("kl_weight"), s.kl_weight, low=0, valid="a number >= 0 (0 = off, the reference's default)")
+    for name in ("samples_per_prompt", "prompts_per_step", "epochs", "train_items", "eval_items", "max_new_tokens",
+                 "cem_iterations", "cem_shots", "classifier_epochs", "causal_max_vars"):
+        check_int(key(name), getattr(s, name), minimum=1)
     bad_baselines = [x for x in s.baselines if x not in BASELINES]
     if bad_baselines or len(set(s.baselines)) != len(s.baselines):
         raise ValueError(f"svf.baselines={list(s.baselines)!r}: unknown or repeated {bad_baselines or 'entries'}; "
                          f"valid baselines: {', '.join(BASELINES)} (or [] for none)")
     lrs = list(s.baseline_lrs)
-    if not lrs or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0
-                      for v in lrs) or len(set(lrs)) != len(lrs):
+    if not lrs or any(not is_number(v) or v <= 0 for v in lrs) or len(set(lrs)) != len(lrs):
         raise bad("baseline_lrs", "a non-empty list of distinct numbers > 0 (the learning rates swept)")
-    for key in ("val_items", "lora_rank"):
-        if not _is_int(getattr(s, key)) or getattr(s, key) < 1:
-            raise bad(key, "an integer >= 1")
+    for name in ("val_items", "lora_rank"):
+        check_int(key(name), getattr(s, name), minimum=1)
     if not 0 < s.heldout_fraction < 1:
         raise bad("heldout_fraction", "a number in (0, 1)")
-    if s.prompt_format not in PROMPT_FORMATS:
-        raise bad("prompt_format", " | ".join(PROMPT_FORMATS))
+    check_choice(key("prompt_format"), s.prompt_format, PROMPT_FORMATS)
     if not s.causal_levels or any(lv not in (1, 2, 3, 4) for lv in s.causal_levels):
         raise bad("causal_levels", "a non-empty list drawn from [1, 2, 3, 4]")
     bad_strategies = [x for x in s.strategies if x not in STRATEGIES]
@@ -153,8 +144,7 @@ def validate_svf(s: SVFSpec, student_name: str | None = None, num_layers: int | 
     if s.cem_population < 2 or not 2 <= int(s.cem_elite_ratio * s.cem_population) <= s.cem_population:
         raise ValueError(f"svf.cem_population={s.cem_population} x svf.cem_elite_ratio={s.cem_elite_ratio} must "
                          "keep at least 2 elites")
-    if not isinstance(s.injection, bool):
-        raise bad("injection", "true | false")
+    check_bool(key("injection"), s.injection)
     _validate_experts(s, student_name)
 
 
@@ -212,10 +202,11 @@ def validate_distill(s: SVFSpec, teacher, student) -> None:
                          f"student={student.name} ({b[-1]}) tokenize differently: {fix}")
 
 
-def svf_extra_stages(cfg) -> list[str]:
-    """Stages svf_eval needs beyond its registry line: the controller (and its harvest) for the injection row."""
-    svf = getattr(cfg, "svf", None)
-    return ["controller"] if "svf_eval" in cfg.stages and svf is not None and svf.injection else []
+def injection_needs(cfg) -> dict[str, str]:
+    """The svf_eval stage's needs that depend on settings: the controller (and its harvest) for the injection row."""
+    if cfg.svf is None or not cfg.svf.injection:
+        return {}
+    return {"controller": "svf.injection=true scores the attention-injected student, which needs the controller"}
 
 
 def validate_svf_injection(cfg) -> None:
@@ -223,3 +214,14 @@ def validate_svf_injection(cfg) -> None:
     if cfg.svf.injection and cfg.alpha is not None and cfg.alpha.schedule == "gated":
         raise ValueError("svf.injection=true with alpha.schedule='gated': the SVF table injects the controller "
                          "without the gate stage; valid schedules here: constant, linear, cosine, entropy_local")
+
+
+def validate_svf_group(cfg) -> None:
+    """The svf group, with the student's depth and vocabulary and the teacher when the run reads them."""
+    student = cfg.student
+    validate_svf(cfg.svf, student and student.name, student and student.num_layers)
+    validate_distill(cfg.svf, cfg.teacher, student)
+    validate_svf_injection(cfg)
+
+
+CONFIG_GROUPS = (ConfigGroup("svf", SVFSpec, validate_svf_group),)

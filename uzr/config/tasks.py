@@ -6,11 +6,11 @@ overrides, builds :class:`CausalLoopSpec` and validates it before anything is ge
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from uzr.config.checks import check_bool, check_choice, check_float, check_int, is_int
 from uzr.config.fields import from_mapping
 
 LEVELS = (1, 2, 3, 4)  # 1 chain, 2 simple cycle, 3 converging paths, 4 nested interacting cycles
@@ -48,14 +48,9 @@ def validate_causal_loop(spec: CausalLoopSpec) -> CausalLoopSpec:
     def bad(key: str, valid: str) -> ValueError:
         return ValueError(f"causal_loop.{key}={getattr(spec, key)!r} is invalid; valid: {valid}")
 
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
     for key in ("n", "max_rounds", "chunk_size"):
-        if not is_int(getattr(spec, key)) or getattr(spec, key) < 1:
-            raise bad(key, "an integer >= 1")
-    if not is_int(spec.seed) or spec.seed < 0:
-        raise bad("seed", "an integer >= 0")
+        check_int(f"causal_loop.{key}", getattr(spec, key), minimum=1)
+    check_int("causal_loop.seed", spec.seed, minimum=0)
     levels = spec.levels
     if not isinstance(levels, (list, tuple)) or not levels:
         raise bad("levels", f"a non-empty list drawn from {list(LEVELS)}, e.g. levels=[1,2]")
@@ -65,20 +60,15 @@ def validate_causal_loop(spec: CausalLoopSpec) -> CausalLoopSpec:
                          f"{list(LEVELS)} (1 chain, 2 cycle, 3 converging paths, 4 nested cycles)")
     if len(set(levels)) != len(levels):
         raise bad("levels", "each level at most once")
-    if spec.update not in UPDATES:
-        raise bad("update", " | ".join(UPDATES))
+    check_choice("causal_loop.update", spec.update, UPDATES)
     need = max(MIN_VARS[lv] for lv in levels)
-    if not is_int(spec.max_vars) or not need <= spec.max_vars <= MAX_VARS:
-        raise bad("max_vars", f"an integer in [{need}, {MAX_VARS}] (level(s) {list(levels)} need at least {need})")
-    if not is_int(spec.min_modulus) or spec.min_modulus < 2:
-        raise bad("min_modulus", "an integer >= 2")
-    if not is_int(spec.max_modulus) or not spec.min_modulus <= spec.max_modulus <= 1000:
-        raise bad("max_modulus", f"an integer in [min_modulus={spec.min_modulus}, 1000]")
-    f = spec.fixed_point_fraction
-    if isinstance(f, bool) or not isinstance(f, (int, float)) or not (math.isfinite(f) and 0 <= f <= 1):
-        raise bad("fixed_point_fraction", "a number in [0, 1]")
-    if not isinstance(spec.trajectory, bool):
-        raise bad("trajectory", "true | false")
+    check_int("causal_loop.max_vars", spec.max_vars, need, MAX_VARS,
+              valid=f"an integer in [{need}, {MAX_VARS}] (level(s) {list(levels)} need at least {need})")
+    check_int("causal_loop.min_modulus", spec.min_modulus, minimum=2)
+    check_int("causal_loop.max_modulus", spec.max_modulus, spec.min_modulus, 1000,
+              valid=f"an integer in [min_modulus={spec.min_modulus}, 1000]")
+    check_float("causal_loop.fixed_point_fraction", spec.fixed_point_fraction, 0, 1)
+    check_bool("causal_loop.trajectory", spec.trajectory)
     return spec
 
 

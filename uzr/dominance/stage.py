@@ -70,10 +70,8 @@ class DominanceStage(UncachedStage):
         if injects(d):
             from uzr.controller.stage import ControllerStage
             from uzr.harvest.stage import HarvestStage
-            from uzr.runner import load_stages
             from uzr.sinks import run_sinks
 
-            load_stages(run, ["controller"], build=["harvest", "controller"])  # cached, or built when missing
             controllers = run.upstream(ControllerStage).controllers
             sinks = run_sinks(cfg, run.upstream(HarvestStage), run.memo)  # inject.sinks=keep, as the evaluate stage
         if d.source in VISION_SOURCES:

@@ -31,6 +31,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from uzr.config.checks import check_int
+
 MODES = ("act", "fixed", "latent", "kl")
 
 
@@ -56,8 +58,7 @@ def iterate(step: Callable[[Tensor], Tensor], h0: Tensor, *, max_steps: int = 8,
     """
     if mode not in MODES:
         raise ValueError(f"halting mode {mode!r} is invalid; valid: {' | '.join(MODES)}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps={max_steps!r} is invalid; valid: an integer >= 1")
+    check_int("max_steps", max_steps, minimum=1)
     if mode == "act" and halting is None:
         raise ValueError("halting mode 'act' needs a halting unit (h -> logits)")
     if mode == "kl" and readout is None:

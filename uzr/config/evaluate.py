@@ -1,0 +1,63 @@
+"""The ``evaluate`` config group: held-out texts, facts QA, extra text and QA domains of the evaluate stage
+(torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from uzr.config.checks import check_int
+from uzr.config.corpus import domain_spec
+from uzr.config.groups import ConfigGroup
+
+QA_DOMAINS = ("causal_loop",)  # evaluate.qa_domains (uzr/evaluate/qa_domains.py)
+
+
+@dataclass
+class EvaluateSpec:
+    num_texts: int = 40  # held-out texts to evaluate (0 = all)
+    figure: bool = True
+    # Facts QA (uzr/facts_qa.py) on the held-out answerable prompts of the built-in set; the split and
+    # prompt format are the gate's (gate.prompt_seed, gate.heldout_fraction, gate.prompt_format), so a
+    # prompt-level gate never trains on a QA question.
+    facts_qa: bool = True
+    qa_prompts: int = 0  # held-out answerable prompts scored (0 = all)
+    # Prompts per facts-QA forward pass (each brings its 4 candidates): larger amortises per-call overhead,
+    # smaller bounds memory; the scores agree to float rounding for any value. 32 took the least CPU time
+    # for SmolLM2-135M on the 93 held-out prompts (8: +37%, 16: +11-16%, 93: +5%; benchmarks/pipeline.py).
+    qa_batch_size: int = 32
+    # More text domains for bits per byte (conf/data options, e.g. [korean, licenses]), each harvested as its own
+    # store (evaluate.num_texts texts) and reported with its own paired interval beside the run's data.
+    domains: list[str] = field(default_factory=list)
+    # Checkable QA domains scored like facts QA (teacher, student, injected student; 4 candidates, the right one by
+    # summed log-likelihood; paired interval of injected minus student): causal_loop = uzr.tasks.causal_loop items
+    # (levels 1-4, 2-4 variables, at most 3 rounds) whose 3 wrong candidates each move one variable's value
+    # (uzr/evaluate/qa_domains.py). [] = none: the default experiment is at its time budget.
+    qa_domains: list[str] = field(default_factory=list)
+    qa_domain_items: int = 64  # items per QA domain
+    qa_domain_seed: int = 0  # generator seed of the QA domains' items
+
+
+def validate_evaluate(cfg) -> None:
+    ev: EvaluateSpec = cfg.evaluate
+    if ev.num_texts < 0:
+        raise ValueError(f"evaluate.num_texts={ev.num_texts} must be >= 0 (0 = all held-out texts)")
+    if ev.qa_prompts < 0:
+        raise ValueError(f"evaluate.qa_prompts={ev.qa_prompts} must be >= 0 (0 = all held-out QA prompts)")
+    if ev.qa_batch_size < 1:
+        raise ValueError(f"evaluate.qa_batch_size={ev.qa_batch_size} must be >= 1 (prompts per facts-QA batch)")
+    unknown = [d for d in ev.qa_domains if d not in QA_DOMAINS]
+    if unknown or len(set(ev.qa_domains)) != len(ev.qa_domains):
+        raise ValueError(f"evaluate.qa_domains={list(ev.qa_domains)} is invalid (unknown: {unknown}); valid: distinct "
+                         f"names from {', '.join(QA_DOMAINS)}, or [] for none")
+    check_int("evaluate.qa_domain_items", ev.qa_domain_items, minimum=1)
+    check_int("evaluate.qa_domain_seed", ev.qa_domain_seed, minimum=0)
+    if len(set(ev.domains)) != len(ev.domains):
+        raise ValueError(f"evaluate.domains={ev.domains} names a domain twice")
+    for name in ev.domains:
+        domain_spec(name)
+    if cfg.data is not None and cfg.data.name in ev.domains:
+        raise ValueError(f"evaluate.domains={ev.domains} names the run's own data ({cfg.data.name!r}), "
+                         "which is evaluated anyway; drop it from evaluate.domains")
+
+
+CONFIG_GROUPS = (ConfigGroup("evaluate", EvaluateSpec, validate_evaluate, always=True),)
