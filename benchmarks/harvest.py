@@ -171,7 +171,7 @@ def run_case(model, case: str, ids, args) -> dict:
     import torch
 
     from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
-    from uzr.harvest.stats import BlockGeometry, attention_stats
+    from uzr.attention.stats import BlockGeometry, attention_stats
 
     mask = torch.ones_like(ids)
     modules = attention_modules(model)

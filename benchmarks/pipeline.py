@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     from uzr.facts_qa import candidate_rows, qa_prompts, qa_scores, score_candidates
     from uzr.harvest.harvester import Harvester
     from uzr.harvest.stage import harvest_layers
-    from uzr.inject import Injector
+    from uzr.injection.injector import Injector
     from uzr.masks import pad_sequences
     from uzr.models import load_model
     from uzr.next_token import lm_head_logits

@@ -32,7 +32,7 @@ from uzr.gate import (
     token_labels,
     validate_gate_spec,
 )
-from uzr.inject import AlphaSpec, Injector
+from uzr.injection.injector import AlphaSpec, Injector
 from uzr.prompts import PromptSet, build_prompts, format_prompt
 
 FAST = dict(max_epochs=25, batch_size=128, hidden=32, dropout=0.0, lr=3e-3)

@@ -1,6 +1,6 @@
 """Hooks on a model, owned in one place: model edits and captured layer inputs.
 
-A :class:`ModelEdit` changes how a model computes (the attention :class:`~uzr.inject.Injector`
+A :class:`ModelEdit` changes how a model computes (the attention :class:`~uzr.injection.injector.Injector`
 today, a weight-space adapter next) and restores it exactly when removed. Use it as a context
 manager so it is removed even when the forward pass fails::
 

@@ -69,7 +69,7 @@ class LiveSession:
     def __init__(self, cfg, run, max_new_tokens: int = 32):
         import torch
 
-        from uzr.sinks import run_sinks
+        from uzr.injection.sinks import run_sinks
 
         self.cfg, self.run, self.max_new_tokens = cfg, run, max_new_tokens
         self.student, self.tok = run.models.get("student")
@@ -85,7 +85,7 @@ class LiveSession:
     def answer(self, prompt: str) -> dict:
         from uzr.gate import sequence_parts
         from uzr.generation import generate_answers
-        from uzr.inject import Injector, alpha_rows
+        from uzr.injection.injector import Injector, alpha_rows
         from uzr.prompts import adds_special_tokens, format_prompt, resolve_format
 
         torch = self.torch

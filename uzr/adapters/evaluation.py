@@ -158,9 +158,9 @@ def injection_row(run, held: dict) -> dict:
     """The student with the controller's attention injected (``inject.*``, ``alpha.*``; the harvest and controller
     artifacts cached, or built when missing) answering every domain's held-out items; its trainable parameters are
     the controllers'."""
-    from uzr.inject import Injector
+    from uzr.injection.injector import Injector
+    from uzr.injection.sinks import run_sinks
     from uzr.runner import load_stages
-    from uzr.sinks import run_sinks
 
     cfg, svf = run.cfg, run.cfg.svf
     load_stages(run, ["controller"], build=["harvest", "controller"])

@@ -68,8 +68,8 @@ class DominanceStage(UncachedStage):
         cfg, d = run.cfg, run.cfg.dominance
         controllers = sinks = None
         if injects(d):
+            from uzr.injection.sinks import run_sinks
             from uzr.runner import load_stages
-            from uzr.sinks import run_sinks
 
             load_stages(run, ["controller"], build=["harvest", "controller"])  # cached, or built when missing
             controllers = run.artifacts["controller"].controllers
@@ -132,7 +132,7 @@ class DominanceStage(UncachedStage):
 
 def measure_setting(run, setting: str, items: list, controllers, sinks=None) -> tuple[dict, dict, list[str]]:
     """One setting over every sample: ({split: SplitData}, {stage: layers}, answers). ``sinks``: the injected
-    setting's kept sink keys (:func:`uzr.sinks.run_sinks`), None for ``inject.sinks=replace``."""
+    setting's kept sink keys (:func:`uzr.injection.sinks.run_sinks`), None for ``inject.sinks=replace``."""
     cfg, d = run.cfg, run.cfg.dominance
     role = "student" if setting == "injected" else setting
     model, tok = run.models.get(role)
@@ -174,7 +174,7 @@ def sweep_row(section: dict) -> dict[str, float]:
 
 
 def _edit_factory(controllers, cfg, sinks=None):
-    from uzr.inject import Injector
+    from uzr.injection.injector import Injector
 
     def make(prompt_len):
         return Injector(controllers, cfg.alpha, cfg.inject.mode, prompt_len=prompt_len, sinks=sinks)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
-from uzr.harvest.stats import distribution_stats
+from uzr.attention.stats import distribution_stats
 from uzr.hooks import ModelEdit, injected
 from uzr.next_token import next_token_kl, next_token_stats  # noqa: F401 (next_token_kl: re-exported)
 

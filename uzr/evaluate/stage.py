@@ -20,9 +20,9 @@ from uzr.evaluate.sources import ORACLE_FLOOR, STORED_ROWS, controller_rows, liv
 from uzr.evaluate.texts import PLAIN, heldout_rows, injection_setting, score_settings
 from uzr.harvest.head_matching import teacher_heads_of
 from uzr.harvest.stage import per_head as targets_per_head
-from uzr.inject import Injector
-from uzr.oracle import TeacherPrior
-from uzr.sinks import run_sinks
+from uzr.injection.injector import Injector
+from uzr.injection.oracle import TeacherPrior
+from uzr.injection.sinks import run_sinks
 from uzr.stages import UncachedStage
 
 

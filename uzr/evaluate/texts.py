@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 from uzr.attention import decoder_of
 from uzr.evaluate.passes import habit_gap, mean_dicts, next_token_kl, student_pass
 from uzr.hooks import ModelEdit
-from uzr.inject import Injector
-from uzr.priors import AttentionPrior
+from uzr.injection.injector import Injector
+from uzr.injection.priors import AttentionPrior
+from uzr.injection.sinks import sink_sets
 from uzr.runner import unmemoised
-from uzr.sinks import sink_sets
 from uzr.text_bytes import predicted_bytes
 
 

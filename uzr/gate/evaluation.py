@@ -19,12 +19,12 @@ from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_set
 from uzr.facts_qa import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, qa_prompts, qa_scores
 from uzr.gate.features import controllers_on, gate_positions, sequence_parts, token_ids
 from uzr.gate.model import GateModule
-from uzr.inject import AlphaSpec, Injector
+from uzr.injection.injector import AlphaSpec, Injector
+from uzr.injection.sinks import run_sinks
 from uzr.intervals import accuracy_difference, bits_per_byte_difference
 from uzr.models import model_device
 from uzr.prompts import PromptSet, adds_special_tokens, format_prompt, resolve_format
 from uzr.runner import unmemoised
-from uzr.sinks import run_sinks
 
 if TYPE_CHECKING:
     from uzr.config import RunConfig

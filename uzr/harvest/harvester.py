@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
+from uzr.attention.reducers import HabitStats, HeadMeanRows, HeadRows
+from uzr.attention.stats import STAT_NAMES
 from uzr.harvest.align import TokenAligner
-from uzr.harvest.reducers import HabitStats, HeadMeanRows, HeadRows
-from uzr.harvest.stats import STAT_NAMES
 from uzr.hooks import layer_input
 from uzr.next_token import next_token_stats
 from uzr.text_bytes import predicted_bytes

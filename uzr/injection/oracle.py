@@ -31,9 +31,9 @@ import torch
 from transformers import DynamicCache
 
 from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
+from uzr.attention.reducers import HeadRows
 from uzr.harvest.align import TokenAligner
-from uzr.harvest.reducers import HeadRows
-from uzr.priors import AttentionPrior
+from uzr.injection.priors import AttentionPrior
 
 
 def student_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]], list[bool]]:

@@ -23,9 +23,9 @@ import torch
 from uzr.attention import AttentionEdit, attention_modules, causal_allowed, use_uzr_attention
 from uzr.config.inject import MODES, SCHEDULES, AlphaSpec, validate_alpha  # noqa: F401
 from uzr.hooks import ModelEdit, layer_input
+from uzr.injection.priors import AttentionCall, AttentionPrior, ControllerPrior, own_logprobs
+from uzr.injection.sinks import SinkSet, keep_bias, keep_mix, sink_sets
 from uzr.masks import masked_log_softmax, normalised_entropy
-from uzr.priors import AttentionCall, AttentionPrior, ControllerPrior, own_logprobs
-from uzr.sinks import SinkSet, keep_bias, keep_mix, sink_sets
 
 
 def scheduled_alpha(spec: AlphaSpec, layer: int, steps: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,13 +99,13 @@ class Injector(ModelEdit):
 
     Args:
         source: ``{layer: controller}`` (each offers ``query_features(h)``, ``key_features(h)`` and
-            ``logits_from_features(qf, kf, q_pos, k_pos)``), or any :class:`~uzr.priors.AttentionPrior`
+            ``logits_from_features(qf, kf, q_pos, k_pos)``), or any :class:`~uzr.injection.priors.AttentionPrior`
             (the teacher oracle and the controls of ``inject.source``).
         alpha: the schedule; ``mode``: ``bias`` or ``mix``.
         prompt_len: decoding steps are counted from here; ``None`` takes the length of each prefill,
             ``0`` treats a whole text as generated (how warm-up schedules apply to bits per byte).
         gate: (B, 1) or (B, q) gate output in [0, 1], read by schedule ``gated``.
-        sinks: ``inject.sinks=keep``: ``{layer: SinkSet}`` (:func:`uzr.sinks.detect_sinks`): the student's own mass
+        sinks: ``inject.sinks=keep``: ``{layer: SinkSet}`` (:func:`uzr.injection.sinks.detect_sinks`): the student's own mass
             on those keys stays and the prior shapes only the rest; None (``replace``): the prior shapes every key.
     """
 
@@ -260,7 +260,7 @@ class Injector(ModelEdit):
             alpha = alpha * (1 - normalised_entropy(-torch.special.xlogy(mean, mean).sum(-1), allowed[:, 0].sum(-1)))
             if not bool((alpha != 0).any()):
                 return None  # exact parity with the plain model
-        if layer in self.sinks:  # inject.sinks=keep: the student's own sink mass stays (uzr.sinks)
+        if layer in self.sinks:  # inject.sinks=keep: the student's own sink mass stays (uzr.injection.sinks)
             sink = self.sinks[layer].flags(ids[:, -k_len:], call.k_pos)[:, None, None]  # (B, 1, 1, k)
             own = own_logprobs(call)  # (B, H, q, k)
             if self.mode == "mix":
