@@ -119,7 +119,7 @@ def test_gate_table_and_live_demo_keep_sinks_like_the_evaluate_stage(live_cache,
     run = ensure_artifacts(keep_cfg, build=False)
     store, controllers, gate = run.artifacts["harvest"], run.artifacts["controller"].controllers, run.artifacts["gate"]
     sinks = run_sinks(keep_cfg, store, run.memo)
-    assert any(s.first or s.token_ids for s in sinks.values()) and run_sinks(replace_cfg, store) is None
+    assert any(s.first or s.token_ids for s in sinks.values()) and run_sinks(replace_cfg, store, run.memo) is None
 
     evaluated = EvaluateStage().report(run, None)  # keeps its injected scores in the cache (run.stored)
     assert evaluated["sinks"]["mode"] == "keep"

@@ -9,6 +9,7 @@ manager so it is removed even when the forward pass fails::
 
 :func:`capture_inputs` records the hidden state entering chosen modules (a forward pre-hook with
 keyword arguments, which is how decoder layers call their attention), for as long as the block runs.
+Attention recorders have their own block, :func:`uzr.attention.recording`.
 """
 
 from __future__ import annotations

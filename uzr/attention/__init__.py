@@ -13,8 +13,9 @@ computes until an attention module carries one of these attributes:
 
 Modules: :mod:`~uzr.attention.function` (the function and its blocked pass), :mod:`~uzr.attention.reducers`
 (:class:`ScoreBlock`, the :class:`Reducer` protocol, the generic reducers), :mod:`~uzr.attention.stats` (the
-habit statistics, DESIGN.md §4), :mod:`~uzr.attention.recorder` (:class:`LayerRecorder`),
-:mod:`~uzr.attention.layers` (finding a model's attention modules).
+habit statistics, DESIGN.md §4), :mod:`~uzr.attention.recorder` (:class:`LayerRecorder`, :func:`recording`),
+:mod:`~uzr.attention.layers` (finding a model's attention modules; one recorder and one injector per
+layer at a time).
 """
 
 from uzr.attention.function import (
@@ -27,9 +28,9 @@ from uzr.attention.function import (
     uzr_attention,
 )
 from uzr.attention.layers import attention_modules, decoder_of
-from uzr.attention.recorder import LayerRecorder
+from uzr.attention.recorder import LayerRecorder, recording
 from uzr.attention.reducers import HabitStats, HeadMeanRows, HeadRows, Reducer, ScoreBlock
 
 __all__ = ["ATTN_IMPLEMENTATION", "AttentionEdit", "HabitStats", "HeadMeanRows", "HeadRows", "LayerRecorder",
            "Reducer", "ScoreBlock", "attention_modules", "causal_allowed", "decoder_of", "register",
-           "release_workspace", "use_uzr_attention", "uzr_attention"]
+           "recording", "release_workspace", "use_uzr_attention", "uzr_attention"]

@@ -31,6 +31,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from uzr.attention.layers import INJECTOR, RECORDER
 from uzr.attention.reducers import ScoreBlock
 from uzr.attention.stats import BlockGeometry
 
@@ -289,8 +290,8 @@ def uzr_attention(module, query, key, value, attention_mask, scaling=None, dropo
     Returns:
         (output (B, q, H, D), None)
     """
-    recorder: LayerRecorder | None = getattr(module, "uzr_recorder", None)
-    injector = getattr(module, "uzr_injector", None)
+    recorder: LayerRecorder | None = getattr(module, RECORDER, None)
+    injector = getattr(module, INJECTOR, None)
     edit = injector.attention_edit(module, query, key, attention_mask) if injector is not None else None
     if recorder is None and edit is None:
         return sdpa_attention_forward(

@@ -1,6 +1,10 @@
-"""A model's attention modules: the decoder stack and each layer's ``self_attn``."""
+"""A model's attention modules (the decoder stack and each layer's ``self_attn``), and the per-layer objects
+the attention function reads from them, attached one per layer at a time."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -30,3 +34,27 @@ def attention_modules(model) -> list[torch.nn.Module]:
     if missing:
         raise ValueError(f"{type(model).__name__}: decoder layers {missing[:5]} have no self_attn module")
     return [layer.self_attn for layer in layers]
+
+
+RECORDER = "uzr_recorder"  # the attribute the attention function reads a layer's LayerRecorder from
+INJECTOR = "uzr_injector"  # ... and a layer's injector from
+_WHAT = {RECORDER: "a recorder", INJECTOR: "an injector"}
+
+
+def attach_to_layers(attribute: str, pairs: Iterable[tuple[torch.nn.Module, Any]]) -> None:
+    """Set ``module.<attribute> = value`` for every (attention module, value) pair, after checking that none of
+    the modules carries one already: a second injector (or recorder) on a layer would silently replace the first
+    and be deleted by the first one's removal. Raises ``RuntimeError`` naming the layers; nothing is set then."""
+    pairs = list(pairs)
+    taken = [getattr(module, "layer_idx", "?") for module, _ in pairs if hasattr(module, attribute)]
+    if taken:
+        raise RuntimeError(f"attention layer(s) {taken} already carry {_WHAT.get(attribute, attribute)} "
+                           f"({attribute}): remove the first before attaching another (one per layer at a time)")
+    for module, value in pairs:
+        setattr(module, attribute, value)
+
+
+def detach_from_layers(attribute: str, modules: Iterable[torch.nn.Module]) -> None:
+    """Remove ``module.<attribute>`` from every module that :func:`attach_to_layers` set it on."""
+    for module in modules:
+        delattr(module, attribute)

@@ -1,11 +1,20 @@
-"""What a layer records: a :class:`LayerRecorder` runs its reducers on every block of the blocked attention pass."""
+"""What a layer records: a :class:`LayerRecorder` runs its reducers on every block of the blocked attention pass,
+and :func:`recording` attaches recorders to a model for a block of code::
+
+    with recording(model, {layer: LayerRecorder(block_size=64, reducers=[HeadRows()]) for layer in layers}) as rec:
+        model(**batch)
+    rows = {layer: rec[layer].take()["heads"] for layer in layers}
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 
+from uzr.attention.function import use_uzr_attention
+from uzr.attention.layers import RECORDER, attach_to_layers, attention_modules, detach_from_layers
 from uzr.attention.reducers import HabitStats, HeadMeanRows, Reducer
 
 
@@ -91,3 +100,19 @@ class LayerRecorder:
         self.nonfinite_rows += int(bad_rows)
         for reducer in self.reducers:
             self.outputs.setdefault(reducer.name, []).append(reducer.finish())
+
+
+@contextmanager
+def recording(model, recorders: Mapping[int, LayerRecorder]) -> Iterator[Mapping[int, LayerRecorder]]:
+    """``model`` on the uzr attention function with ``recorders[layer]`` on each layer's attention module for the
+    block, detached on exit (also on error); yields ``recorders``, whose results stay readable after the block.
+
+    Raises ``RuntimeError`` (before attaching any) when one of the layers already carries a recorder.
+    """
+    use_uzr_attention(model)
+    modules = attention_modules(model)
+    attach_to_layers(RECORDER, [(modules[layer], recorder) for layer, recorder in recorders.items()])
+    try:
+        yield recorders
+    finally:
+        detach_from_layers(RECORDER, [modules[layer] for layer in recorders])

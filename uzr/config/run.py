@@ -183,6 +183,12 @@ def harvest_layers(cfg: RunConfig) -> tuple[list[int], list[int] | None]:
     return layers, [mapping.get(layer, proportional_teacher_layer(cfg, layer)) for layer in layers]
 
 
+
+def per_head_targets(cfg: RunConfig) -> bool:
+    """Whether the run's targets are per head (``controller.target=per_head``; a harvest-only run without a
+    controller group keeps head-mean rows)."""
+    return cfg.controller is not None and cfg.controller.target == "per_head"
+
 def register_configs() -> None:
     """Register the schema as ``run_schema`` (the first default of ``conf/train.yaml``), so a composed
     config carries every default and a typo'd key fails at composition."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from uzr.attention import LayerRecorder, ScoreBlock, attention_modules, use_uzr_attention
+from uzr.attention import LayerRecorder, ScoreBlock, attention_modules, recording
 from uzr.dominance.groups import indicator
 from uzr.hooks import ModelEdit, injected
 
@@ -98,22 +98,13 @@ def record_masses(model, inputs: Mapping[str, torch.Tensor], labels: np.ndarray,
     """(L, S, G) head-averaged attention mass of every row on each labelled key group, every layer, from one
     forward of ``model.base_model`` (no LM head) with the GroupMass reducer; ``labels`` (S,) as in
     :mod:`uzr.dominance.groups`."""
-    use_uzr_attention(model)
-    modules = attention_modules(model)
     groups = indicator(labels, n_groups).to(inputs["input_ids"].device)
-    for module in modules:
-        module.uzr_recorder = LayerRecorder(reducers=[GroupMass(groups)], block_size=block_size)
-    try:
-        with injected(model, edit):
-            model.base_model(**inputs, use_cache=False)
-        masses, bad = [], []
-        for index, module in enumerate(modules):
-            masses.append(module.uzr_recorder.take()[GroupMass.name][0].mean(0))  # (S, G)
-            if module.uzr_recorder.nonfinite_rows:
-                bad.append(index)
-    finally:
-        for module in modules:
-            del module.uzr_recorder
+    recorders = {index: LayerRecorder(reducers=[GroupMass(groups)], block_size=block_size)
+                 for index in range(len(attention_modules(model)))}
+    with recording(model, recorders), injected(model, edit):
+        model.base_model(**inputs, use_cache=False)
+    masses = [recorder.take()[GroupMass.name][0].mean(0) for recorder in recorders.values()]  # (S, G) each
+    bad = [index for index, recorder in recorders.items() if recorder.nonfinite_rows]
     if bad:
         raise FloatingPointError(f"non-finite attention scores at layer(s) {bad}; check the model's dtype")
     return torch.stack(masses).cpu().numpy().astype(np.float64)
