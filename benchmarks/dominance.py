@@ -8,7 +8,7 @@ peak RSS above the loaded model via a ``VmHWM`` reset; CUDA: ``max_memory_alloca
 
 - ``plain``: ``model.base_model`` with attention ``sdpa``, nothing recorded;
 - ``dominance``: :func:`uzr.dominance.measure.record_masses` — the ``uzr`` attention function with a
-  :class:`~uzr.harvest.reducers.GroupMass` reducer on every layer (float32 blocks of
+  :class:`~uzr.dominance.measure.GroupMass` reducer on every layer (float32 blocks of
   ``harvest.block_size`` rows, one matmul per block with the keys x groups indicator).
 
 ``python benchmarks/dominance.py --threads 1 --rounds 2 --lengths 2600`` prints peak MB, seconds and the

@@ -170,8 +170,8 @@ def run_case(model, case: str, ids, args) -> dict:
     """One forward pass of ``case``; returns its statistics (and head-means) so they are really computed."""
     import torch
 
-    from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
-    from uzr.harvest.stats import BlockGeometry, attention_stats
+    from uzr.attention import LayerRecorder, attention_modules, decoder_of, recording
+    from uzr.attention.stats import BlockGeometry, attention_stats
 
     mask = torch.ones_like(ids)
     modules = attention_modules(model)
@@ -182,19 +182,13 @@ def run_case(model, case: str, ids, args) -> dict:
             out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
             return {"last": out.last_hidden_state[:, -1].float()}
         if case == "harvest":
-            use_uzr_attention(model)
-            for index, module in enumerate(modules):
-                module.uzr_recorder = LayerRecorder(
-                    args.window, index in args.mapped_layers, block_size=args.block_size,
-                    dist_rows=args.max_dist_len or None,
-                )
-            try:
+            recorders = {index: LayerRecorder(args.window, index in args.mapped_layers, block_size=args.block_size,
+                                              dist_rows=args.max_dist_len or None)
+                         for index in range(len(modules))}
+            with recording(model, recorders):
                 out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-                results = [module.uzr_recorder.result() for module in modules]
-                bad = sum(module.uzr_recorder.nonfinite_rows for module in modules)
-            finally:
-                for module in modules:
-                    del module.uzr_recorder
+            results = [recorder.result() for recorder in recorders.values()]
+            bad = sum(recorder.nonfinite_rows for recorder in recorders.values())
             return {"last": out.last_hidden_state[:, -1].float(), "stats": [r[0] for r in results],
                     "head_mean": {i: results[i][1] for i in args.mapped_layers}, "nonfinite_rows": bad}
         if case == "naive":

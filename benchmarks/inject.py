@@ -2,7 +2,7 @@
 
 Greedy generation of ``--new-tokens`` tokens (default 128, forced with ``min_new_tokens`` so both runs
 decode the same number) by the packaged student (SmolLM2-135M-Instruct, ``conf/student/smollm2_135m.yaml``)
-with sdpa attention and no injection, versus the same model with an :class:`~uzr.inject.Injector` on
+with sdpa attention and no injection, versus the same model with an :class:`~uzr.injection.injector.Injector` on
 ``--layers`` (default 4 15 26, ``conf/inject/default.yaml``): randomly initialised bilinear controllers
 (``build_controller(ControllerSpec(), hidden_size)``), alpha 0.5 constant, mode ``bias``. The injector
 runs in every decoding step (query length 1): the controller's key features are cached per layer and
@@ -10,7 +10,7 @@ its log-prior over all cached keys is added to the scores.
 
 ``--source`` (issue 13's cost goal: oracle and per-head injection within 0.8x of plain): ``controller`` (head-mean,
 the default), ``per_head`` (random per-head bilinear controllers, one distribution per student head), or
-``teacher`` (the live oracle, :class:`uzr.oracle.TeacherPrior`: the packaged Gemma 3 270M teacher follows the
+``teacher`` (the live oracle, :class:`uzr.injection.oracle.TeacherPrior`: the packaged Gemma 3 270M teacher follows the
 growing text with its own KV cache and its aligned head-mean rows are injected; ``--teacher-layers`` maps the
 injected layers, default proportional depth).
 
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     from conftest import model_spec
 
     from uzr.controller import ControllerSpec, build_controller
-    from uzr.inject import AlphaSpec, Injector
+    from uzr.injection.injector import AlphaSpec, Injector
     from uzr.models import load_model
 
     if args.threads:
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
                    for layer in args.layers}
     teacher = None
     if args.source == "teacher":
-        from uzr.oracle import TeacherPrior
+        from uzr.injection.oracle import TeacherPrior
 
         teacher, teacher_tok = load_model(dataclasses.replace(model_spec(args.teacher), dtype=args.dtype),
                                           device=args.device)

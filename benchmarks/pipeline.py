@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     from uzr.facts_qa import candidate_rows, qa_prompts, qa_scores, score_candidates
     from uzr.harvest.harvester import Harvester
     from uzr.harvest.stage import harvest_layers
-    from uzr.inject import Injector
+    from uzr.injection.setup import Injection
     from uzr.masks import pad_sequences
     from uzr.models import load_model
     from uzr.next_token import lm_head_logits
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = ControllerSpec(**{k: getattr(cfg.controller, k) for k in ("arch", "key_dim", "mlp_hidden")
                              if hasattr(cfg.controller, k)})
     ctrls = {layer: build_controller(spec, student.config.hidden_size).eval() for layer in cfg.inject.layers}
-    alpha = cfg.alpha.variant("constant", 0.5)
+    injection = Injection(ctrls, cfg.alpha.variant("constant", 0.5), cfg.inject.mode)  # random controllers, no sinks
 
     def harvest():
         h = cfg.harvest
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     models = {"teacher": (teacher, teacher_tok), "student": (student, student_tok)}
 
     def make_injector(rows=None):
-        return Injector(ctrls, alpha, cfg.inject.mode, prompt_len=0)
+        return injection.injector(prompt_len=0)
 
     def old_qa(role, edit=False):  # the previous scoring: one prompt per pass, full right-padded sequences
         model, tok = models[role]
@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
             decoder_of(model)(input_ids=ids, attention_mask=mask.long())
 
     # --- evaluation on the harvested texts
-    settings = [PLAIN, injection_setting("constant@0.5", ctrls, alpha, cfg.inject.mode),
-                injection_setting("constant@1", ctrls, cfg.alpha.variant("constant", 1.0), cfg.inject.mode)]
+    settings = [PLAIN, injection_setting("constant@0.5", injection),
+                injection_setting("constant@1", injection, alpha=cfg.alpha.variant("constant", 1.0))]
 
     def evaluate():
         return score_settings(student, student_tok, rows, settings, list(cfg.inject.layers),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
-from uzr.harvest.stats import STAT_NAMES, BlockGeometry, attention_stats
+from uzr.attention.stats import STAT_NAMES, BlockGeometry, attention_stats
 
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=300)

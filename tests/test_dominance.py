@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from uzr.attention import ScoreBlock
 from uzr.dominance.groups import NEITHER, require_groups, span_labels
 from uzr.dominance.indices import bootstrap_mean, consistency, indices, paired_difference, stage_layers
-from uzr.harvest.reducers import GroupMass, ScoreBlock
+from uzr.dominance.measure import GroupMass
 
 from .conftest import model_spec, resolved
 

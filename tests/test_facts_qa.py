@@ -10,7 +10,7 @@ import torch
 from uzr.attention import decoder_of
 from uzr.facts_qa import _plain_states, candidate_logprobs, candidate_rows, qa_accuracy, qa_prompts, qa_scores
 from uzr.hooks import injected
-from uzr.inject import AlphaSpec, Injector
+from uzr.injection.injector import AlphaSpec, Injector
 from uzr.next_token import lm_head_logits, next_token_kl, next_token_stats, target_logprobs
 from uzr.prompts import PromptSet, adds_special_tokens, answer_prefix, format_prompt, resolve_format
 
@@ -194,7 +194,7 @@ def test_injected_prompt_tokens_run_once_and_score_as_full_sequences(tiny_models
     assert_close(qa_scores(model, tok, prompts, "qa", edit_for, batch_size=4, share_prefix=False), reference)
     assert len(passes) == 3
 
-    from uzr.sinks import SinkSet  # sinks kept: the continued rows carry their token ids
+    from uzr.injection.sinks import SinkSet  # sinks kept: the continued rows carry their token ids
 
     sink_id = candidate_rows(tok, format_prompt(prompts[0].question), prompts[0].candidates)[0].ids[3]
     sinks = {layer: SinkSet(first=True, token_ids=(sink_id,)) for layer in ctrl}
@@ -211,7 +211,7 @@ def test_edits_that_cannot_continue_rows_run_full_sequences(tiny_models):
     """A prompt whose rows carry different gate values, a gate per position, stored rows fixed to a batch and a
     sliding window that could bind all keep the full-sequence path."""
     from uzr.facts_qa import _shares_prefix
-    from uzr.priors import RowsPrior
+    from uzr.injection.priors import RowsPrior
 
     model, tok = tiny_models["llama"]
     ctrl = controllers_for(model)

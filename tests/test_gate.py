@@ -32,7 +32,7 @@ from uzr.gate import (
     token_labels,
     validate_gate_spec,
 )
-from uzr.inject import AlphaSpec, Injector
+from uzr.injection.injector import AlphaSpec, Injector
 from uzr.prompts import PromptSet, build_prompts, format_prompt
 
 FAST = dict(max_epochs=25, batch_size=128, hidden=32, dropout=0.0, lr=3e-3)
@@ -220,6 +220,7 @@ def test_pool_prefix_running_mean():
 @pytest.mark.parametrize("entropy_local", [False, True])
 def test_gated_schedule_with_gate_zero_is_the_uninjected_student(tiny_models, mode, entropy_local):
     model, tok = tiny_models["llama"]
+    model.set_attn_implementation("sdpa")  # what an injector without an edit runs (an earlier test may leave eager)
     tok.padding_side = "left"
     enc = tok(["Attention habits of a small model", "Hi"], return_tensors="pt", padding=True)
     with torch.no_grad():

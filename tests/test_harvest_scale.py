@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from uzr.attention import AttentionEdit, LayerRecorder, attention_modules, use_uzr_attention
-from uzr.harvest.stats import STAT_NAMES, BlockGeometry, attention_stats
+from uzr.attention.stats import STAT_NAMES, BlockGeometry, attention_stats
 
 from .conftest import model_spec
 
@@ -221,7 +221,7 @@ def test_decoding_step_with_cache_records_the_new_row(tiny_models, family):
 @pytest.mark.parametrize("masked", [True, False])
 def test_non_causal_rows_match_the_definitions(masked):
     """Keys after the query (bidirectional masks, encoders): mean distance counts max(i - j, 0) as defined."""
-    from uzr.attention import _blocked_eager
+    from uzr.attention.function import _blocked_eager
 
     class Module(torch.nn.Module):
         is_causal = False

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from uzr.attention import LayerRecorder, attention_modules, use_uzr_attention
-from uzr.harvest.stats import BlockGeometry, attention_stats, distribution_stats
+from uzr.attention.stats import BlockGeometry, attention_stats, distribution_stats
 
 
 def reference_stats(probs: torch.Tensor, window: int) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from uzr.controller import ControllerSpec, build_controller
-from uzr.inject import AlphaSpec, Injector, alpha_rows
+from uzr.injection.injector import AlphaSpec, Injector, alpha_rows
 
 FAMILIES = ("llama", "qwen2", "gemma3")
 TEXTS = ["A short one.", "The quick brown fox jumps over the lazy dog, again and again and again."]

@@ -107,8 +107,8 @@ def test_gate_table_and_live_demo_keep_sinks_like_the_evaluate_stage(live_cache,
     from uzr.evaluate.stage import EvaluateStage
     from uzr.facts_qa import plain_qa_scores
     from uzr.gate import evaluate_gated
+    from uzr.injection.sinks import run_sinks
     from uzr.live import LiveSession, compose_config, ensure_artifacts
-    from uzr.sinks import run_sinks
 
     tmp, _ = live_cache
     # the tiny random student attends almost uniformly (mean share ratios 1.000-1.008 on the smoke store), so a
@@ -119,7 +119,7 @@ def test_gate_table_and_live_demo_keep_sinks_like_the_evaluate_stage(live_cache,
     run = ensure_artifacts(keep_cfg, build=False)
     store, controllers, gate = run.artifacts["harvest"], run.artifacts["controller"].controllers, run.artifacts["gate"]
     sinks = run_sinks(keep_cfg, store, run.memo)
-    assert any(s.first or s.token_ids for s in sinks.values()) and run_sinks(replace_cfg, store) is None
+    assert any(s.first or s.token_ids for s in sinks.values()) and run_sinks(replace_cfg, store, run.memo) is None
 
     evaluated = EvaluateStage().report(run, None)  # keeps its injected scores in the cache (run.stored)
     assert evaluated["sinks"]["mode"] == "keep"

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 from uzr.harvest.harvester import Harvester
-from uzr.inject import AlphaSpec, Injector
-from uzr.oracle import TeacherPrior
-from uzr.priors import AttentionCall
+from uzr.injection.injector import AlphaSpec, Injector
+from uzr.injection.oracle import TeacherPrior
+from uzr.injection.priors import AttentionCall
 
 from .test_per_head import TEXTS
 

@@ -15,7 +15,7 @@ from uzr.evaluate.sources import text_prior
 from uzr.harvest import harvester as harvester_module
 from uzr.harvest.harvester import Harvester
 from uzr.harvest.head_matching import match_heads, match_store
-from uzr.inject import AlphaSpec, Injector
+from uzr.injection.injector import AlphaSpec, Injector
 from uzr.models import load_model
 
 from .conftest import model_spec, resolved
@@ -218,7 +218,7 @@ def test_per_head_controller_decodes_with_its_key_cache(tiny_models, mode):
     """A per-head controller injects one distribution per head, and greedy generate() (cached key features)
     equals recomputing every prefix without a cache."""
     from uzr.controller import ControllerSpec, build_controller
-    from uzr.priors import ControllerPrior
+    from uzr.injection.priors import ControllerPrior
 
     from .test_inject import LONG_PROMPT, generated
 

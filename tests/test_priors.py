@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uzr.inject import AlphaSpec, Injector
-from uzr.priors import RowsPrior, StudentSelfPrior, UniformPrior
+from uzr.injection.injector import AlphaSpec, Injector
+from uzr.injection.priors import RowsPrior, StudentSelfPrior, UniformPrior
 
 FAMILIES = ("llama", "qwen2", "gemma3")
 TEXT = "Attention habits of a large model, poured into a small one while it runs, one layer at a time."
@@ -85,7 +85,7 @@ def test_uniform_prior_is_a_no_op_in_bias_mode_and_not_in_mix(tiny_models, famil
 def test_student_self_head_mean_sharpens_toward_the_model_itself(tiny_models):
     """Bias with the student's own head-mean attention changes the output (it is not a no-op), and its rows
     equal the eager head-mean."""
-    from uzr.priors import AttentionCall
+    from uzr.injection.priors import AttentionCall
 
     model, tok = tiny_models["llama"]
     enc = tok([TEXT], return_tensors="pt")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from uzr.attention import LayerRecorder, attention_modules, use_uzr_attention
-from uzr.harvest.reducers import HabitStats, HeadMeanRows, ScoreBlock
+from uzr.attention.reducers import HabitStats, HeadMeanRows, ScoreBlock
 
 TEXTS = ["short text", "a much longer text, so that the other one is left padded by several tokens"]
 

@@ -518,11 +518,11 @@ def test_half_precision_teacher_gives_float32_statistics_close_to_float32(dtype,
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_scores_beyond_float16_range_do_not_poison_the_store(dtype, tiny_student, monkeypatch):
-    import uzr.attention
+    import uzr.attention.function
     from uzr.harvest.harvester import row_is_finite
 
     overflow = []
-    original = uzr.attention._blocked_eager
+    original = uzr.attention.function._blocked_eager
 
     def spy(module, query, key, *args, **kwargs):
         n_rep = query.shape[1] // key.shape[1]
@@ -530,7 +530,7 @@ def test_half_precision_scores_beyond_float16_range_do_not_poison_the_store(dtyp
         overflow.append(not bool(torch.isfinite(naive.half()).all()))
         return original(module, query, key, *args, **kwargs)
 
-    monkeypatch.setattr(uzr.attention, "_blocked_eager", spy)
+    monkeypatch.setattr(uzr.attention.function, "_blocked_eager", spy)
     student, s_tok = tiny_student
     row = _harvest(*_teacher(dtype, boost=300.0), student, s_tok)
     assert any(overflow), "the test must push scores past float16's range"
@@ -543,7 +543,7 @@ def test_half_precision_scores_beyond_float16_range_do_not_poison_the_store(dtyp
 def test_nonfinite_injected_student_is_reported_with_layer_and_alpha(mode, tiny_student):
     from uzr.controller import ControllerSpec, build_controller
     from uzr.evaluate import student_pass
-    from uzr.inject import AlphaSpec, Injector
+    from uzr.injection.injector import AlphaSpec, Injector
 
     student, tok = tiny_student
     controller = build_controller(ControllerSpec(key_dim=8, mlp_hidden=16), 48)

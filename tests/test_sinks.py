@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from uzr.evaluate.passes import student_pass
-from uzr.inject import AlphaSpec, Injector
-from uzr.priors import UniformPrior
-from uzr.sinks import SinkSet, detect_sinks
+from uzr.injection.injector import AlphaSpec, Injector
+from uzr.injection.priors import UniformPrior
+from uzr.injection.sinks import SinkSet, detect_sinks
 
 from .test_per_head import TEXTS
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from uzr.evaluate.sources import ORACLE_FLOOR, borrowed, controller_rows, text_prior
-from uzr.priors import AttentionCall
+from uzr.injection.priors import AttentionCall
 
 
 class Bilinear(torch.nn.Module):

@@ -19,7 +19,7 @@ per forward pass:
   candidates' other input tokens per sequence; the LM head runs once per distinct state;
 - an injected model shares them too, but never pads: the controller reads absolute positions off the cache
   index, so prompts of equal length run together and each pass continues its rows of both the KV cache and
-  the injector's cached key features (:meth:`~uzr.inject.Injector.for_rows`); on the packaged student this
+  the injector's cached key features (:meth:`~uzr.injection.injector.Injector.for_rows`); on the packaged student this
   made injected facts QA about 5x faster than full right-padded sequences;
 - any other edit (a weight edit, stored-row priors fixed to a batch, a gate per position, a sliding window
   the unpadded passes could cut differently) runs full sequences, right-padded, many prompts per batch.
@@ -44,7 +44,7 @@ from transformers import DynamicCache
 from uzr.attention import decoder_of
 from uzr.config.keys import key_of
 from uzr.hooks import ModelEdit, injected
-from uzr.inject import Injector, InjectorState
+from uzr.injection.injector import Injector, InjectorState
 from uzr.masks import pad_sequences
 from uzr.next_token import target_logprobs
 from uzr.prompts import Prompt, PromptSet, adds_special_tokens, answer_prefix, format_prompt, resolve_format
@@ -279,7 +279,7 @@ def score_candidates(model, groups: Sequence[Sequence[CandidateRow]], pad_id: in
 
     Args:
         groups: per prompt, its candidate rows (:func:`candidate_rows`).
-        edit: attached for the pass (e.g. an :class:`~uzr.inject.Injector` built for ``sum(len(g))`` rows in
+        edit: attached for the pass (e.g. an :class:`~uzr.injection.injector.Injector` built for ``sum(len(g))`` rows in
             order). An injector that can continue rows (:func:`_shares_prefix`) runs each prompt's tokens once
             (:func:`_edited_shared_states`); any other edit runs full right-padded sequences.
         share_prefix: run shared prefixes once through a KV cache where possible; False runs full right-padded

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from uzr.hooks import injected
-from uzr.inject import Injector
+from uzr.injection.injector import Injector
 from uzr.models import model_device
 
 if TYPE_CHECKING:

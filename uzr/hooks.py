@@ -1,6 +1,6 @@
 """Hooks on a model, owned in one place: model edits and captured layer inputs.
 
-A :class:`ModelEdit` changes how a model computes (the attention :class:`~uzr.inject.Injector`
+A :class:`ModelEdit` changes how a model computes (the attention :class:`~uzr.injection.injector.Injector`
 today, a weight-space adapter next) and restores it exactly when removed. Use it as a context
 manager so it is removed even when the forward pass fails::
 
@@ -9,6 +9,7 @@ manager so it is removed even when the forward pass fails::
 
 :func:`capture_inputs` records the hidden state entering chosen modules (a forward pre-hook with
 keyword arguments, which is how decoder layers call their attention), for as long as the block runs.
+Attention recorders have their own block, :func:`uzr.attention.recording`.
 """
 
 from __future__ import annotations

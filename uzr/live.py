@@ -71,15 +71,14 @@ class LiveSession:
 
         from uzr.controller.stage import ControllerStage
         from uzr.gate.stage import GateStage
-        from uzr.harvest.stage import HarvestStage
-        from uzr.sinks import run_sinks
+        from uzr.injection.setup import run_injection
 
         self.cfg, self.run, self.max_new_tokens = cfg, run, max_new_tokens
         self.student, self.tok = run.models.get("student")
         self.controllers = run.upstream(ControllerStage).controllers
         self.gate = run.upstream(GateStage)
         self.layers = list(cfg.inject.layers)
-        self.sinks = run_sinks(cfg, run.upstream(HarvestStage), run.memo)  # inject.sinks=keep, as in the evaluate stage
+        self.injection = run_injection(run)  # controllers and sinks (inject.sinks=keep), as in the evaluate stage
         self.torch = torch
 
     def alpha_spec(self):
@@ -88,7 +87,7 @@ class LiveSession:
     def answer(self, prompt: str) -> dict:
         from uzr.gate import sequence_parts
         from uzr.generation import generate_answers
-        from uzr.inject import Injector, alpha_rows
+        from uzr.injection.injector import alpha_rows
         from uzr.prompts import adds_special_tokens, format_prompt, resolve_format
 
         torch = self.torch
@@ -106,8 +105,8 @@ class LiveSession:
                                                  gate_t)) for i, layer in enumerate(self.layers)}
         plain = generate_answers(self.student, self.tok, [text], self.max_new_tokens, batch_size=1,
                                  add_special_tokens=special)[0]
-        injector = Injector(self.controllers, alpha, self.cfg.inject.mode, prompt_len=None,
-                            gate=torch.tensor([[gate]], device=next(self.student.parameters()).device), sinks=self.sinks)
+        injector = self.injection.injector(prompt_len=None, alpha=alpha,
+                                           gate=torch.tensor([[gate]], device=next(self.student.parameters()).device))
         injected = generate_answers(self.student, self.tok, [text], self.max_new_tokens, batch_size=1,
                                     injector=injector, add_special_tokens=special)[0]
         return {

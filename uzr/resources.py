@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from uzr.harvest.stats import STAT_NAMES
+from uzr.attention.stats import STAT_NAMES
 
 F16, F32, I32 = 2, 4, 4
 # Safety margin on top of the estimate: Arrow metadata, dataset_info/state JSON, the manifest.

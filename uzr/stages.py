@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from uzr.plugins import plugged_in_stages
-
 if TYPE_CHECKING:
     from uzr.config import RunConfig
     from uzr.runner import RunContext
@@ -125,6 +123,10 @@ REGISTRY: dict[str, StageInfo] = {s.name: s for s in (
 
 def registry() -> dict[str, StageInfo]:
     """Every stage: :data:`REGISTRY` and the lines of the systems plugged in through entry points."""
+    # Not at the top: uzr.config imports this module, and a plugged-in system imports uzr.config (its groups), which
+    # builds the schema from the plugged-in systems; loading them through uzr.config keeps that order.
+    from uzr.config.systems import plugged_in_stages
+
     stages = dict(REGISTRY)
     for info in plugged_in_stages():
         if info.name in stages:

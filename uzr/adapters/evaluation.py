@@ -158,18 +158,15 @@ def injection_row(run, held: dict) -> dict:
     """The student with the controller's attention injected (``inject.*``, ``alpha.*``; the harvest and controller
     artifacts cached, or built when missing) answering every domain's held-out items; its trainable parameters are
     the controllers'."""
-    from uzr.controller.stage import ControllerStage
-    from uzr.harvest.stage import HarvestStage
-    from uzr.inject import Injector
-    from uzr.sinks import run_sinks
+    from uzr.injection.setup import run_injection
 
     cfg, svf = run.cfg, run.cfg.svf
-    controllers = run.upstream(ControllerStage).controllers
-    sinks = run_sinks(cfg, run.upstream(HarvestStage), run.memo)  # inject.sinks=keep as in the evaluate stage
+    injection = run_injection(run)  # controllers and sinks (inject.sinks=keep), as in the evaluate stage
+    controllers = injection.source
     model, tok = run.models.get("student")
     clock = Stopwatch()
     # prompt_len=None: decoding steps count from each prompt's prefill, as in generation elsewhere
-    injector = Injector(controllers, cfg.alpha, cfg.inject.mode, prompt_len=None, sinks=sinks)
+    injector = injection.injector(prompt_len=None)
     ok = [c for d in svf.domains for c in answers_correct(model, tok, held[d], svf, injector)]
     return {"correct": ok, "parameters": sum(p.numel() for c in controllers.values() for p in c.parameters()),
             **clock.read(), "layers": sorted(controllers), "alpha": cfg.alpha.value,

@@ -106,3 +106,9 @@ def coerce_spec(spec: ControllerSpec | Mapping[str, Any] | None) -> ControllerSp
 
 
 CONFIG_GROUPS = (ConfigGroup("controller", ControllerSpec, validate_controller),)
+
+
+def per_head_targets(cfg) -> bool:
+    """Whether the run's targets are per head (``controller.target=per_head``; a harvest-only run without a
+    controller group keeps head-mean rows)."""
+    return cfg.controller is not None and cfg.controller.target == "per_head"

@@ -10,9 +10,9 @@ from uzr.config.groups import ConfigGroup
 
 SCHEDULES = ("constant", "linear", "cosine", "entropy_local", "gated")
 MODES = ("bias", "mix")
-# What is injected (uzr.priors): the method, its oracle ceiling, and three controls.
+# What is injected (uzr.injection.priors): the method, its oracle ceiling, and three controls.
 SOURCES = ("controller", "teacher", "student_self", "uniform", "shuffled")
-SINKS = ("replace", "keep")  # inject.sinks: the injected prior shapes every key, or leaves the student's sinks (uzr.sinks)
+SINKS = ("replace", "keep")  # inject.sinks: the injected prior shapes every key, or leaves the student's sinks (uzr.injection.sinks)
 AUTO = "auto"  # inject.teacher_layers=auto: the harvest picks each layer's teacher layer (uzr.harvest.layer_matching)
 
 
@@ -70,11 +70,11 @@ class InjectSpec:
     # to the student's own, on the training texts; uzr.harvest.layer_matching). Typed Any: a list or "auto".
     teacher_layers: Any = None
     mode: str = "bias"  # one of MODES
-    source: str = "controller"  # one of SOURCES: what is injected (see uzr.priors)
+    source: str = "controller"  # one of SOURCES: what is injected (see uzr.injection.priors)
     # replace: the prior shapes every key (the student loses its sink mass); keep: the student's own mass on its sink
     # keys stays and the prior shapes the rest. Sinks are detected per layer on the harvest's training texts: the
     # first position, or a token id (in >= 2 texts), whose mean mass over queries at least harvest.locality_window
-    # later is >= sink_ratio times the uniform share 1/(i+1) (uzr.sinks).
+    # later is >= sink_ratio times the uniform share 1/(i+1) (uzr.injection.sinks).
     sinks: str = "replace"
     sink_ratio: float = 10.0
 

@@ -15,6 +15,10 @@ the systems (``RunConfig``) at import time: it is imported while the schema is b
 
 from __future__ import annotations
 
+import functools
+from importlib.metadata import entry_points
+from types import ModuleType
+
 from uzr.config import (
     controller,
     corpus,
@@ -29,10 +33,17 @@ from uzr.config import (
     svf,
 )
 from uzr.config.groups import ConfigGroup
-from uzr.plugins import plugged_in
 
+ENTRY_POINTS = "uzr.systems"
 # In schema order: the config file's keys follow it (teacher, student, data, inject, ...).
 BUILTIN = (model, corpus, inject, controller, gate, dominance, svf, lru_mla, harvest, evaluate, platform)
+
+
+@functools.cache
+def plugged_in() -> tuple[ModuleType, ...]:
+    """The system modules registered through ``uzr.systems`` entry points, by entry-point name."""
+    points = {(ep.name, ep.value): ep for ep in entry_points(group=ENTRY_POINTS)}  # one per name, also if found twice
+    return tuple(points[key].load() for key in sorted(points))
 
 
 def config_groups() -> list[ConfigGroup]:
@@ -45,3 +56,8 @@ def config_groups() -> list[ConfigGroup]:
         raise ValueError(f"config group(s) {twice} registered twice (uzr.systems entry points: "
                          f"{[m.__name__ for m in plugged_in()]})")
     return [g for g in groups if not g.always] + [g for g in groups if g.always]
+
+
+def plugged_in_stages() -> list:
+    """The :class:`~uzr.stages.StageInfo` lines of the plugged-in systems."""
+    return [info for system in plugged_in() for info in getattr(system, "STAGES", ())]

@@ -10,12 +10,12 @@ from pathlib import Path
 import lightning as L
 
 from uzr.config import RunConfig
+from uzr.config.controller import per_head_targets
 from uzr.config.keys import key_of
 from uzr.controller.checkpoint import load_controller, save_controller
 from uzr.controller.module import METHODS, ControllerModule
 from uzr.data import StoreDataModule
 from uzr.harvest.stage import HarvestStage
-from uzr.harvest.stage import per_head as targets_per_head
 from uzr.resumable_fit import fit_resumable
 
 
@@ -28,7 +28,7 @@ class ControllerStage:
         """Fit the controllers; Lightning checkpoints in ``folder`` let a killed run resume where it stopped."""
         cfg, store = run.cfg, run.upstream(HarvestStage)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        per_head = targets_per_head(cfg)
+        per_head = per_head_targets(cfg)
         datamodule = StoreDataModule(store, cfg.inject.layers, cfg.controller.batch_size, cfg.seed, per_head)
         heads = store.layout.student_num_heads if per_head else None  # one distribution per student head
         module = ControllerModule(store.layout.hidden_size, cfg.inject.layers, cfg.controller, heads)

@@ -4,7 +4,7 @@
   sets, bootstrap intervals (plain and paired) and the MDI = AEI_T / AEI_O consistency check (numpy only);
 - :mod:`uzr.dominance.groups`: token groups from character spans (offsets) and image-token ids;
 - :mod:`uzr.dominance.measure`: greedy answer + one recorded forward with the
-  :class:`~uzr.harvest.reducers.GroupMass` reducer -> group masses per layer;
+  :class:`~uzr.dominance.measure.GroupMass` reducer -> group masses per layer;
 - :mod:`uzr.dominance.samples`: the text prompts (instruction vs passage, prompt vs answer) and the
   vision-language samples (MMMU-Pro ``vision``, or synthetic images offline);
 - :mod:`uzr.dominance.stage`: the ``dominance`` stage (tables, figure, metrics).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -33,6 +34,9 @@ from uzr.dominance.summary import (
     table_rows,
 )
 from uzr.stages import UncachedStage
+
+if TYPE_CHECKING:
+    from uzr.injection.setup import Injection
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +70,11 @@ def split_data(labels: np.ndarray, groups: tuple[str, ...], row_mass: np.ndarray
 class DominanceStage(UncachedStage):
     def report(self, run, artifact) -> dict:
         cfg, d = run.cfg, run.cfg.dominance
-        controllers = sinks = None
+        injection = None
         if injects(d):
-            from uzr.controller.stage import ControllerStage
-            from uzr.harvest.stage import HarvestStage
-            from uzr.sinks import run_sinks
+            from uzr.injection.setup import run_injection
 
-            controllers = run.upstream(ControllerStage).controllers
-            sinks = run_sinks(cfg, run.upstream(HarvestStage), run.memo)  # inject.sinks=keep, as the evaluate stage
+            injection = run_injection(run)  # controllers and sinks (inject.sinks=keep), as the evaluate stage
         if d.source in VISION_SOURCES:
             from uzr.dominance.sources import vision_items
 
@@ -84,7 +85,7 @@ class DominanceStage(UncachedStage):
             items = text_items(cfg)
         data, stages, answers = {}, {}, {}
         for setting in d.models:
-            data[setting], stages[setting], answers[setting] = measure_setting(run, setting, items, controllers, sinks)
+            data[setting], stages[setting], answers[setting] = measure_setting(run, setting, items, injection)
         settings = summarise(data, stages, d.bootstrap, d.seed)
         section = {"source": d.source, "queries": d.queries, "num_samples": len(items), "settings": settings,
                    "consistency": consistency_report(data)}
@@ -130,9 +131,9 @@ class DominanceStage(UncachedStage):
                       f"{c['undefined']} undefined (no mass on either group)")
 
 
-def measure_setting(run, setting: str, items: list, controllers, sinks=None) -> tuple[dict, dict, list[str]]:
-    """One setting over every sample: ({split: SplitData}, {stage: layers}, answers). ``sinks``: the injected
-    setting's kept sink keys (:func:`uzr.sinks.run_sinks`), None for ``inject.sinks=replace``."""
+def measure_setting(run, setting: str, items: list, injection: Injection | None = None) -> tuple[dict, dict, list[str]]:
+    """One setting over every sample: ({split: SplitData}, {stage: layers}, answers). ``injection``: the injected
+    setting's (:func:`uzr.injection.setup.run_injection`); each answer gets a fresh injector."""
     cfg, d = run.cfg, run.cfg.dominance
     role = "student" if setting == "injected" else setting
     model, tok = run.models.get(role)
@@ -140,7 +141,7 @@ def measure_setting(run, setting: str, items: list, controllers, sinks=None) -> 
                           {"early": d.early, "middle": d.middle, "late": d.late})
     splits = splits_of(d)
     need_answer = d.queries == "generated" or any(SPLITS[s].prompt_queries is None for s in splits)
-    make_edit = _edit_factory(controllers, cfg, sinks) if setting == "injected" else None
+    make_edit = (lambda prompt_len: injection.injector(prompt_len=prompt_len)) if setting == "injected" else None
     prepare = _preparer(model, tok, getattr(cfg, role), d.source in VISION_SOURCES)
     rows: dict[str, list] = {s: [] for s in splits}
     answers = []
@@ -171,15 +172,6 @@ def sweep_row(section: dict) -> dict[str, float]:
         for stage, values in stages.items():
             row[f"injected-student/{split}/{stage}/MDI"] = values["MDI"]["diff"]
     return row
-
-
-def _edit_factory(controllers, cfg, sinks=None):
-    from uzr.inject import Injector
-
-    def make(prompt_len):
-        return Injector(controllers, cfg.alpha, cfg.inject.mode, prompt_len=prompt_len, sinks=sinks)
-
-    return make
 
 
 def _preparer(model, tok, spec, vision: bool):

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
-from uzr.harvest.stats import distribution_stats
+from uzr.attention import LayerRecorder, attention_modules, decoder_of, recording
+from uzr.attention.stats import distribution_stats
 from uzr.hooks import ModelEdit, injected
 from uzr.next_token import next_token_kl, next_token_stats  # noqa: F401 (next_token_kl: re-exported)
 
@@ -28,25 +28,21 @@ def student_pass(student, ids: torch.Tensor, layers: list[int], window: int,
                  injector: ModelEdit | None = None, dist_rows: int | None = None) -> StudentPass:
     """One forward of the student (edited by ``injector`` if given), recording head-mean attention at ``layers``
     for the leading ``dist_rows`` positions (None: all)."""
-    use_uzr_attention(student)
-    modules = attention_modules(student)
-    for layer in layers:
-        modules[layer].uzr_recorder = LayerRecorder(window, keep_head_mean=True, block_size=ids.shape[1],
-                                                    dist_rows=dist_rows)
+    recorders = {layer: LayerRecorder(window, keep_head_mean=True, block_size=ids.shape[1], dist_rows=dist_rows)
+                 for layer in layers}
     # One flag per decoder layer (kept on the device, read only on failure): which layer went non-finite.
     finite: dict[int, torch.Tensor] = {}
-    watch = [module.register_forward_hook(_finite_flag(finite, index)) for index, module in enumerate(modules)]
+    watch = [module.register_forward_hook(_finite_flag(finite, index))
+             for index, module in enumerate(attention_modules(student))]
     try:
-        with injected(student, injector):
+        with recording(student, recorders), injected(student, injector):
             out = decoder_of(student)(input_ids=ids, attention_mask=torch.ones_like(ids))
     finally:
         for handle in watch:
             handle.remove()
-        head_mean = {layer: modules[layer].uzr_recorder.result()[1][0] for layer in layers}
-        # Rows whose scores were non-finite: the attention function zeroes them and counts them.
-        lost = [layer for layer in layers if getattr(modules[layer].uzr_recorder, "nonfinite_rows", 0)]
-        for layer in layers:
-            del modules[layer].uzr_recorder
+    head_mean = {layer: recorders[layer].result()[1][0] for layer in layers}
+    # Rows whose scores were non-finite: the attention function zeroes them and counts them.
+    lost = [layer for layer in layers if recorders[layer].nonfinite_rows]
     final = out.last_hidden_state
     nll = next_token_stats(student, final[:, :-1], ids[:, 1:])["nll"][0]
     # Every query row has real keys (no padding), so each recorded row must also carry probability 1.

@@ -14,7 +14,7 @@ The two that need a text's stored rows:
   depend only on those positions, so the crop is what the controller predicts for a text of length S — just
   not this one. The longest text borrows the following texts' hidden states joined end to end (never its own).
 
-Facts-QA prompts have no stored rows: there the oracle is computed live (:class:`uzr.oracle.TeacherPrior`: the
+Facts-QA prompts have no stored rows: there the oracle is computed live (:class:`uzr.injection.oracle.TeacherPrior`: the
 teacher reads the prompt's text itself), and ``shuffled`` is reported on bits per byte only.
 """
 
@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from uzr.injection.priors import AttentionPrior, ControllerPrior, RowsPrior, StudentSelfPrior, UniformPrior
 from uzr.masks import masked_log_softmax
-from uzr.priors import AttentionPrior, ControllerPrior, RowsPrior, StudentSelfPrior, UniformPrior
 
 ORACLE_FLOOR = 1e-6  # probability given to keys the aligned teacher row leaves at 0
 STORED_ROWS = ("teacher", "shuffled")  # sources that need a text's store rows (not available for QA prompts)

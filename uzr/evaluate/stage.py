@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from uzr.config import RunConfig
+from uzr.config.controller import per_head_targets
 from uzr.config.corpus import domain_spec
 from uzr.controller.stage import ControllerStage
 from uzr.evaluate.domains import domain_metrics, domain_store
@@ -21,10 +22,9 @@ from uzr.evaluate.sources import ORACLE_FLOOR, STORED_ROWS, controller_rows, liv
 from uzr.evaluate.texts import PLAIN, heldout_rows, injection_setting, score_settings
 from uzr.harvest.head_matching import teacher_heads_of
 from uzr.harvest.stage import HarvestStage
-from uzr.harvest.stage import per_head as targets_per_head
-from uzr.inject import Injector
-from uzr.oracle import TeacherPrior
-from uzr.sinks import run_sinks
+from uzr.injection.injector import Injector
+from uzr.injection.oracle import TeacherPrior
+from uzr.injection.setup import run_injection
 from uzr.stages import UncachedStage
 
 
@@ -37,13 +37,14 @@ class EvaluateStage(UncachedStage):
         same_vocab = teacher_tok.get_vocab() == student_tok.get_vocab()  # next-token KL needs one vocabulary
         layers = list(cfg.inject.layers)
         source = cfg.inject.source
-        per_head = targets_per_head(cfg)
+        per_head = per_head_targets(cfg)
         heads_of = {layer: teacher_heads_of(store.layout, layer) for layer in layers} if per_head else None
-        sinks = run_sinks(cfg, store, run.memo)
+        injection = run_injection(run)
+        sinks = injection.sinks
 
         def texts(rows: list[dict], desc: str):
-            injected = injection_setting("injected", text_prior(source, controllers, rows, cfg.device, heads_of),
-                                         cfg.alpha, cfg.inject.mode, source_name=source, sinks=sinks)
+            injected = injection_setting("injected", injection,
+                                         text_prior(source, controllers, rows, cfg.device, heads_of), source_name=source)
             return score_settings(student, student_tok, rows, [PLAIN, injected], layers, cfg.harvest.locality_window,
                                   cfg.harvest.max_length, teacher if same_vocab else None, run.memo, desc,
                                   stored=run.stored)
@@ -74,7 +75,7 @@ class EvaluateStage(UncachedStage):
         def make_injector() -> Injector:
             prior = (live_teacher(run, store, layers, heads_of) if source == "teacher"
                      else live_prior(source, controllers, per_head))
-            return Injector(prior, cfg.alpha, cfg.inject.mode, prompt_len=0, sinks=sinks)
+            return injection.injector(prompt_len=0, source=prior)
 
         # the oracle reads each prompt's text live; shuffled needs another text's stored rows, which prompts lack
         live = None if source == "shuffled" else make_injector

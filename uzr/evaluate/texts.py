@@ -24,12 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from uzr.attention import decoder_of
+from uzr.config.inject import AlphaSpec
 from uzr.evaluate.passes import habit_gap, mean_dicts, next_token_kl, student_pass
 from uzr.hooks import ModelEdit
-from uzr.inject import Injector
-from uzr.priors import AttentionPrior
+from uzr.injection.injector import Injector
+from uzr.injection.priors import AttentionPrior
+from uzr.injection.setup import Injection
+from uzr.injection.sinks import sink_sets
 from uzr.runner import unmemoised
-from uzr.sinks import sink_sets
 from uzr.text_bytes import predicted_bytes
 
 
@@ -155,19 +157,23 @@ def alpha_key(alpha) -> str:
     return json.dumps(dataclasses.asdict(alpha), sort_keys=True, default=str)
 
 
-def injection_setting(name: str, source: dict | Callable[[torch.Tensor, dict], AttentionPrior], alpha, mode: str,
-                      gate_values: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      source_name: str = "controller", sinks: dict | None = None) -> Setting:
-    """The student with ``source`` injected at ``alpha``: the controllers (``{layer: controller}``) or, for the
-    other ``inject.source`` choices, ``source(ids, row)`` giving the prior of one text (see
-    :mod:`uzr.evaluate.sources`). Schedule ``gated``: ``gate_values(ids)`` gives the gate per position, (1, S);
-    warm-up schedules treat the whole text as generated. ``sinks``: ``inject.sinks=keep``'s ``{layer: SinkSet}``."""
+def injection_setting(name: str, injection: Injection,
+                      source: dict | Callable[[torch.Tensor, dict], AttentionPrior] | None = None,
+                      alpha: AlphaSpec | None = None, gate_values: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      source_name: str = "controller") -> Setting:
+    """The student with ``injection`` (the run's controllers, mode and sinks) at ``alpha`` (default: the
+    injection's). ``source``, for the other ``inject.source`` choices: ``source(ids, row)`` giving the prior of one
+    text (see :mod:`uzr.evaluate.sources`), or a fixed prior. Schedule ``gated``: ``gate_values(ids)`` gives the gate
+    per position, (1, S); warm-up schedules treat the whole text as generated."""
+    alpha = injection.alpha if alpha is None else alpha
+
     def edit(ids: torch.Tensor, row: dict) -> Injector:
         gate = gate_values(ids) if alpha.schedule == "gated" else None
         prior = source(ids, row) if callable(source) else source
-        return Injector(prior, alpha, mode, prompt_len=0, gate=gate, sinks=sinks)
+        return injection.injector(prompt_len=0, gate=gate, alpha=alpha, source=prior)
 
-    return Setting(name, injection_key(source_name, mode, alpha, sinks), edit, storable=source_name != "shuffled")
+    return Setting(name, injection_key(source_name, injection.mode, alpha, injection.sinks), edit,
+                   storable=source_name != "shuffled")
 
 
 def injection_key(source: str, mode: str, alpha, sinks: dict | None = None) -> tuple:

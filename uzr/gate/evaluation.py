@@ -15,16 +15,17 @@ from uzr.config.gate import (
     GateSpec,
     coerce_gate_spec,
 )
+from uzr.config.inject import AlphaSpec
 from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_setting, score_settings
 from uzr.facts_qa import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, qa_prompts, qa_scores
 from uzr.gate.features import controllers_on, gate_positions, sequence_parts, token_ids
 from uzr.gate.model import GateModule
-from uzr.inject import AlphaSpec, Injector
+from uzr.injection.injector import Injector
+from uzr.injection.setup import configured_injection
 from uzr.intervals import accuracy_difference, bits_per_byte_difference
 from uzr.models import model_device
 from uzr.prompts import PromptSet, adds_special_tokens, format_prompt, resolve_format
 from uzr.runner import unmemoised
-from uzr.sinks import run_sinks
 
 if TYPE_CHECKING:
     from uzr.config import RunConfig
@@ -72,13 +73,13 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     gate = gate.to("cpu").eval()
     settings = alpha_settings(cfg, spec)
     # inject.sinks=keep: the same sinks as the evaluate stage, so its injected row is this table's constant row
-    sinks = run_sinks(cfg, store, memo)
+    injection = configured_injection(cfg, store, ctrls, memo or unmemoised)
 
     def injector_for(alpha: AlphaSpec | None, gate_values: Tensor) -> Injector | None:
         if alpha is None:
             return None
         gate_now = gate_values.to(device) if alpha.schedule == "gated" else None
-        return Injector(ctrls, alpha, cfg.inject.mode, prompt_len=0, gate=gate_now, sinks=sinks)
+        return injection.injector(prompt_len=0, gate=gate_now, alpha=alpha)
 
     # --- gate value per held-out prompt, answerable and not
     heldout = PromptSet(spec.prompt_seed, spec.heldout_fraction).heldout
@@ -107,7 +108,7 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
         # stored keys hold the run's artifact keys (the gate's among them), so gated rows are safe to keep too;
         # the key is the evaluate stage's (sinks included): keep and replace never read each other's scores
         return injected_qa_scores(stored, student, tok, qa, spec.prompt_format, qa_injector(alpha),
-                                  injection_key("controller", cfg.inject.mode, alpha, sinks)[1:], batch,
+                                  injection_key("controller", cfg.inject.mode, alpha, injection.sinks)[1:], batch,
                                   desc=f"facts QA: {name}")
 
     qa_by_setting = {name: plain_qa("student") if alpha is None else injected_qa(name, alpha) for name, alpha in settings}
@@ -125,8 +126,7 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
             gate_cache[key] = gate_positions(gate, student, ctrls, ids, layers).to(device)
         return gate_cache[key]
 
-    text_settings = [PLAIN if alpha is None else injection_setting(name, ctrls, alpha, cfg.inject.mode, gate_values,
-                                                                   sinks=sinks)
+    text_settings = [PLAIN if alpha is None else injection_setting(name, injection, alpha=alpha, gate_values=gate_values)
                      for name, alpha in settings]
     scores = score_settings(student, tok, rows, text_settings, layers, cfg.harvest.locality_window,
                             cfg.harvest.max_length, memo=memo, desc="bits per byte: gated vs constant", stored=stored)

@@ -10,42 +10,40 @@ layers also keep each head's rows of the same block (``(H, D, D)``), for per-hea
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import numpy as np
 import torch
 
-from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
+from uzr.attention import LayerRecorder, attention_modules, decoder_of, recording
+from uzr.attention.reducers import HabitStats, HeadMeanRows, HeadRows
+from uzr.attention.stats import STAT_NAMES
 from uzr.harvest.align import TokenAligner
-from uzr.harvest.reducers import HabitStats, HeadMeanRows, HeadRows
-from uzr.harvest.stats import STAT_NAMES
-from uzr.hooks import layer_input
+from uzr.hooks import capture_inputs
 from uzr.next_token import next_token_stats
 from uzr.text_bytes import predicted_bytes
 
 
 class RecordedModel:
-    """A frozen model whose layers record attention statistics during ``forward``."""
+    """A frozen model whose layers record attention statistics during ``forward`` (until :meth:`detach`)."""
 
     def __init__(self, model, window: int, block_size: int, keep_head_mean: list[int],
                  capture_hidden: list[int] = (), per_head: bool = False):
-        use_uzr_attention(model)
         self.model = model
         self.decoder = decoder_of(model)  # the text stack: LM head applied only where needed
-        self.modules = attention_modules(model)
+        modules = attention_modules(model)
         self.keep_head_mean = list(keep_head_mean)
         self.kept = [HeadMeanRows.name, HeadRows.name] if per_head else [HeadMeanRows.name]
-        for index, module in enumerate(self.modules):
+        recorders = {}
+        for index in range(len(modules)):
             reducers = [HabitStats(window)]
             if index in self.keep_head_mean:
                 reducers += [HeadMeanRows(), HeadRows()] if per_head else [HeadMeanRows()]
-            module.uzr_recorder = LayerRecorder(block_size=block_size, reducers=reducers)
-        self.hidden: dict[int, torch.Tensor] = {}
-        self.handles = [
-            self.modules[layer].register_forward_pre_hook(self._capture, with_kwargs=True)
-            for layer in capture_hidden
-        ]
-
-    def _capture(self, module, args, kwargs):
-        self.hidden[module.layer_idx] = layer_input(args, kwargs).detach()
+            recorders[index] = LayerRecorder(block_size=block_size, reducers=reducers)
+        self._attached = ExitStack()  # the recorders and input hooks, for the harvester's lifetime
+        self.recorders = self._attached.enter_context(recording(model, recorders))
+        self.hidden = self._attached.enter_context(
+            capture_inputs({layer: modules[layer] for layer in capture_hidden}, detach=True))  # {layer: (1, S, D)}
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, dist_rows: int | None = None) -> dict:
@@ -56,13 +54,13 @@ class RecordedModel:
         """
         for index in self.keep_head_mean:
             for name in self.kept:
-                self.modules[index].uzr_recorder[name].dist_rows = dist_rows
+                self.recorders[index][name].dist_rows = dist_rows
         # use_cache=False: nothing decodes after a harvest pass, and the KV cache is ~150 MB at S=4096
         out = self.decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         stats: dict[str, list[torch.Tensor]] = {name: [] for name in STAT_NAMES}
         kept: dict[str, dict[int, torch.Tensor]] = {name: {} for name in self.kept}
-        for index, module in enumerate(self.modules):
-            results = module.uzr_recorder.take()
+        for index, recorder in self.recorders.items():
+            results = recorder.take()
             layer_stats = HabitStats.named(results[HabitStats.name])
             for name in STAT_NAMES:
                 stats[name].append(layer_stats[name][0])  # (H, S)
@@ -77,10 +75,7 @@ class RecordedModel:
         }
 
     def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        for module in self.modules:
-            del module.uzr_recorder
+        self._attached.close()
 
 
 class Harvester:

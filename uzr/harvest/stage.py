@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from uzr.config import RunConfig, harvest_layers
+from uzr.config.controller import per_head_targets
 from uzr.config.keys import key_of
 from uzr.config.model import model_key
 from uzr.corpus import load_run_corpus
@@ -27,13 +28,14 @@ class HarvestStage:
             "data": key_of(cfg.data, "harvest"), "harvest": key_of(cfg.harvest, "harvest"),
             "layers": harvest_layers(cfg),  # the effective set (harvest.layers itself is not keyed)
         }
-        if per_head(cfg):  # a head-mean store lacks the per-head rows: never reuse it (head-mean keys unchanged)
+        if per_head_targets(cfg):  # a head-mean store lacks the per-head rows: never reuse it (head-mean keys unchanged)
             payload["target"] = cfg.controller.target
         return payload
 
     def build(self, run, folder: Path) -> dict:
         """Harvest every corpus text into shards under ``folder``; resumes after the last complete shard."""
         cfg, h = run.cfg, run.cfg.harvest
+        per_head = per_head_targets(cfg)
         corpus = load_run_corpus(cfg.data, lambda: run.models.get("student")[1], h.max_length)
         texts = [(t, "train") for t in corpus.train["text"]] + [(t, "heldout") for t in corpus.heldout["text"]]
         store = HarvestStore(folder)
@@ -41,7 +43,7 @@ class HarvestStage:
         check_free_disk(folder, estimate_store_bytes(  # before any model loads
             len(texts), h.max_length, cfg.student.hidden_size, len(layers), cfg.teacher.num_layers,
             cfg.teacher.num_heads, cfg.student.num_layers, cfg.student.num_heads, max_dist_len=h.max_dist_len,
-            per_head=per_head(cfg), teacher_candidates=cfg.teacher.num_layers if mapping is None else 0,
+            per_head=per_head, teacher_candidates=cfg.teacher.num_layers if mapping is None else 0,
         ))
         teacher, teacher_tok = run.models.get("teacher")
         student, student_tok = run.models.get("student")
@@ -49,11 +51,11 @@ class HarvestStage:
             layers=layers, teacher_layers=mapping or [], hidden_size=student.config.hidden_size,
             teacher_num_layers=teacher.config.num_hidden_layers, teacher_num_heads=teacher.config.num_attention_heads,
             student_num_layers=student.config.num_hidden_layers, student_num_heads=student.config.num_attention_heads,
-            locality_window=h.locality_window, max_dist_len=h.max_dist_len, per_head=per_head(cfg),
+            locality_window=h.locality_window, max_dist_len=h.max_dist_len, per_head=per_head,
         ))
         make_harvester = HarvesterFactory(teacher, teacher_tok, student, student_tok, layers, mapping,
                                           h.locality_window, h.block_size, h.max_length, h.max_dist_len,
-                                          per_head(cfg))
+                                          per_head)
         trainer_kwargs = {"accelerator": cfg.trainer.accelerator, "devices": h.devices, "strategy": h.strategy}
         summary = run_harvest(store, texts, make_harvester, h.shard_size, h.max_bad_fraction, trainer_kwargs)
         truncated = int(sum(store.dataset().with_format(None)["truncated_tokens"]))
@@ -69,7 +71,7 @@ class HarvestStage:
             store.write_layout(layout)
             out["teacher_layers"] = layout.teacher_layers
             log.info("harvest: teacher_layers=auto chose %s for student layers %s", layout.teacher_layers, layers)
-        if per_head(cfg):  # after the last shard: the map is chosen on every training text
+        if per_head:  # after the last shard: the map is chosen on every training text
             layout = store.layout
             layout.head_matching = (match_outputs(teacher, student, layers, layout.teacher_layers)
                                     if h.head_matching == "output" else match_store(store.rows("train"), layers))
@@ -93,9 +95,3 @@ class HarvestStage:
             run.images["teacher_layers"] = layer_kl_figure(run.out_dir / "figures" / "teacher_layers_kl.png",
                                                            layout.layer_matching)
         return out or None
-
-
-def per_head(cfg: RunConfig) -> bool:
-    """Whether the run's targets are per head (``controller.target=per_head``; a harvest-only run without a
-    controller group keeps head-mean rows)."""
-    return cfg.controller is not None and cfg.controller.target == "per_head"

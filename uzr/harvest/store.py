@@ -46,7 +46,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from uzr.harvest.stats import STAT_NAMES
+from uzr.attention.stats import STAT_NAMES
 
 LAYOUT = "layout.json"
 

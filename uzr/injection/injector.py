@@ -9,7 +9,9 @@ each injected layer; the attention function then asks :meth:`Injector.attention_
 
 During decoding the query length is 1, so the controller's key features are cached per layer like a
 KV cache; a call whose keys are exactly its queries starts a new sequence (no private keyword of the
-model's code is read). A layer whose alpha is 0 for the whole run is not hooked at all. ``remove()`` detaches everything and restores the original model exactly.
+model's code is read). A layer whose alpha is 0 for the whole run is not hooked at all. ``remove()`` detaches
+everything and restores the original model exactly. One injector per layer at a time: attaching a second to a
+layer that carries one raises.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from uzr.attention import AttentionEdit, attention_modules, causal_allowed, use_uzr_attention
+from uzr.attention.layers import INJECTOR, attach_to_layers, detach_from_layers
 from uzr.config.inject import MODES, SCHEDULES, AlphaSpec, validate_alpha  # noqa: F401
 from uzr.hooks import ModelEdit, layer_input
+from uzr.injection.priors import AttentionCall, AttentionPrior, ControllerPrior, own_logprobs
+from uzr.injection.sinks import SinkSet, keep_bias, keep_mix, sink_sets
 from uzr.masks import masked_log_softmax, normalised_entropy
-from uzr.priors import AttentionCall, AttentionPrior, ControllerPrior, own_logprobs
-from uzr.sinks import SinkSet, keep_bias, keep_mix, sink_sets
 
 
 def scheduled_alpha(spec: AlphaSpec, layer: int, steps: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,13 +102,13 @@ class Injector(ModelEdit):
 
     Args:
         source: ``{layer: controller}`` (each offers ``query_features(h)``, ``key_features(h)`` and
-            ``logits_from_features(qf, kf, q_pos, k_pos)``), or any :class:`~uzr.priors.AttentionPrior`
+            ``logits_from_features(qf, kf, q_pos, k_pos)``), or any :class:`~uzr.injection.priors.AttentionPrior`
             (the teacher oracle and the controls of ``inject.source``).
         alpha: the schedule; ``mode``: ``bias`` or ``mix``.
         prompt_len: decoding steps are counted from here; ``None`` takes the length of each prefill,
             ``0`` treats a whole text as generated (how warm-up schedules apply to bits per byte).
         gate: (B, 1) or (B, q) gate output in [0, 1], read by schedule ``gated``.
-        sinks: ``inject.sinks=keep``: ``{layer: SinkSet}`` (:func:`uzr.sinks.detect_sinks`): the student's own mass
+        sinks: ``inject.sinks=keep``: ``{layer: SinkSet}`` (:func:`uzr.injection.sinks.detect_sinks`): the student's own mass
             on those keys stays and the prior shapes only the rest; None (``replace``): the prior shapes every key.
     """
 
@@ -158,9 +161,9 @@ class Injector(ModelEdit):
             if not 0 <= layer < len(modules):
                 raise ValueError(f"inject.layers contains {layer}; the student has layers 0..{len(modules) - 1}")
         # A layer whose alpha is 0 for the whole run is left untouched: its controller never runs.
-        for layer in (layer for layer in self.prior.layers if layer_alpha(self.alpha, layer) != 0):
-            module = modules[layer]
-            module.uzr_injector = self
+        hooked = [modules[layer] for layer in self.prior.layers if layer_alpha(self.alpha, layer) != 0]
+        attach_to_layers(INJECTOR, [(module, self) for module in hooked])  # raises if another injector is there
+        for module in hooked:
             self._handles.append(module.register_forward_pre_hook(self._capture, with_kwargs=True))
             self._modules.append(module)
         if self.needs_ids:
@@ -170,8 +173,7 @@ class Injector(ModelEdit):
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for module in self._modules:
-            del module.uzr_injector
+        detach_from_layers(INJECTOR, self._modules)
         self._handles, self._modules = [], []
         self.reset()
 
@@ -260,7 +262,7 @@ class Injector(ModelEdit):
             alpha = alpha * (1 - normalised_entropy(-torch.special.xlogy(mean, mean).sum(-1), allowed[:, 0].sum(-1)))
             if not bool((alpha != 0).any()):
                 return None  # exact parity with the plain model
-        if layer in self.sinks:  # inject.sinks=keep: the student's own sink mass stays (uzr.sinks)
+        if layer in self.sinks:  # inject.sinks=keep: the student's own sink mass stays (uzr.injection.sinks)
             sink = self.sinks[layer].flags(ids[:, -k_len:], call.k_pos)[:, None, None]  # (B, 1, 1, k)
             own = own_logprobs(call)  # (B, H, q, k)
             if self.mode == "mix":

@@ -13,7 +13,7 @@ Two ways in:
 - :func:`attention_stats` / :func:`distribution_stats` from probabilities (the reference definitions,
   used for head-mean or aligned distributions);
 - :func:`score_block_stats` from the exponentiated, max-shifted scores of one block inside the
-  attention function (via the :class:`~uzr.harvest.reducers.HabitStats` reducer). It never forms the
+  attention function (via the :class:`~uzr.attention.reducers.HabitStats` reducer). It never forms the
   probabilities: ``H_i = log Z_i - sum_j e_ij t_ij / Z_i``
   (``t = s - max s``, ``e = exp t``, ``Z = sum e``), the distance sum is one matrix-vector product and
   locality reads only the ``window`` diagonals next to the query.

@@ -1,16 +1,9 @@
-"""The one attention function uzr registers with transformers, and the per-layer objects it consults.
+"""The one attention function uzr registers with transformers: sdpa, or a blocked float32 pass that records.
 
 ``AttentionInterface.register("uzr", uzr_attention)`` plus ``AttentionMaskInterface.register("uzr",
 sdpa_mask)`` (without the second the function would get ``attention_mask=None`` and silently ignore
 padding). A model switched to ``attn_implementation="uzr"`` behaves exactly like ``sdpa`` until an
-attention module carries one of these attributes:
-
-- ``module.uzr_recorder``: a :class:`LayerRecorder`; the layer then runs blocked eager attention in
-  float32 and hands each block of scores to the recorder's reducers (:mod:`uzr.harvest.reducers`:
-  statistics, head-mean rows, or any other :class:`~uzr.harvest.reducers.Reducer`) without ever
-  materialising all layers' ``(B, H, S, S)`` weights;
-- ``module.uzr_injector``: an object with ``attention_edit(module, query, key, mask)`` returning an
-  :class:`AttentionEdit` (additive log-prior or probability mix), or ``None`` to leave the layer alone.
+attention module carries a recorder or an injector (see :mod:`uzr.attention`).
 
 The blocked pass (:func:`_blocked_eager`) is built for long inputs:
 
@@ -21,7 +14,7 @@ The blocked pass (:func:`_blocked_eager`) is built for long inputs:
 - grouped-query heads share their key/value head without ``repeat_kv``; keys and values are converted
   to float32 once per layer, never per block;
 - the probabilities are never normalised into a separate tensor: ``e = exp(s - max)`` and ``1 / Z`` give
-  the output (``e @ V / Z``) and whatever the reducers record (see :class:`~uzr.harvest.reducers.ScoreBlock`);
+  the output (``e @ V / Z``) and whatever the reducers record (see :class:`~uzr.attention.reducers.ScoreBlock`);
 - scores and ``e`` live in one reused scratch buffer; reducers preallocate their per-call results (the
   head-mean can be limited to the leading ``dist_rows`` query rows, so it does not grow with the length).
 """
@@ -30,16 +23,20 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from uzr.harvest.reducers import HabitStats, HeadMeanRows, Reducer, ScoreBlock
-from uzr.harvest.stats import BlockGeometry
+from uzr.attention.layers import INJECTOR, RECORDER
+from uzr.attention.reducers import ScoreBlock
+from uzr.attention.stats import BlockGeometry
+
+if TYPE_CHECKING:
+    from uzr.attention.recorder import LayerRecorder
 
 ATTN_IMPLEMENTATION = "uzr"
 # Score given to disallowed keys: exp(MASKED - max) is exactly 0, and 0 * MASKED is 0 (no NaN), unlike -inf.
@@ -60,89 +57,6 @@ class AttentionEdit:
     mix_probs: torch.Tensor | None = None
     mix_alpha: torch.Tensor | None = None
 
-
-class LayerRecorder:
-    """What one layer records during a forward pass: the results of its reducers, per attention call.
-
-    Args:
-        window: locality window in tokens of the standard :class:`~uzr.harvest.reducers.HabitStats`
-            (default 8).
-        keep_head_mean: also run :class:`~uzr.harvest.reducers.HeadMeanRows` (head-averaged distribution).
-        block_size: most query rows per block (required: the pipeline's ``harvest.block_size`` is the one
-            default).
-        dist_rows: rows (and keys) of the head-mean kept, see :class:`~uzr.harvest.reducers.HeadMeanRows`.
-        max_block_elems: most scores per block (heads x rows x keys); lowers the rows per block for
-            long inputs so the block buffers stay small.
-        reducers: the reducers to run instead of the standard ones (then ``window``, ``keep_head_mean``
-            and ``dist_rows`` are not given); names must be distinct.
-
-    After a forward pass, :meth:`take` gives ``{reducer name: result}`` (the calls of the pass concatenated
-    along each reducer's ``query_dim``); :meth:`result` the standard pair. ``nonfinite_rows``: number of
-    (batch, head, query) rows with an allowed non-finite score (NaN or inf, e.g. a half-precision
-    overflow upstream). Those rows get zero probability (and NaN statistics), so a harvest can skip the
-    text and report it, never store NaN or a silently truncated row.
-    """
-
-    def __init__(self, window: int | None = None, keep_head_mean: bool = False, *, block_size: int,
-                 dist_rows: int | None = None, max_block_elems: int = 1 << 22,
-                 reducers: Sequence[Reducer] | None = None):
-        if reducers is None:
-            reducers = [HabitStats(8 if window is None else window)]
-            if keep_head_mean:
-                reducers.append(HeadMeanRows(dist_rows))
-        elif window is not None or keep_head_mean or dist_rows is not None:
-            raise ValueError("LayerRecorder: give reducers=[...] or window/keep_head_mean/dist_rows, not both")
-        if block_size < 1:
-            raise ValueError(f"LayerRecorder: block_size={block_size} must be >= 1")
-        for reducer in reducers:
-            if not isinstance(reducer, Reducer):
-                raise TypeError(f"LayerRecorder: {type(reducer).__name__} lacks the Reducer methods "
-                                "(name, query_dim, start, add, finish)")
-        names = [reducer.name for reducer in reducers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"LayerRecorder: reducer names must be distinct, got {names}")
-        self.reducers = list(reducers)
-        self.block_size, self.max_block_elems = block_size, max_block_elems
-        self.outputs: dict[str, list[torch.Tensor]] = {}
-        self.nonfinite_rows = 0
-
-    def __getitem__(self, name: str) -> Reducer:
-        """The reducer called ``name`` (e.g. ``recorder["head_mean"].dist_rows = 512``)."""
-        for reducer in self.reducers:
-            if reducer.name == name:
-                return reducer
-        raise KeyError(f"no reducer {name!r}; this recorder has {[r.name for r in self.reducers]}")
-
-    def take(self) -> dict[str, torch.Tensor]:
-        """``{reducer name: result}`` of the calls since the last take (concatenated along ``query_dim``); clears.
-
-        ``nonfinite_rows`` is left for the caller to read (and reset).
-        """
-        out = {}
-        for reducer in self.reducers:
-            parts = self.outputs.get(reducer.name)
-            if parts:
-                out[reducer.name] = parts[0] if len(parts) == 1 else torch.cat(parts, reducer.query_dim)
-        self.outputs = {}
-        return out
-
-    def result(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """The standard reducers' results: ({name: (B, H, S)}, head-mean (B, S', S') or None); clears.
-
-        ``({}, None)`` after no call (e.g. a forward pass that failed before this layer).
-        """
-        out = self.take()
-        habits = out.get(HabitStats.name)
-        return ({} if habits is None else HabitStats.named(habits)), out.get(HeadMeanRows.name)
-
-    def _begin(self, batch: int, heads: int, q_len: int, k_len: int, device) -> None:
-        for reducer in self.reducers:
-            reducer.start(batch, heads, q_len, k_len, device)
-
-    def _end(self, bad_rows: torch.Tensor) -> None:
-        self.nonfinite_rows += int(bad_rows)
-        for reducer in self.reducers:
-            self.outputs.setdefault(reducer.name, []).append(reducer.finish())
 
 
 def causal_allowed(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device) -> torch.Tensor:
@@ -376,8 +290,8 @@ def uzr_attention(module, query, key, value, attention_mask, scaling=None, dropo
     Returns:
         (output (B, q, H, D), None)
     """
-    recorder: LayerRecorder | None = getattr(module, "uzr_recorder", None)
-    injector = getattr(module, "uzr_injector", None)
+    recorder: LayerRecorder | None = getattr(module, RECORDER, None)
+    injector = getattr(module, INJECTOR, None)
     edit = injector.attention_edit(module, query, key, attention_mask) if injector is not None else None
     if recorder is None and edit is None:
         return sdpa_attention_forward(
@@ -411,30 +325,3 @@ def use_uzr_attention(model) -> None:
     """Switch a loaded model to the uzr attention function (identical to sdpa until hooks attach)."""
     register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
-
-
-def decoder_of(model) -> torch.nn.Module:
-    """The text decoder stack of ``model`` (the module with ``.layers``), found through its public API.
-
-    ``model.get_decoder()`` gives the decoder of a causal LM (``LlamaForCausalLM`` -> ``LlamaModel``) and
-    the language model of a vision-language ``...ForConditionalGeneration``; a bare decoder returns itself.
-    Calling it with ``input_ids`` runs the text stack without the LM head (``last_hidden_state`` is final,
-    post-norm). Raises ``ValueError`` naming the model class when no decoder layers are found.
-    """
-    get_decoder = getattr(model, "get_decoder", None)  # absent on a plain nn.Module
-    candidates = [get_decoder() if callable(get_decoder) else None, getattr(model, "model", None), model]
-    for candidate in candidates:
-        if isinstance(getattr(candidate, "layers", None), torch.nn.ModuleList):
-            return candidate
-    found = ", ".join(dict.fromkeys(type(c).__name__ for c in candidates if c is not None))
-    raise ValueError(f"{type(model).__name__}: no decoder layers found (looked for .layers on {found} via "
-                     "get_decoder()); uzr hooks decoder stacks with layers[i].self_attn")
-
-
-def attention_modules(model) -> list[torch.nn.Module]:
-    """The self-attention module of every decoder layer of ``model`` (see :func:`decoder_of`), in layer order."""
-    layers = decoder_of(model).layers
-    missing = [i for i, layer in enumerate(layers) if not hasattr(layer, "self_attn")]
-    if missing:
-        raise ValueError(f"{type(model).__name__}: decoder layers {missing[:5]} have no self_attn module")
-    return [layer.self_attn for layer in layers]

@@ -30,10 +30,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import DynamicCache
 
-from uzr.attention import LayerRecorder, attention_modules, decoder_of, use_uzr_attention
+from uzr.attention import HeadRows, LayerRecorder, decoder_of, recording, use_uzr_attention
 from uzr.harvest.align import TokenAligner
-from uzr.harvest.reducers import HeadRows
-from uzr.priors import AttentionPrior
+from uzr.injection.priors import AttentionPrior
 
 
 def student_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]], list[bool]]:
@@ -114,18 +113,13 @@ class TeacherPrior(AttentionPrior):
             self.restarts += 1
         new = t_ids[len(state.ids):]
         if new:
-            modules = attention_modules(self.teacher)
             layers = sorted(set(self.teacher_layers.values()))
-            for t in layers:
-                modules[t].uzr_recorder = LayerRecorder(block_size=self.block_size, reducers=[HeadRows()])
-            try:
-                device = next(self.teacher.parameters()).device
+            recorders = {t: LayerRecorder(block_size=self.block_size, reducers=[HeadRows()]) for t in layers}
+            device = next(self.teacher.parameters()).device
+            with recording(self.teacher, recorders):
                 decoder_of(self.teacher)(input_ids=torch.tensor([new], device=device), cache=state.cache,
                                          use_cache=True)
-                fresh = {t: modules[t].uzr_recorder.take()["heads"][0].float() for t in layers}  # (H, n, k)
-            finally:
-                for t in layers:
-                    del modules[t].uzr_recorder
+            fresh = {t: recorders[t].take()["heads"][0].float() for t in layers}  # (H, n, k)
             total = len(t_ids)
             for t, part in fresh.items():
                 rows = torch.zeros(part.shape[0], total, total, device=part.device)

@@ -24,13 +24,12 @@ product of experts shapes the rest (alpha 0 adds exactly 0).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-
-from uzr.runner import unmemoised
 
 MIN_TEXTS = 2  # a sink token id must recur across texts, not within one
 _TINY = 1e-30
@@ -141,14 +140,13 @@ def sink_sets(mapping: Mapping[int, SinkSet] | None, layer: int) -> SinkSet | No
     return sinks if sinks is not None and (sinks.first or sinks.token_ids) else None
 
 
-def run_sinks(cfg, store, memo=None) -> dict[int, SinkSet] | None:
+def run_sinks(cfg, store, memo: Callable[[Hashable, Callable[[], Any]], Any]) -> dict[int, SinkSet] | None:
     """The run's sinks: for ``inject.sinks=keep``, ``{layer: SinkSet}`` of the injected layers, detected on the
     store's training texts (:func:`detect_sinks`) once per run through ``memo`` (the run's
-    :meth:`~uzr.runner.RunContext.memo`); None for ``replace``. The evaluate stage, the gate table and the live demo
-    all build their injectors with it, so the three inject alike."""
+    :meth:`~uzr.runner.RunContext.memo`, or ``uzr.runner.unmemoised``); None for ``replace``. Every injection is
+    set up with it (:func:`uzr.injection.setup.configured_injection`), so all callers inject alike."""
     if cfg.inject.sinks != "keep":
         return None
-    memo = memo or unmemoised
     layers = list(cfg.inject.layers)
     return memo(("sinks", str(store.folder), tuple(layers), cfg.inject.sink_ratio),
                 lambda: detect_sinks(store.rows("train"), layers, cfg.inject.sink_ratio, cfg.harvest.locality_window))

@@ -1,8 +1,8 @@
 """Reducers: what the blocked attention pass records from each block of query rows.
 
-The blocked eager pass in :mod:`uzr.attention` computes, per block of query rows, the float32 scores
+The blocked eager pass in :mod:`uzr.attention.function` computes, per block of query rows, the float32 scores
 ``t = s - max s`` and ``e = exp(t)`` and hands the same :class:`ScoreBlock` to every reducer of the layer's
-:class:`~uzr.attention.LayerRecorder`. A reducer turns the blocks of one attention call into one tensor:
+:class:`~uzr.attention.recorder.LayerRecorder`. A reducer turns the blocks of one attention call into one tensor:
 
 - ``start(batch, heads, q_len, k_len, device)``: a call begins; preallocate the result, filled with the
   value of a row without allowed keys (zeros): blocks whose rows are all padding are never passed on;
@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from uzr.harvest.stats import STAT_NAMES, score_block_stats
+from uzr.attention.stats import STAT_NAMES, score_block_stats
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ScoreBlock:
 
 @runtime_checkable
 class Reducer(Protocol):
-    """What a :class:`~uzr.attention.LayerRecorder` runs on every block (see the module docstring)."""
+    """What a :class:`~uzr.attention.recorder.LayerRecorder` runs on every block (see the module docstring)."""
 
     name: str  # key of the result in ``LayerRecorder.take()``
     query_dim: int  # axis of ``finish()``'s result that indexes query rows
@@ -170,42 +170,3 @@ class HeadRows(HeadMeanRows):
         e = block.e[:, :, :rows, :keys]  # (B, H, r, c)
         out = self.out[:, :, block.start:block.start + rows, block.lo:block.lo + keys]  # written in place
         torch.mul(e, block.inv_z[:, :, :rows, None], out=out)
-
-
-class GroupMass:
-    """Attention mass of every (batch, head, query) row on each group of keys (DESIGN.md §9, MDI / AEI).
-
-    Args:
-        groups: (B or 1, K, G) float32 indicator of the call's keys (KV cache included, ``K = k_len``):
-            ``groups[b, j, g] = 1`` when key ``j`` belongs to group ``g``; a key in no group (BOS,
-            padding, chat markers) has a zero row. Set ``.groups`` before each forward pass.
-
-    Each block costs one matmul of its unnormalised probabilities with the block's slice of the indicator,
-    ``(B, H, n, w) @ (B, 1, w, G)``, scaled by ``1 / Z``: no attention map is kept, so memory is that of
-    the block plus the (B, H, q, G) result. Result: (B, H, q, G) float32; rows without allowed keys (or
-    with non-finite scores) are 0.
-    """
-
-    name = "group_mass"
-    query_dim = -2
-
-    def __init__(self, groups: torch.Tensor | None = None):
-        self.groups = groups
-        self.out: torch.Tensor | None = None
-
-    def start(self, batch: int, heads: int, q_len: int, k_len: int, device) -> None:
-        if self.groups is None or self.groups.shape[-2] != k_len:
-            have = None if self.groups is None else tuple(self.groups.shape)
-            raise ValueError(f"GroupMass: the key-group indicator must cover the call's {k_len} keys, got {have} "
-                             "(one recorded forward over the whole sequence, not cached decoding steps)")
-        self.groups = self.groups.to(device=device, dtype=torch.float32)
-        self.out = torch.zeros(batch, heads, q_len, self.groups.shape[-1], device=device)  # (B, H, q, G)
-
-    def add(self, block: ScoreBlock) -> None:
-        onehot = self.groups[:, None, block.lo:block.hi]  # (B|1, 1, w, G)
-        mass = torch.matmul(block.e, onehot)  # (B, H, n, G)
-        self.out[:, :, block.start:block.stop] = mass * block.inv_z[..., None]
-
-    def finish(self) -> torch.Tensor:
-        out, self.out = self.out, None
-        return out
