@@ -92,17 +92,23 @@ def test_toy_system_runs_end_to_end_with_and_without_the_controller(toy_env, tmp
     plain = train(toy_env, tmp_path / "plain", *TOY)
     assert plain.returncode == 0, plain.stderr[-3000:]
     metrics = json.loads((tmp_path / "plain" / "run" / "metrics.json").read_text())
-    assert set(metrics["artifacts"]) == {"toy"} and metrics["artifacts"]["toy"]["built"]
+    sub = [name for name in metrics["artifacts"] if name.startswith("toy_per_layer/")]
+    assert set(metrics["artifacts"]) == {"toy", *sub} and len(sub) == 1
+    assert all(info["built"] for info in metrics["artifacts"].values())
     # tiny_llama's layer 0 (hidden 48, 4 heads of 12, 2 KV heads): q, o 48 x 48; k, v 48 x 24; MLP 3 x 48 x 96;
     # two norms of 48
-    assert metrics["toy"] == {"layer_parameters": 2 * 48 * 48 + 2 * 48 * 24 + 3 * 48 * 96 + 2 * 48,
-                              "controller_layers": None}
+    layer = 2 * 48 * 48 + 2 * 48 * 24 + 3 * 48 * 96 + 2 * 48
+    assert metrics["toy"] == {"layer_parameters": layer, "per_layer": [layer], "controller_layers": None}
+
+    again = train(toy_env, tmp_path / "plain", *TOY)  # the same cache: the stage and its sub-artifact are reused
+    assert again.returncode == 0, again.stderr[-3000:]
+    reused = json.loads((tmp_path / "plain" / "run" / "metrics.json").read_text())
+    assert set(reused["artifacts"]) == set(metrics["artifacts"]) and reused["toy"] == metrics["toy"]
+    assert not any(info["built"] for info in reused["artifacts"].values())
 
     injected = train(toy_env, tmp_path / "injected", *TOY, "toy.inject=true")
     assert injected.returncode == 0, injected.stderr[-3000:]
     metrics = json.loads((tmp_path / "injected" / "run" / "metrics.json").read_text())
-    assert [name for name in metrics["artifacts"]] == ["harvest", "controller", "toy"]
+    assert [name.split("/")[0] for name in metrics["artifacts"]] == ["harvest", "controller", "toy", "toy_per_layer"]
     assert all(info["built"] for info in metrics["artifacts"].values())  # a conditional need builds when missing
     assert metrics["toy"]["controller_layers"] == [1, 2]  # smoke's inject.layers
-    # TODO(sub-artifact): when RunContext.artifact(kind, payload, build) exists, the toy stage stores a sub-artifact
-    # (tests/plugins/toy_system/stage.py) and this test asserts it is built here and reused by a second run.
