@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 def convert(spec, read_once: bool) -> tuple[float, float, str]:
     """Wall s, CPU s and the sha256 of the written weights for one conversion into a fresh folder."""
-    from uzr import models
+    from uzr.models import loading as models
     from uzr.timing import Stopwatch
 
     gguf, _ = models._locate_gguf(spec, "model")

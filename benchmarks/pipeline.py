@@ -8,7 +8,7 @@ throughput of:
   student tokens) vs a plain forward of the same sequences: teacher and student decoder stacks (sdpa, no
   recorder) plus the teacher's LM head over every position (the harvest needs its next-token statistics);
 - **facts QA** (prompts/s), for teacher, student and injected student: the previous scoring (one prompt per
-  pass: its 4 candidates as a right-padded batch of full sequences) vs :func:`uzr.facts_qa.qa_scores`
+  pass: its 4 candidates as a right-padded batch of full sequences) vs :func:`uzr.qa.facts.qa_scores`
   (``--qa-batch`` prompts per pass; plain models share prefixes through the KV cache), both vs a plain
   batched forward of the same candidate sequences (decoder only, ``4 * --qa-batch`` rows per pass);
   the maximum score difference between old and new and the number of flipped decisions are printed;
@@ -86,14 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     from uzr.controller import ControllerSpec, build_controller
     from uzr.corpus import load_run_corpus
     from uzr.evaluate.texts import PLAIN, injection_setting, score_settings
-    from uzr.facts_qa import candidate_rows, qa_prompts, qa_scores, score_candidates
     from uzr.harvest.harvester import Harvester
     from uzr.harvest.stage import harvest_layers
     from uzr.injection.setup import Injection
     from uzr.masks import pad_sequences
     from uzr.models import load_model
     from uzr.next_token import lm_head_logits
-    from uzr.prompts import adds_special_tokens, answer_prefix, format_prompt, resolve_format
+    from uzr.qa.facts import candidate_rows, qa_prompts, qa_scores, score_candidates
+    from uzr.qa.prompts import adds_special_tokens, answer_prefix, format_prompt, resolve_format
 
     overrides = list(args.overrides) + ([f"paths.cache_dir={args.cache_dir}"] if args.cache_dir else [])
     cfg = compose(args.experiment, overrides)

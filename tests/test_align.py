@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from uzr.harvest.align import TokenAligner
-from uzr.tokenizers import _serialized, _train_bpe, build_tiny_tokenizer
+from uzr.models.tokenizers import _serialized, _train_bpe, build_tiny_tokenizer
 
 TEXTS = [
     "café naïve Ångström",

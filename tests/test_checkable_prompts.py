@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from uzr.checkable_prompts import roman, words
-from uzr.prompts import CONVERSIONS, PromptSet
+from uzr.qa.checkable import roman, words
+from uzr.qa.prompts import CONVERSIONS, PromptSet
 
 MONDAY = datetime.date(2001, 1, 1)  # a Monday: weekday names come from strftime, not from calendar.day_name
 ORDINAL = {w: i for i, w in enumerate(["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth",

@@ -368,7 +368,7 @@ def test_store_with_distributions_shorter_than_the_text_trains(tmp_path, one_thr
     and one controller step and a validation pass run on them."""
     import numpy as np
 
-    from uzr.data import StoreDataModule
+    from uzr.controller.data import StoreDataModule
     from uzr.harvest.store import HarvestStore, StoreLayout
 
     D, H, layers = 16, 12, [1, 3]

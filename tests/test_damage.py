@@ -1,4 +1,4 @@
-"""The positive control's student: attention damage applied at load (uzr/damage.py, ``<role>.damage``)."""
+"""The positive control's student: attention damage applied at load (uzr/models/damage.py, ``<role>.damage``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from uzr.config.model import DamageSpec, model_key
-from uzr.damage import head_permutation
 from uzr.models import load_model
+from uzr.models.damage import head_permutation
 
 from .conftest import model_spec, resolved
 

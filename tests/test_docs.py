@@ -87,12 +87,13 @@ def check_command(module: str, args: list[str], monkeypatch) -> None:
     else:
         import importlib
 
-        parse_argparse_cli(importlib.import_module(module).main, args)
+        found = importlib.import_module(module)  # a package's command line lives in its __main__
+        parse_argparse_cli(getattr(found, "main", None) or importlib.import_module(f"{module}.__main__").main, args)
 
 
 def test_docs_name_commands():
     modules = {module for module, _ in command_lines()}
-    assert {"uzr.train", "uzr.live", "uzr.stages", "uzr.cache", "uzr.report", "uzr.prompts"} <= modules
+    assert {"uzr.train", "uzr.live", "uzr.stages", "uzr.cache", "uzr.report", "uzr.qa.prompts"} <= modules
 
 
 @pytest.mark.parametrize(("module", "line"), command_lines())
@@ -108,7 +109,7 @@ def test_named_experiment_composes(name):
 
 def test_a_wrong_option_is_caught(monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
-        check_command("uzr.prompts", ["--out", "prompts.jsonl"], monkeypatch)  # the option is --jsonl
+        check_command("uzr.qa.prompts", ["--out", "prompts.jsonl"], monkeypatch)  # the option is --jsonl
     assert exit_info.value.code == 2
     with pytest.raises(ValueError, match="inject.mode"):
         check_command("uzr.train", ["+experiment=smoke", "inject.mode=bogus"], monkeypatch)

@@ -245,7 +245,7 @@ def test_sweep_report_tabulates_dominance_jobs(tmp_path):
 
     import yaml
 
-    from uzr.report import write_report
+    from uzr.report.sweep import write_report
 
     sweep = tmp_path / "sweep"
     for num, (queries, alpha) in enumerate([("generated", 0.5), ("prompt", 0.5), ("generated", 1.0)]):
@@ -287,7 +287,7 @@ def test_anchor_rows_compare_published_values_with_our_interval():
 def test_vision_language_configs_load_with_the_image_text_class(tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, LlamaConfig, LlavaConfig
 
-    from uzr.models import _auto_class
+    from uzr.models.loading import _auto_class
 
     LlavaConfig().save_pretrained(tmp_path / "vlm")
     LlamaConfig().save_pretrained(tmp_path / "lm")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from uzr.attention import decoder_of
-from uzr.facts_qa import _plain_states, candidate_logprobs, candidate_rows, qa_accuracy, qa_prompts, qa_scores
 from uzr.hooks import injected
 from uzr.injection.injector import AlphaSpec, Injector
 from uzr.next_token import lm_head_logits, next_token_kl, next_token_stats, target_logprobs
-from uzr.prompts import PromptSet, adds_special_tokens, answer_prefix, format_prompt, resolve_format
+from uzr.qa.facts import _plain_states, candidate_logprobs, candidate_rows, qa_accuracy, qa_prompts, qa_scores
+from uzr.qa.prompts import PromptSet, adds_special_tokens, answer_prefix, format_prompt, resolve_format
 
 
 def test_candidate_logprobs_match_a_full_forward(tiny_models):
@@ -174,7 +174,7 @@ def test_injected_prompt_tokens_run_once_and_score_as_full_sequences(tiny_models
     """Under an injector with one gate value for all rows, the common prefix runs once, each prompt's tokens once
     and then each candidate's tail on its prompt's rows of the KV cache and key features: the scores equal full
     right-padded sequences and one sequence per candidate."""
-    import uzr.facts_qa as facts_qa
+    import uzr.qa.facts as facts_qa
 
     model, tok = tiny_models[family]
     ctrl = controllers_for(model, (0, 1))
@@ -210,8 +210,8 @@ def test_injected_prompt_tokens_run_once_and_score_as_full_sequences(tiny_models
 def test_edits_that_cannot_continue_rows_run_full_sequences(tiny_models):
     """A prompt whose rows carry different gate values, a gate per position, stored rows fixed to a batch and a
     sliding window that could bind all keep the full-sequence path."""
-    from uzr.facts_qa import _shares_prefix
     from uzr.injection.priors import RowsPrior
+    from uzr.qa.facts import _shares_prefix
 
     model, tok = tiny_models["llama"]
     ctrl = controllers_for(model)
@@ -242,7 +242,7 @@ def test_chat_format_scores_match_on_a_tokenizer_with_a_chat_template(tiny_model
 
 def test_plain_scores_are_cached_per_model_and_prompt_set(tiny_models, tmp_path):
     from tests.conftest import model_spec, resolved
-    from uzr.facts_qa import cached_plain_scores
+    from uzr.qa.facts import cached_plain_scores
     from uzr.runner import RunContext
 
     model, tok = tiny_models["llama"]

@@ -33,7 +33,7 @@ from uzr.gate import (
     validate_gate_spec,
 )
 from uzr.injection.injector import AlphaSpec, Injector
-from uzr.prompts import PromptSet, build_prompts, format_prompt
+from uzr.qa.prompts import PromptSet, build_prompts, format_prompt
 
 FAST = dict(max_epochs=25, batch_size=128, hidden=32, dropout=0.0, lr=3e-3)
 
@@ -268,7 +268,7 @@ def test_prompt_split_is_deterministic_and_seeded():
 def test_generate_answers_entropy_and_tokenizer_restored(tiny_models):
     """The recorded mean entropy is the entropy of the greedy steps; padding settings are restored."""
     from uzr.generation import generate_answers
-    from uzr.tokenizers import build_tiny_tokenizer
+    from uzr.models.tokenizers import build_tiny_tokenizer
 
     model, _ = tiny_models["llama"]
     tok = build_tiny_tokenizer("char")
@@ -321,8 +321,8 @@ def test_hidden_columns_are_projected_and_saved(tmp_path):
 
 
 def test_prompt_format_auto_uses_the_chat_template_when_there_is_one():
-    from uzr.prompts import adds_special_tokens, answer_prefix, resolve_format
-    from uzr.tokenizers import build_tiny_tokenizer
+    from uzr.models.tokenizers import build_tiny_tokenizer
+    from uzr.qa.prompts import adds_special_tokens, answer_prefix, resolve_format
 
     tok = build_tiny_tokenizer("bpe")
     assert resolve_format(tok, "auto") == "qa" and format_prompt("Q?", tok, "auto") == "Question: Q?\nAnswer:"

@@ -105,10 +105,10 @@ def test_gate_table_and_live_demo_keep_sinks_like_the_evaluate_stage(live_cache,
     are stored under different keys, so neither reads the other's scores."""
     import uzr.generation
     from uzr.evaluate.stage import EvaluateStage
-    from uzr.facts_qa import plain_qa_scores
     from uzr.gate import evaluate_gated
     from uzr.injection.sinks import run_sinks
     from uzr.live import LiveSession, compose_config, ensure_artifacts
+    from uzr.qa.facts import plain_qa_scores
 
     tmp, _ = live_cache
     # the tiny random student attends almost uniformly (mean share ratios 1.000-1.008 on the smoke store), so a

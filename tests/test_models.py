@@ -10,8 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from uzr import models
 from uzr.models import PACKAGED_DEFAULT, ModelSpec, as_spec, default_cache_dir, load_model, validate_spec
+from uzr.models import loading as models
 
 from .conftest import share_models
 

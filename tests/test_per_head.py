@@ -125,7 +125,7 @@ def test_per_head_store_rows_and_controller_shapes(tiny_models, tmp_path):
     """Store columns (H, D, D) with D = min(S, max_dist_len); batches (B, H, S, S); the controller predicts
     one distribution per head, trains, and round-trips through its checkpoint."""
     from uzr.controller import ControllerModule, load_controller, save_controller
-    from uzr.data import StoreDataModule
+    from uzr.controller.data import StoreDataModule
     from uzr.harvest.store import HarvestStore, StoreLayout
 
     teacher, tok = tiny_models["gemma3"]
@@ -186,7 +186,7 @@ def test_per_head_store_rows_and_controller_shapes(tiny_models, tmp_path):
 
 
 def test_a_head_mean_store_is_never_used_for_per_head(tmp_path):
-    from uzr.data import StoreDataModule
+    from uzr.controller.data import StoreDataModule
     from uzr.harvest.stage import HarvestStage
     from uzr.harvest.store import HarvestStore, StoreLayout
     from uzr.runner import artifact_keys

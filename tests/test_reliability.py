@@ -449,7 +449,7 @@ def test_trust_remote_code_is_off_unless_the_model_config_sets_it(monkeypatch, t
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tokenizer)
-    monkeypatch.setattr(uzr.models, "_check_declared", lambda *args: None)
+    monkeypatch.setattr(uzr.models.loading, "_check_declared", lambda *args: None)
     hub = dict(name="m", source="hub", hub_id=str(tmp_path), num_layers=1, num_heads=1, num_kv_heads=1, hidden_size=8)
     for setting, expected in ((None, False), (False, False), (True, True)):
         calls.clear()

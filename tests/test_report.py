@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from uzr.report import main, write_report
+from uzr.report.sweep import main, write_report
 
 LAYER_SETS = ([1], [1, 2])
 ALPHAS = (0, 0.5, 1)

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from uzr.corpus import CorpusSpec, load_corpus, load_run_corpus, token_windows, validate_corpus_spec
-from uzr.tokenizers import build_tiny_tokenizer
+from uzr.models.tokenizers import build_tiny_tokenizer
 
 from .conftest import CONF, model_spec, share_models
 

@@ -88,7 +88,7 @@ class LiveSession:
         from uzr.gate import sequence_parts
         from uzr.generation import generate_answers
         from uzr.injection.injector import alpha_rows
-        from uzr.prompts import adds_special_tokens, format_prompt, resolve_format
+        from uzr.qa.prompts import adds_special_tokens, format_prompt, resolve_format
 
         torch = self.torch
         spec = self.cfg.gate

@@ -196,7 +196,7 @@ def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict
     import lightning as L
 
     from uzr.loggers import finish, log_summary, make_loggers
-    from uzr.report_table import flat_metrics, print_results, results_rows
+    from uzr.report.table import flat_metrics, print_results, results_rows
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads is not None:

@@ -4,7 +4,7 @@
   now?"``: addition, subtraction, multiplication), generated from a seed; right when the number the answer's
   first line states (:func:`stated_result`: after its last ``=``, else its first integer) is the result. (The
   first integer alone scored ``"15 + 23 = 38"`` wrong: the 135M student works sums out before it answers.)
-- ``facts``: the answerable factual prompts of the built-in set (:mod:`uzr.prompts`: capitals, continents,
+- ``facts``: the answerable factual prompts of the built-in set (:mod:`uzr.qa.prompts`: capitals, continents,
   chemical symbols and elements, authors, SI units) with its train / held-out split; right when the
   answer's first line contains the expected answer as a whole word (case-insensitive).
 - ``causal_loop``: :mod:`uzr.tasks.causal_loop` samples (levels and variable counts from the config);
@@ -78,7 +78,7 @@ def domain_items(domain: str, split: str, n: int, seed: int = 0, heldout_fractio
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r}; valid: train, heldout")
     if domain == "facts":
-        from uzr.prompts import PromptSet
+        from uzr.qa.prompts import PromptSet
 
         prompts = getattr(PromptSet(seed, heldout_fraction), split)
         pool = [Item("facts", p.question, p.answer) for p in prompts if p.answerable and p.category in FACT_CATEGORIES]

@@ -248,7 +248,7 @@ def heatmap(path, matrix: dict, domains) -> object:
 def prompt_routes(model, tok, items, svf) -> list[str]:
     """The student's own answer to a fixed classification prompt -> a domain (or ``base`` when unclear)."""
     from uzr.generation import generate_answers
-    from uzr.prompts import adds_special_tokens, format_prompt, resolve_format
+    from uzr.qa.prompts import adds_special_tokens, format_prompt, resolve_format
 
     style = resolve_format(tok, svf.prompt_format)
     texts = [format_prompt(CLASSIFY.format(q=it.question), tok, style) for it in items]

@@ -26,7 +26,7 @@ from uzr.adapters.svd import decompose, target_matrices
 from uzr.adapters.svf import SVFExpert, expert_meta, load_expert, save_expert
 from uzr.cache import file_digest
 from uzr.config.keys import key_of
-from uzr.prompts import adds_special_tokens, format_prompt, resolve_format
+from uzr.qa.prompts import adds_special_tokens, format_prompt, resolve_format
 from uzr.resumable_fit import fit_resumable
 from uzr.timing import Stopwatch
 

@@ -16,7 +16,7 @@ QA_DOMAINS = ("causal_loop",)  # evaluate.qa_domains (uzr/evaluate/qa_domains.py
 class EvaluateSpec:
     num_texts: int = 40  # held-out texts to evaluate (0 = all)
     figure: bool = True
-    # Facts QA (uzr/facts_qa.py) on the held-out answerable prompts of the built-in set; the split and
+    # Facts QA (uzr/qa/facts.py) on the held-out answerable prompts of the built-in set; the split and
     # prompt format are the gate's (gate.prompt_seed, gate.heldout_fraction, gate.prompt_format), so a
     # prompt-level gate never trains on a QA question.
     facts_qa: bool = True

@@ -14,7 +14,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 ARCHITECTURES = ("llama", "gemma3", "qwen2", "llava")  # llava: tiny LLaVA-style VLM (CLIP + llama)
 TINY_TOKENIZERS = ("bpe", "char")
-# Ways to damage chosen attention layers at load (uzr/damage.py): both change only the attention
+# Ways to damage chosen attention layers at load (uzr/models/damage.py): both change only the attention
 # probabilities of the damaged layers; weights elsewhere, values and every other layer stay the model's.
 DAMAGE_KINDS = ("temperature", "permute_heads")
 # Per kind: the strength used when `damage.strength` is null, and what a valid strength is.

@@ -13,8 +13,8 @@ from uzr.config import RunConfig
 from uzr.config.controller import per_head_targets
 from uzr.config.keys import key_of
 from uzr.controller.checkpoint import load_controller, save_controller
+from uzr.controller.data import StoreDataModule
 from uzr.controller.module import METHODS, ControllerModule
-from uzr.data import StoreDataModule
 from uzr.harvest.stage import HarvestStage
 from uzr.resumable_fit import fit_resumable
 

@@ -1,6 +1,6 @@
 """Multiple-choice QA in the evaluate stage: facts QA and the checkable domains of ``evaluate.qa_domains``.
 
-Every QA set is scored the same way (:mod:`uzr.facts_qa`: the right candidate of four must have the highest summed
+Every QA set is scored the same way (:mod:`uzr.qa.facts`: the right candidate of four must have the highest summed
 log-likelihood) for the uninjected teacher and student (cached per model and prompt set) and the injected student,
 with the paired interval of injected minus student on the same prompts (:func:`uzr.intervals.accuracy_difference`).
 
@@ -20,7 +20,8 @@ import re
 from collections.abc import Callable, Sequence
 
 from uzr.evaluate.texts import injection_key
-from uzr.facts_qa import (
+from uzr.intervals import accuracy_difference
+from uzr.qa.facts import (
     QA_SCORE,
     accuracy_of,
     cached_plain_scores,
@@ -29,8 +30,7 @@ from uzr.facts_qa import (
     plain_qa_scores,
     qa_prompts,
 )
-from uzr.intervals import accuracy_difference
-from uzr.prompts import Prompt
+from uzr.qa.prompts import Prompt
 from uzr.tasks.causal_loop import generate, parse_assignments, score_answer
 
 OFFSETS = (-2, -1, 1, 2)

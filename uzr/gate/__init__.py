@@ -8,7 +8,7 @@ the teacher would be confident here; the ``gated`` alpha schedule multiplies alp
 - ``token``: free from the harvest store: the teacher's next-token entropy at a position below the
   ``confident_quantile`` quantile of the training positions (or below ``confident_entropy`` nats)
   means confident (positive).
-- ``prompt``: the teacher answers each prompt of the built-in set (:mod:`uzr.prompts`) greedily, at
+- ``prompt``: the teacher answers each prompt of the built-in set (:mod:`uzr.qa.prompts`) greedily, at
   most ``max_new_tokens`` tokens, up to the end of its first line. Hedging phrases (``hedges``,
   case-insensitive, whole words) or a mean answer entropy above the ``waffle`` threshold give
   WAFFLE; a mean entropy below the ``confident`` threshold without hedging gives CONFIDENT (the

@@ -17,14 +17,14 @@ from uzr.config.gate import (
 )
 from uzr.config.inject import AlphaSpec
 from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_setting, score_settings
-from uzr.facts_qa import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, qa_prompts, qa_scores
 from uzr.gate.features import controllers_on, gate_positions, sequence_parts, token_ids
 from uzr.gate.model import GateModule
 from uzr.injection.injector import Injector
 from uzr.injection.setup import configured_injection
 from uzr.intervals import accuracy_difference, bits_per_byte_difference
 from uzr.models import model_device
-from uzr.prompts import PromptSet, adds_special_tokens, format_prompt, resolve_format
+from uzr.qa.facts import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, qa_prompts, qa_scores
+from uzr.qa.prompts import PromptSet, adds_special_tokens, format_prompt, resolve_format
 from uzr.runner import unmemoised
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
                    stored: Callable | None = None) -> dict:
     """Facts-QA accuracy and bits per byte for no injection, constant alphas and gated alphas.
 
-    QA (:mod:`uzr.facts_qa`): the held-out answerable prompts (``evaluate.qa_prompts`` of them, or
+    QA (:mod:`uzr.qa.facts`): the held-out answerable prompts (``evaluate.qa_prompts`` of them, or
     ``num_prompts``); the gated rows hold each prompt's gate value (the gate at its last token, from an
     uninjected pass) for all its candidates. Bits per byte: the store's held-out rows
     (``evaluate.num_texts``, or ``num_texts``), gate per position (causal). The teacher's own QA
@@ -184,7 +184,7 @@ def gated_table(result: Mapping[str, Any]) -> tuple[list[str], list[list]]:
 def print_gated_table(result: Mapping[str, Any], console=None) -> None:
     from rich.console import Console
 
-    from uzr.report_table import numbers_table
+    from uzr.report.table import numbers_table
 
     header, rows = gated_table(result)
     title = (f"gated injection: facts QA ({result['num_prompts']} prompts) and bits per byte "

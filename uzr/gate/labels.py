@@ -19,7 +19,7 @@ from uzr.config.gate import (
     GateSpec,
 )
 from uzr.generation import generate_answers
-from uzr.prompts import adds_special_tokens, format_prompt, resolve_format
+from uzr.qa.prompts import adds_special_tokens, format_prompt, resolve_format
 
 if TYPE_CHECKING:
     pass

@@ -22,7 +22,6 @@ from uzr.config.gate import (
 )
 from uzr.config.keys import key_of
 from uzr.controller.stage import ControllerStage
-from uzr.facts_qa import plain_qa_scores
 from uzr.gate.checkpoint import load_gate, save_gate
 from uzr.gate.evaluation import evaluate_gated, gated_table, print_gated_table
 from uzr.gate.features import (
@@ -41,7 +40,8 @@ from uzr.gate.labels import (
 )
 from uzr.gate.model import GateModule, fit_gate
 from uzr.harvest.stage import HarvestStage
-from uzr.prompts import PROMPTS_VERSION, PromptSet, adds_special_tokens, format_prompt, resolve_format
+from uzr.qa.facts import plain_qa_scores
+from uzr.qa.prompts import PROMPTS_VERSION, PromptSet, adds_special_tokens, format_prompt, resolve_format
 
 if TYPE_CHECKING:
     from uzr.config import RunConfig

@@ -55,7 +55,7 @@ class AttentionPrior(ABC):
 
     ``continues_rows``: the scores of a sequence's positions depend only on that sequence (its hidden states,
     queries and keys), so its positions may run in separate calls with other batch rows (a prompt's prefix once,
-    then each candidate: :func:`uzr.facts_qa.score_candidates`). False for rows fixed to a batch and for a prior
+    then each candidate: :func:`uzr.qa.facts.score_candidates`). False for rows fixed to a batch and for a prior
     that needs the whole sequence at once (the teacher oracle on a facts-QA candidate): callers run full
     sequences for it. ``needs_ids``: the injector hands it the token ids (``AttentionCall.ids``).
     """

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from uzr.report_figures import KL_METHODS, plot_curves, plot_grid, series_names, tile_heatmaps
+from uzr.report.figures import KL_METHODS, plot_curves, plot_grid, series_names, tile_heatmaps
 
 METRICS, CONFIG, JOB_INFO = "metrics.json", "config.yaml", "job.json"
 HABITS = ("norm_entropy", "locality", "attn_kl")

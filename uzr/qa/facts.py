@@ -1,8 +1,8 @@
 """Facts QA: is the right answer the most likely of its candidates?
 
-The held-out answerable prompts of the built-in set (:mod:`uzr.prompts`: capitals, chemical symbols,
+The held-out answerable prompts of the built-in set (:mod:`uzr.qa.prompts`: capitals, chemical symbols,
 authors, units, arithmetic, and the computed calendar / alphabet / numeral prompts of
-:mod:`uzr.checkable_prompts`; 203 at the default seed and split) each carry four candidate answers. A model gets a prompt right when the
+:mod:`uzr.qa.checkable`; 203 at the default seed and split) each carry four candidate answers. A model gets a prompt right when the
 correct candidate has the highest summed log-likelihood of its tokens after the formatted question
 (teacher-forced, no generation). Scoring by likelihood keeps the metric free of answer parsing and
 comparable between teacher, student and injected student.
@@ -47,7 +47,14 @@ from uzr.hooks import ModelEdit, injected
 from uzr.injection.injector import Injector, InjectorState
 from uzr.masks import pad_sequences
 from uzr.next_token import target_logprobs
-from uzr.prompts import Prompt, PromptSet, adds_special_tokens, answer_prefix, format_prompt, resolve_format
+from uzr.qa.prompts import (
+    Prompt,
+    PromptSet,
+    adds_special_tokens,
+    answer_prefix,
+    format_prompt,
+    resolve_format,
+)
 
 QA_SCORE = "summed log-likelihood of the answer tokens among 4 candidates"
 QA_CACHE_VERSION = 1  # bump when the scores of the cached plain models change meaning
@@ -373,7 +380,7 @@ def qa_accuracy(model, tokenizer, prompts: Sequence[Prompt], prompt_format: str 
                 desc: str | None = None) -> float | None:
     """Fraction of ``prompts`` whose correct candidate scores highest; None for no prompts.
 
-    ``prompt_format``: qa | chat | auto (see :func:`uzr.prompts.resolve_format`); ``edit_for``: see
+    ``prompt_format``: qa | chat | auto (see :func:`uzr.qa.prompts.resolve_format`); ``edit_for``: see
     :func:`qa_scores` (None = the plain model)."""
     prompts = list(prompts)
     return accuracy_of(prompts, qa_scores(model, tokenizer, prompts, prompt_format, edit_for, batch_size, desc))

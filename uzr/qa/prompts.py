@@ -2,7 +2,7 @@
 
 Every prompt is generated from small fact tables written out in this module (capitals, continents,
 chemical symbols, authors, SI units, unit conversions, arithmetic), from rules whose answers uzr computes
-(:mod:`uzr.checkable_prompts`: calendar, alphabet, Roman numerals, number words, units, arithmetic), plus templates that turn the same
+(:mod:`uzr.qa.checkable`: calendar, alphabet, Roman numerals, number words, units, arithmetic), plus templates that turn the same
 tables into questions without an answer: false premises ("What is the capital of Mars?", "In what
 year did Jane Austen walk on the Moon?"), invented entities ("Who wrote *The Glass Orchard of
 Velmora*?", "What is the chemical symbol for vibranium?") and questions no one can answer (divisions
@@ -12,7 +12,7 @@ by zero, tomorrow's weather). Answerable prompts carry their answer and a fixed 
 The train / held-out split is a hash of ``(seed, question)``: deterministic, independent of the
 order of the tables, and a prompt keeps its side when other prompts are added.
 
-``python -m uzr.prompts`` prints counts per category and split; ``--jsonl PATH`` writes the set.
+``python -m uzr.qa.prompts`` prints counts per category and split; ``--jsonl PATH`` writes the set.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from uzr.checkable_prompts import checkable
+from uzr.qa.checkable import checkable
 
 # Bump when the tables or templates change: the gate artifact's cache key includes it. Version 2 added the
-# checkable prompts of uzr.checkable_prompts (the held-out answerable set grew from 93 to over 200).
+# checkable prompts of uzr.qa.checkable (the held-out answerable set grew from 93 to over 200).
 PROMPTS_VERSION = 2
 # The random stream of the version-1 tables stays seeded as it was, so their prompts and candidates are
 # unchanged (results on the old 93 held-out prompts stay comparable); new prompts draw from their own streams.

@@ -9,7 +9,7 @@ Three sources:
 - ``tiny``: a randomly initialised model of a given architecture, for tests.
 
 A spec with ``damage.layers`` gets its attention damaged in those layers after loading
-(:mod:`uzr.damage`); the converted-weights cache always holds the undamaged model.
+(:mod:`uzr.models.damage`); the converted-weights cache always holds the undamaged model.
 
 Heavy imports (torch, transformers) happen inside the functions so that configs can import
 `ModelSpec` cheaply.
@@ -115,7 +115,7 @@ def load_model(
     if tok.pad_token is None:  # batched harvesting pads; the EOS token is the usual stand-in
         tok.pad_token = tok.eos_token
     if spec.damage.layers:  # the positive control's student: attention damaged in chosen layers
-        from uzr.damage import apply_damage
+        from uzr.models.damage import apply_damage
 
         apply_damage(model, spec.damage, role)
     model.eval()
@@ -378,7 +378,7 @@ def _load_tiny(spec: ModelSpec, device: str, attn_implementation: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from uzr.tokenizers import build_tiny_tokenizer
+    from uzr.models.tokenizers import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(spec.tokenizer)
     if spec.architecture == "llava":
