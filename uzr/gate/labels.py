@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +17,7 @@ from uzr.config.gate import (
     WAFFLE,
     GateSpec,
 )
+from uzr.evaluate.answers import contains_phrase
 from uzr.generation import generate_answers
 from uzr.prompts import adds_special_tokens, format_prompt, resolve_format
 
@@ -60,20 +60,10 @@ def token_labels(entropy: np.ndarray, threshold: float) -> np.ndarray:
     return np.asarray(entropy, np.float64) < threshold
 
 
-def _normalise_text(text: str) -> str:
-    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("`", "'")
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
 def hedged(text: str, phrases: Sequence[str] = DEFAULT_HEDGES) -> bool:
     """True if ``text`` contains one of ``phrases`` as whole words, ignoring case, curly apostrophes
     and runs of whitespace ("I'm NOT  sure" matches "not sure"; "Maybelline" does not match "maybe")."""
-    norm = _normalise_text(text)
-    for phrase in phrases:
-        p = _normalise_text(phrase)
-        if p and re.search(rf"(?<![\w']){re.escape(p)}(?![\w'])", norm):
-            return True
-    return False
+    return contains_phrase(text, phrases)
 
 
 def prompt_label(answer: str, mean_entropy: float, confident_below: float, waffle_above: float,
