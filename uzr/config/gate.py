@@ -23,6 +23,8 @@ DEFAULT_HEDGES = [
 ]
 # GateSpec fields that only shape the evaluation, not the trained gate (left out of its cache key).
 EVAL_ONLY_FIELDS = ("eval_alphas",)
+# GateSpec fields that only shape prompt-level labels (left out of a token-level gate's cache key).
+PROMPT_ONLY_FIELDS = ("check_answers",)
 
 
 
@@ -38,6 +40,7 @@ class GateSpec:
     waffle_quantile: float = 0.8  # prompt: mean answer entropy above this quantile = WAFFLE
     waffle_entropy: float | None = None  # absolute (nats); overrides waffle_quantile
     hedges: list[str] = field(default_factory=lambda: list(DEFAULT_HEDGES))
+    check_answers: bool = True  # prompt: CONFIDENT also needs the fact-table answer in the teacher's answer
     max_new_tokens: int = 24  # prompt: teacher answer length bound (greedy, stops at the end of a line)
     prompt_format: str = "auto"  # qa ("Question: ...\nAnswer:") | chat (chat template) | auto (chat if the tokenizer has one)
     prompt_seed: int = 0  # train/held-out split of the built-in prompt set
@@ -82,6 +85,8 @@ def validate_gate_spec(spec: GateSpec) -> GateSpec:
         raise bad("waffle_entropy", f"a value above confident_entropy={spec.confident_entropy}")
     if not all(isinstance(h, str) and h.strip() for h in spec.hedges):
         raise bad("hedges", "a list of non-empty phrases")
+    if not isinstance(spec.check_answers, bool):
+        raise bad("check_answers", "true | false")
     if spec.prompt_format not in ("qa", "chat", "auto"):
         raise bad("prompt_format", "qa | chat | auto")
     if not spec.features or any(f not in FEATURES for f in spec.features) or len(set(spec.features)) != len(spec.features):

@@ -12,7 +12,9 @@ the teacher would be confident here; the ``gated`` alpha schedule multiplies alp
   most ``max_new_tokens`` tokens, up to the end of its first line. Hedging phrases (``hedges``,
   case-insensitive, whole words) or a mean answer entropy above the ``waffle`` threshold give
   WAFFLE; a mean entropy below the ``confident`` threshold without hedging gives CONFIDENT (the
-  positive class); the rest is CAUTIOUS. See :func:`prompt_label`.
+  positive class) when the answer states the fact-table answer (``check_answers``, judged by
+  :mod:`uzr.evaluate.answers`; an unanswerable prompt is never CONFIDENT); the rest is CAUTIOUS. See
+  :func:`prompt_label`. The labels mean "the teacher answers this prompt confidently and correctly".
 
 **Features** (``gate.features``), per student position, from one uninjected student pass:
 ``hidden`` (the hidden state entering each injected layer), ``ctrl_entropy`` / ``ctrl_peak`` (the
