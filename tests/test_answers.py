@@ -10,6 +10,7 @@ from uzr.evaluate.answers import (
     REFUSAL,
     compare_answers,
     judge_answer,
+    judge_known,
     judge_prompts,
     normalise,
 )
@@ -124,3 +125,12 @@ def test_compare_answers_counts_wrecked_and_rescued_with_a_paired_interval():
     same = compare_answers(before, before)
     assert same.wrecked == same.rescued == 0 and same.difference["verdict"] == "no difference"
     assert same.as_dict()["difference"]["p_value"] == 1.0
+
+
+def test_known_questions_are_found_in_the_prompt_set_by_normalised_text():
+    found = judge_known("what is the capital of FRANCE", {"student": "Paris.", "injected": "La femme de France"})
+    assert found["fact_answer"] == "Paris" and found["kind"] == "answerable"
+    assert found["verdicts"]["student"]["correct"] and not found["verdicts"]["injected"]["correct"]
+    mars = judge_known("What is the capital of Mars?", {"teacher": "Mars has no capital."})
+    assert mars["kind"] == "unanswerable" and mars["verdicts"]["teacher"]["stance"] == REFUSAL
+    assert judge_known("What is the boiling point of happiness?", {"student": "100 degrees"}) is None

@@ -229,3 +229,20 @@ def compare_answers(correct_before: Sequence[bool], correct_after: Sequence[bool
         n=len(before), right_before=sum(before), right_after=sum(after),
         wrecked=sum(b and not a for b, a in zip(before, after)), rescued=sum(a and not b for b, a in zip(before, after)),
         difference={**diff.as_dict(), "verdict": diff.verdict(higher_is_better=True)})
+
+
+def judge_known(question: str, texts: dict[str, str], prompts: Sequence | None = None) -> dict | None:
+    """Verdicts of several answers (``{setting: text}``) to ``question`` when it is one of the built-in prompts
+    (:mod:`uzr.prompts`, matched by normalised text): ``{"fact_answer", "kind", "verdicts": {setting: {...}}}``;
+    None for a question the fact tables do not hold."""
+    if prompts is None:
+        from uzr.prompts import PromptSet
+
+        prompts = PromptSet().all
+    key = normalise(question)
+    prompt = next((p for p in prompts if normalise(p.question) == key), None)
+    if prompt is None:
+        return None
+    verdicts = judge_prompts([prompt] * len(texts), list(texts.values()))
+    return {"fact_answer": prompt.answer, "kind": prompt.kind,
+            "verdicts": {name: v.as_dict() for name, v in zip(texts, verdicts)}}

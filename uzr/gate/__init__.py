@@ -59,6 +59,8 @@ from uzr.gate.features import (
     token_matrix,
 )
 from uzr.gate.labels import (
+    CONFIDENCE_LEVELS,
+    confidence_level,
     distribution_entropy,
     hedged,
     prompt_label,
@@ -71,4 +73,4 @@ from uzr.gate.labels import (
 from uzr.gate.model import GateModule, GateNet, auroc, auroc_se, fit_gate
 from uzr.gate.stage import GateStage, gate_payload, train_gate
 
-__all__ = ['CAUTIOUS', 'CONFIDENT', 'FEATURES', 'GateModule', 'GateNet', 'GateSpec', 'LABELS', 'POOLS', 'WAFFLE', 'auroc', 'auroc_se', 'coerce_gate_spec', 'distribution_entropy', 'evaluate_gated', 'feature_names', 'fit_gate', 'gate_features', 'GateStage', 'gate_payload', 'gate_positions', 'gated_table', 'gated_verdict', 'hedged', 'load_gate', 'pool_prefix', 'print_gated_table', 'prompt_label', 'prompt_labels', 'save_gate', 'sequence_parts', 'teacher_answers', 'teacher_uncertainty', 'token_label_threshold', 'token_labels', 'token_matrix', 'train_gate', 'validate_gate_spec']
+__all__ = ['CAUTIOUS', 'CONFIDENT', 'FEATURES', 'CONFIDENCE_LEVELS', 'confidence_level', 'GateModule', 'GateNet', 'GateSpec', 'LABELS', 'POOLS', 'WAFFLE', 'auroc', 'auroc_se', 'coerce_gate_spec', 'distribution_entropy', 'evaluate_gated', 'feature_names', 'fit_gate', 'gate_features', 'GateStage', 'gate_payload', 'gate_positions', 'gated_table', 'gated_verdict', 'hedged', 'load_gate', 'pool_prefix', 'print_gated_table', 'prompt_label', 'prompt_labels', 'save_gate', 'sequence_parts', 'teacher_answers', 'teacher_uncertainty', 'token_label_threshold', 'token_labels', 'token_matrix', 'train_gate', 'validate_gate_spec']

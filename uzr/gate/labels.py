@@ -66,6 +66,16 @@ def hedged(text: str, phrases: Sequence[str] = DEFAULT_HEDGES) -> bool:
     return contains_phrase(text, phrases)
 
 
+# The gate value read as the prompt-level labels: CONFIDENT at or above the first, CAUTIOUS down to the second,
+# WAFFLE below (the live demo's green / yellow / red).
+CONFIDENCE_LEVELS = ((0.5, CONFIDENT), (0.25, CAUTIOUS))
+
+
+def confidence_level(value: float) -> str:
+    """CONFIDENT / CAUTIOUS / WAFFLE of a gate value in [0, 1] (:data:`CONFIDENCE_LEVELS`)."""
+    return next((name for floor, name in CONFIDENCE_LEVELS if value >= floor), WAFFLE)
+
+
 def prompt_label(answer: str, mean_entropy: float, confident_below: float, waffle_above: float,
                  phrases: Sequence[str] = DEFAULT_HEDGES, correct: bool | None = None) -> str:
     """CONFIDENT / CAUTIOUS / WAFFLE from the teacher's answer and its mean next-token entropy.
