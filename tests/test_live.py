@@ -193,3 +193,25 @@ def test_demo_on_the_packaged_pair_shows_the_gate_its_level_and_three_answers(tm
     assert mars["kind"] == "unanswerable" and not any(v["correct"] for v in mars["verdicts"].values())
     assert happiness is None  # not in the fact tables: nothing to check it against
     assert set(france["verdicts"]) == {"student", "injected", "teacher"}
+
+
+def test_render_shows_the_level_and_three_answers_marked_against_the_fact_tables():
+    import io
+
+    from rich.console import Console
+
+    from uzr.live import render
+
+    result = {"prompt": "What is the capital of France?", "gate": 0.31, "confidence": "CAUTIOUS",
+              "alpha": {"L15": 0.155}, "alpha_base": 0.5, "mode": "bias", "student": "s", "teacher": "t",
+              "answers": {"student": "Paris.", "injected": "La femme", "teacher": "The capital is Paris."},
+              "fact_check": {"fact_answer": "Paris", "kind": "answerable",
+                             "verdicts": {"student": {"correct": True}, "injected": {"correct": False},
+                                          "teacher": {"correct": True}}}}
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    render(result, console)
+    shown = console.file.getvalue()
+    assert "CAUTIOUS" in shown and "0.310" in shown and "0.155" in shown
+    assert "La femme" in shown and "The capital is Paris." in shown and "(teacher, reference)" in shown
+    assert shown.count("right") == 2 and shown.count("wrong") == 1
+    render({**result, "answers": {**result["answers"], "teacher": None}, "fact_check": None}, console)

@@ -154,7 +154,7 @@ def render(result: dict, console) -> None:
                   *(f"{v:.3f}" for v in result["alpha"].values()))
     console.print(table)
     titles = {"student": f"{result['student']} (no injection)",
-              "injected": f"+ gated injection (alpha {result['alpha_base']:g} x gate, {result['mode']})",
+              "injected": f"+ injection ({result['alpha_base']:g} x gate, {result['mode']})",
               "teacher": f"{result['teacher']} (teacher, reference)"}
     checks = (result.get("fact_check") or {}).get("verdicts", {})
     panels = []
@@ -162,8 +162,9 @@ def render(result: dict, console) -> None:
         text = result["answers"].get(role)
         if text is None:
             continue
-        mark = {True: " [green]right[/green]", False: " [red]wrong[/red]"}.get(checks.get(role, {}).get("correct"), "")
-        panels.append(Panel(text or "[dim](empty)[/dim]", title=title + mark, width=50))
+        # the verdict first: a long title is cut at the panel's width
+        mark = {True: "[green]right[/green] · ", False: "[red]wrong[/red] · "}.get(checks.get(role, {}).get("correct"), "")
+        panels.append(Panel(text or "[dim](empty)[/dim]", title=mark + title, width=50))
     console.print(Columns(panels))
 
 
