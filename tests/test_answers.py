@@ -134,3 +134,18 @@ def test_known_questions_are_found_in_the_prompt_set_by_normalised_text():
     mars = judge_known("What is the capital of Mars?", {"teacher": "Mars has no capital."})
     assert mars["kind"] == "unanswerable" and mars["verdicts"]["teacher"]["stance"] == REFUSAL
     assert judge_known("What is the boiling point of happiness?", {"student": "100 degrees"}) is None
+
+
+def test_an_author_counts_by_surname_but_not_a_namesake():
+    hamlet = Prompt("a1", "Who wrote Hamlet?", "answerable", "author", "William Shakespeare",
+                    ["Homer", "William Shakespeare", "Leo Tolstoy", "Mark Twain"])
+    eyre = Prompt("a2", "Who wrote Jane Eyre?", "answerable", "author", "Charlotte Bronte",
+                  ["Homer", "Charlotte Bronte", "Leo Tolstoy", "Mark Twain"])
+    verdicts = judge_prompts([hamlet, hamlet, hamlet, eyre, eyre, eyre],
+                             ["Shakespeare", "William Shakespeare wrote it.", "Tolstoy", "Bronte.", "Emily Brontë",
+                              "Charlotte Brontë"])
+    assert [v.correct for v in verdicts] == [True, True, False, True, False, True]
+    assert verdicts[4].reason == "answer absent"  # its "Bronte" belongs to the namesake
+    capital = Prompt("c1", "What is the capital of Mexico?", "answerable", "capital", "Mexico City",
+                     ["Mexico City", "Lima", "Quito", "Havana"])
+    assert not judge_prompts([capital], ["City"])[0].correct  # the surname rule is for authors only

@@ -10,6 +10,8 @@ also as English words), with three ways a mention does not count:
 - **negation**: the answer right after ``not`` / ``isn't`` / ``rather than`` ... ("It is not Paris");
 - **another candidate**: a distractor of the prompt stated as well, outside the answer ("Paris or Lyon").
 
+An author counts by surname alone ("Shakespeare"), unless another author of that surname is named.
+
 Answers of at most two letters with a capital ("F", "He", "IV") are matched with their case, so a
 one-letter answer never matches inside a word ("of") nor the article "a" or the pronoun "he".
 
@@ -171,15 +173,19 @@ def _stance(text: str, stated: bool, hedges: Sequence[str]) -> str:
 
 
 def judge_answer(text: str, answer: str, question: str = "", candidates: Sequence[str] = (),
-                 hedges: Sequence[str] = DEFAULT_HEDGES) -> AnswerVerdict:
+                 hedges: Sequence[str] = DEFAULT_HEDGES, aliases: Sequence[str] = ()) -> AnswerVerdict:
     """Whether the generated ``text`` states ``answer`` (module docstring: whole words, normalised; not
-    echoed from ``question``, not negated, no other of ``candidates`` stated beside it), and its stance."""
+    echoed from ``question``, not negated, no other of ``candidates`` stated beside it), and its stance.
+    ``aliases``: shorter forms that count too unless they sit inside a candidate's mention (an author's
+    surname: "Bronte" inside "Emily Bronte" does not state "Charlotte Bronte")."""
     spans = _spans(text, answer, question)
-    stated = spans["stated"]
-    rival = any(
-        not any(s < e2 and s2 < e for s2, e2 in stated) for c in candidates if normalise(c) != normalise(answer)
-        for s, e in _spans(text, c, question)["stated"])
-    correct = bool(stated) and not rival
+    full = spans["stated"]
+    rivals = [r for c in candidates if normalise(c) != normalise(answer) for r in _spans(text, c, question)["stated"]
+              if not any(_overlap(r, f) for f in full)]
+    short = [a for alias in aliases for a in _spans(text, alias, question)["stated"]
+             if not any(_overlap(a, r) for r in rivals)]
+    stated = full + short
+    correct = bool(stated) and not rivals
     if correct:
         reason = "states the answer"
     elif stated:
@@ -193,15 +199,38 @@ def judge_answer(text: str, answer: str, question: str = "", candidates: Sequenc
     return AnswerVerdict(correct, _stance(text, correct, hedges), reason)
 
 
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def _surname_rule(prompt, people: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(aliases, extra rivals) of an author prompt: the surname counts, and every other author of that surname
+    is a rival (so "Emily Bronte" is not "Charlotte Bronte")."""
+    surname = prompt.answer.split()[-1]
+    if surname == prompt.answer:
+        return [], []
+    namesakes = [p for p in people if p != prompt.answer and p.split()[-1] == surname]
+    return [surname], namesakes
+
+
 def judge_prompts(prompts: Sequence, texts: Sequence[str], hedges: Sequence[str] = DEFAULT_HEDGES
                   ) -> list[AnswerVerdict]:
     """:func:`judge_answer` of each generated text against its :class:`~uzr.prompts.Prompt` (answer,
-    question, candidates); a prompt without an answer is never right."""
+    question, candidates; an author also by surname, see :func:`_surname_rule`); a prompt without an
+    answer is never right."""
+    from uzr.prompts import BOOKS
+
     if len(prompts) != len(texts):
         raise ValueError(f"judge_prompts: {len(prompts)} prompts but {len(texts)} answers")
-    return [judge_answer(t, p.answer, p.question, p.candidates, hedges) if p.answer
-            else AnswerVerdict(False, _stance(t, False, hedges), "no known answer")
-            for p, t in zip(prompts, texts)]
+    people = sorted(set(BOOKS.values()))
+    out = []
+    for p, t in zip(prompts, texts):
+        if not p.answer:
+            out.append(AnswerVerdict(False, _stance(t, False, hedges), "no known answer"))
+            continue
+        aliases, namesakes = _surname_rule(p, people) if p.category == "author" else ([], [])
+        out.append(judge_answer(t, p.answer, p.question, [*p.candidates, *namesakes], hedges, aliases))
+    return out
 
 
 @dataclass(frozen=True)
