@@ -9,12 +9,15 @@ import sys
 
 import pytest
 
-from .conftest import ROOT, offline_env
+from .conftest import ROOT, offline_env, share_models
 
 
-def run_live(tmp_path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "uzr.live", "+experiment=smoke", "logger=csv", f"paths.cache_dir={tmp_path / 'cache'}", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=offline_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+def run_live(tmp_path, *args: str, timeout: int = 600, experiment: str = "smoke",
+             stdin: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "uzr.live", f"+experiment={experiment}", "logger=csv",
+           f"paths.cache_dir={tmp_path / 'cache'}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=offline_env(tmp_path), capture_output=True, text=True, timeout=timeout,
+                          input=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +34,14 @@ def test_live_json_first_run_builds_artifacts(live_cache):
     assert set(result["alpha"]) == {"L1", "L2"}  # one alpha per injected layer of the smoke experiment
     for value in result["alpha"].values():
         assert value == pytest.approx(result["alpha_base"] * result["gate"])  # constant schedule x gate
-    assert set(result["answers"]) == {"student", "injected"}
+    assert set(result["answers"]) == {"student", "injected", "teacher"}
     assert all(isinstance(a, str) for a in result["answers"].values())
     assert result["gate_level"] == "token"
+    assert result["confidence"] == ("CONFIDENT" if result["gate"] >= 0.5 else "CAUTIOUS" if result["gate"] >= 0.25
+                                    else "WAFFLE")
+    check = result["fact_check"]  # the capital of France is in the fact tables: every answer is judged
+    assert check["fact_answer"] == "Paris" and set(check["verdicts"]) == {"student", "injected", "teacher"}
+    assert all(isinstance(v["correct"], bool) for v in check["verdicts"].values())
     assert all(result["artifacts"][kind]["built"] for kind in ("harvest", "controller", "gate"))
 
 
@@ -44,6 +52,10 @@ def test_live_second_prompt_reuses_artifacts(live_cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert not any(result["artifacts"][kind]["built"] for kind in ("harvest", "controller", "gate"))
+    check = result["fact_check"]  # the prompt set asks it as a false premise: no answer is right
+    assert check["kind"] == "unanswerable" and check["fact_answer"] is None
+    assert not any(v["correct"] for v in check["verdicts"].values())
+
     assert result["artifacts"]["gate"]["key"] == first["artifacts"]["gate"]["key"]  # alpha is not in the gate key
     assert result["alpha"]["L1"] == pytest.approx(2.0 * result["gate"])
     assert result["alpha"]["L2"] == pytest.approx(1.0 * result["gate"])
@@ -82,9 +94,10 @@ def test_evaluate_gated_table_on_smoke(live_cache):
 
 
 def test_live_with_prompt_level_gate(live_cache):
-    """gate=prompt: the teacher answers the prompt set, labels are written, the store and controller are reused."""
+    """gate=prompt: the teacher answers the prompt set, labels are written, the store and controller are reused.
+    The tiny random teacher never states a fact-table answer, so its labels leave correctness out."""
     tmp, _ = live_cache
-    proc = run_live(tmp, "gate=prompt", "gate.max_new_tokens=6", "gate.max_epochs=5", "--prompt",
+    proc = run_live(tmp, "gate=prompt", "gate.max_new_tokens=6", "gate.max_epochs=5", "gate.check_answers=false", "--prompt",
                     "Who wrote Hamlet?", "--json", "--max-new-tokens", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
@@ -152,3 +165,53 @@ def test_gate_table_and_live_demo_keep_sinks_like_the_evaluate_stage(live_cache,
     result = LiveSession(keep_cfg, run, max_new_tokens=2).answer("Who wrote Hamlet?")
     assert result["sinks"] == "keep"
     assert seen[0] is None and seen[1].sinks == {layer: s for layer, s in sinks.items() if s.first or s.token_ids}
+
+
+DEMO_PROMPTS = ["What is the capital of France?", "What is the capital of Mars?", "Who wrote Hamlet?",
+                "What is the boiling point of happiness?"]
+
+
+@pytest.mark.real
+def test_demo_on_the_packaged_pair_shows_the_gate_its_level_and_three_answers(tmp_path, converted_models):
+    """The README's demo prompts on Gemma 3 270M -> SmolLM2-135M, one interactive session (--json: one line per
+    prompt): the structure of what a user sees, not its numbers (the artifacts are cut down to build fast)."""
+    share_models(tmp_path / "cache", converted_models)
+    proc = run_live(tmp_path, "data.num_texts=6", "harvest.max_length=32", "inject.layers=[15]",
+                    "controller.max_epochs=1", "gate.max_epochs=2", "--json", "--max-new-tokens", "12",
+                    experiment="default", stdin="\n".join(DEMO_PROMPTS) + "\n", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["prompt"] for r in results] == DEMO_PROMPTS
+    for r in results:
+        assert 0.0 <= r["gate"] <= 1.0 and r["confidence"] in ("CONFIDENT", "CAUTIOUS", "WAFFLE")
+        assert set(r["answers"]) == {"student", "injected", "teacher"}
+        assert all(isinstance(a, str) for a in r["answers"].values())
+        assert r["alpha"]["L15"] == pytest.approx(r["alpha_base"] * r["gate"])
+        assert (r["student"], r["teacher"]) == ("smollm2_135m", "gemma3_270m")
+    france, mars, hamlet, happiness = (r["fact_check"] for r in results)
+    assert france["fact_answer"] == "Paris" and hamlet["fact_answer"] == "William Shakespeare"
+    assert mars["kind"] == "unanswerable" and not any(v["correct"] for v in mars["verdicts"].values())
+    assert happiness is None  # not in the fact tables: nothing to check it against
+    assert set(france["verdicts"]) == {"student", "injected", "teacher"}
+
+
+def test_render_shows_the_level_and_three_answers_marked_against_the_fact_tables():
+    import io
+
+    from rich.console import Console
+
+    from uzr.live import render
+
+    result = {"prompt": "What is the capital of France?", "gate": 0.31, "confidence": "CAUTIOUS",
+              "alpha": {"L15": 0.155}, "alpha_base": 0.5, "mode": "bias", "student": "s", "teacher": "t",
+              "answers": {"student": "Paris.", "injected": "La femme", "teacher": "The capital is Paris."},
+              "fact_check": {"fact_answer": "Paris", "kind": "answerable",
+                             "verdicts": {"student": {"correct": True}, "injected": {"correct": False},
+                                          "teacher": {"correct": True}}}}
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    render(result, console)
+    shown = console.file.getvalue()
+    assert "CAUTIOUS" in shown and "0.310" in shown and "0.155" in shown
+    assert "La femme" in shown and "The capital is Paris." in shown and "(teacher, reference)" in shown
+    assert shown.count("right") == 2 and shown.count("wrong") == 1
+    render({**result, "answers": {**result["answers"], "teacher": None}, "fact_check": None}, console)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from uzr.hooks import injected
 from uzr.injection.injector import Injector
@@ -49,13 +50,15 @@ def _clean_answer(text: str) -> str:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, texts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
-                     injector: Injector | None = None, add_special_tokens: bool = True) -> list[dict]:
+                     injector: Injector | None = None, add_special_tokens: bool = True,
+                     desc: str | None = None) -> list[dict]:
     """Greedy answers (first line, at most ``max_new_tokens`` tokens) with their mean next-token entropy.
 
     Returns one ``{"answer", "mean_entropy", "tokens", "content_tokens"}`` per text; the mean entropy
     covers the content tokens (the final end-of-turn / line-break step is left out). An ``injector``
     (attached here and removed afterwards) injects into the model while it answers; it then needs
-    ``batch_size=1`` or a gate of shape (B, 1).
+    ``batch_size=1`` or a gate of shape (B, 1). ``desc``: label of a progress bar (with ETA) counting
+    answered texts (None: no bar).
     """
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -63,6 +66,7 @@ def generate_answers(model, tokenizer, texts: Sequence[str], max_new_tokens: int
     eos_ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     stop_ids = {tokenizer.eos_token_id, *(eos_ids if isinstance(eos_ids, list) else [eos_ids])} - {None}
     results = []
+    bar = tqdm(total=len(texts), desc=desc, unit="answer", dynamic_ncols=True, disable=desc is None)
     try:
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:  # e.g. GGUF tokenizers without a pad token: pad with EOS
@@ -98,6 +102,8 @@ def generate_answers(model, tokenizer, texts: Sequence[str], max_new_tokens: int
                 text = tokenizer.decode(new[b, :n], skip_special_tokens=True)
                 results.append({"answer": _clean_answer(text), "tokens": n, "content_tokens": content,
                                 "mean_entropy": float(ents[b, :content].mean()) if content else 0.0})
+            bar.update(len(chunk))
     finally:
+        bar.close()
         tokenizer.padding_side, tokenizer.pad_token = side, pad_token
     return results

@@ -1,4 +1,5 @@
-"""Live demo: the gate value, the alpha it applies and the student's answer with and without injection.
+"""Live demo: the gate value, its level, the alpha it applies and three answers side by side: the student's,
+the student's with gated injection, and the teacher's own (for reference).
 
 ``python -m uzr.live +experiment=default`` opens an interactive prompt (rich output); ``--prompt
 "What is the capital of France?"`` answers one prompt and exits; ``--json`` prints the same as JSON.
@@ -12,7 +13,9 @@ the stages do). The gate value of a prompt is the gate at its last token, from a
 pass; generation is greedy, up to the end of the first line of the answer, with alpha per injected
 layer = ``alpha.value × alpha.layer_weights[l] × gate`` (schedule ``gated``; with
 ``alpha.entropy_local`` also × ``1 − normalised controller entropy`` per row, shown as its mean over
-the prompt's rows).
+the prompt's rows). The gate's level is CONFIDENT / CAUTIOUS / WAFFLE by :func:`uzr.gate.confidence_level`;
+where the prompt is one of the built-in ones (:mod:`uzr.qa.prompts`), each answer is also checked against the
+fact tables (:func:`uzr.qa.answers.judge_known`). ``--no-teacher`` leaves the teacher out.
 """
 
 from __future__ import annotations
@@ -66,14 +69,14 @@ def ensure_artifacts(cfg, build: bool = True, loggers=None):
 class LiveSession:
     """Answers prompts with and without gated injection."""
 
-    def __init__(self, cfg, run, max_new_tokens: int = 32):
+    def __init__(self, cfg, run, max_new_tokens: int = 32, teacher: bool = True):
         import torch
 
         from uzr.controller.stage import ControllerStage
         from uzr.gate.stage import GateStage
         from uzr.injection.setup import run_injection
 
-        self.cfg, self.run, self.max_new_tokens = cfg, run, max_new_tokens
+        self.cfg, self.run, self.max_new_tokens, self.with_teacher = cfg, run, max_new_tokens, teacher
         self.student, self.tok = run.models.get("student")
         self.controllers = run.upstream(ControllerStage).controllers
         self.gate = run.upstream(GateStage)
@@ -84,10 +87,23 @@ class LiveSession:
     def alpha_spec(self):
         return self.cfg.alpha.variant("gated", self.cfg.alpha.value)
 
+    def teacher_answer(self, prompt: str) -> dict | None:
+        """The teacher's own greedy answer (formatted for its tokenizer), or None without the teacher."""
+        if not self.with_teacher:
+            return None
+        from uzr.generation import generate_answers
+        from uzr.qa.prompts import adds_special_tokens, format_prompt, resolve_format
+
+        teacher, tok = self.run.models.get("teacher")
+        style = resolve_format(tok, self.cfg.gate.prompt_format)
+        return generate_answers(teacher, tok, [format_prompt(prompt, tok, style)], self.max_new_tokens, batch_size=1,
+                                add_special_tokens=adds_special_tokens(style))[0]
+
     def answer(self, prompt: str) -> dict:
-        from uzr.gate import sequence_parts
+        from uzr.gate import confidence_level, sequence_parts
         from uzr.generation import generate_answers
         from uzr.injection.injector import alpha_rows
+        from uzr.qa.answers import judge_known
         from uzr.qa.prompts import adds_special_tokens, format_prompt, resolve_format
 
         torch = self.torch
@@ -109,11 +125,16 @@ class LiveSession:
                                            gate=torch.tensor([[gate]], device=next(self.student.parameters()).device))
         injected = generate_answers(self.student, self.tok, [text], self.max_new_tokens, batch_size=1,
                                     injector=injector, add_special_tokens=special)[0]
+        teacher = self.teacher_answer(prompt)
+        answers = {"student": plain["answer"], "injected": injected["answer"],
+                   "teacher": teacher["answer"] if teacher else None}
         return {
             "prompt": prompt, "formatted_prompt": text, "gate": gate, "gate_level": self.gate.level,
+            "confidence": confidence_level(gate),
             "alpha": applied, "alpha_base": alpha.value, "schedule": "gated", "mode": self.cfg.inject.mode,
             "entropy_local": alpha.entropy_local, "sinks": self.cfg.inject.sinks,
-            "answers": {"student": plain["answer"], "injected": injected["answer"]},
+            "answers": answers,
+            "fact_check": judge_known(prompt, {k: v for k, v in answers.items() if v is not None}),
             "student_mean_entropy": {"student": plain["mean_entropy"], "injected": injected["mean_entropy"]},
             "student": self.cfg.student.name, "teacher": self.cfg.teacher.name,
             "artifacts": self.run.info,
@@ -127,18 +148,26 @@ def render(result: dict, console) -> None:
 
     table = Table(show_header=True, title=f"[bold]{result['prompt']}[/bold]")
     table.add_column("gate (P teacher confident)", justify="right")
+    table.add_column("level")
     for layer in result["alpha"]:
         table.add_column(f"alpha {layer}", justify="right")
-    gate = result["gate"]
-    colour = "green" if gate >= 0.5 else "yellow" if gate >= 0.25 else "red"
-    table.add_row(f"[{colour}]{gate:.3f}[/{colour}]", *(f"{v:.3f}" for v in result["alpha"].values()))
+    colour = {"CONFIDENT": "green", "CAUTIOUS": "yellow"}.get(result["confidence"], "red")
+    table.add_row(f"[{colour}]{result['gate']:.3f}[/{colour}]", f"[{colour}]{result['confidence']}[/{colour}]",
+                  *(f"{v:.3f}" for v in result["alpha"].values()))
     console.print(table)
-    console.print(Columns([
-        Panel(result["answers"]["student"] or "[dim](empty)[/dim]", title=f"{result['student']} (no injection)",
-              width=60),
-        Panel(result["answers"]["injected"] or "[dim](empty)[/dim]",
-              title=f"+ gated injection (alpha {result['alpha_base']:g} x gate, {result['mode']})", width=60),
-    ]))
+    titles = {"student": f"{result['student']} (no injection)",
+              "injected": f"+ injection ({result['alpha_base']:g} x gate, {result['mode']})",
+              "teacher": f"{result['teacher']} (teacher, reference)"}
+    checks = (result.get("fact_check") or {}).get("verdicts", {})
+    panels = []
+    for role, title in titles.items():
+        text = result["answers"].get(role)
+        if text is None:
+            continue
+        # the verdict first: a long title is cut at the panel's width
+        mark = {True: "[green]right[/green] · ", False: "[red]wrong[/red] · "}.get(checks.get(role, {}).get("correct"), "")
+        panels.append(Panel(text or "[dim](empty)[/dim]", title=mark + title, width=50))
+    console.print(Columns(panels))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", help="answer this prompt and exit (otherwise: interactive)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of rich output")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--no-teacher", action="store_true", help="leave the teacher's reference answer out")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("--")]
     if bad:
@@ -163,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=args.json)
     # Stage output (Lightning, progress) goes to stderr so that --json leaves stdout clean.
     with contextlib.redirect_stdout(sys.stderr):
-        session = LiveSession(cfg, ensure_artifacts(cfg), args.max_new_tokens)
+        session = LiveSession(cfg, ensure_artifacts(cfg), args.max_new_tokens, teacher=not args.no_teacher)
     if args.prompt is not None:
         with contextlib.redirect_stdout(sys.stderr):
             result = session.answer(args.prompt)

@@ -6,7 +6,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from uzr.config.checks import check_choice, check_distinct, check_float, check_int, invalid, is_number
+from uzr.config.checks import (
+    check_bool,
+    check_choice,
+    check_distinct,
+    check_float,
+    check_int,
+    invalid,
+    is_number,
+)
 from uzr.config.fields import from_mapping
 from uzr.config.groups import ConfigGroup
 from uzr.config.keys import NOT_KEYED
@@ -36,6 +44,9 @@ class GateSpec:
     waffle_quantile: float = 0.8  # prompt: mean answer entropy above this quantile = WAFFLE
     waffle_entropy: float | None = None  # absolute (nats); overrides waffle_quantile
     hedges: list[str] = field(default_factory=lambda: list(DEFAULT_HEDGES))
+    # prompt: CONFIDENT also needs the fact-table answer in the teacher's answer. Keyed by prompt-level gates only
+    # (gate_payload), so token-level gates keep their keys.
+    check_answers: bool = field(default=True, metadata=NOT_KEYED)
     max_new_tokens: int = 24  # prompt: teacher answer length bound (greedy, stops at the end of a line)
     prompt_format: str = "auto"  # qa ("Question: ...\nAnswer:") | chat (chat template) | auto (chat if the tokenizer has one)
     prompt_seed: int = 0  # train/held-out split of the built-in prompt set
@@ -76,6 +87,7 @@ def validate_gate_spec(spec: GateSpec) -> GateSpec:
         raise invalid(key("waffle_entropy"), spec.waffle_entropy, f"a value above confident_entropy={spec.confident_entropy}")
     if not all(isinstance(h, str) and h.strip() for h in spec.hedges):
         raise invalid(key("hedges"), spec.hedges, "a list of non-empty phrases")
+    check_bool(key("check_answers"), spec.check_answers)
     check_choice(key("prompt_format"), spec.prompt_format, ("qa", "chat", "auto"))
     check_distinct(key("features"), spec.features, FEATURES)
     check_choice(key("pool"), spec.pool, POOLS)

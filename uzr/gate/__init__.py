@@ -12,7 +12,9 @@ the teacher would be confident here; the ``gated`` alpha schedule multiplies alp
   most ``max_new_tokens`` tokens, up to the end of its first line. Hedging phrases (``hedges``,
   case-insensitive, whole words) or a mean answer entropy above the ``waffle`` threshold give
   WAFFLE; a mean entropy below the ``confident`` threshold without hedging gives CONFIDENT (the
-  positive class); the rest is CAUTIOUS. See :func:`prompt_label`.
+  positive class) when the answer states the fact-table answer (``check_answers``, judged by
+  :mod:`uzr.qa.answers`; an unanswerable prompt is never CONFIDENT); the rest is CAUTIOUS. See
+  :func:`prompt_label`. The labels mean "the teacher answers this prompt confidently and correctly".
 
 **Features** (``gate.features``), per student position, from one uninjected student pass:
 ``hidden`` (the hidden state entering each injected layer), ``ctrl_entropy`` / ``ctrl_peak`` (the
@@ -57,6 +59,8 @@ from uzr.gate.features import (
     token_matrix,
 )
 from uzr.gate.labels import (
+    CONFIDENCE_LEVELS,
+    confidence_level,
     distribution_entropy,
     hedged,
     prompt_label,
@@ -69,4 +73,4 @@ from uzr.gate.labels import (
 from uzr.gate.model import GateModule, GateNet, auroc, auroc_se, fit_gate
 from uzr.gate.stage import GateStage, gate_payload, train_gate
 
-__all__ = ['CAUTIOUS', 'CONFIDENT', 'FEATURES', 'GateModule', 'GateNet', 'GateSpec', 'LABELS', 'POOLS', 'WAFFLE', 'auroc', 'auroc_se', 'coerce_gate_spec', 'distribution_entropy', 'evaluate_gated', 'feature_names', 'fit_gate', 'gate_features', 'GateStage', 'gate_payload', 'gate_positions', 'gated_table', 'gated_verdict', 'hedged', 'load_gate', 'pool_prefix', 'print_gated_table', 'prompt_label', 'prompt_labels', 'save_gate', 'sequence_parts', 'teacher_answers', 'teacher_uncertainty', 'token_label_threshold', 'token_labels', 'token_matrix', 'train_gate', 'validate_gate_spec']
+__all__ = ['CAUTIOUS', 'CONFIDENT', 'FEATURES', 'CONFIDENCE_LEVELS', 'confidence_level', 'GateModule', 'GateNet', 'GateSpec', 'LABELS', 'POOLS', 'WAFFLE', 'auroc', 'auroc_se', 'coerce_gate_spec', 'distribution_entropy', 'evaluate_gated', 'feature_names', 'fit_gate', 'gate_features', 'GateStage', 'gate_payload', 'gate_positions', 'gated_table', 'gated_verdict', 'hedged', 'load_gate', 'pool_prefix', 'print_gated_table', 'prompt_label', 'prompt_labels', 'save_gate', 'sequence_parts', 'teacher_answers', 'teacher_uncertainty', 'token_label_threshold', 'token_labels', 'token_matrix', 'train_gate', 'validate_gate_spec']

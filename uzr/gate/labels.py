@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ from uzr.config.gate import (
     GateSpec,
 )
 from uzr.generation import generate_answers
+from uzr.qa.answers import contains_phrase
 from uzr.qa.prompts import adds_special_tokens, format_prompt, resolve_format
 
 if TYPE_CHECKING:
@@ -60,43 +60,46 @@ def token_labels(entropy: np.ndarray, threshold: float) -> np.ndarray:
     return np.asarray(entropy, np.float64) < threshold
 
 
-def _normalise_text(text: str) -> str:
-    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("`", "'")
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
 def hedged(text: str, phrases: Sequence[str] = DEFAULT_HEDGES) -> bool:
     """True if ``text`` contains one of ``phrases`` as whole words, ignoring case, curly apostrophes
     and runs of whitespace ("I'm NOT  sure" matches "not sure"; "Maybelline" does not match "maybe")."""
-    norm = _normalise_text(text)
-    for phrase in phrases:
-        p = _normalise_text(phrase)
-        if p and re.search(rf"(?<![\w']){re.escape(p)}(?![\w'])", norm):
-            return True
-    return False
+    return contains_phrase(text, phrases)
+
+
+# The gate value read as the prompt-level labels: CONFIDENT at or above the first, CAUTIOUS down to the second,
+# WAFFLE below (the live demo's green / yellow / red).
+CONFIDENCE_LEVELS = ((0.5, CONFIDENT), (0.25, CAUTIOUS))
+
+
+def confidence_level(value: float) -> str:
+    """CONFIDENT / CAUTIOUS / WAFFLE of a gate value in [0, 1] (:data:`CONFIDENCE_LEVELS`)."""
+    return next((name for floor, name in CONFIDENCE_LEVELS if value >= floor), WAFFLE)
 
 
 def prompt_label(answer: str, mean_entropy: float, confident_below: float, waffle_above: float,
-                 phrases: Sequence[str] = DEFAULT_HEDGES) -> str:
+                 phrases: Sequence[str] = DEFAULT_HEDGES, correct: bool | None = None) -> str:
     """CONFIDENT / CAUTIOUS / WAFFLE from the teacher's answer and its mean next-token entropy.
 
     WAFFLE: the entropy is above ``waffle_above``, or the answer hedges without being low-entropy;
-    CONFIDENT: entropy below ``confident_below`` and no hedging; CAUTIOUS: everything else (a
-    low-entropy hedge such as a confident "there is no capital of Mars", or a mid-entropy plain answer).
+    CONFIDENT: entropy below ``confident_below``, no hedging and not known to be wrong (``correct``: the
+    answer checked against the fact tables, None where nothing was checked); CAUTIOUS: everything else
+    (a low-entropy hedge such as a confident "there is no capital of Mars", a confident wrong answer, or
+    a mid-entropy plain answer).
     """
     hedge = hedged(answer, phrases)
     low = mean_entropy < confident_below
     if mean_entropy > waffle_above or (hedge and not low):
         return WAFFLE
-    if low and not hedge:
+    if low and not hedge and correct is not False:
         return CONFIDENT
     return CAUTIOUS
 
 
-def prompt_labels(answers: Sequence[tuple[str, float]], train_mask: Sequence[bool], spec: GateSpec
-                  ) -> tuple[list[str], dict[str, float]]:
-    """Labels of every prompt from ``(answer, mean_entropy)``; quantile thresholds come from the
-    training prompts only. Returns (labels, {"confident_below", "waffle_above"})."""
+def prompt_labels(answers: Sequence[tuple[str, float]], train_mask: Sequence[bool], spec: GateSpec,
+                  correct: Sequence[bool | None] | None = None) -> tuple[list[str], dict[str, float]]:
+    """Labels of every prompt from ``(answer, mean_entropy)`` and, where given, whether each answer is right
+    (:func:`prompt_label`); quantile thresholds come from the training prompts only. Returns (labels,
+    {"confident_below", "waffle_above"})."""
     ents = np.array([e for _, e in answers], np.float64)
     train = ents[np.asarray(train_mask, bool)]
     if train.size == 0:
@@ -104,13 +107,16 @@ def prompt_labels(answers: Sequence[tuple[str, float]], train_mask: Sequence[boo
     lo = spec.confident_entropy if spec.confident_entropy is not None else float(np.quantile(train, spec.confident_quantile))
     hi = spec.waffle_entropy if spec.waffle_entropy is not None else float(np.quantile(train, spec.waffle_quantile))
     hi = max(hi, lo)
-    labels = [prompt_label(a, e, lo, hi, spec.hedges) for a, e in answers]
+    checked = [None] * len(answers) if correct is None else list(correct)
+    labels = [prompt_label(a, e, lo, hi, spec.hedges, ok) for (a, e), ok in zip(answers, checked)]
     return labels, {"confident_below": float(lo), "waffle_above": float(hi)}
 
 
-def teacher_answers(teacher, tokenizer, questions: Sequence[str], spec: GateSpec, batch_size: int = 32) -> list[dict]:
-    """The teacher answers each question (formatted per ``spec.prompt_format``), greedily."""
+def teacher_answers(teacher, tokenizer, questions: Sequence[str], spec: GateSpec, batch_size: int = 32,
+                    desc: str | None = None) -> list[dict]:
+    """The teacher answers each question (formatted per ``spec.prompt_format``), greedily; ``desc``: label of
+    a progress bar (with ETA) counting answered questions (None: no bar)."""
     style = resolve_format(tokenizer, spec.prompt_format)
     texts = [format_prompt(q, tokenizer, style) for q in questions]
     return generate_answers(teacher, tokenizer, texts, spec.max_new_tokens, batch_size,
-                            add_special_tokens=adds_special_tokens(style))
+                            add_special_tokens=adds_special_tokens(style), desc=desc)

@@ -40,6 +40,7 @@ from uzr.gate.labels import (
 )
 from uzr.gate.model import GateModule, fit_gate
 from uzr.harvest.stage import HarvestStage
+from uzr.qa.answers import judge_prompts
 from uzr.qa.facts import plain_qa_scores
 from uzr.qa.prompts import PROMPTS_VERSION, PromptSet, adds_special_tokens, format_prompt, resolve_format
 
@@ -51,16 +52,22 @@ log = logging.getLogger(__name__)
 
 # Bump when feature extraction changes meaning: part of the gate artifact's cache key.
 FEATURES_VERSION = 1
+# Bump when the prompt-level labels change meaning: part of a prompt-level gate's key only (token-level keys stay).
+# Version 2: CONFIDENT also needs the teacher's answer to state the fact-table answer (uzr.qa.answers).
+PROMPT_LABELS_VERSION = 2
 LABELS_FILE = "labels.jsonl"  # the prompt-level labels, one JSON line per prompt, for inspection
 
 
 def gate_payload(cfg: RunConfig, controller_key: str) -> dict:
     """What determines the gate artifact: the controller's key plus the gate's training knobs."""
-    return {
+    payload = {
         "controller": controller_key, "gate": key_of(cfg.gate, "gate"), "seed": cfg.seed,
         "features_version": FEATURES_VERSION, "trainer": key_of(cfg.trainer, "gate"),
         "prompts_version": PROMPTS_VERSION if cfg.gate.label == "prompt" else None,
     }
+    if cfg.gate.label == "prompt":  # labels from the teacher's answers: how they are judged is part of the gate
+        payload.update(prompt_labels_version=PROMPT_LABELS_VERSION, check_answers=cfg.gate.check_answers)
+    return payload
 
 
 def _subsample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
@@ -94,12 +101,16 @@ def token_dataset(student, controllers: Mapping, store: HarvestStore, layers: Se
 
 def prompt_dataset(student, student_tok, teacher, teacher_tok, controllers: Mapping, layers: Sequence[int],
                    spec: GateSpec, folder: Path | None = None, batch_size: int = 32) -> dict[str, Any]:
-    """Prompt-level labels from the teacher's answers and the student's gate inputs at each prompt's
-    last token; writes ``labels.jsonl`` into ``folder`` for inspection."""
+    """Prompt-level labels from the teacher's answers (checked against the fact tables: CONFIDENT needs the
+    right answer) and the student's gate inputs at each prompt's last token; writes ``labels.jsonl`` into
+    ``folder`` for inspection."""
     prompts = PromptSet(spec.prompt_seed, spec.heldout_fraction).all
-    answers = teacher_answers(teacher, teacher_tok, [p.question for p in prompts], spec, batch_size)
+    answers = teacher_answers(teacher, teacher_tok, [p.question for p in prompts], spec, batch_size,
+                              desc="gate labels: teacher answers")
+    verdicts = judge_prompts(prompts, [a["answer"] for a in answers], spec.hedges)
     labels, thresholds = prompt_labels([(a["answer"], a["mean_entropy"]) for a in answers],
-                                       [p.split == "train" for p in prompts], spec)
+                                       [p.split == "train" for p in prompts], spec,
+                                       [v.correct for v in verdicts] if spec.check_answers else None)
     style = resolve_format(student_tok, spec.prompt_format)
     texts = [format_prompt(p.question, student_tok, style) for p in prompts]
     parts = sequence_parts(student, controllers, [token_ids(student_tok, t, adds_special_tokens(style)) for t in texts],
@@ -107,16 +118,22 @@ def prompt_dataset(student, student_tok, teacher, teacher_tok, controllers: Mapp
     x = torch.stack([pool_prefix(token_matrix(p, spec.features), spec.pool)[-1] for p in parts])
     y = torch.tensor([lab == CONFIDENT for lab in labels])
     if folder is not None:
-        lines = [json.dumps({"id": p.id, "question": p.question, "kind": p.kind, "split": p.split, **a, "label": lab})
-                 for p, a, lab in zip(prompts, answers, labels)]
+        lines = [json.dumps({"id": p.id, "question": p.question, "kind": p.kind, "split": p.split, **a,
+                             "fact_answer": p.answer, "correct": v.correct, "stance": v.stance, "verdict": v.reason,
+                             "label": lab})
+                 for p, a, v, lab in zip(prompts, answers, verdicts, labels)]
         atomic_write(Path(folder) / LABELS_FILE, lambda f: Path(f).write_text("\n".join(lines) + "\n"))
     counts: dict[str, dict[str, int]] = {}
     for p, lab in zip(prompts, labels):
         counts.setdefault(f"{p.split}/{p.kind}", {CONFIDENT: 0, CAUTIOUS: 0, WAFFLE: 0})[lab] += 1
+    right = {split: sum(v.correct for p, v in zip(prompts, verdicts) if p.split == split and p.answerable)
+             for split in ("train", "heldout")}
     train = torch.tensor([p.split == "train" for p in prompts])
     return {"train": (x[train], y[train]), "heldout": (x[~train], y[~train]),
-            "label_info": {**thresholds, "label_counts": counts, "prompts": len(prompts),
-                           "rule": "CONFIDENT = mean answer entropy < confident_below and no hedging phrase"}}
+            "label_info": {**thresholds, "label_counts": counts, "teacher_right": right, "prompts": len(prompts),
+                           "rule": "CONFIDENT = mean answer entropy < confident_below and no hedging phrase"
+                                   + (" and the fact-table answer stated (uzr.qa.answers)"
+                                      if spec.check_answers else "")}}
 
 
 def train_gate(folder: Path, cfg: RunConfig, store: HarvestStore, controllers: Mapping, models,
