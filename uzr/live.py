@@ -33,20 +33,19 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from uzr.quiet import quiet_third_party  # noqa: E402  (after the environment: offline before any import)
+from hydra import compose, initialize_config_dir  # noqa: E402  (after the environment, as every import below)
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from uzr.config import CONF_DIR, register_configs, resolve_config  # noqa: E402
+from uzr.quiet import quiet_third_party  # noqa: E402
 
 quiet_third_party()
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# The imports inside the functions below bring torch and the models' code: they load once the config is valid, so a
+# bad config or option fails in a second, before any of them.
 
 
 def compose_config(overrides: list[str]):
     """Compose ``conf/train.yaml`` with Hydra overrides and validate it; returns ``RunConfig``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from uzr.config import CONF_DIR, register_configs, resolve_config
-
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="live"):
@@ -57,7 +56,7 @@ def compose_config(overrides: list[str]):
 def ensure_artifacts(cfg, build: bool = True, loggers=None):
     """A :class:`~uzr.runner.RunContext` holding the harvest store, controller and gate of ``cfg`` from the
     cache, built where missing (``build``)."""
-    from uzr.runner import ModelPool, RunContext, load_stages
+    from uzr.runner import ModelPool, RunContext, load_stages  # torch: once the config is valid (see the top)
 
     stages = ("harvest", "controller", "gate")
     with tempfile.TemporaryDirectory(prefix="uzr-live-") as tmp:
@@ -70,6 +69,7 @@ class LiveSession:
     """Answers prompts with and without gated injection."""
 
     def __init__(self, cfg, run, max_new_tokens: int = 32, teacher: bool = True):
+        # torch and the models' code: once the config is valid (see the top), as everywhere in this class
         import torch
 
         from uzr.controller.stage import ControllerStage
@@ -91,6 +91,7 @@ class LiveSession:
         """The teacher's own greedy answer (formatted for its tokenizer), or None without the teacher."""
         if not self.with_teacher:
             return None
+        # once the config is valid (see the top)
         from uzr.generation import generate_answers
         from uzr.qa.prompts import adds_special_tokens, format_prompt, resolve_format
 
@@ -100,6 +101,7 @@ class LiveSession:
                                 add_special_tokens=adds_special_tokens(style))[0]
 
     def answer(self, prompt: str) -> dict:
+        # once the config is valid (see the top)
         from uzr.gate import confidence_level, sequence_parts
         from uzr.generation import generate_answers
         from uzr.injection.injector import alpha_rows

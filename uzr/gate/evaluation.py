@@ -25,6 +25,7 @@ from uzr.intervals import accuracy_difference, bits_per_byte_difference
 from uzr.models import model_device
 from uzr.qa.facts import QA_SCORE, accuracy_of, correct_of, injected_qa_scores, qa_prompts, qa_scores
 from uzr.qa.prompts import PromptSet, adds_special_tokens, format_prompt, resolve_format
+from uzr.report.table import numbers_table
 from uzr.runner import unmemoised
 
 if TYPE_CHECKING:
@@ -184,7 +185,6 @@ def gated_table(result: Mapping[str, Any]) -> tuple[list[str], list[list]]:
 def print_gated_table(result: Mapping[str, Any], console=None) -> None:
     from rich.console import Console
 
-    from uzr.report.table import numbers_table
 
     header, rows = gated_table(result)
     title = (f"gated injection: facts QA ({result['num_prompts']} prompts) and bits per byte "

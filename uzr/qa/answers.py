@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from uzr.config.gate import DEFAULT_HEDGES
 from uzr.intervals import accuracy_difference
 from uzr.qa.checkable import words as number_words
+from uzr.qa.prompts import BOOKS, PromptSet
 
 ANSWER, HEDGE, REFUSAL = "answer", "hedge", "refusal"
 # A refusal states that there is no answer, or that the model will not give one.
@@ -218,7 +219,6 @@ def judge_prompts(prompts: Sequence, texts: Sequence[str], hedges: Sequence[str]
     """:func:`judge_answer` of each generated text against its :class:`~uzr.qa.prompts.Prompt` (answer,
     question, candidates; an author also by surname, see :func:`_surname_rule`); a prompt without an
     answer is never right."""
-    from uzr.qa.prompts import BOOKS
 
     if len(prompts) != len(texts):
         raise ValueError(f"judge_prompts: {len(prompts)} prompts but {len(texts)} answers")
@@ -265,7 +265,6 @@ def judge_known(question: str, texts: dict[str, str], prompts: Sequence | None =
     (:mod:`uzr.qa.prompts`, matched by normalised text): ``{"fact_answer", "kind", "verdicts": {setting: {...}}}``;
     None for a question the fact tables do not hold."""
     if prompts is None:
-        from uzr.qa.prompts import PromptSet
 
         prompts = PromptSet().all
     key = normalise(question)
