@@ -149,3 +149,13 @@ def test_an_author_counts_by_surname_but_not_a_namesake():
     capital = Prompt("c1", "What is the capital of Mexico?", "answerable", "capital", "Mexico City",
                      ["Mexico City", "Lima", "Quito", "Havana"])
     assert not judge_prompts([capital], ["City"])[0].correct  # the surname rule is for authors only
+
+
+def test_a_possessive_states_the_answer_and_a_contraction_stays_a_word():
+    # Seen in the live demo: "attributed to Jane Austen's own writing" states Jane Austen.
+    austen = Prompt("a3", "Who wrote Pride and Prejudice?", "answerable", "author", "Jane Austen",
+                    ["Homer", "Jane Austen", "Leo Tolstoy", "Mark Twain"])
+    verdicts = judge_prompts([austen] * 3, ["It is often attributed to Jane Austen's own writing.", "Austen's novel.",
+                                            "It isn't Austen."])
+    assert [v.correct for v in verdicts] == [True, True, False]
+    assert normalise("Jane Austen's novel isn't") == "jane austen novel isnt"

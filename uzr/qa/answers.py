@@ -65,10 +65,11 @@ class AnswerVerdict:
 
 
 def _fold(text: str) -> str:
-    """Diacritics off, apostrophes dropped ("isn't" -> "isnt"), thousands separators dropped, every other
-    non-alphanumeric character a space; case kept."""
+    """Diacritics off, possessive 's dropped ("Austen's" -> "Austen"), other apostrophes dropped ("isn't" ->
+    "isnt"), thousands separators dropped, every other non-alphanumeric character a space; case kept."""
     text = unicodedata.normalize("NFKD", text)
     text = "".join(c for c in text if not unicodedata.combining(c))
+    text = re.sub(r"(?<=[A-Za-z])['\u2019]s\b", "", text)
     text = re.sub(r"['\u2018\u2019`]", "", text)
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
     return re.sub(r"[^0-9A-Za-z]+", " ", text).strip()
