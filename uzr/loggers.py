@@ -7,6 +7,8 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
+from uzr.environment import package_versions
+
 
 def wandb_config(config: dict, prefix: str = "") -> dict:
     """The run config flattened to ``{"alpha.value": 0.5, "inject.layers": "[8,15,22]", ...}``.
@@ -33,8 +35,6 @@ def make_loggers(spec, out_dir: Path, run_name: str, config: dict) -> list[Logge
     sets it to the sweep folder), with the flattened config (:func:`wandb_config`) and the versions of
     the packages it ran with (``versions.transformers``, ...).
     """
-    from uzr.environment import package_versions
-
     loggers: list[Logger] = []
     if spec.csv:
         loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))

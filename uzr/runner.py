@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 from uzr.cache import ArtifactCache, content_key
 from uzr.config import RunConfig
+from uzr.report.table import flat_metrics, print_results, results_rows
 from uzr.stages import Stage, StageInfo, builders, plan, registry
 from uzr.timing import stopwatch
 
@@ -195,8 +196,7 @@ def run(cfg: RunConfig, out_dir: Path, config_dict: dict, run_name: str) -> dict
     # key artifacts or for RunContext.
     import lightning as L
 
-    from uzr.loggers import finish, log_summary, make_loggers
-    from uzr.report.table import flat_metrics, print_results, results_rows
+    from uzr.loggers import finish, log_summary, make_loggers  # lightning, wandb: seconds (see above)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads is not None:

@@ -24,6 +24,9 @@ import random
 import re
 from dataclasses import dataclass
 
+from uzr.qa.prompts import PromptSet
+from uzr.tasks.causal_loop import generate, score_answer
+
 DOMAINS = ("arithmetic", "facts", "causal_loop")
 REWARDS = ("binary", "graded")
 FACT_CATEGORIES = ("capital", "continent", "symbol", "element", "author", "si_unit")
@@ -64,8 +67,6 @@ def _arithmetic_pool(seed: int, n: int) -> list[Item]:
 
 
 def _causal_pool(seed: int, n: int, levels: list[int], max_vars: int) -> list[Item]:
-    from uzr.tasks.causal_loop import generate
-
     table = generate({"n": n, "levels": list(levels), "seed": seed, "max_vars": max_vars, "max_rounds": 3})
     return [Item("causal_loop", q, a) for q, a in zip(table.column("prompt").to_pylist(), table.column("answer").to_pylist())]
 
@@ -78,8 +79,6 @@ def domain_items(domain: str, split: str, n: int, seed: int = 0, heldout_fractio
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r}; valid: train, heldout")
     if domain == "facts":
-        from uzr.qa.prompts import PromptSet
-
         prompts = getattr(PromptSet(seed, heldout_fraction), split)
         pool = [Item("facts", p.question, p.answer) for p in prompts if p.answerable and p.category in FACT_CATEGORIES]
         rng = random.Random(f"uzr-svf-facts-{seed}")
@@ -112,8 +111,6 @@ def check(domain: str, prediction: str, answer: str) -> bool:
     if domain == "facts":
         return _whole_word(answer.lower(), prediction.strip().split("\n", 1)[0].lower())
     if domain == "causal_loop":
-        from uzr.tasks.causal_loop import score_answer
-
         return score_answer(prediction, answer)[0]
     raise ValueError(f"unknown domain {domain!r}; valid domains: {', '.join(DOMAINS)}")
 
@@ -135,8 +132,6 @@ def credit(domain: str, prediction: str, answer: str) -> float:
     if domain == "facts":
         words = answer.lower().split()
         return sum(_whole_word(w, line.lower()) for w in words) / len(words)
-    from uzr.tasks.causal_loop import score_answer
-
     return score_answer(prediction, answer)[1]
 
 

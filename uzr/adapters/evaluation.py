@@ -24,10 +24,16 @@ import torch
 
 from uzr.adapters.cem import cem
 from uzr.adapters.domains import check
+from uzr.adapters.reinforce import answer_logprobs
 from uzr.adapters.stage import SVFArtifact, SVFStage, formatted, items_for
 from uzr.adapters.svf import SVFEdit, SVFTrainable, layer_of, mix_masks
+from uzr.attention import decoder_of
+from uzr.generation import generate_answers
 from uzr.hooks import injected
+from uzr.injection.setup import run_injection
 from uzr.intervals import accuracy_difference
+from uzr.masks import pad_sequences
+from uzr.qa.prompts import adds_special_tokens, format_prompt, resolve_format
 from uzr.stages import UncachedStage
 from uzr.timing import Stopwatch
 
@@ -42,8 +48,6 @@ CLASS_WORDS = {"arithmetic": "arithmetic", "facts": "facts", "causal_loop": "rul
 
 
 def answers_correct(model, tok, items, svf, edit=None) -> list[bool]:
-    from uzr.generation import generate_answers
-
     texts, special = formatted(tok, items, svf.prompt_format)
     with injected(model, edit):
         out = generate_answers(model, tok, texts, svf.max_new_tokens, batch_size=16, add_special_tokens=special)
@@ -158,8 +162,6 @@ def injection_row(run, held: dict) -> dict:
     """The student with the controller's attention injected (``inject.*``, ``alpha.*``; the harvest and controller
     artifacts cached, or built when missing) answering every domain's held-out items; its trainable parameters are
     the controllers'."""
-    from uzr.injection.setup import run_injection
-
     cfg, svf = run.cfg, run.cfg.svf
     injection = run_injection(run)  # controllers and sinks (inject.sinks=keep), as in the evaluate stage
     controllers = injection.source
@@ -247,9 +249,6 @@ def heatmap(path, matrix: dict, domains) -> object:
 # ----------------------------------------------------------------------------- strategies
 def prompt_routes(model, tok, items, svf) -> list[str]:
     """The student's own answer to a fixed classification prompt -> a domain (or ``base`` when unclear)."""
-    from uzr.generation import generate_answers
-    from uzr.qa.prompts import adds_special_tokens, format_prompt, resolve_format
-
     style = resolve_format(tok, svf.prompt_format)
     texts = [format_prompt(CLASSIFY.format(q=it.question), tok, style) for it in items]
     out = generate_answers(model, tok, texts, 8, batch_size=16, add_special_tokens=adds_special_tokens(style))
@@ -265,9 +264,6 @@ def prompt_routes(model, tok, items, svf) -> list[str]:
 def pooled_states(model, tok, texts, batch_size: int = 16) -> np.ndarray:
     """(N, D) mean over each text's tokens of the final hidden state; texts run ``batch_size`` at a time,
     right-padded, the padding left out of the mean (equal to one text at a time up to float rounding)."""
-    from uzr.attention import decoder_of
-    from uzr.masks import pad_sequences
-
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(texts), batch_size):
@@ -303,8 +299,6 @@ def classifier_routes(run, model, tok, items) -> list[str]:
 def cem_strategy(run, art: SVFArtifact, held: dict, correct: dict) -> tuple[list[bool], dict]:
     """Per domain: CEM over (experts, layers) coefficients on ``cem_shots`` training examples, then greedy
     answers of that domain's held-out items with the mixture."""
-    from uzr.adapters.reinforce import answer_logprobs
-
     cfg, svf = run.cfg, run.cfg.svf
     model, tok = run.models.get("student")
     names = list(svf.mixture or svf.domains)

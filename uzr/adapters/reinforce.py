@@ -25,10 +25,12 @@ from collections.abc import Callable, Sequence
 import lightning as L
 import torch
 from torch import Tensor, nn
+from transformers import StoppingCriteriaList
 
 from uzr.adapters.svd import Decomposition
 from uzr.adapters.svf import SVFTrainable, initial_z
 from uzr.attention import decoder_of
+from uzr.generation import LineStop
 from uzr.masks import pad_sequences
 from uzr.models import model_device
 from uzr.next_token import lm_head_logits
@@ -56,10 +58,6 @@ def sample_answers(model, tokenizer, texts: Sequence[str], samples: int, max_new
     ``greedy``: the greedy answer instead (then ``samples`` must be 1).
 
     Returns ``(prompt ids, answer ids, answer text (first line, stripped))``, one entry per sample."""
-    from transformers import StoppingCriteriaList
-
-    from uzr.generation import LineStop
-
     side, pad_token = tokenizer.padding_side, tokenizer.pad_token
     try:
         tokenizer.padding_side = "left"

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from uzr.attention import decoder_of
+from uzr.cache import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +90,6 @@ class Decomposition:
 def decompose(linears: dict[str, nn.Linear], cache_dir: str | Path | None = None) -> Decomposition:
     """The float32 thin SVD of each matrix, read from ``cache_dir/svd/<model hash>.safetensors`` when
     present, else computed and written there (atomically). ``cache_dir=None``: computed, not stored."""
-    from safetensors.torch import load_file, save_file
-
-    from uzr.cache import atomic_write
-
     model_hash = weights_hash(linears)
     path = Path(cache_dir) / "svd" / f"v{SVD_VERSION}-{model_hash}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():

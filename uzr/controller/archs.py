@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from uzr.config.controller import ControllerSpec, coerce_spec
 from uzr.masks import masked_log_softmax
+from uzr.reasoning import LatentReasoningUnit
 
 
 def relative_bucket(distance: Tensor, num_buckets: int, max_distance: int) -> Tensor:
@@ -176,8 +177,6 @@ class LRUController(BilinearController):
 
     def __init__(self, spec: ControllerSpec, hidden_size: int, heads: int | None = None):
         super().__init__(spec, hidden_size, heads)
-        from uzr.reasoning import LatentReasoningUnit
-
         dk = spec.key_dim
         self.inp = nn.Sequential(nn.Linear(self.hidden_size, spec.mlp_hidden), nn.GELU(), nn.Linear(spec.mlp_hidden, dk))
         self.lru = LatentReasoningUnit(dk, max_steps=spec.lru_max_steps, mode=spec.lru_halting,

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from uzr.corpus import load_corpus
 from uzr.dominance.samples import INSTRUCTIONS, cut_passage, synthetic_images
+from uzr.models import TINY_IMAGE_SIZE, TINY_PATCH_SIZE
 
 
 def text_items(cfg) -> list[tuple[str, str]]:
     """(passage, instruction) pairs from the data group's held-out split."""
-    from uzr.corpus import load_corpus
-
     d = cfg.dominance
     texts = list(load_corpus(cfg.data).heldout["text"])
     if len(texts) < d.num_samples:
@@ -52,8 +52,6 @@ def load_processor(spec, tokenizer):
     if spec.source == "tiny":
         from transformers import LlavaProcessor
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # no torchvision
-
-        from uzr.models import TINY_IMAGE_SIZE, TINY_PATCH_SIZE
 
         size = TINY_IMAGE_SIZE
         images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})

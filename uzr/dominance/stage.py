@@ -23,6 +23,7 @@ from uzr.dominance.groups import require_groups
 from uzr.dominance.indices import stage_layers
 from uzr.dominance.measure import run_sample
 from uzr.dominance.samples import SPLITS, Prepared, text_sample, vision_sample
+from uzr.dominance.sources import load_processor, text_items, vision_items
 from uzr.dominance.summary import (
     SplitData,
     anchor_comparison,
@@ -33,6 +34,8 @@ from uzr.dominance.summary import (
     summarise,
     table_rows,
 )
+from uzr.injection.setup import run_injection
+from uzr.models import model_device
 from uzr.stages import UncachedStage
 
 if TYPE_CHECKING:
@@ -72,17 +75,8 @@ class DominanceStage(UncachedStage):
         cfg, d = run.cfg, run.cfg.dominance
         injection = None
         if injects(d):
-            from uzr.injection.setup import run_injection
-
             injection = run_injection(run)  # controllers and sinks (inject.sinks=keep), as the evaluate stage
-        if d.source in VISION_SOURCES:
-            from uzr.dominance.sources import vision_items
-
-            items = vision_items(d)
-        else:
-            from uzr.dominance.sources import text_items
-
-            items = text_items(cfg)
+        items = vision_items(d) if d.source in VISION_SOURCES else text_items(cfg)
         data, stages, answers = {}, {}, {}
         for setting in d.models:
             data[setting], stages[setting], answers[setting] = measure_setting(run, setting, items, injection)
@@ -175,13 +169,9 @@ def sweep_row(section: dict) -> dict[str, float]:
 
 
 def _preparer(model, tok, spec, vision: bool):
-    from uzr.models import model_device
-
     device = model_device(model)
     if not vision:
         return lambda item: text_sample(tok, item[0], item[1], device)
-    from uzr.dominance.sources import load_processor
-
     processor = load_processor(spec, tok)
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     return lambda item: vision_sample(processor, model.config, item[0], item[1], device, dtype)

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from uzr.attention import attention_modules
+
 _FLOOR = 1e-8  # student probabilities stored in float16 underflow to 0 below ~6e-8
 
 
@@ -119,8 +121,6 @@ def output_cost(teacher_attn: torch.nn.Module, student_attn: torch.nn.Module, nu
 
 def match_outputs(teacher, student, layers: list[int], teacher_layers: list[int]) -> dict:
     """``layout.head_matching`` by output slot (module docstring): one distinct teacher head per student head."""
-    from uzr.attention import attention_modules
-
     t_mods, s_mods = attention_modules(teacher), attention_modules(student)
     config = student.config.get_text_config() if hasattr(student.config, "get_text_config") else student.config
     heads = config.num_attention_heads

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uzr.cache import file_digest
+from uzr.config import resolve_cache_dir
 from uzr.config.model import (  # noqa: F401  (re-exported: models are loaded from specs)
     ARCHITECTURES,
     DTYPES,
@@ -57,8 +58,6 @@ TINY_IMAGE_TOKEN, TINY_IMAGE_SIZE, TINY_PATCH_SIZE = "<image>", 32, 8
 
 def default_cache_dir() -> Path:
     """The shared artifact cache when none is given: ``$UZR_CACHE``, else ``./.cache/uzr``."""
-    from uzr.config import resolve_cache_dir
-
     return resolve_cache_dir()
 
 
@@ -115,6 +114,7 @@ def load_model(
     if tok.pad_token is None:  # batched harvesting pads; the EOS token is the usual stand-in
         tok.pad_token = tok.eos_token
     if spec.damage.layers:  # the positive control's student: attention damaged in chosen layers
+        # torch: imported only when a model loads (module docstring)
         from uzr.models.damage import apply_damage
 
         apply_damage(model, spec.damage, role)
@@ -378,7 +378,7 @@ def _load_tiny(spec: ModelSpec, device: str, attn_implementation: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from uzr.models.tokenizers import build_tiny_tokenizer
+    from uzr.models.tokenizers import build_tiny_tokenizer  # transformers: only when a model loads
 
     tok = build_tiny_tokenizer(spec.tokenizer)
     if spec.architecture == "llava":

@@ -24,7 +24,8 @@ from torch.nn import functional as F
 from uzr.config.lru_mla import LRUMLASpec
 from uzr.reasoning.lru import convergence_ratio
 from uzr.reasoning.tiny_lm import TinyLM
-from uzr.tasks.compact import PAD, CharCodec, reorder_answer, settle_order
+from uzr.tasks.causal_loop import generate, score_answer
+from uzr.tasks.compact import EOS, PAD, CharCodec, reorder_answer, settle_order
 
 
 @dataclass
@@ -39,8 +40,6 @@ class Items:
 
 def make_items(spec: LRUMLASpec, n: int, seed: int, exclude: set[str] | None = None) -> tuple[Items, set[str]]:
     """``n`` generated items (fewer after dropping prompts in ``exclude``) and their prompts."""
-    from uzr.tasks.causal_loop import generate
-
     dependency = spec.answer_order == "dependency"
     table = generate({"n": n, "levels": list(spec.levels), "seed": seed, "max_vars": spec.max_vars,
                       "max_rounds": spec.max_rounds, "trajectory": dependency})
@@ -175,8 +174,6 @@ def evaluate(model: TinyLM, items: Items, batch_size: int = 100) -> dict:
 @torch.no_grad()
 def greedy_decode(model: TinyLM, prompt_ids: list[int], max_new: int) -> list[int]:
     """Greedy continuation of one prompt (``bos ... sep``) through the model's KV / latent cache."""
-    from uzr.tasks.compact import EOS
-
     model.eval()
     out = model(torch.tensor([prompt_ids]), use_cache=True)
     generated: list[int] = []
@@ -192,8 +189,6 @@ def greedy_decode(model: TinyLM, prompt_ids: list[int], max_new: int) -> list[in
 def greedy_agreement(model: TinyLM, items: Items, exact: list[bool], n: int = 24) -> dict:
     """Greedy decoding through the cache on the first ``n`` items, scored by
     :func:`uzr.tasks.causal_loop.score_answer`, against the teacher-forced ``exact`` (they must agree)."""
-    from uzr.tasks.causal_loop import score_answer
-
     codec, agree, right = CharCodec(), 0, 0
     n = min(n, len(items.ids))
     for i in range(n):

@@ -33,6 +33,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 
+from uzr.config.run import CONF_DIR
 from uzr.config.tasks import CYCLIC_LEVELS, MAX_VARS, MIN_VARS, CausalLoopSpec, coerce_causal_loop
 from uzr.tasks.text_pieces import TextRows, numbers, only, pack, render, words
 
@@ -387,8 +388,6 @@ def compose_spec(overrides: list[str]) -> CausalLoopSpec:
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-
-    from uzr.config.run import CONF_DIR
 
     ConfigStore.instance().store(name="causal_loop_schema", node=CausalLoopSpec)
     GlobalHydra.instance().clear()
