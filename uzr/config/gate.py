@@ -64,6 +64,10 @@ class GateSpec:
     balance: bool = True  # weight positives by negatives/positives of the training split in the BCE
     # constant and gated rows of the table: the evaluation only, not the trained gate
     eval_alphas: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata=NOT_KEYED)
+    # generated answers (uzr.gate.answers): greedy answers of the student, constant- and gate-injected at alpha.value
+    # to this many held-out answerable prompts, judged against the fact tables (0 = off); the evaluation only
+    generated_answers: int = field(default=0, metadata=NOT_KEYED)
+    answer_tokens: int = field(default=24, metadata=NOT_KEYED)  # new tokens per generated answer
 
 
 def validate_gate_spec(spec: GateSpec) -> GateSpec:
@@ -95,6 +99,9 @@ def validate_gate_spec(spec: GateSpec) -> GateSpec:
     for name in ("max_new_tokens", "max_tokens", "hidden", "max_epochs", "batch_size"):
         check_int(key(name), getattr(spec, name), minimum=1)
     check_int(key("prompt_seed"), spec.prompt_seed)
+    check_int(key("generated_answers"), spec.generated_answers, minimum=0,
+              valid="an integer >= 0 (0 = off, N = that many held-out answerable prompts)")
+    check_int(key("answer_tokens"), spec.answer_tokens, minimum=1)
     check_float(key("dropout"), spec.dropout, 0, 1, open_high=True)
     check_float(key("lr"), spec.lr, low=0, open_low=True)
     check_float(key("weight_decay"), spec.weight_decay, low=0)

@@ -22,9 +22,11 @@ from uzr.config.gate import (
 )
 from uzr.config.keys import key_of
 from uzr.controller.stage import ControllerStage
+from uzr.gate.answers import evaluate_generated_answers, print_generated_answers
 from uzr.gate.checkpoint import load_gate, save_gate
 from uzr.gate.evaluation import evaluate_gated, gated_table, print_gated_table
 from uzr.gate.features import (
+    controllers_on,
     feature_names,
     pool_prefix,
     sequence_parts,
@@ -40,6 +42,8 @@ from uzr.gate.labels import (
 )
 from uzr.gate.model import GateModule, fit_gate
 from uzr.harvest.stage import HarvestStage
+from uzr.injection.setup import run_injection
+from uzr.models import model_device
 from uzr.qa.answers import judge_prompts
 from uzr.qa.facts import plain_qa_scores
 from uzr.qa.prompts import PROMPTS_VERSION, PromptSet, adds_special_tokens, format_prompt, resolve_format
@@ -181,8 +185,16 @@ class GateStage:
                                     plain_qa=lambda role: plain_qa_scores(run, role), memo=run.memo,
                                     stored=run.stored)
         run.tables["gated"] = gated_table(evaluation)
-        return {"heldout": gate.report(), "evaluation": evaluation}
+        section = {"heldout": gate.report(), "evaluation": evaluation}
+        if run.cfg.gate.generated_answers:  # an evaluated setting beside facts QA, off by default
+            student, tok = run.models.get("student")
+            section["generated_answers"] = evaluate_generated_answers(
+                run.cfg, student, tok, controllers_on(controllers, model_device(student)), gate, run_injection(run),
+                stored=run.stored)
+        return section
 
     def present(self, run, section: dict) -> None:
         print_gated_table(section["evaluation"])
+        if "generated_answers" in section:
+            print_generated_answers(section["generated_answers"])
         log.info("gate: %s", section["heldout"]["verdict"])
