@@ -28,6 +28,9 @@ PINNED = {
     # harvest.layers (keyed as the effective set), log_every_n_steps (controller only), eval_alphas (never)
     ("+experiment=smoke", "trainer.log_every_n_steps=7", "gate.eval_alphas=[0.25]", "harvest.layers=[0,1,2]"): {
         "harvest": "7c58c2d96b644f1c", "controller": "8b16870a9a39ceb8", "gate": "8ea2d148b47f3f35"},
+    # the generated-answer evaluation (never keyed): the smoke keys above
+    ("+experiment=smoke", "gate.generated_answers=200", "gate.answer_tokens=8"): {
+        "harvest": "88ce5fe0c26a21fa", "controller": "18354a3572d07f25", "gate": "1cb0365b2cf7930b"},
     ("+experiment=default",): {"harvest": "c6a04ad6318cdb6f", "controller": "4e1f286b7ed112a5",
                                "gate": "51bef50acb267d85"},
     ("+experiment=positive_control",): {"harvest": "99fbea071d25e8b5", "controller": "5d1bf75361eaaa10",

@@ -78,6 +78,9 @@ BAD = [
     (["+experiment=default", "teacher.quantization=3bit"], r"quantization"),
     (["+experiment=default", "evaluate.qa_batch_size=0"], r"evaluate.qa_batch_size=0 must be >= 1"),
     (["+experiment=default", "threads=0"], r"threads=0 must be >= 1"),
+    (["+experiment=default", "gate.generated_answers=-1"],
+     r"gate.generated_answers=-1 is invalid; valid: an integer >= 0 \(0 = off"),
+    (["+experiment=default", "gate.answer_tokens=0"], r"gate.answer_tokens=0 is invalid; valid: an integer >= 1"),
 ]
 
 
