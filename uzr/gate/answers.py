@@ -53,8 +53,8 @@ def evaluate_generated_answers(cfg: RunConfig, student, tok, controllers, gate: 
     table); ``stored``: where each setting's answers are kept across runs (the run's
     :meth:`~uzr.runner.RunContext.stored`; its key holds the gate's artifact key, so gated answers are safe to keep).
 
-    Returns ``{"n", "answer_tokens", "prompt_format", "right": {setting: count}, "vs_student": {"constant",
-    "gated": AnswerComparison.as_dict() + "examples"}}``.
+    Returns ``{"n", "answer_tokens", "prompt_format", "alpha", "gate_level", "right": {setting: count},
+    "vs_student": {"constant" | "gated": AnswerComparison.as_dict() + "examples" (:func:`changed_examples`)}}``.
     """
     spec = coerce_gate_spec(cfg.gate)
     prompts = qa_prompts(spec.prompt_seed, spec.heldout_fraction, spec.generated_answers)
