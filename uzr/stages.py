@@ -79,10 +79,14 @@ class StageInfo:
     def needs_for(self, cfg: RunConfig | None) -> dict[str, str]:
         """The stages this one needs in the run of ``cfg``: ``{name: why}``, why = "" for its fixed ``needs``
         (``cfg`` None: the fixed needs only)."""
-        needs = dict.fromkeys(self.needs, "")
-        if self.needs_when and cfg is not None:
-            needs.update(_named(self.needs_when)(cfg))
-        return needs
+        return {**dict.fromkeys(self.needs, ""), **self.settings_needs(cfg)}
+
+    def settings_needs(self, cfg: RunConfig | None) -> dict[str, str]:
+        """``{name: why}`` of the stages this one needs only for the settings of ``cfg`` (``needs_when``), beyond
+        its fixed ``needs``."""
+        if not self.needs_when or cfg is None:
+            return {}
+        return {need: why for need, why in _named(self.needs_when)(cfg).items() if need not in self.needs}
 
 
 def _named(path: str) -> Any:
@@ -170,9 +174,8 @@ def conditional_needs(planned: Iterable[StageInfo], cfg: RunConfig) -> dict[str,
     """``{stage: [why, ...]}``: the stages of a plan that only a setting of another planned stage needs."""
     why: dict[str, list[str]] = {}
     for info in planned:
-        for need, reason in info.needs_for(cfg).items():
-            if need not in info.needs:
-                why.setdefault(need, []).append(reason)
+        for need, reason in info.settings_needs(cfg).items():
+            why.setdefault(need, []).append(reason)
     return why
 
 
@@ -183,9 +186,8 @@ def builders(selected: Iterable[str], cfg: RunConfig | None) -> set[str]:
     build = set(selected)
     for info in reversed(plan(selected, cfg)):  # dependents before their needs
         if info.name in build:
-            for need in info.needs_for(cfg):
-                if need not in info.needs:
-                    build |= {s.name for s in plan([need], cfg)}
+            for need in info.settings_needs(cfg):
+                build |= {s.name for s in plan([need], cfg)}
     return build
 
 
