@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from uzr.config.gate import coerce_gate_spec
 from uzr.config.inject import AlphaSpec
 from uzr.evaluate.texts import injection_key
-from uzr.gate.features import sequence_parts, token_ids
+from uzr.gate.features import prompt_gate_values
 from uzr.gate.model import GateModule
 from uzr.generation import generate_answers
 from uzr.injection.setup import Injection
@@ -63,12 +63,9 @@ def evaluate_generated_answers(cfg: RunConfig, student, tok, controllers, gate: 
     texts = [format_prompt(p.question, tok, style) for p in prompts]
     device = model_device(student)
 
-    def gate_values() -> list[float]:  # the gate at each prompt's last token, from an uninjected pass
-        parts = sequence_parts(student, controllers, [token_ids(tok, t, special) for t in texts], list(cfg.inject.layers))
-        return [gate.prompt_value(pp) for pp in parts]
-
     def answers(name: str, alpha: AlphaSpec | None) -> list[str]:
-        gates = gate_values() if alpha is not None and alpha.schedule == "gated" else None
+        gates = (prompt_gate_values(gate, student, tok, controllers, texts, list(cfg.inject.layers), special)
+                 if alpha is not None and alpha.schedule == "gated" else None)
         out = []
         # one prompt at a time: the injector sees no padding, and each prompt its own gate value (the live demo's path)
         for i, text in enumerate(tqdm(texts, desc=f"generated answers: {name}", unit="answer", dynamic_ncols=True)):

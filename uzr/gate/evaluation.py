@@ -17,7 +17,7 @@ from uzr.config.gate import (
 )
 from uzr.config.inject import AlphaSpec
 from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_setting, score_settings
-from uzr.gate.features import controllers_on, gate_positions, sequence_parts, token_ids
+from uzr.gate.features import controllers_on, gate_positions, prompt_gate_values
 from uzr.gate.model import GateModule
 from uzr.injection.injector import Injector
 from uzr.injection.setup import configured_injection
@@ -86,8 +86,8 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     heldout = PromptSet(spec.prompt_seed, spec.heldout_fraction).heldout
     style = resolve_format(tok, spec.prompt_format)
     texts = [format_prompt(p.question, tok, style) for p in heldout]
-    parts = sequence_parts(student, ctrls, [token_ids(tok, t, adds_special_tokens(style)) for t in texts], layers)
-    prompt_gate = {p.id: gate.prompt_value(pp) for p, pp in zip(heldout, parts)}
+    values = prompt_gate_values(gate, student, tok, ctrls, texts, layers, adds_special_tokens(style))
+    prompt_gate = {p.id: value for p, value in zip(heldout, values)}
     by_kind = {kind: float(np.mean([prompt_gate[p.id] for p in heldout if p.kind == kind]))
                for kind in ("answerable", "unanswerable") if any(p.kind == kind for p in heldout)}
 

@@ -115,6 +115,13 @@ def gate_features(student, tokenizer, controllers: Mapping, texts_or_rows: Seque
     return [pool_prefix(token_matrix(p, features), pool) for p in parts]
 
 
+def prompt_gate_values(gate, student, tokenizer, controllers: Mapping, texts: Sequence[str], layers: Sequence[int],
+                       add_special_tokens: bool = True) -> list[float]:
+    """The gate's value of each formatted prompt in ``texts`` (at its last token), from an uninjected student pass."""
+    parts = sequence_parts(student, controllers, [token_ids(tokenizer, t, add_special_tokens) for t in texts], layers)
+    return [gate.prompt_value(p) for p in parts]
+
+
 def gate_positions(gate, student, controllers: Mapping, input_ids, layers: Sequence[int]) -> Tensor:
     """Gate value at every position of one sequence, shaped (1, S) for ``Injector.gate`` (schedule
     ``gated``, teacher-forced passes such as bits per byte); from an uninjected student pass."""
