@@ -159,3 +159,15 @@ def test_a_possessive_states_the_answer_and_a_contraction_stays_a_word():
                                             "It isn't Austen."])
     assert [v.correct for v in verdicts] == [True, True, False]
     assert normalise("Jane Austen's novel isn't") == "jane austen novel isnt"
+
+
+def test_a_plural_and_a_continent_adjective_state_the_answer_but_not_other_uses_of_the_adjective():
+    unit = ("What is the SI unit of force?", "newton", ["newton", "joule", "watt", "pascal"])
+    assert judge("The SI unit of force is Newtons (N).", *unit).correct
+    assert not judge("The SI unit of force is Newtonian.", *unit).correct  # a plural, not any suffix
+    assert judge("It is in the European continent.", "Which continent is Ireland in?", "Europe",
+                 ["Europe", "Asia", "Africa", "Oceania"]).correct
+    eu = judge("Germany is a member of the European Union.", "Which continent is Germany in?", "Europe",
+               ["Europe", "Asia", "Africa", "Oceania"])
+    assert not eu.correct and eu.reason == "answer absent"
+    assert not judge("Newtons and joules.", *unit).correct  # the plural of a rival is a rival too

@@ -22,9 +22,10 @@ PINNED = {
     ("+experiment=smoke",): {"harvest": "88ce5fe0c26a21fa", "controller": "18354a3572d07f25",
                              "gate": "1cb0365b2cf7930b"},
     # Prompt-level gates were re-keyed on purpose (issue 24): their labels now judge the teacher's answers against the
-    # fact tables (prompt_labels_version 2 and gate.check_answers in the payload); before: c101ea3f9e34900f.
-    ("+experiment=smoke", "gate=prompt"): {"gate": "94c605268a1ab3b6"},
-    ("+experiment=smoke", "gate=prompt", "gate.check_answers=false"): {"gate": "f5821c60f4a01aec"},
+    # fact tables (prompt_labels_version 2 and gate.check_answers in the payload; version 3: plurals and continent
+    # adjectives count); before: c101ea3f9e34900f, then 94c605268a1ab3b6.
+    ("+experiment=smoke", "gate=prompt"): {"gate": "1c80f505baf580bf"},
+    ("+experiment=smoke", "gate=prompt", "gate.check_answers=false"): {"gate": "0709f85fc673041a"},
     # harvest.layers (keyed as the effective set), log_every_n_steps (controller only), eval_alphas (never)
     ("+experiment=smoke", "trainer.log_every_n_steps=7", "gate.eval_alphas=[0.25]", "harvest.layers=[0,1,2]"): {
         "harvest": "7c58c2d96b644f1c", "controller": "8b16870a9a39ceb8", "gate": "8ea2d148b47f3f35"},

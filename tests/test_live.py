@@ -110,6 +110,15 @@ def test_live_with_prompt_level_gate(live_cache):
     assert len(labels) >= 400 and {"CONFIDENT"} < {row["label"] for row in labels}
     report = json.loads((gate_dir / "gate.json").read_text())["report"]
     assert report["level"] == "prompt" and "verdict" in report
+    answers = next(v for k, v in result["artifacts"].items() if k.startswith("teacher_answers/"))
+    assert answers["built"]
+    # labelled differently: a new gate from the same cached teacher answers
+    proc = run_live(tmp, "gate=prompt", "gate.max_new_tokens=6", "gate.max_epochs=5", "gate.check_answers=false",
+                    "gate.confident_quantile=0.4", "--prompt", "Who wrote Hamlet?", "--json", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads(proc.stdout)
+    assert again["artifacts"]["gate"]["built"] and again["artifacts"]["gate"]["key"] != result["artifacts"]["gate"]["key"]
+    assert again["artifacts"][f"teacher_answers/{answers['key']}"]["built"] is False
 
 
 def test_gate_table_and_live_demo_keep_sinks_like_the_evaluate_stage(live_cache, monkeypatch):

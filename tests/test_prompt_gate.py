@@ -38,9 +38,8 @@ def test_check_answers_is_in_a_prompt_gate_key_only():
     assert prompt[0] != prompt[1] and prompt[0]["prompt_labels_version"] >= 2
 
 
-def toy_teacher(prompts, *_, **kwargs):
+def toy_teacher(prompts):
     """Answers the EASY categories right and confidently, everything else confidently wrong or unsure."""
-    assert kwargs.get("desc"), "the teacher's answering shows a progress bar"
     by_question = {p.question: p for p in PromptSet().all}
     out = []
     for question in prompts:
@@ -57,16 +56,12 @@ def toy_teacher(prompts, *_, **kwargs):
 @pytest.fixture(scope="module")
 def toy_prompt_data(tiny_models, tmp_path_factory):
     """prompt_dataset on the tiny llama student with the toy teacher (the teacher model is never run)."""
-    import uzr.gate.stage as stage
-
     model, tok = tiny_models["llama"]
     layers = [1, 2]
     folder = tmp_path_factory.mktemp("prompt-gate")
     spec = GateSpec(label="prompt", prompt_format="qa", confident_entropy=1.0, waffle_entropy=3.0, hidden=32, dropout=0.0, max_epochs=40, batch_size=64, lr=3e-3)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stage, "teacher_answers", lambda teacher, tok_, questions, spec_, batch_size, desc=None:
-                   toy_teacher(questions, desc=desc))
-        data = prompt_dataset(model, tok, None, None, random_controllers(model, layers), layers, spec, folder)
+    answers = toy_teacher([p.question for p in PromptSet().all])
+    data = prompt_dataset(model, tok, answers, random_controllers(model, layers), layers, spec, folder)
     return data, folder, spec, layers
 
 

@@ -139,7 +139,7 @@ class LiveSession:
             "fact_check": judge_known(prompt, {k: v for k, v in answers.items() if v is not None}),
             "student_mean_entropy": {"student": plain["mean_entropy"], "injected": injected["mean_entropy"]},
             "student": self.cfg.student.name, "teacher": self.cfg.teacher.name,
-            "artifacts": self.run.info,
+            "artifacts": self.run.artifact_records(),
         }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 FEATURES_VERSION = 1
 # Bump when the prompt-level labels change meaning: part of a prompt-level gate's key only (token-level keys stay).
 # Version 2: CONFIDENT also needs the teacher's answer to state the fact-table answer (uzr.qa.answers).
-PROMPT_LABELS_VERSION = 2
+# Version 3: the judge counts plurals ("Newtons") and "the European continent".
+PROMPT_LABELS_VERSION = 3
 LABELS_FILE = "labels.jsonl"  # the prompt-level labels, one JSON line per prompt, for inspection
 
 
@@ -103,14 +104,15 @@ def token_dataset(student, controllers: Mapping, store: HarvestStore, layers: Se
     return data
 
 
-def prompt_dataset(student, student_tok, teacher, teacher_tok, controllers: Mapping, layers: Sequence[int],
-                   spec: GateSpec, folder: Path | None = None, batch_size: int = 32) -> dict[str, Any]:
-    """Prompt-level labels from the teacher's answers (checked against the fact tables: CONFIDENT needs the
-    right answer) and the student's gate inputs at each prompt's last token; writes ``labels.jsonl`` into
-    ``folder`` for inspection."""
+def prompt_dataset(student, student_tok, answers: Sequence[Mapping[str, Any]], controllers: Mapping,
+                   layers: Sequence[int], spec: GateSpec, folder: Path | None = None) -> dict[str, Any]:
+    """Prompt-level labels from the teacher's ``answers`` to every prompt of the built-in set
+    (:func:`cached_teacher_answers`: ``{"answer", "mean_entropy"}`` each, in the set's order), checked against the
+    fact tables (CONFIDENT needs the right answer), and the student's gate inputs at each prompt's last token;
+    writes ``labels.jsonl`` into ``folder`` for inspection."""
     prompts = PromptSet(spec.prompt_seed, spec.heldout_fraction).all
-    answers = teacher_answers(teacher, teacher_tok, [p.question for p in prompts], spec, batch_size,
-                              desc="gate labels: teacher answers")
+    if len(answers) != len(prompts):
+        raise ValueError(f"prompt_dataset: {len(answers)} teacher answers for {len(prompts)} prompts")
     verdicts = judge_prompts(prompts, [a["answer"] for a in answers], spec.hedges)
     labels, thresholds = prompt_labels([(a["answer"], a["mean_entropy"]) for a in answers],
                                        [p.split == "train" for p in prompts], spec,
@@ -140,19 +142,40 @@ def prompt_dataset(student, student_tok, teacher, teacher_tok, controllers: Mapp
                                       if spec.check_answers else "")}}
 
 
+def cached_teacher_answers(run, spec: GateSpec) -> list[dict]:
+    """The teacher's greedy answers to every prompt of the built-in set (``{"answer", "mean_entropy", ...}`` in the
+    set's order), generated once per teacher, device, prompt set and answer settings and kept in the artifact cache
+    as ``teacher_answers/<key>`` (``run``: a :class:`~uzr.runner.RunContext`), so a change in how answers are
+    judged re-labels without asking the teacher again."""
+    prompts = PromptSet(spec.prompt_seed, spec.heldout_fraction).all
+    payload = {"teacher": key_of(run.cfg.teacher, "gate"), "device": run.cfg.device,
+               "prompt_format": spec.prompt_format, "max_new_tokens": spec.max_new_tokens,
+               "questions": [p.question for p in prompts]}
+
+    def build(folder: Path) -> dict:
+        teacher, tok = run.models.get("teacher")
+        answers = teacher_answers(teacher, tok, payload["questions"], spec, desc="gate labels: teacher answers")
+        (folder / "answers.json").write_text(json.dumps(answers))
+        return {"num_prompts": len(answers)}
+
+    folder, _ = run.artifact("teacher_answers", payload, build, version=1)
+    return json.loads((folder / "answers.json").read_text())
+
+
 def train_gate(folder: Path, cfg: RunConfig, store: HarvestStore, controllers: Mapping, models,
-               loggers=None) -> dict:
+               loggers=None, answers: Callable[[], Sequence[Mapping[str, Any]]] | None = None) -> dict:
     """The gate stage: build labels and features, train, save ``gate.safetensors`` + ``gate.json`` into
-    ``folder``. ``models``: the pipeline's ModelPool (``models.get("student")`` / ``("teacher")``).
-    Returns manifest extras ``{"heldout": report}``."""
+    ``folder``. ``models``: the pipeline's ModelPool (``models.get("student")``); ``answers()``: the teacher's
+    answers for prompt-level labels (:func:`cached_teacher_answers`). Returns manifest extras ``{"heldout": report}``."""
     spec = coerce_gate_spec(cfg.gate)
     layers = list(cfg.inject.layers)
     student, student_tok = models.get("student")
     if spec.label == "token":
         data = token_dataset(student, controllers, store, layers, spec, cfg.seed)
     else:
-        teacher, teacher_tok = models.get("teacher")
-        data = prompt_dataset(student, student_tok, teacher, teacher_tok, controllers, layers, spec, Path(folder))
+        if answers is None:
+            raise ValueError("train_gate: gate.label=prompt needs the teacher's answers (cached_teacher_answers)")
+        data = prompt_dataset(student, student_tok, answers(), controllers, layers, spec, Path(folder))
     names = feature_names(layers, student.config.hidden_size, spec.features, spec.pool)
     t = cfg.trainer
     module = fit_gate(*data["train"], *data["heldout"], spec, names, spec.label, layers, loggers,
@@ -173,7 +196,7 @@ class GateStage:
 
     def build(self, run, folder: Path) -> dict:
         return train_gate(folder, run.cfg, run.upstream(HarvestStage), run.upstream(ControllerStage).controllers,
-                          run.models, run.loggers)
+                          run.models, run.loggers, lambda: cached_teacher_answers(run, coerce_gate_spec(run.cfg.gate)))
 
     def load(self, run, folder: Path) -> GateModule:
         gate, _ = load_gate(folder, expected={"layers": list(run.cfg.inject.layers), "student": run.cfg.student.name})

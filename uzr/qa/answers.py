@@ -2,8 +2,8 @@
 
 Facts QA (:mod:`uzr.qa.facts`) scores candidates by likelihood; a user reads the *greedy answer*. This
 module judges that answer: it is **right** when it states the fact-table answer, found as whole words
-after normalisation (case, punctuation, diacritics, ``metre``/``meter`` spellings; an integer answer
-also as English words), with three ways a mention does not count:
+after normalisation (case, punctuation, diacritics, ``metre``/``meter`` spellings; a plural ("Newtons"); an
+integer answer also as English words; a continent also as "the European continent"), with three ways a mention does not count:
 
 - **echo**: the answer's words only inside a run of two or more words copied from the question
   ("What is 4 divided by 2?" -> "4 divided by 2 is 3" does not state 2);
@@ -48,6 +48,10 @@ REFUSALS = [
 NEGATORS = {"not", "isnt", "arent", "wasnt", "werent", "never", "nor", "neither", "doesnt", "dont"}
 NEGATING_PAIRS = {("rather", "than"), ("instead", "of"), ("other", "than")}
 FILLERS = {"the", "a", "an", "exactly", "actually", "really", "quite", "simply", "just"}  # "not the answer"
+# A continent stated as its adjective counts only before "continent" ("the European continent" states Europe,
+# "the European Union" does not).
+CONTINENT_ADJECTIVES = {"Europe": "European", "Asia": "Asian", "Africa": "African", "North America": "North American",
+                        "South America": "South American", "Oceania": "Oceanian", "Antarctica": "Antarctic"}
 # British and American spellings fold to one (the fact tables are British).
 SPELLINGS = (("metre", "meter"), ("litre", "liter"), ("aluminium", "aluminum"), ("sulphur", "sulfur"))
 
@@ -98,10 +102,15 @@ def _words(text: str, keep_case: bool) -> list[str]:
 
 
 def _forms(answer: str) -> list[list[str]]:
-    """The word sequences that state ``answer``: itself, and an integer 0..99 also in English words."""
+    """The word sequences that state ``answer``: itself, its plural ("newtons" for newton), an integer 0..99 also
+    in English words, a continent also as "<adjective> continent"."""
     forms = [_words(answer, _case_sensitive(answer))]
+    if not _case_sensitive(answer) and forms[0] and forms[0][-1].isalpha() and len(forms[0][-1]) >= 3:
+        forms.append([*forms[0][:-1], forms[0][-1] + ("es" if forms[0][-1].endswith(("s", "x", "z")) else "s")])
     if answer.strip().isdigit() and int(answer) < 100:
         forms.append(_words(number_words(int(answer)), False))
+    if answer in CONTINENT_ADJECTIVES:
+        forms.append(_words(f"{CONTINENT_ADJECTIVES[answer]} continent", False))
     return [f for f in forms if f]
 
 
