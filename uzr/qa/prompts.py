@@ -162,6 +162,11 @@ class Prompt:
     answer: str | None = None
     candidates: list[str] = field(default_factory=list)
     split: str = "train"  # "train" | "heldout"
+    # (start, end) character spans of ``question`` that emphasis steering up-weights (a passage the answer must
+    # come from); empty for the built-in prompts
+    marked: list[tuple[int, int]] = field(default_factory=list)
+    # labels to report accuracy by (e.g. {"length": "1k-2k", "position": "middle"}); empty for the built-in prompts
+    tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def answerable(self) -> bool:
