@@ -207,7 +207,7 @@ def test_missing_path_named_before_reading(tmp_path):
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [({"source": "csv"}, r"corpus\.source='csv'.*\['pydoc', 'text_file', 'jsonl', 'hub', 'packaged'\]"),
+    [({"source": "csv"}, r"corpus\.source='csv'.*\['pydoc', 'text_file', 'jsonl', 'hub', 'packaged', 'prompts'\]"),
      ({"long_text": "drop"}, r"corpus\.long_text='drop'.*\['truncate', 'window', 'tokens'\]"),
      ({"num_texts": 1}, r"corpus\.num_texts=1.*>= 2.*0 for all"),
      ({"num_texts": -5}, r"corpus\.num_texts=-5"),

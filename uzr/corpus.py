@@ -263,13 +263,40 @@ def _capper(spec: CorpusSpec, stats: dict[str, int], tokenizer, max_tokens: int 
 
 
 def load_run_corpus(spec: CorpusSpec, student_tokenizer: Callable[[], Any], max_tokens: int) -> Corpus:
-    """:func:`load_corpus` for a run: ``student_tokenizer()`` is called only when ``long_text=tokens`` needs it."""
-    return load_corpus(spec, student_tokenizer() if spec.long_text == "tokens" else None, max_tokens)
+    """:func:`load_corpus` for a run: ``student_tokenizer()`` is called only when ``long_text=tokens`` or
+    ``source=prompts`` needs it."""
+    needs = spec.long_text == "tokens" or spec.source == "prompts"
+    return load_corpus(spec, student_tokenizer() if needs else None, max_tokens)
+
+
+def _prompts_corpus(spec: CorpusSpec, tokenizer) -> Corpus:
+    """``source=prompts``: the built-in prompt set as chat transcripts (:mod:`uzr.qa.transcripts`), split as the
+    prompt set is (``seed``, ``heldout_fraction``); ``num_texts`` > 0 keeps a seeded sample of that many, in the
+    same proportion from each side."""
+    if tokenizer is None:
+        raise invalid("source", spec.source, "'prompts' formats prompts in the student's chat template: load_corpus "
+                      "needs the student tokenizer")
+    from uzr.qa.transcripts import prompt_transcripts  # the prompt tables load only for this source
+
+    sides = prompt_transcripts(tokenizer, spec.seed, spec.heldout_fraction)
+    total = sum(len(v) for v in sides.values())
+    rng = np.random.default_rng(spec.seed)
+    features = datasets.Features({"text": datasets.Value("string"), "source_id": datasets.Value("string")})
+    splits, stats = {}, {"documents": total, "available": total}
+    for name, items in sides.items():
+        keep = len(items) if not spec.num_texts else max(1, round(spec.num_texts * len(items) / total))
+        chosen = sorted(rng.choice(len(items), min(keep, len(items)), replace=False))
+        splits[name] = datasets.Dataset.from_dict({"text": [items[i][1] for i in chosen],
+                                                   "source_id": [items[i][0] for i in chosen]}, features=features)
+        stats[name] = len(chosen)
+    stats["texts"] = stats["train"] + stats["heldout"]
+    log.info("%s: %s", _describe(spec), stats)
+    return Corpus(splits=datasets.DatasetDict(splits), stats=stats)
 
 
 def _describe(spec: CorpusSpec) -> str:
     where = {"text_file": spec.path, "jsonl": spec.path, "hub": spec.hub_id, "pydoc": "pydoc_data.topics",
-             "packaged": f"uzr/corpora/{spec.path}"}
+             "packaged": f"uzr/corpora/{spec.path}", "prompts": "uzr.qa.prompts as chat transcripts"}
     return f"corpus {spec.name!r} (source={spec.source}, {where[spec.source]})"
 
 
@@ -286,6 +313,8 @@ def load_corpus(spec: CorpusSpec | Mapping[str, Any], tokenizer=None, max_tokens
     for a hub dataset that is not cached while offline.
     """
     spec = validate_corpus_spec(spec)
+    if spec.source == "prompts":
+        return _prompts_corpus(spec, tokenizer)
     keys = ("documents", "paragraphs", "skipped_empty", "too_short", "truncated", "windowed", "duplicates")
     stats = dict.fromkeys(keys, 0)
     docs = {

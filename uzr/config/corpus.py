@@ -11,7 +11,7 @@ from typing import Any
 from uzr.config.checks import is_int, is_number
 from uzr.config.groups import ConfigGroup
 
-SOURCES = ("pydoc", "text_file", "jsonl", "hub", "packaged")
+SOURCES = ("pydoc", "text_file", "jsonl", "hub", "packaged", "prompts")
 PACKAGED = Path(__file__).resolve().parents[1] / "corpora"  # data.source=packaged: data.path is relative to it
 DATA_OPTIONS = Path(__file__).resolve().parents[2] / "conf" / "data"  # evaluate.domains names options of this group
 LONG_TEXT = ("truncate", "window", "tokens")
@@ -23,7 +23,7 @@ class CorpusSpec:
     """Where texts come from and how they are cut (plain types only: it is a Hydra structured config)."""
 
     name: str = "pydoc"
-    source: str = "pydoc"  # one of SOURCES
+    source: str = "pydoc"  # one of SOURCES; prompts: the built-in prompt set as chat transcripts (uzr.qa.transcripts)
     path: str | None = None  # file or glob, for text_file / jsonl; for packaged, relative to uzr/corpora
     text_field: str = "text"  # jsonl field, and the hub dataset's text column
     hub_id: str | None = None
@@ -135,7 +135,21 @@ def domain_spec(name: str, where: str = "evaluate.domains") -> CorpusSpec:
     return validate_corpus_spec(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CorpusSpec), raw)))
 
 
-CONFIG_GROUPS = (ConfigGroup("data", CorpusSpec, lambda cfg: validate_corpus_spec(cfg.data)),)
+def validate_run_corpus(cfg) -> CorpusSpec:
+    """The run's ``data``, and for ``source=prompts`` the same prompt split as the gate's, so the held-out prompts
+    that the gate and the generated-answer table evaluate are never harvested."""
+    spec = validate_corpus_spec(cfg.data)
+    if spec.source == "prompts" and getattr(cfg, "gate", None) is not None:
+        split = (cfg.gate.prompt_seed, float(cfg.gate.heldout_fraction))
+        if (spec.seed, float(spec.heldout_fraction)) != split:
+            raise ValueError(f"data.source=prompts splits the prompt set with data.seed={spec.seed}, data.heldout_fraction="
+                             f"{spec.heldout_fraction}, but the gate evaluates held-out prompts of gate.prompt_seed="
+                             f"{split[0]}, gate.heldout_fraction={split[1]}: set them equal, or the harvest trains on "
+                             "prompts the gate holds out")
+    return spec
+
+
+CONFIG_GROUPS = (ConfigGroup("data", CorpusSpec, validate_run_corpus),)
 
 
 # --------------------------------------------------------------------------- reading sources
