@@ -121,6 +121,30 @@ def test_live_with_prompt_level_gate(live_cache):
     assert again["artifacts"][f"teacher_answers/{answers['key']}"]["built"] is False
 
 
+def test_a_prompt_gate_is_compared_with_the_runs_own_token_gate(live_cache):
+    """The token gate beside a prompt gate is the artifact a gate=token run of the same settings has (the one the
+    live_cache fixture built, so nothing is trained here), scored on the prompt gate's held-out labels."""
+    from uzr.gate.comparison import KNOWN, NO_ANSWER, UNKNOWN
+    from uzr.gate.stage import gate_comparison
+    from uzr.live import compose_config, ensure_artifacts
+
+    tmp, token_run = live_cache
+    cfg = compose_config(["+experiment=smoke", f"paths.cache_dir={tmp / 'cache'}", "gate=prompt", "gate.max_new_tokens=6",
+                          "gate.max_epochs=5", "gate.check_answers=false"])
+    run = ensure_artifacts(cfg, build=False)  # test_live_with_prompt_level_gate built it
+    result = gate_comparison(run, run.artifacts["gate"])
+    token_gate = next(v for k, v in run.artifact_records().items() if k.startswith("gate/"))
+    assert token_gate["path"] == token_run["artifacts"]["gate"]["path"] and token_gate["built"] is False
+    assert result["n_heldout"] == 246 and set(result["mean_gate"]) <= {KNOWN, UNKNOWN, NO_ANSWER}
+    assert sum(v["n"] for v in result["mean_gate"].values()) == 246
+    assert set(result["demo"]) == {"What is the capital of France?", "What is the capital of Mars?"}
+    for name in ("prompt_gate", "token_gate"):
+        assert 0 <= result["auroc"][name] <= 1
+    d = result["difference"]
+    assert d["low"] <= d["estimate"] <= d["high"]
+    assert abs(d["estimate"] - (result["auroc"]["prompt_gate"] - result["auroc"]["token_gate"])) < 1e-12
+
+
 def test_gate_table_and_live_demo_keep_sinks_like_the_evaluate_stage(live_cache, monkeypatch):
     """``inject.sinks=keep`` reaches the gate table's injected rows and the live demo's injector: the gate table's
     constant row is the evaluate stage's injected student (computed apart, no shared memo), and keep and replace

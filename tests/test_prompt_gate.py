@@ -105,3 +105,23 @@ def test_answering_shows_a_progress_bar_with_eta(tiny_models, capsys):
     assert "teacher answers" in err and "3/3" in err and "<" in err  # tqdm: elapsed<remaining
     generate_answers(model, tok, texts, max_new_tokens=2, batch_size=2)
     assert "teacher answers" not in capsys.readouterr().err  # no desc, no bar
+
+
+def test_compare_gates_scores_both_gates_on_the_prompt_labels_and_groups_them_by_kind():
+    from uzr.gate.comparison import KNOWN, NO_ANSWER, UNKNOWN, compare_gates
+
+    rows = ([{"kind": "answerable", "correct": True, "label": CONFIDENT}] * 4
+            + [{"kind": "answerable", "correct": False, "label": CAUTIOUS}] * 3
+            + [{"kind": "unanswerable", "correct": False, "label": "WAFFLE"}] * 3)
+    ranks = [0.9, 0.8, 0.7, 0.6, 0.3, 0.2, 0.1, 0.25, 0.15, 0.05]  # separates CONFIDENT from the rest
+    inverted = [1 - v for v in ranks]
+    result = compare_gates(rows, {"prompt_gate": [*ranks, 0.9, 0.1], "token_gate": [*inverted, 0.2, 0.7]},
+                           demo=["France?", "Mars?"])
+    assert result["auroc"] == {"prompt_gate": 1.0, "token_gate": 0.0}
+    assert result["difference"]["estimate"] == 1.0 and result["difference"]["low"] == 1.0
+    assert result["mean_gate"][KNOWN]["prompt_gate"] == pytest.approx(0.75) and result["mean_gate"][KNOWN]["n"] == 4
+    assert result["mean_gate"][UNKNOWN]["token_gate"] == pytest.approx(0.8)
+    assert result["mean_gate"][NO_ANSWER]["prompt_gate"] == pytest.approx(0.15)
+    assert result["demo"] == {"France?": {"prompt_gate": 0.9, "token_gate": 0.2},
+                              "Mars?": {"prompt_gate": 0.1, "token_gate": 0.7}}
+    assert result["positives"] == 4 and result["n_heldout"] == 10

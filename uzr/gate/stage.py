@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +25,13 @@ from uzr.config.keys import key_of
 from uzr.controller.stage import ControllerStage
 from uzr.gate.answers import evaluate_generated_answers, print_generated_answers
 from uzr.gate.checkpoint import load_gate, save_gate
+from uzr.gate.comparison import compare_gates, print_gate_comparison
 from uzr.gate.evaluation import evaluate_gated, gated_table, print_gated_table
 from uzr.gate.features import (
     controllers_on,
     feature_names,
     pool_prefix,
+    prompt_gate_values,
     sequence_parts,
     token_ids,
     token_matrix,
@@ -47,6 +50,7 @@ from uzr.models import model_device
 from uzr.qa.answers import judge_prompts
 from uzr.qa.facts import plain_qa_scores
 from uzr.qa.prompts import PROMPTS_VERSION, PromptSet, adds_special_tokens, format_prompt, resolve_format
+from uzr.stages import registry
 
 if TYPE_CHECKING:
     from uzr.config import RunConfig
@@ -60,6 +64,8 @@ FEATURES_VERSION = 1
 # Version 2: CONFIDENT also needs the teacher's answer to state the fact-table answer (uzr.qa.answers).
 # Version 3: the judge counts plurals ("Newtons") and "the European continent".
 PROMPT_LABELS_VERSION = 3
+# The seed's own live-demo pair: a gate that means what the demo says puts the first well above the second.
+DEMO_QUESTIONS = ("What is the capital of France?", "What is the capital of Mars?")
 LABELS_FILE = "labels.jsonl"  # the prompt-level labels, one JSON line per prompt, for inspection
 
 
@@ -190,6 +196,32 @@ def train_gate(folder: Path, cfg: RunConfig, store: HarvestStore, controllers: M
     return {"heldout": report, "resumed": module.resumed}
 
 
+def run_token_gate(run) -> GateModule:
+    """The token-level gate of ``run``'s controller (:class:`~uzr.config.gate.GateSpec` defaults, ``label=token``):
+    the artifact a ``gate=token`` run with the same settings builds (same key and folder), built here when missing."""
+    cfg = replace(run.cfg, gate=replace(GateSpec(), eval_alphas=list(run.cfg.gate.eval_alphas)))
+    folder, _ = run.artifact(
+        "gate", gate_payload(cfg, run.info["controller"]["key"]),
+        lambda f: train_gate(f, cfg, run.upstream(HarvestStage), run.upstream(ControllerStage).controllers,
+                             run.models, run.loggers), version=registry()["gate"].version)
+    return load_gate(folder, expected={"layers": list(cfg.inject.layers), "student": cfg.student.name})[0]
+
+
+def gate_comparison(run, gate: GateModule) -> dict[str, Any]:
+    """A prompt-level gate against the run's token gate on its held-out prompt labels and the live demo's two
+    questions (:func:`uzr.gate.comparison.compare_gates`)."""
+    rows = [json.loads(line) for line in (Path(run.info["gate"]["path"]) / LABELS_FILE).read_text().splitlines()]
+    rows = [r for r in rows if r["split"] == "heldout"]
+    student, tok = run.models.get("student")
+    ctrls = controllers_on(run.upstream(ControllerStage).controllers, model_device(student))
+    style = resolve_format(tok, run.cfg.gate.prompt_format)
+    texts = [format_prompt(q, tok, style) for q in [r["question"] for r in rows] + list(DEMO_QUESTIONS)]
+    values = {name: prompt_gate_values(g, student, tok, ctrls, texts, list(run.cfg.inject.layers),
+                                       adds_special_tokens(style))
+              for name, g in (("prompt_gate", gate), ("token_gate", run_token_gate(run)))}
+    return compare_gates(rows, values, DEMO_QUESTIONS, run.cfg.seed)
+
+
 class GateStage:
     def key_payload(self, cfg: RunConfig, upstream: Mapping[str, str]) -> dict:
         return gate_payload(cfg, upstream["controller"])
@@ -209,6 +241,8 @@ class GateStage:
                                     stored=run.stored)
         run.tables["gated"] = gated_table(evaluation)
         section = {"heldout": gate.report(), "evaluation": evaluation}
+        if gate.level == "prompt":  # beside the token gate on the same prompt labels
+            section["against_token_gate"] = gate_comparison(run, gate)
         if run.cfg.gate.generated_answers:  # an evaluated setting beside facts QA, off by default
             student, tok = run.models.get("student")
             section["generated_answers"] = evaluate_generated_answers(
@@ -218,6 +252,8 @@ class GateStage:
 
     def present(self, run, section: dict) -> None:
         print_gated_table(section["evaluation"])
+        if "against_token_gate" in section:
+            print_gate_comparison(section["against_token_gate"])
         if "generated_answers" in section:
             print_generated_answers(section["generated_answers"])
         log.info("gate: %s", section["heldout"]["verdict"])
