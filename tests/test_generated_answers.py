@@ -57,3 +57,34 @@ def test_changed_examples_pick_wrecked_and_rescued_in_prompt_order():
     assert [e["before"] for e in out["wrecked"]] == ["b1", "b4"]
     assert [e["after"] for e in out["rescued"]] == ["a2"]
     assert out["rescued"][0]["question"] == prompts[2].question and out["rescued"][0]["fact_answer"] == prompts[2].answer
+
+
+def section(student, constant, ids=("a", "b", "c", "d", "e", "f")):
+    return {"n": len(ids), "ids": list(ids), "correct": {STUDENT: student, CONSTANT: constant, GATED: constant}}
+
+
+def test_compare_runs_pairs_two_controllers_on_the_same_prompts_and_student():
+    from uzr.gate.answers import compare_runs
+
+    student = [True, True, True, True, False, False]
+    pydoc = section(student, [False, False, True, True, True, False])  # wrecks 2, rescues 1
+    chat = section(student, [True, True, True, True, True, False])  # wrecks none, rescues 1
+    out = compare_runs(pydoc, chat)
+    assert out["wrecked"] == {"a": 2, "b": 0} and out["rescued"] == {"a": 1, "b": 1}
+    assert out["right"] == {"a": 3, "b": 5}
+    assert out["wrecked_rate"]["estimate"] == pytest.approx(-2 / 6)
+    assert out["accuracy"]["estimate"] == pytest.approx(2 / 6)
+    assert out["wrecked_rate"]["verdict"] in ("better", "no difference")  # fewer wrecked is better
+    with pytest.raises(ValueError, match="different prompts"):
+        compare_runs(pydoc, section(student, student, ids="uvwxyz"))
+    with pytest.raises(ValueError, match="uninjected students answered differently"):
+        compare_runs(pydoc, section([not s for s in student], student))
+    with pytest.raises(ValueError, match="per-prompt verdicts"):
+        compare_runs({"n": 6}, chat)
+
+
+def test_the_section_keeps_per_prompt_verdicts_for_pairing_runs(answers_run):
+    tmp, _ = answers_run
+    section_ = json.loads((tmp / "run" / "metrics.json").read_text())["gate"]["generated_answers"]
+    assert section_["ids"] == [p.id for p in qa_prompts(0, 0.25, 4)]
+    assert {k: sum(v) for k, v in section_["correct"].items()} == section_["right"]

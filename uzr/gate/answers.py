@@ -11,7 +11,10 @@ paired interval).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import argparse
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +27,7 @@ from uzr.gate.features import prompt_gate_values
 from uzr.gate.model import GateModule
 from uzr.generation import generate_answers
 from uzr.injection.setup import Injection
+from uzr.intervals import accuracy_difference
 from uzr.models import model_device
 from uzr.qa.answers import compare_answers, judge_prompts
 from uzr.qa.facts import qa_prompts
@@ -53,7 +57,8 @@ def evaluate_generated_answers(cfg: RunConfig, student, tok, controllers, gate: 
     table); ``stored``: where each setting's answers are kept across runs (the run's
     :meth:`~uzr.runner.RunContext.stored`; its key holds the gate's artifact key, so gated answers are safe to keep).
 
-    Returns ``{"n", "answer_tokens", "prompt_format", "alpha", "gate_level", "right": {setting: count},
+    Returns ``{"n", "answer_tokens", "prompt_format", "alpha", "gate_level", "right": {setting: count}, "ids",
+    "correct": {setting: (n,) bools},
     "vs_student": {"constant" | "gated": AnswerComparison.as_dict() + "examples" (:func:`changed_examples`)}}``.
     """
     spec = coerce_gate_spec(cfg.gate)
@@ -86,6 +91,7 @@ def evaluate_generated_answers(cfg: RunConfig, student, tok, controllers, gate: 
         "n": len(prompts), "answer_tokens": spec.answer_tokens, "prompt_format": style,
         "alpha": cfg.alpha.value, "gate_level": gate.level,
         "right": {name: sum(c) for name, c in correct.items()},
+        "ids": [p.id for p in prompts], "correct": correct,  # per prompt: pairs two runs (compare_runs)
         "vs_student": {name: {**compare_answers(correct[STUDENT], correct[name]).as_dict(),
                               "examples": changed_examples(prompts, generated[STUDENT], generated[name],
                                                            correct[STUDENT], correct[name])}
@@ -121,3 +127,57 @@ def print_generated_answers(result: dict, console=None) -> None:
         table.add_row(name, f"{c['right_after']}/{n}", str(c["wrecked"]), str(c["rescued"]),
                       f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]", d["verdict"])
     (console or Console()).print(table)
+
+
+def compare_runs(a: Mapping, b: Mapping, setting: str = CONSTANT, seed: int = 0) -> dict:
+    """Two runs' generated-answer sections (``metrics.json`` → ``gate`` → ``generated_answers``) on the same prompts
+    and student, e.g. the same injection with two controllers: ``{"n", "right": {"a", "b"}, "wrecked": {"a", "b"},
+    "rescued": {...}, "accuracy": b - a, "wrecked_rate": b - a}`` of ``setting``, each difference a paired interval
+    (:func:`uzr.intervals.accuracy_difference` over the prompts) with its verdict. Raises ValueError when the runs
+    answered different prompts or their uninjected students answered differently."""
+    for key in ("ids", "correct"):
+        if key not in a or key not in b:
+            raise ValueError("compare_runs: a generated-answer section lacks per-prompt verdicts (written since "
+                             "issue 24); run the gate stage again with gate.generated_answers=N")
+    if a["ids"] != b["ids"]:
+        raise ValueError(f"compare_runs: the runs answered different prompts ({a['n']} vs {b['n']}); use the same "
+                         "gate.generated_answers, gate.prompt_seed and gate.heldout_fraction")
+    if a["correct"][STUDENT] != b["correct"][STUDENT]:
+        raise ValueError("compare_runs: the uninjected students answered differently: compare runs of one student "
+                         "with the same answer settings (gate.answer_tokens, gate.prompt_format)")
+    plain = a["correct"][STUDENT]
+    out: dict = {"n": len(plain), "setting": setting, "right": {}, "wrecked": {}, "rescued": {}}
+    wrecked = {}
+    for name, section in (("a", a), ("b", b)):
+        after = section["correct"][setting]
+        wrecked[name] = [p and not x for p, x in zip(plain, after)]
+        out["right"][name], out["wrecked"][name] = sum(after), sum(wrecked[name])
+        out["rescued"][name] = sum(x and not p for p, x in zip(plain, after))
+    for key, (x, y, better) in {"accuracy": (b["correct"][setting], a["correct"][setting], True),
+                                "wrecked_rate": (wrecked["b"], wrecked["a"], False)}.items():
+        d = accuracy_difference(x, y, seed=seed)
+        out[key] = {**d.as_dict(), "verdict": d.verdict(higher_is_better=better)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m uzr.gate.answers RUN_A RUN_B``: pair two runs' generated answers (see :func:`compare_runs`)."""
+    parser = argparse.ArgumentParser(description="Pair the generated answers of two runs (run folders holding "
+                                                 "metrics.json with gate.generated_answers), B against A.")
+    parser.add_argument("run_a", type=Path)
+    parser.add_argument("run_b", type=Path)
+    parser.add_argument("--setting", choices=(CONSTANT, GATED), default=CONSTANT)
+    args = parser.parse_args(argv)
+    sections = []
+    for run in (args.run_a, args.run_b):
+        metrics = json.loads((run / "metrics.json").read_text())
+        section = metrics.get("gate", {}).get("generated_answers")
+        if section is None:
+            parser.error(f"{run}/metrics.json has no gate.generated_answers: run the gate stage with "
+                         "gate.generated_answers=N")
+        sections.append(section)
+    print(json.dumps(compare_runs(*sections, setting=args.setting), indent=2))
+
+
+if __name__ == "__main__":
+    main()
