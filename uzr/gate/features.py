@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from uzr.attention import attention_modules, decoder_of
 from uzr.config.gate import (
@@ -31,10 +32,11 @@ def controllers_on(controllers: Mapping, device) -> dict[int, nn.Module]:
 
 @torch.no_grad()
 def sequence_parts(student, controllers: Mapping, sequences: Sequence, layers: Sequence[int],
-                   batch_size: int = 8, with_nll: bool = False) -> list[dict[str, Tensor]]:
+                   batch_size: int = 8, with_nll: bool = False, desc: str | None = None) -> list[dict[str, Tensor]]:
     """One uninjected student pass per sequence of token ids; per sequence (length S) a dict of CPU
     float32 tensors: ``hidden`` (S, len(layers)*D), ``ctrl_entropy`` and ``ctrl_peak`` (S, len(layers)),
-    ``student_entropy`` (S, 1) and, with ``with_nll``, ``nll`` (S-1,) of tokens 1..S-1."""
+    ``student_entropy`` (S, 1) and, with ``with_nll``, ``nll`` (S-1,) of tokens 1..S-1. ``desc``: label of a
+    progress bar counting sequences (None: no bar)."""
     device = model_device(student)
     ctrls = controllers_on(controllers, device)
     layers = [int(x) for x in layers]
@@ -43,7 +45,8 @@ def sequence_parts(student, controllers: Mapping, sequences: Sequence, layers: S
         raise ValueError(f"no controller for injected layer(s) {missing}; controllers cover {sorted(ctrls)}")
     modules = attention_modules(student)
     results: list[dict[str, Tensor]] = []
-    with capture_inputs({x: modules[x] for x in layers}) as captured:
+    bar = tqdm(total=len(sequences), desc=desc, unit="text", leave=False, disable=desc is None)
+    with bar, capture_inputs({x: modules[x] for x in layers}) as captured:
         for start in range(0, len(sequences), batch_size):
             ids, mask = pad_sequences(sequences[start:start + batch_size])
             ids, mask = ids.to(device), mask.to(device)
@@ -70,6 +73,7 @@ def sequence_parts(student, controllers: Mapping, sequences: Sequence, layers: S
                 if with_nll:
                     row["nll"] = nt["nll"][b, : n - 1].float().cpu()
                 results.append(row)
+            bar.update(ids.shape[0])
     return results
 
 

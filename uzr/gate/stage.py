@@ -101,7 +101,8 @@ def token_dataset(student, controllers: Mapping, store: HarvestStore, layers: Se
         source = uncertain[0][1]
         if threshold is None:
             threshold = token_label_threshold(entropies, spec)
-        parts = sequence_parts(student, controllers, [r["input_ids"] for r in items], layers, batch_size)
+        parts = sequence_parts(student, controllers, [r["input_ids"] for r in items], layers, batch_size,
+                               desc=f"gate features: {split} texts")
         x = torch.cat([pool_prefix(token_matrix(p, spec.features), spec.pool) for p in parts])
         y = torch.from_numpy(np.concatenate([token_labels(e, threshold) for e in entropies]))
         keep = torch.from_numpy(_subsample(len(y), spec.max_tokens if split == "train" else max(spec.max_tokens // 2, 1), rng))
@@ -126,7 +127,7 @@ def prompt_dataset(student, student_tok, answers: Sequence[Mapping[str, Any]], c
     style = resolve_format(student_tok, spec.prompt_format)
     texts = [format_prompt(p.question, student_tok, style) for p in prompts]
     parts = sequence_parts(student, controllers, [token_ids(student_tok, t, adds_special_tokens(style)) for t in texts],
-                           layers)
+                           layers, desc="gate features: prompts")
     x = torch.stack([pool_prefix(token_matrix(p, spec.features), spec.pool)[-1] for p in parts])
     y = torch.tensor([lab == CONFIDENT for lab in labels])
     if folder is not None:
