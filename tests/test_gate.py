@@ -332,3 +332,15 @@ def test_prompt_format_auto_uses_the_chat_template_when_there_is_one():
     assert answer_prefix("chat") == "" and not adds_special_tokens("chat") and adds_special_tokens("qa")
     with pytest.raises(ValueError, match="prompt format"):
         resolve_format(tok, "markdown")
+
+
+def test_balanced_accuracy_is_what_beats_the_majority_class_on_rare_positives():
+    import numpy as np
+
+    from uzr.gate.model import _accuracies
+
+    y = np.array([True] * 2 + [False] * 18)
+    majority = _accuracies(np.zeros(20, bool), y)
+    assert majority == {"accuracy": 0.9, "balanced_accuracy": 0.5}
+    gate = _accuracies(np.array([True, True] + [True] * 4 + [False] * 14), y)  # finds both, 4 false alarms
+    assert gate["accuracy"] == pytest.approx(0.8) and gate["balanced_accuracy"] == pytest.approx((1 + 14 / 18) / 2)

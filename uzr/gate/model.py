@@ -107,6 +107,13 @@ class GateNet(nn.Module):
         return self.net(self.inputs(x)).squeeze(-1)
 
 
+def _accuracies(predicted: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Plain accuracy and balanced accuracy (the mean of the true-positive and true-negative rates; NaN-free: a
+    class absent from ``y`` is left out) of (n,) bool predictions against (n,) bool labels."""
+    rates = [float((predicted[y == c] == c).mean()) for c in (True, False) if (y == c).any()]
+    return {"accuracy": float((predicted == y).mean()), "balanced_accuracy": float(np.mean(rates))}
+
+
 def _best_threshold(score: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Threshold t maximising the accuracy of ``score > t`` on (score, y); returns (t, accuracy)."""
     order = np.argsort(score, kind="stable")
@@ -181,14 +188,12 @@ class GateModule(L.LightningModule):
     def _scores(self, x: Tensor, y: Tensor, prob: Tensor) -> dict[str, Any]:
         y_np = y.bool().cpu().numpy()
         p = prob.double().cpu().numpy()
-        out = {
-            "gate": {"auroc": auroc(p, y_np), "accuracy": float(((p > 0.5) == y_np).mean())},
-            "majority": {"auroc": 0.5, "accuracy": float((y_np == self.baselines.get("majority_class", True)).mean())},
-        }
+        majority = np.full_like(y_np, self.baselines.get("majority_class", True))
+        out = {"gate": {"auroc": auroc(p, y_np), **_accuracies(p > 0.5, y_np)},
+               "majority": {"auroc": 0.5, **_accuracies(majority, y_np)}}
         if "entropy_column" in self.baselines:
             s = self.baselines["entropy_sign"] * x[:, self.baselines["entropy_column"]].double().cpu().numpy()
-            out["student_entropy"] = {"auroc": auroc(s, y_np),
-                                      "accuracy": float(((s > self.baselines["entropy_threshold"]) == y_np).mean())}
+            out["student_entropy"] = {"auroc": auroc(s, y_np), **_accuracies(s > self.baselines["entropy_threshold"], y_np)}
         return out
 
     # -- training
@@ -245,8 +250,9 @@ class GateModule(L.LightningModule):
         report: dict[str, Any] = {
             "level": self.level, "n_heldout": int(len(y)), "positive_rate_heldout": float(y.float().mean()),
             **scores,
-            # majority: its AUROC is 0.5 by construction, so compare accuracy (and demand AUROC above chance)
-            "beats_majority": bool(g["accuracy"] > m["accuracy"] and g["auroc"] > 0.5),
+            # majority: its AUROC and balanced accuracy are 0.5 by construction. Balanced, not plain, accuracy: with
+            # rare positives (prompt labels: 8 % CONFIDENT) a class-balanced gate gives up plain accuracy by design
+            "beats_majority": bool(g["balanced_accuracy"] > m["balanced_accuracy"] and g["auroc"] > 0.5),
             # student entropy: threshold-free comparison
             "beats_student_entropy": bool(e is not None and g["auroc"] > e["auroc"]),
             # a margin inside two standard errors is noise, whatever the booleans above say
@@ -258,8 +264,8 @@ class GateModule(L.LightningModule):
             report["n_train"] = int(len(y_train))
             report["positive_rate_train"] = float(y_train.float().mean())
             report["gate_train"] = {"auroc": auroc(self.predict_proba(x_train).cpu().numpy(), y_train.numpy())}
-        parts = [f"held-out AUROC {g['auroc']:.3f}, accuracy {g['accuracy']:.3f}",
-                 f"majority class accuracy {m['accuracy']:.3f}"]
+        parts = [f"held-out AUROC {g['auroc']:.3f}, accuracy {g['accuracy']:.3f} (balanced {g['balanced_accuracy']:.3f})",
+                 f"majority class accuracy {m['accuracy']:.3f} (balanced 0.5)"]
         if e is not None:
             parts.append(f"student-entropy threshold AUROC {e['auroc']:.3f}, accuracy {e['accuracy']:.3f}")
         beats = report["beats_majority"] and (e is None or report["beats_student_entropy"])
