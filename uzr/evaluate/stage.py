@@ -12,19 +12,20 @@ import numpy as np
 import torch
 
 from uzr.config import RunConfig
-from uzr.config.controller import per_head_targets
 from uzr.config.corpus import domain_spec
+from uzr.config.inject import AUTO, source_label
 from uzr.controller.stage import ControllerStage
 from uzr.evaluate.domains import domain_metrics, domain_store
+from uzr.evaluate.heads import head_profile_section, run_profile
+from uzr.evaluate.injection import matched_heads, run_injection
 from uzr.evaluate.passes import heatmap_figure, student_pass
-from uzr.evaluate.qa import domain_qa, facts_qa
-from uzr.evaluate.sources import ORACLE_FLOOR, STORED_ROWS, controller_rows, live_prior, text_prior
-from uzr.evaluate.texts import PLAIN, heldout_rows, injection_setting, score_settings
-from uzr.harvest.head_matching import teacher_heads_of
+from uzr.evaluate.qa import QAInjection, domain_qa, facts_qa
+from uzr.evaluate.sources import controller_rows, text_prior
+from uzr.evaluate.texts import PLAIN, Setting, heldout_rows, injection_key, injection_setting, score_settings
 from uzr.harvest.stage import HarvestStage
 from uzr.injection.injector import Injector
-from uzr.injection.oracle import TeacherPrior
-from uzr.injection.setup import run_injection
+from uzr.injection.priors import LIVE_SOURCES, live_prior
+from uzr.injection.qa_edits import qa_edit_for
 from uzr.stages import UncachedStage
 
 
@@ -36,15 +37,16 @@ class EvaluateStage(UncachedStage):
         teacher, teacher_tok = run.models.get("teacher")
         same_vocab = teacher_tok.get_vocab() == student_tok.get_vocab()  # next-token KL needs one vocabulary
         layers = list(cfg.inject.layers)
-        source = cfg.inject.source
-        per_head = per_head_targets(cfg)
-        heads_of = {layer: teacher_heads_of(store.layout, layer) for layer in layers} if per_head else None
+        source, label = cfg.inject.source, source_label(cfg.inject)
+        heads_of = matched_heads(cfg, store.layout)
         injection = run_injection(run)
         sinks = injection.sinks
 
         def texts(rows: list[dict], desc: str):
-            injected = injection_setting("injected", injection,
-                                         text_prior(source, controllers, rows, cfg.device, heads_of), source_name=source)
+            # emphasis steers toward a prompt's marked spans; held-out texts mark none, so it leaves them as they are
+            injected = (Setting("injected", PLAIN.key) if source == "emphasis" else
+                        injection_setting("injected", injection, text_prior(source, controllers, rows, cfg.device,
+                                                                            heads_of), source_name=label))
             return score_settings(student, student_tok, rows, [PLAIN, injected], layers, cfg.harvest.locality_window,
                                   cfg.harvest.max_length, teacher if same_vocab else None, run.memo, desc,
                                   stored=run.stored)
@@ -54,7 +56,7 @@ class EvaluateStage(UncachedStage):
         names = {"student": PLAIN.name, "injected": "injected"}
         own = domain_metrics(scores, PLAIN.name, "injected", cfg.data.long_text if cfg.data else "?")
         metrics = {
-            "source": source,
+            "source": label,
             "bits_per_byte": own["bits_per_byte"],
             "habit_distance": {f"L{layer}": {k: scores.habit_distance(v, [layer])[f"L{layer}"] for k, v in names.items()}
                                for layer in layers},
@@ -64,6 +66,11 @@ class EvaluateStage(UncachedStage):
             # bits per byte per text domain: the run's own data first, then evaluate.domains
             "domains": {cfg.data.name if cfg.data else "data": own},
         }
+        if injection.heads is not None:  # inject.heads: the injected (layer, head) pairs
+            metrics["heads"] = [[layer, head] for layer, heads in injection.heads.items() for head in heads]
+        if cfg.inject.heads == AUTO:
+            metrics["head_profile"] = head_profile_section(
+                run, run_profile(run, injection, controllers, store.layout, heads_of))
         for name in cfg.evaluate.domains:
             domain, key = domain_store(run, name)
             metrics["domains"][name] = {
@@ -72,31 +79,21 @@ class EvaluateStage(UncachedStage):
         if same_vocab:
             metrics["next_token_kl"] = {k: float(np.mean(scores.settings[v].next_token_kl)) for k, v in names.items()}
 
-        def make_injector() -> Injector:
-            prior = (live_teacher(run, store, layers, heads_of) if source == "teacher"
-                     else live_prior(source, controllers, per_head))
-            return injection.injector(prompt_len=0, source=prior)
-
         # the oracle reads each prompt's text live; shuffled needs another text's stored rows, which prompts lack
-        live = None if source == "shuffled" else make_injector
+        edit_for = qa_edit_for(run, injection, source, controllers, store.layout, heads_of)
+        live = None if edit_for is None else QAInjection(
+            edit_for, injection_key(label, cfg.inject.mode, cfg.alpha, sinks, injection.heads)[1:])
         if cfg.evaluate.facts_qa:
             metrics["facts_qa"] = facts_qa(run, live)
         if cfg.evaluate.qa_domains:
             metrics["qa_domains"] = {name: domain_qa(run, name, live) for name in cfg.evaluate.qa_domains}
-        if cfg.evaluate.figure and rows and source not in STORED_ROWS:
+        if cfg.evaluate.figure and rows and source in LIVE_SOURCES:
+            def make_injector() -> Injector:
+                return injection.injector(prompt_len=0, source=live_prior(source, controllers, heads_of is not None))
+
             run.images["heatmaps"] = figure(run.out_dir / "figures", rows[0], controllers, student, layers[0], cfg,
                                             make_injector)
         return metrics
-
-
-def live_teacher(run, store, layers: list[int], heads_of) -> TeacherPrior:
-    """The teacher oracle for texts without store rows (facts-QA prompts): the teacher reads each text itself, at
-    the store's layer map (so ``teacher_layers=auto`` holds) and head matching."""
-    teacher, teacher_tok = run.models.get("teacher")
-    _, student_tok = run.models.get("student")
-    mapping = dict(zip(store.layout.layers, store.layout.teacher_layers))
-    return TeacherPrior(teacher, teacher_tok, student_tok, {layer: mapping[layer] for layer in layers}, heads_of,
-                        ORACLE_FLOOR, run.cfg.harvest.block_size)
 
 
 def figure(folder: Path, row: dict, controllers: dict, student, layer: int, cfg: RunConfig, make_injector) -> Path:
