@@ -85,7 +85,7 @@ class InjectSpec:
     sinks: str = "replace"
     sink_ratio: float = 10.0
     # Which heads of the injected layers are injected: null = all; a list of [layer, head] pairs (layers among
-    # inject.layers); "auto" = the top_k_heads heads of a per-head profile (uzr.injection.profile). Other heads keep
+    # inject.layers); "auto" = the top_k_heads heads of a per-head profile (uzr.evaluate.heads). Other heads keep
     # their own attention exactly. Typed Any: null, a list or "auto".
     heads: Any = None
     top_k_heads: int = 8  # heads=auto: how many of the profiled heads are injected

@@ -150,6 +150,10 @@ def head_profile_section(run, profile: HeadProfile) -> dict:
                        selected, f"{profile_source(cfg.inject)} on {cfg.inject.profile_qa} ({profile.num_prompts} "
                        "train prompts)")
     run.images["head_profile"] = path
-    return {"source": profile_source(cfg.inject), "qa": cfg.inject.profile_qa, **profile.as_dict(),
-            "selected": [list(h) for h in selected],
-            "effect": "mean change of the right candidate's summed log-likelihood (nats), one head injected"}
+    return {"source": source_label(cfg.inject, profile_source(cfg.inject)), "qa": cfg.inject.profile_qa,
+            **profile.as_dict(), "selected": [list(h) for h in selected],
+            # by name too, so the loggers' flat metrics carry every head's effect
+            "by_head": {f"L{layer}H{head}": delta for (layer, head), delta in zip(profile.heads, profile.loglik_delta)},
+            "effect": "mean change of the right candidate's summed log-likelihood (nats), one head injected",
+            **({"note": "no head changed any score (emphasis on prompts without a marked span?): the selected heads "
+                        "are the first in profiling order"} if not any(profile.loglik_delta) else {})}
