@@ -171,16 +171,23 @@ def test_smoke_auto_heads_profile_once_and_inject_the_top_heads(smoke_run):
     assert not second["artifacts"][built[0]]["built"] and second["evaluate"]["heads"] == ev["heads"]
 
 
-def test_smoke_emphasis_leaves_unmarked_texts_and_prompts_as_they_are(smoke_run):
-    """The built-in prompts and held-out texts mark no span: emphasis changes nothing there, exactly."""
-    tmp, _ = smoke_run
-    proc = run_train(tmp, "+experiment=smoke", "stages=[harvest,controller,evaluate]", "inject.source=emphasis",
-                     "inject.heads=[[1,0],[2,3]]", "evaluate.qa_prompts=8", run_dir="run-emphasis")
+def test_emphasis_evaluates_qa_without_harvest_or_controller(tmp_path):
+    """inject.source=emphasis steers the student's own attention: the evaluate stage alone runs on an empty cache
+    (no harvest, no controller built), scores QA only, and the built-in prompts (no marked span) stay exactly as
+    they are."""
+    proc = run_train(tmp_path, "+experiment=smoke", "stages=[evaluate]", "inject.source=emphasis",
+                     "inject.heads=[[1,0],[2,3]]", "evaluate.qa_prompts=8", "evaluate.qa_domains=[causal_loop]",
+                     "evaluate.qa_domain_items=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ev = json.loads((tmp / "run-emphasis" / "metrics.json").read_text())["evaluate"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert not any(k.startswith(("harvest", "controller")) for k in metrics["artifacts"])
+    assert not (tmp_path / "cache" / "harvest").exists() and not (tmp_path / "cache" / "controller").exists()
+    ev = metrics["evaluate"]
     assert ev["source"] == "emphasis(beta=100,form=bias)" and ev["heads"] == [[1, 0], [2, 3]]
-    assert ev["bits_per_byte"]["injected"] == ev["bits_per_byte"]["student"]
-    assert ev["facts_qa"]["correct"]["injected"] == ev["facts_qa"]["correct"]["student"]
+    assert "bits_per_byte" not in ev and "no span" in ev["texts"]
+    for qa in (ev["facts_qa"], ev["qa_domains"]["causal_loop"]):
+        assert qa["correct"]["injected"] == qa["correct"]["student"] and qa["teacher"] is not None
+    assert "injection (emphasis(beta=100,form=bias)): facts QA accuracy" in proc.stdout
 
 
 def test_bad_heads_fail_before_loading(tmp_path):

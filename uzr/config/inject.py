@@ -154,6 +154,22 @@ def profile_source(spec: InjectSpec) -> str:
     return spec.profile_source or spec.source
 
 
+def emphasis_alone(spec: InjectSpec) -> bool:
+    """Whether the evaluate stage injects with neither controllers nor the harvest store: ``inject.source=emphasis``
+    steers the student's own attention, unless ``inject.sinks=keep`` (sinks are found on the store's texts) or
+    ``inject.heads=auto`` profiles another source."""
+    profiled = spec.heads == AUTO and profile_source(spec) != "emphasis"
+    return spec.source == "emphasis" and spec.sinks != "keep" and not profiled
+
+
+def evaluate_unneeded(cfg) -> dict[str, str]:
+    """The evaluate stage's ``unneeded_when`` (:mod:`uzr.stages`): the controller (and the harvest behind it) when
+    :func:`emphasis_alone`."""
+    if cfg.inject is None or not emphasis_alone(cfg.inject):
+        return {}
+    return {"controller": "inject.source=emphasis steers the student's own attention on QA prompts"}
+
+
 def source_label(spec: InjectSpec, source: str | None = None) -> str:
     """``source`` (default ``inject.source``) as results and cache keys name it: emphasis with its strength and form
     (``emphasis(beta=100,form=bias)``), any other source by its name."""

@@ -112,7 +112,8 @@ def cached_head_profile(run, injection: Injection, controllers: Mapping, layout,
         "injection": list(injection_key(source_label(cfg.inject, source), injection.mode, alpha, injection.sinks)),
         # the oracle's teacher; the controller comes with the stage keys, emphasis' knobs with its label
         "teacher": key_of(cfg.teacher, "facts_qa") if source == "teacher" else None,
-        "artifacts": {k: run.info[k]["key"] for k in ("harvest", "controller") if k in run.info},
+        "artifacts": {} if source == "emphasis" else {k: run.info[k]["key"] for k in ("harvest", "controller")
+                                                      if k in run.info},
         "heads": [list(h) for h in heads], "prompt_format": cfg.gate.prompt_format,
         "batch_size": cfg.evaluate.qa_batch_size,
         "prompts": [[p.id, p.question, list(p.candidates), [list(s) for s in p.marked]] for p in prompts]}

@@ -13,15 +13,15 @@ import torch
 
 from uzr.config import RunConfig
 from uzr.config.corpus import domain_spec
-from uzr.config.inject import AUTO, source_label
+from uzr.config.inject import AUTO, emphasis_alone, source_label
 from uzr.controller.stage import ControllerStage
 from uzr.evaluate.domains import domain_metrics, domain_store
 from uzr.evaluate.heads import head_profile_section, run_profile
-from uzr.evaluate.injection import matched_heads, run_injection
+from uzr.evaluate.injection import emphasis_injection, matched_heads, run_injection
 from uzr.evaluate.passes import heatmap_figure, student_pass
 from uzr.evaluate.qa import QAInjection, domain_qa, facts_qa
 from uzr.evaluate.sources import controller_rows, text_prior
-from uzr.evaluate.texts import PLAIN, Setting, heldout_rows, injection_key, injection_setting, score_settings
+from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_setting, score_settings
 from uzr.harvest.stage import HarvestStage
 from uzr.injection.injector import Injector
 from uzr.injection.priors import LIVE_SOURCES, live_prior
@@ -32,21 +32,21 @@ from uzr.stages import UncachedStage
 class EvaluateStage(UncachedStage):
     def report(self, run, artifact) -> dict:
         cfg = run.cfg
+        if cfg.inject.source == "emphasis":
+            return emphasis_metrics(run)
         store, controllers = run.upstream(HarvestStage), run.upstream(ControllerStage).controllers
         student, student_tok = run.models.get("student")
         teacher, teacher_tok = run.models.get("teacher")
         same_vocab = teacher_tok.get_vocab() == student_tok.get_vocab()  # next-token KL needs one vocabulary
         layers = list(cfg.inject.layers)
-        source, label = cfg.inject.source, source_label(cfg.inject)
+        source = cfg.inject.source
         heads_of = matched_heads(cfg, store.layout)
         injection = run_injection(run)
         sinks = injection.sinks
 
         def texts(rows: list[dict], desc: str):
-            # emphasis steers toward a prompt's marked spans; held-out texts mark none, so it leaves them as they are
-            injected = (Setting("injected", PLAIN.key) if source == "emphasis" else
-                        injection_setting("injected", injection, text_prior(source, controllers, rows, cfg.device,
-                                                                            heads_of), source_name=label))
+            injected = injection_setting("injected", injection,
+                                         text_prior(source, controllers, rows, cfg.device, heads_of), source_name=source)
             return score_settings(student, student_tok, rows, [PLAIN, injected], layers, cfg.harvest.locality_window,
                                   cfg.harvest.max_length, teacher if same_vocab else None, run.memo, desc,
                                   stored=run.stored)
@@ -56,7 +56,7 @@ class EvaluateStage(UncachedStage):
         names = {"student": PLAIN.name, "injected": "injected"}
         own = domain_metrics(scores, PLAIN.name, "injected", cfg.data.long_text if cfg.data else "?")
         metrics = {
-            "source": label,
+            "source": source,
             "bits_per_byte": own["bits_per_byte"],
             "habit_distance": {f"L{layer}": {k: scores.habit_distance(v, [layer])[f"L{layer}"] for k, v in names.items()}
                                for layer in layers},
@@ -66,11 +66,7 @@ class EvaluateStage(UncachedStage):
             # bits per byte per text domain: the run's own data first, then evaluate.domains
             "domains": {cfg.data.name if cfg.data else "data": own},
         }
-        if injection.heads is not None:  # inject.heads: the injected (layer, head) pairs
-            metrics["heads"] = [[layer, head] for layer, heads in injection.heads.items() for head in heads]
-        if cfg.inject.heads == AUTO:
-            metrics["head_profile"] = head_profile_section(
-                run, run_profile(run, injection, controllers, store.layout, heads_of))
+        metrics.update(heads_metrics(run, injection))
         for name in cfg.evaluate.domains:
             domain, key = domain_store(run, name)
             metrics["domains"][name] = {
@@ -80,13 +76,8 @@ class EvaluateStage(UncachedStage):
             metrics["next_token_kl"] = {k: float(np.mean(scores.settings[v].next_token_kl)) for k, v in names.items()}
 
         # the oracle reads each prompt's text live; shuffled needs another text's stored rows, which prompts lack
-        edit_for = qa_edit_for(run, injection, source, controllers, store.layout, heads_of)
-        live = None if edit_for is None else QAInjection(
-            edit_for, injection_key(label, cfg.inject.mode, cfg.alpha, sinks, injection.heads)[1:])
-        if cfg.evaluate.facts_qa:
-            metrics["facts_qa"] = facts_qa(run, live)
-        if cfg.evaluate.qa_domains:
-            metrics["qa_domains"] = {name: domain_qa(run, name, live) for name in cfg.evaluate.qa_domains}
+        metrics.update(qa_metrics(run, injection, qa_edit_for(run, injection, source, controllers, store.layout,
+                                                             heads_of)))
         if cfg.evaluate.figure and rows and source in LIVE_SOURCES:
             def make_injector() -> Injector:
                 return injection.injector(prompt_len=0, source=live_prior(source, controllers, heads_of is not None))
@@ -94,6 +85,43 @@ class EvaluateStage(UncachedStage):
             run.images["heatmaps"] = figure(run.out_dir / "figures", rows[0], controllers, student, layers[0], cfg,
                                             make_injector)
         return metrics
+
+
+def emphasis_metrics(run) -> dict:
+    """``inject.source=emphasis``: QA only. Emphasis steers toward a prompt's marked spans; held-out texts mark none,
+    so it would leave them exactly as they are. Needs no controller or harvest store unless ``inject.sinks=keep`` or a
+    per-head profile of another source asks for them (:func:`uzr.config.inject.emphasis_alone`)."""
+    cfg = run.cfg
+    injection = emphasis_injection(run) if emphasis_alone(cfg.inject) else run_injection(run)
+    return {"source": source_label(cfg.inject),
+            "texts": "not scored: held-out texts mark no span, so emphasis leaves them as they are",
+            **heads_metrics(run, injection),
+            **qa_metrics(run, injection, qa_edit_for(run, injection, "emphasis", {}, None, None))}
+
+
+def heads_metrics(run, injection) -> dict:
+    """``heads``: the injected (layer, head) pairs (``inject.heads``); ``head_profile``: the per-head profile that
+    chose them (``auto``)."""
+    out = {}
+    if injection.heads is not None:
+        out["heads"] = [[layer, head] for layer, heads in injection.heads.items() for head in heads]
+    if run.cfg.inject.heads == AUTO:  # computed when the injection was set up: the run's memo holds it
+        out["head_profile"] = head_profile_section(run, run_profile(run, injection, {}, None, None))
+    return out
+
+
+def qa_metrics(run, injection, edit_for) -> dict:
+    """Facts QA and the QA domains of ``evaluate.qa_domains``, the injected student scored through ``edit_for``
+    (:func:`uzr.injection.qa_edits.qa_edit_for`; None: the source has no QA edit)."""
+    cfg = run.cfg
+    key = injection_key(source_label(cfg.inject), cfg.inject.mode, cfg.alpha, injection.sinks, injection.heads)[1:]
+    injected = None if edit_for is None else QAInjection(edit_for, key)
+    out = {}
+    if cfg.evaluate.facts_qa:
+        out["facts_qa"] = facts_qa(run, injected)
+    if cfg.evaluate.qa_domains:
+        out["qa_domains"] = {name: domain_qa(run, name, injected) for name in cfg.evaluate.qa_domains}
+    return out
 
 
 def figure(folder: Path, row: dict, controllers: dict, student, layer: int, cfg: RunConfig, make_injector) -> Path:
