@@ -125,8 +125,9 @@ def cached_head_profile(run, injection: Injection, controllers: Mapping, layout,
         def score(only: Heads | None) -> list[list[float]]:
             edit_for = None if only is None else qa_edit_for(run, replace(base, heads=only), source, controllers,
                                                              layout, heads_of)
+            what = "student" if only is None else ", ".join(f"L{layer}H{h}" for layer, hs in only.items() for h in hs)
             return qa_scores(student, tokenizer, prompts, cfg.gate.prompt_format, edit_for,
-                             cfg.evaluate.qa_batch_size)
+                             cfg.evaluate.qa_batch_size, desc=f"head profile: {what}")
 
         profile = profile_heads(score, prompts, heads)
         (folder / "profile.json").write_text(json.dumps(profile.as_dict()))

@@ -32,7 +32,7 @@ def run_injection(run) -> Injection:
     cfg = run.cfg
     store, controllers = run.upstream(HarvestStage), run.upstream(ControllerStage).controllers
     injection = configured_injection(cfg, store, controllers, run.memo, listed_heads(cfg.inject))
-    return on_profiled_heads(run, injection, controllers, store.layout, matched_heads(cfg, store.layout))
+    return on_profiled_heads(run, injection, controllers, store)
 
 
 def emphasis_injection(run) -> Injection:
@@ -40,14 +40,16 @@ def emphasis_injection(run) -> Injection:
     controllers, no sinks, on the heads of ``inject.heads`` (``auto``: profiled with emphasis)."""
     cfg = run.cfg
     injection = Injection({}, cfg.alpha, cfg.inject.mode, None, listed_heads(cfg.inject))
-    return on_profiled_heads(run, injection, {}, None, None)
+    return on_profiled_heads(run, injection, {}, None)
 
 
-def on_profiled_heads(run, injection: Injection, controllers, layout, heads_of) -> Injection:
+def on_profiled_heads(run, injection: Injection, controllers, store) -> Injection:
     """``injection`` itself, or for ``inject.heads=auto`` restricted to the top ``inject.top_k_heads`` of the run's
-    per-head profile (:func:`uzr.evaluate.heads.run_profile`, which reads the other arguments)."""
+    per-head profile (:func:`uzr.evaluate.heads.run_profile`, injecting ``controllers`` or the oracle of ``store``, the
+    harvest store: None for emphasis alone)."""
     cfg = run.cfg
     if cfg.inject.heads != AUTO:
         return injection
-    profile = run_profile(run, injection, controllers, layout, heads_of)
+    layout = None if store is None else store.layout
+    profile = run_profile(run, injection, controllers, layout, None if store is None else matched_heads(cfg, layout))
     return replace(injection, heads=heads_by_layer(profile.top(cfg.inject.top_k_heads)))
