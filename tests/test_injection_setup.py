@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from uzr.attention import HeadMeanRows, LayerRecorder, attention_modules, recording
+from uzr.evaluate.injection import run_injection
 from uzr.hooks import injected
 from uzr.injection.injector import AlphaSpec, Injector
 from uzr.injection.priors import UniformPrior
-from uzr.injection.setup import Injection, configured_injection, run_injection
+from uzr.injection.setup import Injection, configured_injection
 from uzr.injection.sinks import SinkSet, detect_sinks
 from uzr.runner import RunContext
 

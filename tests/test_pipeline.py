@@ -146,6 +146,58 @@ def test_smoke_injects_each_source_on_the_same_texts(smoke_run, source):
     assert f"injection ({source})" in proc.stdout
 
 
+def test_smoke_auto_heads_profile_once_and_inject_the_top_heads(smoke_run):
+    """inject.heads=auto: each head of the injected layers profiled alone on facts QA's train prompts (a cached
+    sub-artifact, read again by the next run), the top k injected, the effect map reported and drawn."""
+    tmp, _ = smoke_run
+    overrides = ["+experiment=smoke", "stages=[harvest,controller,evaluate]", "inject.heads=auto",
+                 "inject.top_k_heads=2", "inject.profile_items=4", "evaluate.qa_prompts=8"]
+    proc = run_train(tmp, *overrides, run_dir="run-auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp / "run-auto" / "metrics.json").read_text())
+    ev, first = metrics["evaluate"], json.loads((tmp / "run" / "metrics.json").read_text())["evaluate"]
+    profile = ev["head_profile"]
+    assert profile["num_prompts"] == 4 and len(profile["heads"]) == 2 * 4  # layers [1, 2] x 4 heads
+    assert ev["heads"] == sorted(profile["selected"]) and len(ev["heads"]) == 2
+    best = max(profile["loglik_delta"])
+    assert profile["loglik_delta"][profile["heads"].index(profile["selected"][0])] == best
+    assert ev["bits_per_byte"]["injected"] != first["bits_per_byte"]["injected"]  # 2 heads are not every head
+    assert (tmp / "run-auto" / "figures" / "head_profile.png").exists()
+    built = [k for k, v in metrics["artifacts"].items() if k.startswith("head_profile/")]
+    assert len(built) == 1 and metrics["artifacts"][built[0]]["built"]
+    again = run_train(tmp, *overrides, run_dir="run-auto2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads((tmp / "run-auto2" / "metrics.json").read_text())
+    assert not second["artifacts"][built[0]]["built"] and second["evaluate"]["heads"] == ev["heads"]
+
+
+def test_emphasis_evaluates_qa_without_harvest_or_controller(tmp_path):
+    """inject.source=emphasis steers the student's own attention: the evaluate stage alone runs on an empty cache
+    (no harvest, no controller built), scores QA only, and the built-in prompts (no marked span) stay exactly as
+    they are."""
+    proc = run_train(tmp_path, "+experiment=smoke", "stages=[evaluate]", "inject.source=emphasis",
+                     "inject.heads=[[1,0],[2,3]]", "evaluate.qa_prompts=8", "evaluate.qa_domains=[causal_loop]",
+                     "evaluate.qa_domain_items=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert not any(k.startswith(("harvest", "controller")) for k in metrics["artifacts"])
+    assert not (tmp_path / "cache" / "harvest").exists() and not (tmp_path / "cache" / "controller").exists()
+    ev = metrics["evaluate"]
+    assert ev["source"] == "emphasis(beta=100,form=bias)" and ev["heads"] == [[1, 0], [2, 3]]
+    assert "bits_per_byte" not in ev and "no span" in ev["texts"]
+    for qa in (ev["facts_qa"], ev["qa_domains"]["causal_loop"]):
+        assert qa["correct"]["injected"] == qa["correct"]["student"] and qa["teacher"] is not None
+    assert "injection (emphasis(beta=100,form=bias)): facts QA accuracy" in proc.stdout
+
+
+def test_bad_heads_fail_before_loading(tmp_path):
+    proc = run_train(tmp_path, "+experiment=smoke", "inject.heads=[[1,9]]")
+    assert proc.returncode != 0
+    assert "inject.heads: [[1, 9]] outside the injected heads; valid: layers [1, 2] (inject.layers), heads 0..3" in \
+        proc.stderr
+    assert not (tmp_path / "cache").exists()  # nothing built, nothing loaded
+
+
 def test_missing_artifact_with_stage_switched_off_is_named(tmp_path):
     proc = run_train(tmp_path, "+experiment=smoke", "stages=[controller,evaluate]")
     assert proc.returncode != 0

@@ -154,3 +154,17 @@ def test_a_need_that_depends_on_settings_is_planned_and_built_only_then():
     svf = resolved("+experiment=svf_compare")  # svf.injection=true: the injection row needs the controller
     assert [s.name for s in plan(svf.stages, svf)] == ["svf", "svf_baselines", "harvest", "controller", "svf_eval"]
     assert builders(["controller", "evaluate"], svf) == {"controller", "evaluate"}  # a fixed need must be cached
+
+
+def test_a_fixed_need_that_settings_do_without_is_left_out_of_the_plan():
+    """The evaluate stage needs the controller (and the harvest behind it) unless emphasis steers alone."""
+    def planned(*overrides):
+        cfg = resolved("+experiment=smoke", "stages=[evaluate]", *overrides)
+        return [s.name for s in plan(cfg.stages, cfg)]
+
+    assert planned() == ["harvest", "controller", "evaluate"]
+    assert planned("inject.source=emphasis") == ["evaluate"]
+    assert planned("inject.source=emphasis", "inject.heads=auto") == ["evaluate"]  # profiled with emphasis
+    assert planned("inject.source=emphasis", "inject.sinks=keep") == ["harvest", "controller", "evaluate"]
+    assert planned("inject.source=emphasis", "inject.heads=auto", "inject.profile_source=controller") == [
+        "harvest", "controller", "evaluate"]

@@ -73,8 +73,8 @@ class LiveSession:
         import torch
 
         from uzr.controller.stage import ControllerStage
+        from uzr.evaluate.injection import run_injection
         from uzr.gate.stage import GateStage
-        from uzr.injection.setup import run_injection
 
         self.cfg, self.run, self.max_new_tokens, self.with_teacher = cfg, run, max_new_tokens, teacher
         self.student, self.tok = run.models.get("student")

@@ -9,7 +9,9 @@ config validation that reads it, stay free of torch.
 A need that depends on the config (the dominance stage needs the controller only when it measures an
 injected student) is declared by the stage line too: ``needs_when`` names a torch-free function
 ``(cfg) -> {stage: why}``, and the planner (:func:`plan`) adds those stages like fixed needs, the runner
-builds them when missing (:func:`builders`) and a config lacking a group they read is told why.
+builds them when missing (:func:`builders`) and a config lacking a group they read is told why. The converse,
+``unneeded_when``, names the fixed needs that some settings do without (the evaluate stage needs no controller for
+``inject.source=emphasis``, which steers the student's own attention): the planner leaves them out.
 
 ``python -m uzr.stages`` prints the registry: the built-in lines of :data:`REGISTRY` and those of systems
 plugged in through ``uzr.systems`` entry points (:mod:`uzr.config.systems`). Neither the runner
@@ -72,14 +74,17 @@ class StageInfo:
     default: bool = False  # selected when the config names no stages
     # "module:function" (torch-free): cfg -> {stage: why} of the stages it needs only for some settings
     needs_when: str = ""
+    # "module:function" (torch-free): cfg -> {stage: why} of the fixed needs that the settings of cfg do without
+    unneeded_when: str = ""
 
     def implementation(self) -> Stage:
         return _named(self.impl)()
 
     def needs_for(self, cfg: RunConfig | None) -> dict[str, str]:
         """The stages this one needs in the run of ``cfg``: ``{name: why}``, why = "" for its fixed ``needs``
-        (``cfg`` None: the fixed needs only)."""
-        return {**dict.fromkeys(self.needs, ""), **self.settings_needs(cfg)}
+        (those ``unneeded_when`` names for ``cfg`` left out; ``cfg`` None: the fixed needs only)."""
+        unneeded = _named(self.unneeded_when)(cfg) if self.unneeded_when and cfg is not None else {}
+        return {**dict.fromkeys((n for n in self.needs if n not in unneeded), ""), **self.settings_needs(cfg)}
 
     def settings_needs(self, cfg: RunConfig | None) -> dict[str, str]:
         """``{name: why}`` of the stages this one needs only for the settings of ``cfg`` (``needs_when``), beyond
@@ -107,6 +112,7 @@ REGISTRY: dict[str, StageInfo] = {s.name: s for s in (
               summary="when to inject, and gated vs constant alpha on facts QA and bits per byte"),
     StageInfo("evaluate", ("controller",), ("teacher", "student", "inject", "alpha", "gate", "harvest", "evaluate"),
               1, "uzr.evaluate.stage:EvaluateStage", cached=False, default=True,
+              unneeded_when="uzr.config.inject:evaluate_unneeded",  # emphasis alone: no controller, no harvest
               summary="bits per byte, facts QA, habit distance and heatmaps, injected vs not vs teacher"),
     StageInfo("dominance", (), ("dominance",), 1, "uzr.dominance.stage:DominanceStage", cached=False,
               optional=("teacher", "student", "data", "inject", "alpha"),
@@ -206,16 +212,18 @@ def groups_of(stages: Iterable[StageInfo]) -> tuple[set[str], set[str]]:
 def describe() -> str:
     stages = registry()
     rows = [("stage", "needs", "reads config groups", "version", "cached", "default"), *(
-        (s.name, ", ".join((*s.needs, *(["+cfg"] if s.needs_when else []))) or "-",
+        (s.name, ", ".join((*s.needs, *(["+cfg"] if s.needs_when else []), *(["-cfg"] if s.unneeded_when else [])))
+         or "-",
          ", ".join((*s.reads, *(f"{g}?" for g in s.optional))), str(s.version),
          "yes" if s.cached else "no (per run)", "yes" if s.default else "no")
         for s in stages.values())]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines += ["(group?: read when the config has it; +cfg: more needs depending on the config, from its needs_when)",
-              "", *(f"{s.name}: {s.summary} ({s.impl}{'; needs_when ' + s.needs_when if s.needs_when else ''})"
-                    for s in stages.values())]
+    lines += ["(group?: read when the config has it; +cfg: more needs depending on the config, from its needs_when; "
+              "-cfg: fixed needs some settings do without, from its unneeded_when)",
+              "", *(f"{s.name}: {s.summary} ({s.impl}{'; needs_when ' + s.needs_when if s.needs_when else ''}"
+                    f"{'; unneeded_when ' + s.unneeded_when if s.unneeded_when else ''})" for s in stages.values())]
     return "\n".join(lines)
 
 

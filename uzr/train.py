@@ -82,7 +82,7 @@ def main(cfg: DictConfig) -> float | None:
         "hydra_mode": str(hydra_cfg.mode.name if hydra_cfg.mode else None), "wandb_group": run_cfg.logger.group,
     }, indent=2))
     ev = metrics.get("evaluate")
-    return ev["bits_per_byte"]["injected"] if ev else None
+    return ev["bits_per_byte"]["injected"] if ev and "bits_per_byte" in ev else None
 
 
 def config_error(err: BaseException) -> None:

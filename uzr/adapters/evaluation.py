@@ -28,9 +28,9 @@ from uzr.adapters.reinforce import answer_logprobs
 from uzr.adapters.stage import SVFArtifact, SVFStage, formatted, items_for
 from uzr.adapters.svf import SVFEdit, SVFTrainable, layer_of, mix_masks
 from uzr.attention import decoder_of
+from uzr.evaluate.injection import run_injection
 from uzr.generation import generate_answers
 from uzr.hooks import injected
-from uzr.injection.setup import run_injection
 from uzr.intervals import accuracy_difference
 from uzr.masks import pad_sequences
 from uzr.qa.prompts import adds_special_tokens, format_prompt, resolve_format

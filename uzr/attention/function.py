@@ -47,9 +47,9 @@ MASKED = torch.finfo(torch.float32).min
 class AttentionEdit:
     """What the injector does to one layer call.
 
-    ``bias``: (B, 1, q, k) added to the scores (mode ``bias``), or ``None``.
-    ``mix_probs``/``mix_alpha``: (B, q, k) prior probabilities (or (B, H, q, k), one per head) and (B, q, 1)
-    weights; the output
+    ``bias``: (B, 1|H, q, k) added to the scores (mode ``bias``), or ``None``.
+    ``mix_probs``/``mix_alpha``: (B, q, k) prior probabilities (or (B, H, q, k), one per head) and (B, q, 1|H)
+    weights (one per head where only some heads are injected); the output
     becomes ``(1 - a) * out + a * (P_ctrl @ V)`` (mode ``mix``).
     """
 
@@ -277,7 +277,7 @@ def _mix(output, value, edit: AttentionEdit, n_heads: int):
     value = repeat_kv(value, n_heads // value.shape[1])  # (B, H, k, D)
     heads = "bhqk" if edit.mix_probs.dim() == 4 else "bqk"
     ctrl = torch.einsum(f"{heads},bhkd->bqhd", edit.mix_probs.to(value.dtype), value)  # (B, q, H, D)
-    a = edit.mix_alpha.to(output.dtype)[..., None]  # (B, q, 1, 1)
+    a = edit.mix_alpha.to(output.dtype)[..., None]  # (B, q, 1|H, 1)
     return (1 - a) * output + a * ctrl
 
 

@@ -6,12 +6,19 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from uzr.config.checks import check_choice, check_float, check_int, is_int
+from uzr.config.evaluate import QA_DOMAINS
 from uzr.config.groups import ConfigGroup
 
 SCHEDULES = ("constant", "linear", "cosine", "entropy_local", "gated")
 MODES = ("bias", "mix")
-# What is injected (uzr.injection.priors): the method, its oracle ceiling, and three controls.
-SOURCES = ("controller", "teacher", "student_self", "uniform", "shuffled")
+# What is injected (uzr.injection.priors): the method, its oracle ceiling, three controls, and emphasis steering (a
+# hand-set prior toward a prompt's marked spans, no controller or teacher involved).
+SOURCES = ("controller", "teacher", "student_self", "uniform", "shuffled", "emphasis")
+EMPHASIS_FORMS = ("bias", "pasta")  # inject.emphasis_form (uzr.injection.priors.EmphasisPrior)
+# Sources a per-head profile (inject.heads=auto) can inject one head at a time: those that act on QA prompts.
+PROFILE_SOURCES = ("controller", "teacher", "emphasis")
+PROFILE_SETS = ("facts_qa",)  # inject.profile_qa, besides the QA domains (uzr.config.evaluate.QA_DOMAINS)
 SINKS = ("replace", "keep")  # inject.sinks: the injected prior shapes every key, or leaves the student's sinks (uzr.injection.sinks)
 AUTO = "auto"  # inject.teacher_layers=auto: the harvest picks each layer's teacher layer (uzr.harvest.layer_matching)
 
@@ -77,6 +84,22 @@ class InjectSpec:
     # later is >= sink_ratio times the uniform share 1/(i+1) (uzr.injection.sinks).
     sinks: str = "replace"
     sink_ratio: float = 10.0
+    # Which heads of the injected layers are injected: null = all; a list of [layer, head] pairs (layers among
+    # inject.layers); "auto" = the top_k_heads heads of a per-head profile (uzr.evaluate.heads). Other heads keep
+    # their own attention exactly. Typed Any: null, a list or "auto".
+    heads: Any = None
+    top_k_heads: int = 8  # heads=auto: how many of the profiled heads are injected
+    # The per-head profile (heads=auto): each (layer, head) injected alone on profile_items training prompts of
+    # profile_qa (facts_qa: the built-in set's train split; a QA domain: items of another seed than evaluated), with
+    # profile_source (null = inject.source), ranked by the mean change of the right candidate's log-likelihood.
+    profile_source: str | None = None
+    profile_qa: str = "facts_qa"
+    profile_items: int = 32
+    # inject.source=emphasis: the marked keys' probabilities x emphasis_beta against the rest (bias mode, alpha 1).
+    # emphasis_form=bias: + log beta on marked keys; pasta: - log beta on the prompt's non-marked keys (PASTA), so the
+    # keys after the prompt (the answer) are not scaled down.
+    emphasis_beta: float = 100.0
+    emphasis_form: str = "bias"
 
 
 def validate_inject(spec: InjectSpec, student_layers: int) -> None:
@@ -94,6 +117,81 @@ def validate_inject(spec: InjectSpec, student_layers: int) -> None:
                          "share of a row's mass)")
     if spec.source not in SOURCES:
         raise ValueError(f"inject.source={spec.source!r} is unknown; valid choices: {', '.join(SOURCES)}")
+    check_float("inject.emphasis_beta", spec.emphasis_beta, 1.0, valid="a finite number >= 1 (1: no emphasis)")
+    check_choice("inject.emphasis_form", spec.emphasis_form, EMPHASIS_FORMS)
+
+
+def validate_heads(spec: InjectSpec, num_heads: int) -> None:
+    """``inject.heads`` (and the profile's knobs when ``auto``) against the injected layers and the student's
+    ``num_heads`` (declared by its config, checked against the loaded model), before any model loads."""
+    heads = spec.heads
+    ranges = f"layers {list(spec.layers)} (inject.layers), heads 0..{num_heads - 1}"
+    if heads is None:
+        return
+    if heads == AUTO:
+        check_int("inject.top_k_heads", spec.top_k_heads, 1, len(spec.layers) * num_heads,
+                  valid=f"an integer in [1, {len(spec.layers) * num_heads}] (the injected layers' heads)")
+        source = profile_source(spec)
+        check_choice("inject.profile_source", source, PROFILE_SOURCES)
+        check_choice("inject.profile_qa", spec.profile_qa, (*PROFILE_SETS, *QA_DOMAINS))
+        check_int("inject.profile_items", spec.profile_items, 1)
+        return
+    pairs = heads if isinstance(heads, (list, tuple)) else None
+    if pairs is None or not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(map(is_int, p))
+                                             for p in pairs):
+        raise ValueError(f"inject.heads={heads!r} is invalid; valid: null (every head), {AUTO!r} (the top "
+                         f"inject.top_k_heads of a per-head profile) or a non-empty list of [layer, head] pairs within "
+                         f"{ranges}")
+    bad = [list(p) for p in pairs if p[0] not in spec.layers or not 0 <= p[1] < num_heads]
+    if bad:
+        raise ValueError(f"inject.heads: {bad} outside the injected heads; valid: {ranges}")
+    if len({tuple(p) for p in pairs}) != len(pairs):
+        raise ValueError(f"inject.heads={[list(p) for p in pairs]} contains duplicates")
+
+
+def profile_source(spec: InjectSpec) -> str:
+    """The source a per-head profile injects: ``inject.profile_source``, else ``inject.source``."""
+    return spec.profile_source or spec.source
+
+
+def emphasis_alone(spec: InjectSpec) -> bool:
+    """Whether the evaluate stage injects with neither controllers nor the harvest store: ``inject.source=emphasis``
+    steers the student's own attention, unless ``inject.sinks=keep`` (sinks are found on the store's texts) or
+    ``inject.heads=auto`` profiles another source."""
+    profiled = spec.heads == AUTO and profile_source(spec) != "emphasis"
+    return spec.source == "emphasis" and spec.sinks != "keep" and not profiled
+
+
+def evaluate_unneeded(cfg) -> dict[str, str]:
+    """The evaluate stage's ``unneeded_when`` (:mod:`uzr.stages`): the controller (and the harvest behind it) when
+    :func:`emphasis_alone`."""
+    if cfg.inject is None or not emphasis_alone(cfg.inject):
+        return {}
+    return {"controller": "inject.source=emphasis steers the student's own attention on QA prompts"}
+
+
+def source_label(spec: InjectSpec, source: str | None = None) -> str:
+    """``source`` (default ``inject.source``) as results and cache keys name it: emphasis with its strength and form
+    (``emphasis(beta=100,form=bias)``), any other source by its name."""
+    source = spec.source if source is None else source
+    if source != "emphasis":
+        return source
+    return f"emphasis(beta={spec.emphasis_beta:g},form={spec.emphasis_form})"
+
+
+def listed_heads(spec: InjectSpec) -> dict[int, tuple[int, ...]] | None:
+    """``inject.heads`` as ``{layer: heads}`` when it lists pairs; None for null (every head) and ``auto``."""
+    if spec.heads is None or spec.heads == AUTO:
+        return None
+    return heads_by_layer([tuple(p) for p in spec.heads])
+
+
+def heads_by_layer(pairs) -> dict[int, tuple[int, ...]]:
+    """``[(layer, head), ...]`` -> ``{layer: sorted heads}``."""
+    out: dict[int, list[int]] = {}
+    for layer, head in pairs:
+        out.setdefault(int(layer), []).append(int(head))
+    return {layer: tuple(sorted(heads)) for layer, heads in sorted(out.items())}
 
 
 def proportional_teacher_layer(cfg, layer: int) -> int:
@@ -119,6 +217,7 @@ def teacher_layer_map(cfg) -> list[int]:
 def validate_injection(cfg) -> None:
     """The inject group against the models' depths, and against the alpha and controller groups when read."""
     validate_inject(cfg.inject, cfg.student.num_layers)
+    validate_heads(cfg.inject, cfg.student.num_heads)
     mapping = [] if auto_teacher_layers(cfg) else teacher_layer_map(cfg)  # auto: chosen by the harvest
     if not auto_teacher_layers(cfg) and len(mapping) != len(cfg.inject.layers):
         raise ValueError(

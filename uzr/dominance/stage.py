@@ -34,7 +34,7 @@ from uzr.dominance.summary import (
     summarise,
     table_rows,
 )
-from uzr.injection.setup import run_injection
+from uzr.evaluate.injection import run_injection
 from uzr.models import model_device
 from uzr.stages import UncachedStage
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from uzr.evaluate.texts import injection_key
+from uzr.hooks import ModelEdit
 from uzr.intervals import accuracy_difference
 from uzr.qa.facts import (
     QA_SCORE,
@@ -79,23 +80,31 @@ def domain_prompts(name: str, n: int, seed: int) -> list[Prompt]:
     return causal_loop_prompts(n, seed)
 
 
-def qa_comparison(run, prompts: Sequence[Prompt], plain: Callable[[str], list], make_injector, what: str) -> dict:
+@dataclass(frozen=True)
+class QAInjection:
+    """The injected student on QA prompts: ``edit_for(row_prompts)`` (:func:`uzr.qa.facts.qa_scores`) and the key its
+    scores are kept under (:func:`uzr.evaluate.texts.injection_key` without its leading tag)."""
+
+    edit_for: Callable[[list[Prompt]], ModelEdit]
+    key: tuple
+
+
+def qa_comparison(run, prompts: Sequence[Prompt], plain: Callable[[str], list], injected: QAInjection | None,
+                  what: str) -> dict:
     """Accuracy of teacher, student and injected student on ``prompts`` (``plain(role)``: the uninjected scores),
     the paired interval of injected minus student and, per prompt category, the three accuracies.
-    ``make_injector`` None: the injection source needs another text's stored rows (``shuffled``), which prompts
-    lack."""
+    ``injected`` None: the injection source needs another text's stored rows (``shuffled``), which prompts lack."""
     cfg = run.cfg
     student, student_tok = run.models.get("student")
     scores = {"teacher": plain("teacher"), "student": plain("student")}
     out = {"teacher": accuracy_of(prompts, scores["teacher"]), "student": accuracy_of(prompts, scores["student"]),
            "injected": None, "num_prompts": len(prompts), "score": QA_SCORE}
-    if make_injector is None:
+    if injected is None:
         out["injected_note"] = f"inject.source={cfg.inject.source} needs a text's stored rows; prompts have none"
         return out
     memo = run.stored if cfg.alpha.schedule != "gated" else None
-    key = injection_key(cfg.inject.source, cfg.inject.mode, cfg.alpha, make_injector().sinks)[1:]
     scores["injected"] = injected_qa_scores(memo, student, student_tok, prompts, cfg.gate.prompt_format,
-                                            lambda rows: make_injector(), key, cfg.evaluate.qa_batch_size,
+                                            injected.edit_for, injected.key, cfg.evaluate.qa_batch_size,
                                             desc=f"{what}: injected")
     out["injected"] = accuracy_of(prompts, scores["injected"])
     # per prompt, so that two runs on the same prompts can be paired afterwards
@@ -111,16 +120,16 @@ def qa_comparison(run, prompts: Sequence[Prompt], plain: Callable[[str], list], 
     return out
 
 
-def facts_qa(run, make_injector) -> dict:
+def facts_qa(run, injected: QAInjection | None) -> dict:
     """Facts QA on the built-in set's held-out answerable prompts (:func:`qa_comparison`)."""
     cfg = run.cfg
     prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
-    section = qa_comparison(run, prompts, lambda role: plain_qa_scores(run, role), make_injector, "facts QA")
+    section = qa_comparison(run, prompts, lambda role: plain_qa_scores(run, role), injected, "facts QA")
     section.pop("by_category", None)  # facts QA reports one accuracy (its categories have a handful of prompts)
     return section
 
 
-def domain_qa(run, name: str, make_injector) -> dict:
+def domain_qa(run, name: str, injected: QAInjection | None) -> dict:
     """QA domain ``name`` (``evaluate.qa_domains``): :func:`qa_comparison` on its items."""
     cfg = run.cfg
     prompts = domain_prompts(name, cfg.evaluate.qa_domain_items, cfg.evaluate.qa_domain_seed)
@@ -130,5 +139,5 @@ def domain_qa(run, name: str, make_injector) -> dict:
             run, getattr(cfg, role), lambda: run.models.get(role), prompts, cfg.gate.prompt_format,
             cfg.evaluate.qa_batch_size, desc=f"{name} QA: {role}"))
 
-    return {**qa_comparison(run, prompts, plain, make_injector, f"{name} QA"), "chance": 0.25,
+    return {**qa_comparison(run, prompts, plain, injected, f"{name} QA"), "chance": 0.25,
             "items": {"seed": cfg.evaluate.qa_domain_seed, **CAUSAL_LOOP}}

@@ -25,24 +25,11 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from uzr.injection.priors import AttentionPrior, ControllerPrior, RowsPrior, StudentSelfPrior, UniformPrior
+from uzr.injection.oracle import ORACLE_FLOOR
+from uzr.injection.priors import AttentionPrior, RowsPrior, live_prior
 from uzr.masks import masked_log_softmax
 
-ORACLE_FLOOR = 1e-6  # probability given to keys the aligned teacher row leaves at 0
 STORED_ROWS = ("teacher", "shuffled")  # sources that need a text's store rows (not available for QA prompts)
-
-
-def live_prior(source: str, controllers: Mapping[int, torch.nn.Module], per_head: bool = False) -> AttentionPrior:
-    """The prior of a source computed from the student's own pass: controller, student_self or uniform
-    (``per_head``: student_self gives each head its own rows, as per-head targets do)."""
-    layers = list(controllers)
-    if source == "controller":
-        return ControllerPrior(controllers)
-    if source == "student_self":
-        return StudentSelfPrior(layers, per_head=per_head)
-    if source == "uniform":
-        return UniformPrior(layers)
-    raise ValueError(f"inject.source={source!r} needs a text's stored rows: use text_prior")
 
 
 def text_prior(source: str, controllers: Mapping[int, torch.nn.Module], rows: Sequence[dict],

@@ -12,33 +12,35 @@ import numpy as np
 import torch
 
 from uzr.config import RunConfig
-from uzr.config.controller import per_head_targets
 from uzr.config.corpus import domain_spec
+from uzr.config.inject import AUTO, emphasis_alone, source_label
 from uzr.controller.stage import ControllerStage
 from uzr.evaluate.domains import domain_metrics, domain_store
+from uzr.evaluate.heads import head_profile_section, run_profile
+from uzr.evaluate.injection import emphasis_injection, matched_heads, run_injection
 from uzr.evaluate.passes import heatmap_figure, student_pass
-from uzr.evaluate.qa import domain_qa, facts_qa
-from uzr.evaluate.sources import ORACLE_FLOOR, STORED_ROWS, controller_rows, live_prior, text_prior
-from uzr.evaluate.texts import PLAIN, heldout_rows, injection_setting, score_settings
-from uzr.harvest.head_matching import teacher_heads_of
+from uzr.evaluate.qa import QAInjection, domain_qa, facts_qa
+from uzr.evaluate.sources import controller_rows, text_prior
+from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_setting, score_settings
 from uzr.harvest.stage import HarvestStage
 from uzr.injection.injector import Injector
-from uzr.injection.oracle import TeacherPrior
-from uzr.injection.setup import run_injection
+from uzr.injection.priors import LIVE_SOURCES, live_prior
+from uzr.injection.qa_edits import qa_edit_for
 from uzr.stages import UncachedStage
 
 
 class EvaluateStage(UncachedStage):
     def report(self, run, artifact) -> dict:
         cfg = run.cfg
+        if cfg.inject.source == "emphasis":
+            return emphasis_metrics(run)
         store, controllers = run.upstream(HarvestStage), run.upstream(ControllerStage).controllers
         student, student_tok = run.models.get("student")
         teacher, teacher_tok = run.models.get("teacher")
         same_vocab = teacher_tok.get_vocab() == student_tok.get_vocab()  # next-token KL needs one vocabulary
         layers = list(cfg.inject.layers)
         source = cfg.inject.source
-        per_head = per_head_targets(cfg)
-        heads_of = {layer: teacher_heads_of(store.layout, layer) for layer in layers} if per_head else None
+        heads_of = matched_heads(cfg, store.layout)
         injection = run_injection(run)
         sinks = injection.sinks
 
@@ -64,6 +66,7 @@ class EvaluateStage(UncachedStage):
             # bits per byte per text domain: the run's own data first, then evaluate.domains
             "domains": {cfg.data.name if cfg.data else "data": own},
         }
+        metrics.update(heads_metrics(run, injection))
         for name in cfg.evaluate.domains:
             domain, key = domain_store(run, name)
             metrics["domains"][name] = {
@@ -72,31 +75,53 @@ class EvaluateStage(UncachedStage):
         if same_vocab:
             metrics["next_token_kl"] = {k: float(np.mean(scores.settings[v].next_token_kl)) for k, v in names.items()}
 
-        def make_injector() -> Injector:
-            prior = (live_teacher(run, store, layers, heads_of) if source == "teacher"
-                     else live_prior(source, controllers, per_head))
-            return injection.injector(prompt_len=0, source=prior)
-
         # the oracle reads each prompt's text live; shuffled needs another text's stored rows, which prompts lack
-        live = None if source == "shuffled" else make_injector
-        if cfg.evaluate.facts_qa:
-            metrics["facts_qa"] = facts_qa(run, live)
-        if cfg.evaluate.qa_domains:
-            metrics["qa_domains"] = {name: domain_qa(run, name, live) for name in cfg.evaluate.qa_domains}
-        if cfg.evaluate.figure and rows and source not in STORED_ROWS:
+        metrics.update(qa_metrics(run, injection, qa_edit_for(run, injection, source, controllers, store.layout,
+                                                             heads_of)))
+        if cfg.evaluate.figure and rows and source in LIVE_SOURCES:
+            def make_injector() -> Injector:
+                return injection.injector(prompt_len=0, source=live_prior(source, controllers, heads_of is not None))
+
             run.images["heatmaps"] = figure(run.out_dir / "figures", rows[0], controllers, student, layers[0], cfg,
                                             make_injector)
         return metrics
 
 
-def live_teacher(run, store, layers: list[int], heads_of) -> TeacherPrior:
-    """The teacher oracle for texts without store rows (facts-QA prompts): the teacher reads each text itself, at
-    the store's layer map (so ``teacher_layers=auto`` holds) and head matching."""
-    teacher, teacher_tok = run.models.get("teacher")
-    _, student_tok = run.models.get("student")
-    mapping = dict(zip(store.layout.layers, store.layout.teacher_layers))
-    return TeacherPrior(teacher, teacher_tok, student_tok, {layer: mapping[layer] for layer in layers}, heads_of,
-                        ORACLE_FLOOR, run.cfg.harvest.block_size)
+def emphasis_metrics(run) -> dict:
+    """``inject.source=emphasis``: QA only. Emphasis steers toward a prompt's marked spans; held-out texts mark none,
+    so it would leave them exactly as they are. Needs no controller or harvest store unless ``inject.sinks=keep`` or a
+    per-head profile of another source asks for them (:func:`uzr.config.inject.emphasis_alone`)."""
+    cfg = run.cfg
+    injection = emphasis_injection(run) if emphasis_alone(cfg.inject) else run_injection(run)
+    return {"source": source_label(cfg.inject),
+            "texts": "not scored: held-out texts mark no span, so emphasis leaves them as they are",
+            **heads_metrics(run, injection),
+            **qa_metrics(run, injection, qa_edit_for(run, injection, "emphasis", {}, None, None))}
+
+
+def heads_metrics(run, injection) -> dict:
+    """``heads``: the injected (layer, head) pairs (``inject.heads``); ``head_profile``: the per-head profile that
+    chose them (``auto``)."""
+    out = {}
+    if injection.heads is not None:
+        out["heads"] = [[layer, head] for layer, heads in injection.heads.items() for head in heads]
+    if run.cfg.inject.heads == AUTO:  # computed when the injection was set up: the run's memo holds it
+        out["head_profile"] = head_profile_section(run, run_profile(run, injection, {}, None, None))
+    return out
+
+
+def qa_metrics(run, injection, edit_for) -> dict:
+    """Facts QA and the QA domains of ``evaluate.qa_domains``, the injected student scored through ``edit_for``
+    (:func:`uzr.injection.qa_edits.qa_edit_for`; None: the source has no QA edit)."""
+    cfg = run.cfg
+    key = injection_key(source_label(cfg.inject), cfg.inject.mode, cfg.alpha, injection.sinks, injection.heads)[1:]
+    injected = None if edit_for is None else QAInjection(edit_for, key)
+    out = {}
+    if cfg.evaluate.facts_qa:
+        out["facts_qa"] = facts_qa(run, injected)
+    if cfg.evaluate.qa_domains:
+        out["qa_domains"] = {name: domain_qa(run, name, injected) for name in cfg.evaluate.qa_domains}
+    return out
 
 
 def figure(folder: Path, row: dict, controllers: dict, student, layer: int, cfg: RunConfig, make_injector) -> Path:

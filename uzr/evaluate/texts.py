@@ -172,16 +172,20 @@ def injection_setting(name: str, injection: Injection,
         prior = source(ids, row) if callable(source) else source
         return injection.injector(prompt_len=0, gate=gate, alpha=alpha, source=prior)
 
-    return Setting(name, injection_key(source_name, injection.mode, alpha, injection.sinks), edit,
+    return Setting(name, injection_key(source_name, injection.mode, alpha, injection.sinks, injection.heads), edit,
                    storable=source_name != "shuffled")
 
 
-def injection_key(source: str, mode: str, alpha, sinks: dict | None = None) -> tuple:
+def injection_key(source: str, mode: str, alpha, sinks: dict | None = None, heads: dict | None = None) -> tuple:
     """The identity of an injected setting (equal keys give equal numbers on the same text or prompts); the
     controller's key is the one the gate table's constant rows share with the evaluate stage. ``sinks`` (``{layer:
-    SinkSet}``, ``inject.sinks=keep``) is part of it: keep and replace never read each other's stored scores."""
+    SinkSet}``, ``inject.sinks=keep``) is part of it: keep and replace never read each other's stored scores; so are
+    the injected ``heads`` (``{layer: heads}``; None, every head, adds nothing). ``source``: the source's label
+    (:func:`uzr.config.inject.source_label`: emphasis with its strength and form)."""
     base = ("inject", mode, alpha_key(alpha))
     base = base if source == "controller" else (*base, source)
+    if heads is not None:
+        base = (*base, "heads", json.dumps({str(layer): list(h) for layer, h in sorted(heads.items())}))
     # only layers with detected sinks change the numbers (the injector ignores the rest, as :func:`sink_sets` says),
     # so keep with none detected is replace's key, and every caller keys a given injection alike
     kept = {layer: s for layer in sorted(sinks or {}) if (s := sink_sets(sinks, layer)) is not None}

@@ -82,7 +82,8 @@ def evaluate_generated_answers(cfg: RunConfig, student, tok, controllers, gate: 
 
     keep = stored or unmemoised
     setting_key = {name: ("generated_answers", tuple(p.id for p in prompts), style, spec.answer_tokens,
-                          None if alpha is None else injection_key("controller", cfg.inject.mode, alpha, injection.sinks)[1:])
+                          None if alpha is None else
+                          injection_key("controller", cfg.inject.mode, alpha, injection.sinks, injection.heads)[1:])
                    for name, alpha in answer_settings(cfg).items()}
     generated = {name: keep(setting_key[name], lambda name=name, alpha=alpha: answers(name, alpha))
                  for name, alpha in answer_settings(cfg).items()}

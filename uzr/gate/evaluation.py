@@ -48,8 +48,9 @@ def alpha_settings(cfg: RunConfig, spec: GateSpec) -> list[tuple[str, AlphaSpec 
 def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, gate: GateModule, models,
                    num_texts: int | None = None, num_prompts: int | None = None,
                    plain_qa: Callable[[str], list[list[float]]] | None = None, memo: Callable | None = None,
-                   stored: Callable | None = None) -> dict:
-    """Facts-QA accuracy and bits per byte for no injection, constant alphas and gated alphas.
+                   stored: Callable | None = None, heads: Mapping[int, tuple[int, ...]] | None = None) -> dict:
+    """Facts-QA accuracy and bits per byte for no injection, constant alphas and gated alphas (on ``heads``, the run's
+    ``inject.heads`` resolved: ``{layer: heads}``, None for every head).
 
     QA (:mod:`uzr.qa.facts`): the held-out answerable prompts (``evaluate.qa_prompts`` of them, or
     ``num_prompts``); the gated rows hold each prompt's gate value (the gate at its last token, from an
@@ -74,7 +75,7 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
     gate = gate.to("cpu").eval()
     settings = alpha_settings(cfg, spec)
     # inject.sinks=keep: the same sinks as the evaluate stage, so its injected row is this table's constant row
-    injection = configured_injection(cfg, store, ctrls, memo or unmemoised)
+    injection = configured_injection(cfg, store, ctrls, memo or unmemoised, heads)
 
     def injector_for(alpha: AlphaSpec | None, gate_values: Tensor) -> Injector | None:
         if alpha is None:
@@ -109,7 +110,8 @@ def evaluate_gated(cfg: RunConfig, store: HarvestStore, controllers: Mapping, ga
         # stored keys hold the run's artifact keys (the gate's among them), so gated rows are safe to keep too;
         # the key is the evaluate stage's (sinks included): keep and replace never read each other's scores
         return injected_qa_scores(stored, student, tok, qa, spec.prompt_format, qa_injector(alpha),
-                                  injection_key("controller", cfg.inject.mode, alpha, injection.sinks)[1:], batch,
+                                  injection_key("controller", cfg.inject.mode, alpha, injection.sinks,
+                                                injection.heads)[1:], batch,
                                   desc=f"facts QA: {name}")
 
     qa_by_setting = {name: plain_qa("student") if alpha is None else injected_qa(name, alpha) for name, alpha in settings}

@@ -23,6 +23,7 @@ from uzr.config.gate import (
 )
 from uzr.config.keys import key_of
 from uzr.controller.stage import ControllerStage
+from uzr.evaluate.injection import run_injection
 from uzr.gate.answers import evaluate_generated_answers, print_generated_answers
 from uzr.gate.checkpoint import load_gate, save_gate
 from uzr.gate.comparison import compare_gates, print_gate_comparison
@@ -45,7 +46,6 @@ from uzr.gate.labels import (
 )
 from uzr.gate.model import GateModule, fit_gate
 from uzr.harvest.stage import HarvestStage
-from uzr.injection.setup import run_injection
 from uzr.models import model_device
 from uzr.qa.answers import judge_prompts
 from uzr.qa.facts import plain_qa_scores
@@ -239,7 +239,7 @@ class GateStage:
         controllers = run.upstream(ControllerStage).controllers
         evaluation = evaluate_gated(run.cfg, run.upstream(HarvestStage), controllers, gate, run.models,
                                     plain_qa=lambda role: plain_qa_scores(run, role), memo=run.memo,
-                                    stored=run.stored)
+                                    stored=run.stored, heads=run_injection(run).heads)
         run.tables["gated"] = gated_table(evaluation)
         section = {"heldout": gate.report(), "evaluation": evaluation}
         if gate.level == "prompt":  # beside the token gate on the same prompt labels

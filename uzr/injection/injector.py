@@ -17,7 +17,7 @@ layer that carries one raises.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,11 +110,13 @@ class Injector(ModelEdit):
         gate: (B, 1) or (B, q) gate output in [0, 1], read by schedule ``gated``.
         sinks: ``inject.sinks=keep``: ``{layer: SinkSet}`` (:func:`uzr.injection.sinks.detect_sinks`): the student's own mass
             on those keys stays and the prior shapes only the rest; None (``replace``): the prior shapes every key.
+        heads: ``inject.heads``: ``{layer: heads}``, the only heads injected (a layer not in it is not hooked); the
+            other heads' attention stays exactly the model's. None: every head of every layer.
     """
 
     def __init__(self, source: Mapping[int, torch.nn.Module] | AttentionPrior, alpha: AlphaSpec, mode: str = "bias",
                  prompt_len: int | None = None, gate: torch.Tensor | None = None,
-                 sinks: Mapping[int, SinkSet] | None = None):
+                 sinks: Mapping[int, SinkSet] | None = None, heads: Mapping[int, Sequence[int]] | None = None):
         if mode not in MODES:
             raise ValueError(f"inject.mode={mode!r} is unknown; valid choices: {', '.join(MODES)}")
         validate_alpha(alpha)
@@ -122,6 +124,7 @@ class Injector(ModelEdit):
         self.alpha, self.mode, self.prompt_len = alpha, mode, prompt_len
         self.gate = gate  # (B, 1) or (B, q) gate output for schedule ``gated``; may be set later
         self.sinks = {layer: s for layer in self.prior.layers if (s := sink_sets(sinks, layer)) is not None}
+        self.heads = None if heads is None else {int(layer): tuple(h) for layer, h in heads.items()}
         # token ids of the sequence so far, per layer like the key cache: sink keys and priors that read the text
         self.needs_ids = bool(self.sinks) or self.prior.needs_ids
         self._new_ids: torch.Tensor | None = None
@@ -140,6 +143,11 @@ class Injector(ModelEdit):
         holds one value per sequence rather than one per position."""
         return self.prior.continues_rows and (self.gate is None or self.gate.shape[-1] == 1)
 
+    def rows_alike(self, length: int) -> bool:
+        """Whether every batch row is injected alike on positions before ``length`` (gate and prior), so a prefix
+        that all rows share may run once for all of them."""
+        return (self.gate is None or bool((self.gate == self.gate[:1]).all())) and self.prior.alike(length)
+
     def state(self) -> InjectorState:
         """The key features seen so far (read it before :meth:`remove`, which resets them)."""
         return InjectorState(dict(self._key_cache), dict(self._prefill_len), dict(self._id_cache))
@@ -148,7 +156,7 @@ class Injector(ModelEdit):
         """A fresh injector like this one for its batch rows ``rows`` (long (b,): their gate values), continuing
         ``state`` (one row per new row) when given: the KV cache's counterpart of a row selection."""
         gate = None if self.gate is None else self.gate[rows.to(self.gate.device)]
-        out = Injector(self.prior, self.alpha, self.mode, self.prompt_len, gate, self.sinks)
+        out = Injector(self.prior.for_rows(rows), self.alpha, self.mode, self.prompt_len, gate, self.sinks, self.heads)
         if state is not None:
             out._key_cache, out._prefill_len, out._id_cache = dict(state.keys), dict(state.prefill_len), dict(state.ids)
         return out
@@ -160,8 +168,10 @@ class Injector(ModelEdit):
         for layer in self.prior.layers:
             if not 0 <= layer < len(modules):
                 raise ValueError(f"inject.layers contains {layer}; the student has layers 0..{len(modules) - 1}")
-        # A layer whose alpha is 0 for the whole run is left untouched: its controller never runs.
-        hooked = [modules[layer] for layer in self.prior.layers if layer_alpha(self.alpha, layer) != 0]
+        # A layer whose alpha is 0 for the whole run, or none of whose heads is injected, is left untouched: its
+        # controller never runs.
+        hooked = [modules[layer] for layer in self.prior.layers if layer_alpha(self.alpha, layer) != 0
+                  and (self.heads is None or self.heads.get(layer))]
         attach_to_layers(INJECTOR, [(module, self) for module in hooked])  # raises if another injector is there
         for module in hooked:
             self._handles.append(module.register_forward_pre_hook(self._capture, with_kwargs=True))
@@ -245,6 +255,11 @@ class Injector(ModelEdit):
         return masked_log_softmax(scores, allowed[:, None].expand_as(scores)), call
 
     def attention_edit(self, module, query, key, mask) -> AttentionEdit | None:
+        edit = self._edit(module, query, key, mask)
+        heads = None if self.heads is None else self.heads.get(module.layer_idx)
+        return edit if edit is None or heads is None else only_heads(edit, heads, query.shape[1])
+
+    def _edit(self, module, query, key, mask) -> AttentionEdit | None:
         layer = module.layer_idx
         q_len, k_len = query.shape[2], key.shape[2]
         hidden, keys, q_pos = self._advance(layer, q_len, k_len)
@@ -252,6 +267,8 @@ class Injector(ModelEdit):
         prompt_len = self.prompt_len if self.prompt_len is not None else self._prefill_len[layer]
         steps = (q_pos - (prompt_len - 1)).clamp(min=0)
         alpha = scheduled_alpha(self.alpha, layer, steps, self.gate).to(hidden.device)  # (B|1, q)
+        if self.prior.row_weights is not None:  # rows the prior leaves alone (emphasis without a marked span)
+            alpha = alpha * self.prior.row_weights.to(hidden.device)[:, None]  # (B, q)
         if not bool((alpha != 0).any()):
             return None  # e.g. a warm-up's prompt: keys are cached for later steps, no logits are needed
         logp, call = self.prior_logprobs(module, query, key, mask, hidden, keys, q_pos, ids)  # (B, P, q, k), P = 1|H
@@ -273,3 +290,15 @@ class Injector(ModelEdit):
             mix = probs[:, 0] if probs.shape[1] == 1 else probs  # (B, q, k) shared, or (B, H, q, k) per head
             return AttentionEdit(mix_probs=mix, mix_alpha=alpha.expand(probs.shape[0], -1)[..., None])
         return AttentionEdit(bias=torch.where(allowed, alpha[:, None, :, None] * logp, torch.zeros_like(logp)))
+
+
+def only_heads(edit: AttentionEdit, heads: Sequence[int], n_heads: int) -> AttentionEdit:
+    """``edit`` on ``heads`` only: the other heads get a zero bias and a zero mix weight, so their attention and output
+    are exactly the model's (adding 0 to a score, or mixing with weight 0, changes no bit)."""
+    on = torch.zeros(n_heads, dtype=torch.bool)
+    on[list(heads)] = True
+    if edit.bias is not None:
+        bias = edit.bias.expand(-1, n_heads, -1, -1)  # (B, H, q, k)
+        return AttentionEdit(bias=torch.where(on.to(bias.device)[None, :, None, None], bias, torch.zeros_like(bias)))
+    weight = on.to(edit.mix_alpha.device, edit.mix_alpha.dtype)  # (H,)
+    return AttentionEdit(mix_probs=edit.mix_probs, mix_alpha=edit.mix_alpha * weight)  # (B, q, 1) -> (B, q, H)

@@ -34,6 +34,8 @@ from uzr.attention import HeadRows, LayerRecorder, decoder_of, recording, use_uz
 from uzr.harvest.align import TokenAligner
 from uzr.injection.priors import AttentionPrior
 
+ORACLE_FLOOR = 1e-6  # probability given to keys the aligned teacher row leaves at 0
+
 
 def student_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]], list[bool]]:
     """The text the student's ``ids`` spell (specials left out), each token's character span, and which are
@@ -180,3 +182,13 @@ class TeacherPrior(AttentionPrior):
                              dtype=torch.bool, device=call.ids.device)
             self._real = new if known is None else torch.cat([known, new], 1)
         return self._real
+
+
+def run_teacher_prior(run, layout, layers: Sequence[int], heads_of: Mapping[int, Sequence[int]] | None) -> TeacherPrior:
+    """The run's teacher oracle for texts without store rows (QA prompts): the teacher reads each text itself, at the
+    harvest store's layer map (``layout``: its layout, so ``teacher_layers=auto`` holds) and head matching."""
+    teacher, teacher_tok = run.models.get("teacher")
+    _, student_tok = run.models.get("student")
+    mapping = dict(zip(layout.layers, layout.teacher_layers))
+    return TeacherPrior(teacher, teacher_tok, student_tok, {layer: mapping[layer] for layer in layers}, heads_of,
+                        ORACLE_FLOOR, run.cfg.harvest.block_size)

@@ -10,7 +10,9 @@
 - ``uniform``: equal scores on every allowed key (in ``bias`` mode a no-op, since softmax ignores a
   per-row constant; in ``mix`` mode it blends in the mean of the values);
 - ``shuffled``: controller rows computed for a *different* text of the same length (a prior on
-  attention that is not this text's: separates "any prior" from "the right one").
+  attention that is not this text's: separates "any prior" from "the right one");
+- ``emphasis``: a hand-set prior toward the marked spans of a prompt (PASTA-like steering of the student's own
+  attention; no controller, no teacher).
 
 A prior gives unnormalised log-scores over the keys of one attention call, for all heads at once
 (``(B, 1, q, k)``, head-mean targets) or per head (``(B, H, q, k)``); the injector masks and normalises
@@ -20,6 +22,7 @@ injector keeps like a KV cache.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,6 +68,21 @@ class AttentionPrior(ABC):
 
     def __init__(self, layers):
         self.layers = tuple(layers)
+
+    def for_rows(self, rows: torch.Tensor) -> AttentionPrior:
+        """The prior of batch rows ``rows`` (long (b,); repeats allowed), for a prior that holds something per batch
+        row (:class:`EmphasisPrior`); the others are the same for every row."""
+        return self
+
+    @property
+    def row_weights(self) -> torch.Tensor | None:
+        """(B,) factor on each batch row's alpha (0: the row is left exactly as it is); None: 1 for every row."""
+        return None
+
+    def alike(self, length: int) -> bool:
+        """Whether every batch row gets the same scores and weight on keys before position ``length`` (so a prefix
+        that all rows share may run once for all of them)."""
+        return True
 
     def key_features(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """(B, q, d) features of this call's positions, cached by the injector for later calls; d may be 0."""
@@ -141,3 +159,68 @@ class RowsPrior(AttentionPrior):
                              f"positions but the text has {end}; score texts no longer than the rows "
                              "(harvest.max_dist_len bounds the teacher rows the harvest keeps)")
         return rows[..., call.q_pos, :][..., call.k_pos].to(call.hidden.device)
+
+
+class EmphasisPrior(AttentionPrior):
+    """``inject.source=emphasis``: the keys of each prompt's marked spans up-weighted by ``beta``.
+
+    Args:
+        marks: (B, P) bool, the marked token positions of each batch row's prompt (P: the longest prompt; positions
+            past a row's own prompt are False); ``lengths``: (B,) each row's prompt length in tokens.
+        form: ``bias`` scores + log beta on marked keys; ``pasta`` (PASTA, arXiv 2311.02262) - log beta on the
+            prompt's non-marked keys. After the injector's normalisation both multiply the marked keys' weight by
+            beta against the prompt's other keys (in ``bias`` mode at alpha 1, exactly), and differ on keys past the
+            prompt (answer or generated tokens): ``bias`` leaves them with the unmarked keys, ``pasta`` with the marked.
+
+    A row with no marked key, and every row when beta = 1, has weight 0 (:attr:`row_weights`): the injector leaves it
+    exactly as it is (in ``mix`` mode a flat prior would otherwise blend in the values' mean).
+    """
+
+    def __init__(self, layers, marks: torch.Tensor, lengths: torch.Tensor, beta: float, form: str = "bias"):
+        super().__init__(layers)
+        self.marks, self.lengths, self.beta, self.form = marks.bool(), lengths.long(), float(beta), form
+        log_beta = math.log(self.beta)
+        if form == "bias":
+            self.log_scores = self.marks.float() * log_beta  # (B, P)
+        elif form == "pasta":
+            in_prompt = torch.arange(marks.shape[1])[None] < self.lengths[:, None]  # (B, P)
+            self.log_scores = (in_prompt & ~self.marks).float() * -log_beta
+        else:
+            raise ValueError(f"inject.emphasis_form={form!r} is unknown; valid choices: bias, pasta")
+        self._weights = (self.marks.any(-1) & (log_beta != 0)).float()  # (B,)
+
+    def for_rows(self, rows):
+        rows = rows.to(self.marks.device)
+        return EmphasisPrior(self.layers, self.marks[rows], self.lengths[rows], self.beta, self.form)
+
+    @property
+    def row_weights(self):
+        return self._weights
+
+    def alike(self, length):
+        scores = self.log_scores[:, :length]
+        return bool((scores == scores[:1]).all() and (self._weights == self._weights[:1]).all())
+
+    def scores(self, layer, call, keys):
+        width = self.log_scores.shape[1]
+        inside = call.k_pos < width  # (k,) keys past every prompt score 0
+        scores = self.log_scores.to(call.hidden.device)[:, call.k_pos.clamp(max=width - 1)]  # (B, k)
+        scores = torch.where(inside[None], scores, torch.zeros_like(scores))
+        return scores[:, None, None].expand(-1, 1, call.q_pos.numel(), -1)  # (B, 1, q, k)
+
+
+LIVE_SOURCES = ("controller", "student_self", "uniform")  # computed from the student's own pass (live_prior)
+
+
+def live_prior(source: str, controllers: Mapping[int, torch.nn.Module], per_head: bool = False) -> AttentionPrior:
+    """The prior of a source computed from the student's own pass: controller, student_self or uniform
+    (``per_head``: student_self gives each head its own rows, as per-head targets do)."""
+    layers = list(controllers)
+    if source == "controller":
+        return ControllerPrior(controllers)
+    if source == "student_self":
+        return StudentSelfPrior(layers, per_head=per_head)
+    if source == "uniform":
+        return UniformPrior(layers)
+    raise ValueError(f"inject.source={source!r} is not computed from the student's own pass (teacher, shuffled: a "
+                     "text's stored rows or the live oracle; emphasis: a prompt's marked spans)")

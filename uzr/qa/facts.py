@@ -201,18 +201,18 @@ def _edited_shared_states(model, groups: Sequence[Sequence[CandidateRow]], edit:
     """Final hidden states under an injector, shared prefixes run once, without any padding.
 
     The controller reads absolute positions off the cache index, so sequences are never padded: (1) the tokens
-    every row starts with, batch 1, when every row has the same gate; (2) each prompt's tokens up to its
-    candidates' first scored token, prompts of equal length together; (3) each row's remaining input tokens on
-    its prompt's rows of the KV cache and of the injector's key features (:meth:`Injector.for_rows`), rows of
-    equal prompt and tail lengths together. Each pass gets a fresh injector for its rows.
+    every row starts with, batch 1, when every row is injected alike on them (:meth:`Injector.rows_alike`: gate
+    and prior); (2) each prompt's tokens up to its candidates' first scored token, prompts of equal length
+    together; (3) each row's remaining input tokens on its prompt's rows of the KV cache and of the injector's key
+    features (:meth:`Injector.for_rows`), rows of equal prompt and tail lengths together. Each pass gets a fresh injector for its rows.
     """
     device = next(model.parameters()).device
     decoder = decoder_of(model)
     rows = [r for group in groups for r in group]
     first = _first_rows(groups)
     own = [min(_common_prefix([r.ids for r in group]), min(r.scored[0] for r in group)) for group in groups]
-    uniform = edit.gate is None or bool((edit.gate == edit.gate[:1]).all())
-    shared = max(0, min(_common_prefix([r.ids for r in rows]), *(n - 1 for n in own))) if uniform else 0
+    shared = max(0, min(_common_prefix([r.ids for r in rows]), *(n - 1 for n in own)))
+    shared = shared if edit.rows_alike(shared) else 0  # the gate or the prior differs between rows there
     states = _States()
 
     def run(view: Injector, ids: list[list[int]], start: int, cache: DynamicCache) -> tuple[torch.Tensor, InjectorState]:

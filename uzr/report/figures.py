@@ -1,4 +1,4 @@
-"""The sweep report's figures: metric-versus-alpha curves, the layer x alpha grid, tiled heatmaps."""
+"""The report's figures: metric-versus-alpha curves, the layer x alpha grid, tiled heatmaps, the per-head effect map."""
 
 from __future__ import annotations
 
@@ -142,3 +142,28 @@ def tile_heatmaps(rows: list[dict], sweep: Path, path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------- command/machine
+
+
+def head_effect_figure(path: Path, effects, layers: list[int], selected: list[tuple[int, int]], title: str) -> Path:
+    """Per-head profile as a layer x head map of each head's effect injected alone (``effects``: (L, H) nats, the
+    right candidate's mean log-likelihood change; red = helps); the selected heads are outlined."""
+    import numpy as np
+
+    plt = _plt()
+    effects = np.asarray(effects, dtype=float)
+    bound = float(np.nanmax(np.abs(effects))) if np.isfinite(effects).any() else 1.0
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * effects.shape[1] + 2), max(2.5, 0.5 * effects.shape[0] + 1.5)))
+    image = ax.imshow(effects, cmap="RdBu_r", vmin=-bound or -1, vmax=bound or 1, aspect="auto")
+    for layer, head in selected:
+        row = layers.index(layer)
+        ax.add_patch(plt.Rectangle((head - 0.5, row - 0.5), 1, 1, fill=False, lw=2, ec="black"))
+    ax.set_xticks(range(effects.shape[1]))
+    ax.set_yticks(range(len(layers)), [f"L{layer}" for layer in layers])
+    ax.set_xlabel("head")
+    ax.set_title(f"per-head effect: {title}", fontsize=9)
+    fig.colorbar(image, ax=ax, label="Δ log-likelihood of the right answer (nats)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -21,8 +21,9 @@ def results_rows(metrics: dict) -> tuple[list[str], list[list]]:
             rows.append([f"held-out KL: {name} baseline", kl.get(name), None, None])
     ev = metrics.get("evaluate")
     if ev:
-        bpb = ev["bits_per_byte"]
-        rows.append(["bits per byte (ref = teacher)", bpb["teacher"], bpb["student"], bpb["injected"]])
+        bpb = ev.get("bits_per_byte")  # none for inject.source=emphasis (texts mark no span)
+        if bpb:
+            rows.append(["bits per byte (ref = teacher)", bpb["teacher"], bpb["student"], bpb["injected"]])
         for name, domain in list(ev.get("domains", {}).items())[1:]:  # the first is the run's own data, above
             d = domain["bits_per_byte"]
             rows.append([f"bits per byte, {name} ({domain['num_texts']} texts)", d["teacher"], d["student"], d["injected"]])
@@ -35,7 +36,7 @@ def results_rows(metrics: dict) -> tuple[list[str], list[list]]:
                          dq["injected"]])
         if "next_token_kl" in ev:
             rows.append(["next-token KL to teacher", None, ev["next_token_kl"]["student"], ev["next_token_kl"]["injected"]])
-        for layer, gaps in ev["habit_distance"].items():
+        for layer, gaps in ev.get("habit_distance", {}).items():
             for name in ("norm_entropy", "locality", "attn_kl"):
                 rows.append([f"habit distance {layer} {name}", 0.0, gaps["student"][name], gaps["injected"][name]])
     return header, rows
@@ -65,12 +66,13 @@ def verdict(metrics: dict) -> list[str]:
         )
     ev = metrics.get("evaluate")
     if ev:
-        bpb = ev["bits_per_byte"]
+        bpb = ev.get("bits_per_byte")  # none for inject.source=emphasis (texts mark no span)
         what = f"injection ({ev.get('source', 'controller')})"
-        lines.append(f"{what}: bits per byte {_paired(bpb.get('injected_minus_student'), 'texts')} "
-                     f"(student {bpb['student']:.4f} -> {bpb['injected']:.4f}; teacher {bpb['teacher']:.4f})")
-        if bpb["teacher"] >= bpb["student"]:
-            lines.append("the teacher is not ahead of the student on this text: no gap for injection to close")
+        if bpb:
+            lines.append(f"{what}: bits per byte {_paired(bpb.get('injected_minus_student'), 'texts')} "
+                         f"(student {bpb['student']:.4f} -> {bpb['injected']:.4f}; teacher {bpb['teacher']:.4f})")
+            if bpb["teacher"] >= bpb["student"]:
+                lines.append("the teacher is not ahead of the student on this text: no gap for injection to close")
         for name, domain in list(ev.get("domains", {}).items())[1:]:
             d = domain["bits_per_byte"]
             lines.append(f"{what} on {name}: bits per byte {_paired(d.get('injected_minus_student'), 'texts')} "
