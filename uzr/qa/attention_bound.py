@@ -12,8 +12,8 @@ question, for emphasis steering) and ``tags`` (the buckets accuracy is reported 
 - ``context_override``: a passage states a counterfactual fact from the fact tables of :mod:`uzr.qa.prompts`
   (``In this atlas, the capital of France is Madrid.``) and the question asks it plainly. Candidates: the
   passage's answer (right), the memorised answer and two other values of the same table, so accuracy is the
-  share of items where the model follows the passage over its memory (PASTA's CounterFact setting); tag
-  ``relation``.
+  share of items where the model follows the passage over its memory (PASTA's CounterFact setting). Items take
+  the relations (capital, symbol, author, si_unit) in turn; tag ``relation``.
 - ``induction``: a list of distinct random words, then the list again up to a random word; the question asks
   for the next word. The wrong candidates are three other words of the list, so only copying the word that
   followed the same word the first time (what induction heads do) answers it; tag ``length`` (``"64 words"``).
