@@ -120,18 +120,22 @@ def test_context_override_follows_the_passage_against_the_memorised_answer():
     assert not set(subject.values()) & {p.question.split("\n\n")[1] for p in train}
 
 
-def test_induction_asks_the_word_that_followed_the_repeated_one():
+def test_induction_candidates_share_the_repeat_and_differ_in_the_next_word():
     prompts = induction_prompts(30, seed=0, words=[5, 40])
     for p in prompts:
         passage, question = p.question.split("\n\n")
-        shown, again = passage.split("\n")
-        sequence, repeat = shown.removeprefix("Words: ").split(), again.removeprefix("The same words again: ").split()
+        sequence = passage.removeprefix("Words: ").split()
         assert len(set(sequence)) == len(sequence) and set(sequence) <= set(WORDS)
-        assert sequence[:len(repeat)] == repeat and len(repeat) < len(sequence)  # a prefix, at least one word left
-        assert p.answer == sequence[len(repeat)] and question == "Which word comes next?"
-        assert len(set(p.candidates)) == 4 and set(p.candidates) <= set(sequence)
+        assert question == "Repeat these words in order."
+        *repeat, last = p.answer.split()
+        assert sequence[:len(repeat)] == repeat and last == sequence[len(repeat)] and len(repeat) >= 1
+        assert len(set(p.candidates)) == 4 and p.candidates[p.correct_index()] == p.answer
+        for candidate in p.candidates:  # the same repeated words, then another word of the list
+            *words, next_word = candidate.split()
+            assert words == repeat and next_word in sequence
         assert p.tags == {"length": f"{len(sequence)} words"}
         assert_marked_passage(p, passage)
+    assert len({len(p.answer.split()) for p in prompts}) > 5  # the repeat stops at varying words
     assert induction_prompts(30, seed=0, words=[5, 40]) == prompts and induction_prompts(30, seed=3, words=[5, 40]) != prompts
 
 

@@ -14,9 +14,11 @@ question, for emphasis steering) and ``tags`` (the buckets accuracy is reported 
   passage's answer (right), the memorised answer and two other values of the same table, so accuracy is the
   share of items where the model follows the passage over its memory (PASTA's CounterFact setting). Items take
   the relations (capital, symbol, author, si_unit) in turn; tag ``relation``.
-- ``induction``: a list of distinct random words, then the list again up to a random word; the question asks
-  for the next word. The wrong candidates are three other words of the list, so only copying the word that
-  followed the same word the first time (what induction heads do) answers it; tag ``length`` (``"64 words"``).
+- ``induction``: a list of distinct random words and the instruction to repeat it; the answer repeats the list
+  up to a random word, and the candidates differ only in the next word: the right one or three other words of
+  the list, so only copying the word that followed the same word the first time (what induction heads do)
+  answers it; tag ``length`` (``"64 words"``). (Asking "which word comes next?" after a partial repeat in the
+  prompt instead left both packaged models at chance: the question, not the copying, was the hard part.)
 
 Items are deterministic for a seed. ``split`` gives disjoint sets: ``train`` items (to profile heads on) and
 ``heldout`` ones (to evaluate on) come from separate random streams, and context_override splits its subjects
@@ -25,6 +27,8 @@ Items are deterministic for a seed. ``split`` gives disjoint sets: ``train`` ite
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Callable
 
@@ -83,13 +87,17 @@ def _rng(domain: str, seed: int, split: str, i: int) -> random.Random:
 
 def _item(domain: str, seed: int, split: str, i: int, passage: str, question: str, answer: str,
           wrong: list[str], rng: random.Random, tags: dict[str, str]) -> Prompt:
-    """A 4-candidate prompt: ``passage``, a blank line, ``question``; the passage is the marked span."""
+    """A 4-candidate prompt: ``passage``, a blank line, ``question``; the passage is the marked span. The id ends in a
+    hash of the text and candidates: results kept across runs by prompt id (the injected scores) never meet an item
+    whose wording changed."""
     candidates = [answer, *wrong]
     if len(set(candidates)) != 4:
         raise ValueError(f"{domain} item {i}: candidates {candidates} are not 4 distinct answers")
     rng.shuffle(candidates)
-    return Prompt(f"{domain}:{seed}:{split}:{i}", f"{passage}\n\n{question}", "answerable", domain, answer,
-                  candidates, split, marked=[(0, len(passage))], tags=tags)
+    text = f"{passage}\n\n{question}"
+    digest = hashlib.sha256(json.dumps([text, candidates]).encode()).hexdigest()[:8]
+    return Prompt(f"{domain}:{seed}:{split}:{i}:{digest}", text, "answerable", domain, answer, candidates, split,
+                  marked=[(0, len(passage))], tags=tags)
 
 
 def kv_retrieval_prompts(n: int, seed: int, facts: list[int], split: str = "heldout") -> list[Prompt]:
@@ -153,8 +161,10 @@ def context_override_prompts(n: int, seed: int, split: str = "heldout") -> list[
 
 
 def induction_prompts(n: int, seed: int, words: list[int], split: str = "heldout") -> list[Prompt]:
-    """``n`` induction items; item ``i`` shows ``words[i % len(words)]`` distinct words, then repeats them up to a
-    random word (at least one, at most all but the last) and asks for the next."""
+    """``n`` induction items; item ``i`` shows ``words[i % len(words)]`` distinct words and asks to repeat them. Each
+    candidate is the repeat up to a random word (at least one, at most all but the last) plus one more word: the right
+    next word or another word of the list. The repeated words are the same in every candidate, so the scores differ by
+    the next word's log-likelihood given the repeat: whether the model copies what followed that word before."""
     if not words or min(words) < 4 or max(words) > len(WORDS):
         raise ValueError(f"induction words={words}: each must be in [4, {len(WORDS)}] (3 distractors, distinct words)")
     prompts = []
@@ -162,11 +172,11 @@ def induction_prompts(n: int, seed: int, words: list[int], split: str = "heldout
         rng = _rng("induction", seed, split, i)
         count = words[i % len(words)]
         sequence = rng.sample(WORDS, count)
-        shown = rng.randrange(1, count)  # words repeated before the asked one
-        passage = f"Words: {' '.join(sequence)}\nThe same words again: {' '.join(sequence[:shown])}"
-        answer = sequence[shown]
+        shown = rng.randrange(1, count)  # words repeated before the scored one
+        repeat = " ".join(sequence[:shown])
         wrong = rng.sample(sequence[:shown] + sequence[shown + 1:], 3)
-        prompts.append(_item("induction", seed, split, i, passage, "Which word comes next?", answer, wrong, rng,
+        prompts.append(_item("induction", seed, split, i, f"Words: {' '.join(sequence)}", "Repeat these words in order.",
+                             f"{repeat} {sequence[shown]}", [f"{repeat} {w}" for w in wrong], rng,
                              {"length": f"{count} words"}))
     return prompts
 
