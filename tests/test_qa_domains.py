@@ -147,6 +147,8 @@ def test_each_domain_has_its_default_item_count_and_a_smaller_knob():
     assert len(domain_prompts("induction", EvaluateSpec(qa_domain_items=7))) == 7
     with pytest.raises(ValueError, match="held-out items only"):
         domain_prompts("causal_loop", ev, split="train")
+    with pytest.raises(ValueError, match="unknown domain 'trivia'; valid: causal_loop, kv_retrieval, context_override"):
+        domain_prompts("trivia", ev)
 
 
 def test_a_missing_file_domain_fails_before_models_load(tmp_path):

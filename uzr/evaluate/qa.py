@@ -90,15 +90,14 @@ def domain_settings(name: str, ev: EvaluateSpec) -> dict:
 def domain_prompts(name: str, ev: EvaluateSpec, split: str = "heldout") -> list[Prompt]:
     """The items of QA domain ``name`` (``evaluate.qa_domain_items`` of them, 0: the domain's default count) of
     ``split``: the evaluation uses ``heldout``, head profiling ``train`` (causal_loop has held-out items only)."""
+    if name not in QA_DOMAIN_ITEMS:
+        raise ValueError(f"evaluate.qa_domains: unknown domain {name!r}; valid: {', '.join(QA_DOMAIN_ITEMS)}")
     n = ev.qa_domain_items or QA_DOMAIN_ITEMS[name]
-    settings = domain_settings(name, ev)
     if name == "causal_loop":
         if split != "heldout":
             raise ValueError("causal_loop QA has held-out items only")
         return causal_loop_prompts(n, ev.qa_domain_seed)
-    if name not in GENERATORS:
-        raise ValueError(f"evaluate.qa_domains: unknown domain {name!r}; valid: {', '.join(QA_DOMAIN_ITEMS)}")
-    return GENERATORS[name](n, split=split, **settings)
+    return GENERATORS[name](n, split=split, **domain_settings(name, ev))
 
 
 def _paired(correct_a: list[bool], correct_b: list[bool]) -> dict:
