@@ -119,19 +119,31 @@ def resolve_paths(path: str) -> list[Path]:
     return [p]
 
 
+FILE_DOMAIN = "file:"  # an evaluate.domains entry ``file:PATH`` reads your own UTF-8 text file (or glob) PATH
+
+
 def domain_spec(name: str, where: str = "evaluate.domains") -> CorpusSpec:
-    """The validated spec of the ``conf/data`` option ``name`` (an evaluation domain); ``where`` names the field
-    in errors. Options that need a value from the command line (``path: ???``) cannot be a domain."""
+    """The validated spec of an evaluation domain ``name``: a ``conf/data`` option, or ``file:PATH`` for a UTF-8 text
+    file (or glob) read like ``data=text_file data.path=PATH``; ``where`` names the field in errors. Options that
+    need a value from the command line (``path: ???``) cannot be a domain."""
     from omegaconf import OmegaConf
 
+    if name.startswith(FILE_DOMAIN):
+        path = name[len(FILE_DOMAIN):]
+        try:
+            return validate_corpus_spec(CorpusSpec(name=name, source="text_file", path=path))
+        except (ValueError, FileNotFoundError) as err:
+            raise FileNotFoundError(f"{where}: {name!r}: {err}; give an existing UTF-8 text file (or a glob) after "
+                                    f"{FILE_DOMAIN}, e.g. {FILE_DOMAIN}/path/to/notes.txt") from None
     options = sorted(p.stem for p in DATA_OPTIONS.glob("*.yaml"))
     if name not in options:
-        raise ValueError(f"{where}: {name!r} is not a data option; valid: {', '.join(options)}")
+        raise ValueError(f"{where}: {name!r} is not a data option; valid: {', '.join(options)}, or {FILE_DOMAIN}PATH "
+                         "for your own text file")
     raw = OmegaConf.load(DATA_OPTIONS / f"{name}.yaml")
     missing = sorted(k for k in raw if OmegaConf.is_missing(raw, k))
     if missing:
         raise ValueError(f"{where}: data option {name!r} needs {missing} set on the command line, so it cannot be "
-                         "an evaluation domain; write a conf/data option with them set")
+                         f"an evaluation domain; write a conf/data option with them set, or use {FILE_DOMAIN}PATH")
     return validate_corpus_spec(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CorpusSpec), raw)))
 
 

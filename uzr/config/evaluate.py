@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from uzr.config.checks import check_int
+from uzr.config.checks import check_int, is_int
 from uzr.config.corpus import domain_spec
 from uzr.config.groups import ConfigGroup
+from uzr.qa.attention_bound import KEYS, SPLITS, WORDS, context_override_capacity
 
-QA_DOMAINS = ("causal_loop",)  # evaluate.qa_domains (uzr/evaluate/qa_domains.py)
+# evaluate.qa_domains (uzr/evaluate/qa.py) and the items each scores when evaluate.qa_domain_items is 0
+QA_DOMAIN_ITEMS = {"causal_loop": 64, "kv_retrieval": 200, "context_override": 200, "induction": 200}
+QA_DOMAINS = tuple(QA_DOMAIN_ITEMS)
 
 
 @dataclass
@@ -29,12 +32,20 @@ class EvaluateSpec:
     # store (evaluate.num_texts texts) and reported with its own paired interval beside the run's data.
     domains: list[str] = field(default_factory=list)
     # Checkable QA domains scored like facts QA (teacher, student, injected student; 4 candidates, the right one by
-    # summed log-likelihood; paired interval of injected minus student): causal_loop = uzr.tasks.causal_loop items
-    # (levels 1-4, 2-4 variables, at most 3 rounds) whose 3 wrong candidates each move one variable's value
-    # (uzr/evaluate/qa_domains.py). [] = none: the default experiment is at its time budget.
+    # summed log-likelihood; paired interval of injected minus student; uzr/evaluate/qa.py): causal_loop =
+    # uzr.tasks.causal_loop items (levels 1-4, 2-4 variables, at most 3 rounds) whose 3 wrong candidates each move
+    # one variable's value; kv_retrieval, context_override, induction = the attention-bound items of
+    # uzr/qa/attention_bound.py (the answer is in the prompt), reported per length / position / relation too.
+    # [] = none: the default experiment is at its time budget.
     qa_domains: list[str] = field(default_factory=list)
-    qa_domain_items: int = 64  # items per QA domain
+    qa_domain_items: int = 0  # items per QA domain; 0 = each domain's default (QA_DOMAIN_ITEMS)
     qa_domain_seed: int = 0  # generator seed of the QA domains' items
+    # kv_retrieval passage lengths in facts, cycled (~13 student tokens each: 4 -> ~100 tokens, 16 -> ~250 with the
+    # chat template; 128 -> ~1,700). The default keeps 200 items under ~10 min on the 2-core CPU (a pass of the
+    # packaged pair costs ~6 CPU s per 1,000 tokens, three passes: teacher, student, injected); longer passages cost
+    # in proportion, so measure them with fewer items (experiments/where_transfer_works)
+    qa_kv_facts: list[int] = field(default_factory=lambda: [4, 8, 16])
+    qa_induction_words: list[int] = field(default_factory=lambda: [16, 32, 64])  # induction list lengths, cycled
 
 
 def validate_evaluate(cfg) -> None:
@@ -49,8 +60,18 @@ def validate_evaluate(cfg) -> None:
     if unknown or len(set(ev.qa_domains)) != len(ev.qa_domains):
         raise ValueError(f"evaluate.qa_domains={list(ev.qa_domains)} is invalid (unknown: {unknown}); valid: distinct "
                          f"names from {', '.join(QA_DOMAINS)}, or [] for none")
-    check_int("evaluate.qa_domain_items", ev.qa_domain_items, minimum=1)
+    check_int("evaluate.qa_domain_items", ev.qa_domain_items, minimum=0)
     check_int("evaluate.qa_domain_seed", ev.qa_domain_seed, minimum=0)
+    for key, lengths, most, what in (("qa_kv_facts", ev.qa_kv_facts, len(KEYS), "distinct keys"),
+                                     ("qa_induction_words", ev.qa_induction_words, len(WORDS), "distinct words")):
+        if not lengths or not all(is_int(n) and 4 <= n <= most for n in lengths):
+            raise ValueError(f"evaluate.{key}={list(lengths)} is invalid; valid: a non-empty list of integers in "
+                             f"[4, {most}] (3 wrong candidates from the same prompt; {most} {what})")
+    if "context_override" in ev.qa_domains:
+        most = min(context_override_capacity(ev.qa_domain_seed, split) for split in SPLITS)
+        check_int("evaluate.qa_domain_items", ev.qa_domain_items or QA_DOMAIN_ITEMS["context_override"], maximum=most,
+                  valid=f"an integer <= {most}, the distinct counterfactual items context_override has per split at "
+                        f"evaluate.qa_domain_seed={ev.qa_domain_seed} (0 = the default {QA_DOMAIN_ITEMS['context_override']})")
     if len(set(ev.domains)) != len(ev.domains):
         raise ValueError(f"evaluate.domains={ev.domains} names a domain twice")
     for name in ev.domains:

@@ -87,11 +87,15 @@ def profile_heads(score: Callable[[Heads | None], list[list[float]]], prompts: S
 
 def profile_prompts(cfg) -> list[Prompt]:
     """The profiling prompts: ``inject.profile_items`` of ``inject.profile_qa`` that are never evaluated — facts QA's
-    train split (answerable), or a QA domain's items of seed ``evaluate.qa_domain_seed + 1``."""
+    train split (answerable), a QA domain's train split, or (causal_loop, held-out items only) its items of seed
+    ``evaluate.qa_domain_seed + 1``."""
     spec, n = cfg.inject, cfg.inject.profile_items
     if spec.profile_qa == "facts_qa":
         return [p for p in PromptSet(cfg.gate.prompt_seed, cfg.gate.heldout_fraction).train if p.answerable][:n]
-    return domain_prompts(spec.profile_qa, n, cfg.evaluate.qa_domain_seed + 1)
+    if spec.profile_qa == "causal_loop":
+        return domain_prompts("causal_loop", replace(cfg.evaluate, qa_domain_items=n,
+                                                     qa_domain_seed=cfg.evaluate.qa_domain_seed + 1))
+    return domain_prompts(spec.profile_qa, replace(cfg.evaluate, qa_domain_items=n), split="train")
 
 
 def cached_head_profile(run, injection: Injection, controllers: Mapping, layout,

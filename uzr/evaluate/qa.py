@@ -11,6 +11,10 @@ Domains:
   modulus on the cyclic levels, so every value stays in range), distinct variables first, each checked wrong by
   :func:`~uzr.tasks.causal_loop.score_answer`. A model that tracks the variables prefers the right one; one that
   only reads the format cannot tell them apart (chance 0.25).
+- ``kv_retrieval``, ``context_override``, ``induction``: the attention-bound items of :mod:`uzr.qa.attention_bound`
+  (the answer is in the prompt; the wrong candidates come from the same prompt or, for context_override, are the
+  memorised answer and two others), held-out split. Accuracy is also reported per tag (passage length, position
+  of the asked fact, relation) with paired intervals of injected − student and teacher − student per bucket.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from uzr.config.evaluate import QA_DOMAIN_ITEMS, EvaluateSpec
 from uzr.hooks import ModelEdit
 from uzr.intervals import accuracy_difference
+from uzr.qa.attention_bound import GENERATORS
 from uzr.qa.facts import (
     QA_SCORE,
     accuracy_of,
@@ -74,10 +80,12 @@ def causal_loop_prompts(n: int, seed: int) -> list[Prompt]:
     return prompts
 
 
-def domain_prompts(name: str, n: int, seed: int) -> list[Prompt]:
-    if name != "causal_loop":
-        raise ValueError(f"evaluate.qa_domains: unknown domain {name!r}; valid: causal_loop")
-    return causal_loop_prompts(n, seed)
+def domain_settings(name: str, ev: EvaluateSpec) -> dict:
+    """The generator settings of QA domain ``name`` under ``evaluate`` config ``ev`` (reported in its metrics)."""
+    if name == "causal_loop":
+        return {"seed": ev.qa_domain_seed, **CAUSAL_LOOP}
+    lengths = {"kv_retrieval": {"facts": list(ev.qa_kv_facts)}, "induction": {"words": list(ev.qa_induction_words)}}
+    return {"seed": ev.qa_domain_seed, **lengths.get(name, {})}
 
 
 @dataclass(frozen=True)
@@ -89,11 +97,47 @@ class QAInjection:
     key: tuple
 
 
+def domain_prompts(name: str, ev: EvaluateSpec, split: str = "heldout") -> list[Prompt]:
+    """The items of QA domain ``name`` (``evaluate.qa_domain_items`` of them, 0: the domain's default count) of
+    ``split``: the evaluation uses ``heldout``, head profiling ``train`` (causal_loop has held-out items only)."""
+    if name not in QA_DOMAIN_ITEMS:
+        raise ValueError(f"evaluate.qa_domains: unknown domain {name!r}; valid: {', '.join(QA_DOMAIN_ITEMS)}")
+    n = ev.qa_domain_items or QA_DOMAIN_ITEMS[name]
+    if name == "causal_loop":
+        if split != "heldout":
+            raise ValueError("causal_loop QA has held-out items only")
+        return causal_loop_prompts(n, ev.qa_domain_seed)
+    return GENERATORS[name](n, split=split, **domain_settings(name, ev))
+
+
+def _paired(correct_a: list[bool], correct_b: list[bool]) -> dict:
+    """Accuracy of a minus b on the same prompts, its interval and verdict (:func:`accuracy_difference`)."""
+    difference = accuracy_difference(correct_a, correct_b)
+    return {**difference.as_dict(), "verdict": difference.verdict(higher_is_better=True)}
+
+
+def _buckets(prompts: Sequence[Prompt], scores: dict[str, list], label: Callable[[Prompt], str | None]) -> dict:
+    """Per value of ``label(prompt)`` (first-seen order; None: not in any bucket): the prompt count, each role's
+    accuracy and the paired intervals of injected − student and teacher − student."""
+    out = {}
+    for value in dict.fromkeys(v for v in map(label, prompts) if v is not None):
+        chosen = [i for i, p in enumerate(prompts) if label(p) == value]
+        bucket = [prompts[i] for i in chosen]
+        correct = {role: correct_of(bucket, [role_scores[i] for i in chosen]) for role, role_scores in scores.items()}
+        out[value] = {"n": len(chosen), **{role: sum(c) / len(c) for role, c in correct.items()},
+                      "teacher_minus_student": _paired(correct["teacher"], correct["student"])}
+        if "injected" in correct:
+            out[value]["injected_minus_student"] = _paired(correct["injected"], correct["student"])
+    return out
+
+
 def qa_comparison(run, prompts: Sequence[Prompt], plain: Callable[[str], list], injected: QAInjection | None,
-                  what: str) -> dict:
-    """Accuracy of teacher, student and injected student on ``prompts`` (``plain(role)``: the uninjected scores),
-    the paired interval of injected minus student and, per prompt category, the three accuracies.
-    ``injected`` None: the injection source needs another text's stored rows (``shuffled``), which prompts lack."""
+                  what: str, breakdown: bool = False) -> dict:
+    """Accuracy of teacher, student and injected student on ``prompts`` (``plain(role)``: the uninjected scores)
+    and the paired interval of injected minus student. ``breakdown``: also teacher minus student, and per prompt
+    category (when there are several) and per tag value (:attr:`Prompt.tags`) the three accuracies with both
+    intervals. ``injected`` None: the injection source needs another text's stored rows (``shuffled``), which
+    prompts lack."""
     cfg = run.cfg
     student, student_tok = run.models.get("student")
     scores = {"teacher": plain("teacher"), "student": plain("student")}
@@ -101,43 +145,46 @@ def qa_comparison(run, prompts: Sequence[Prompt], plain: Callable[[str], list], 
            "injected": None, "num_prompts": len(prompts), "score": QA_SCORE}
     if injected is None:
         out["injected_note"] = f"inject.source={cfg.inject.source} needs a text's stored rows; prompts have none"
-        return out
-    memo = run.stored if cfg.alpha.schedule != "gated" else None
-    scores["injected"] = injected_qa_scores(memo, student, student_tok, prompts, cfg.gate.prompt_format,
-                                            injected.edit_for, injected.key, cfg.evaluate.qa_batch_size,
-                                            desc=f"{what}: injected")
-    out["injected"] = accuracy_of(prompts, scores["injected"])
-    # per prompt, so that two runs on the same prompts can be paired afterwards
-    out["correct"] = {"student": correct_of(prompts, scores["student"]), "injected": correct_of(prompts, scores["injected"])}
-    if prompts:
-        difference = accuracy_difference(correct_of(prompts, scores["injected"]), correct_of(prompts, scores["student"]))
-        out["injected_minus_student"] = {**difference.as_dict(), "verdict": difference.verdict(higher_is_better=True)}
-    categories = sorted({p.category for p in prompts})
-    if len(categories) > 1:
-        out["by_category"] = {c: {"n": sum(p.category == c for p in prompts), **{
-            role: accuracy_of(*zip(*[(p, s) for p, s in zip(prompts, role_scores) if p.category == c]))
-            for role, role_scores in scores.items()}} for c in categories}
+    else:
+        memo = run.stored if cfg.alpha.schedule != "gated" else None
+        scores["injected"] = injected_qa_scores(memo, student, student_tok, prompts, cfg.gate.prompt_format,
+                                                injected.edit_for, injected.key, cfg.evaluate.qa_batch_size,
+                                                desc=f"{what}: injected")
+        out["injected"] = accuracy_of(prompts, scores["injected"])
+        # per prompt, so that two runs on the same prompts can be paired afterwards
+        out["correct"] = {"student": correct_of(prompts, scores["student"]),
+                          "injected": correct_of(prompts, scores["injected"])}
+        if prompts:
+            out["injected_minus_student"] = _paired(out["correct"]["injected"], out["correct"]["student"])
+    if breakdown and prompts:
+        out["teacher_minus_student"] = _paired(correct_of(prompts, scores["teacher"]),
+                                               correct_of(prompts, scores["student"]))
+        if len({p.category for p in prompts}) > 1:
+            out["by_category"] = dict(sorted(_buckets(prompts, scores, lambda p: p.category).items()))
+        tags = dict.fromkeys(tag for p in prompts for tag in p.tags)
+        if tags:
+            out["by_tag"] = {tag: _buckets(prompts, scores, lambda p, tag=tag: p.tags.get(tag)) for tag in tags}
     return out
 
 
 def facts_qa(run, injected: QAInjection | None) -> dict:
-    """Facts QA on the built-in set's held-out answerable prompts (:func:`qa_comparison`)."""
+    """Facts QA on the built-in set's held-out answerable prompts (:func:`qa_comparison`; one accuracy: its
+    categories have a handful of prompts each)."""
     cfg = run.cfg
     prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
-    section = qa_comparison(run, prompts, lambda role: plain_qa_scores(run, role), injected, "facts QA")
-    section.pop("by_category", None)  # facts QA reports one accuracy (its categories have a handful of prompts)
-    return section
+    return qa_comparison(run, prompts, lambda role: plain_qa_scores(run, role), injected, "facts QA")
 
 
 def domain_qa(run, name: str, injected: QAInjection | None) -> dict:
-    """QA domain ``name`` (``evaluate.qa_domains``): :func:`qa_comparison` on its items."""
+    """QA domain ``name`` (``evaluate.qa_domains``): :func:`qa_comparison` on its held-out items, with the
+    breakdown by category and tag."""
     cfg = run.cfg
-    prompts = domain_prompts(name, cfg.evaluate.qa_domain_items, cfg.evaluate.qa_domain_seed)
+    prompts = domain_prompts(name, cfg.evaluate)
 
     def plain(role: str) -> list:
         return run.memo((name, role), lambda: cached_plain_scores(
             run, getattr(cfg, role), lambda: run.models.get(role), prompts, cfg.gate.prompt_format,
             cfg.evaluate.qa_batch_size, desc=f"{name} QA: {role}"))
 
-    return {**qa_comparison(run, prompts, plain, injected, f"{name} QA"), "chance": 0.25,
-            "items": {"seed": cfg.evaluate.qa_domain_seed, **CAUSAL_LOOP}}
+    return {**qa_comparison(run, prompts, plain, injected, f"{name} QA", breakdown=True), "chance": 0.25,
+            "items": domain_settings(name, cfg.evaluate)}

@@ -191,8 +191,10 @@ def _numeric_candidates(answer: int, rng: random.Random) -> list[str]:
     return [str(v) for v in values]
 
 
-def _split(seed: int, question: str, heldout_fraction: float) -> str:
-    digest = hashlib.sha256(f"{seed}:{question}".encode()).digest()
+def split_of(seed: int, text: str, heldout_fraction: float) -> str:
+    """``heldout`` for a share ``heldout_fraction`` of texts, by a hash of ``(seed, text)`` (free of any order), else
+    ``train``."""
+    digest = hashlib.sha256(f"{seed}:{text}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     return "heldout" if u < heldout_fraction else "train"
 
@@ -278,7 +280,7 @@ def build_prompts(seed: int = 0, heldout_fraction: float = 0.25) -> list[Prompt]
                 seen.add(question)
                 prompts.append(Prompt(f"{kind[0]}{len(prompts):04d}", question, kind, category, *answer))
     for p in prompts:
-        p.split = _split(seed, p.question, heldout_fraction)
+        p.split = split_of(seed, p.question, heldout_fraction)
     return prompts
 
 

@@ -34,6 +34,9 @@ def results_rows(metrics: dict) -> tuple[list[str], list[list]]:
         for name, dq in ev.get("qa_domains", {}).items():
             rows.append([f"{name} QA accuracy, {dq['num_prompts']} items (ref = teacher)", dq["teacher"], dq["student"],
                          dq["injected"]])
+            for buckets in dq.get("by_tag", {}).values():  # the values name their tag: "8 facts", "start"
+                rows.extend([f"  {name}: {value} ({b['n']} items)", b["teacher"], b["student"], b.get("injected")]
+                            for value, b in buckets.items())
         if "next_token_kl" in ev:
             rows.append(["next-token KL to teacher", None, ev["next_token_kl"]["student"], ev["next_token_kl"]["injected"]])
         for layer, gaps in ev.get("habit_distance", {}).items():
@@ -85,6 +88,9 @@ def verdict(metrics: dict) -> list[str]:
         elif qa and qa.get("injected_note"):
             lines.append(f"facts QA with injection not measured: {qa['injected_note']}")
         for name, dq in ev.get("qa_domains", {}).items():
+            if "teacher_minus_student" in dq:
+                lines.append(f"{name} QA, teacher - student (the gap injection could close): "
+                             f"{_paired(dq['teacher_minus_student'], 'items', 3)}")
             if dq.get("injected") is None:
                 lines.append(f"{name} QA with injection not measured: {dq.get('injected_note')}")
                 continue
