@@ -92,7 +92,7 @@ def test_auto_heads_check_the_profile_settings():
         resolved("+experiment=smoke", "inject.heads=auto", "inject.top_k_heads=9")
     with pytest.raises(ValueError, match="inject.profile_source='uniform' is invalid"):
         resolved("+experiment=smoke", "inject.heads=auto", "inject.profile_source=uniform")
-    with pytest.raises(ValueError, match="inject.profile_qa='pydoc' is invalid; valid: facts_qa | causal_loop"):
+    with pytest.raises(ValueError, match="inject.profile_qa=.pydoc. is invalid; valid: facts_qa | causal_loop | kv_retrieval"):
         resolved("+experiment=smoke", "inject.heads=auto", "inject.profile_qa=pydoc")
     with pytest.raises(ValueError, match="inject.emphasis_beta=0.5 is invalid"):
         resolved("+experiment=smoke", "inject.emphasis_beta=0.5")

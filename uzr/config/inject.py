@@ -90,7 +90,7 @@ class InjectSpec:
     heads: Any = None
     top_k_heads: int = 8  # heads=auto: how many of the profiled heads are injected
     # The per-head profile (heads=auto): each (layer, head) injected alone on profile_items training prompts of
-    # profile_qa (facts_qa: the built-in set's train split; a QA domain: items of another seed than evaluated), with
+    # profile_qa (facts_qa and the attention-bound domains: their train split; causal_loop: items of another seed), with
     # profile_source (null = inject.source), ranked by the mean change of the right candidate's log-likelihood.
     profile_source: str | None = None
     profile_qa: str = "facts_qa"
