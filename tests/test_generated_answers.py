@@ -88,3 +88,20 @@ def test_the_section_keeps_per_prompt_verdicts_for_pairing_runs(answers_run):
     section_ = json.loads((tmp / "run" / "metrics.json").read_text())["gate"]["generated_answers"]
     assert section_["ids"] == [p.id for p in qa_prompts(0, 0.25, 4)]
     assert {k: sum(v) for k, v in section_["correct"].items()} == section_["right"]
+
+
+def test_the_command_line_pairs_two_run_folders(tmp_path, capsys):
+    from uzr.gate.answers import main
+
+    student = [True, True, False, False, True, True]
+    for name, constant in (("a", [False, True, False, False, True, True]), ("b", student)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"gate": {"generated_answers": section(student, constant)}}))
+    main([str(tmp_path / "a"), str(tmp_path / "b")])
+    out = json.loads(capsys.readouterr().out)
+    assert out["wrecked"] == {"a": 1, "b": 0} and out["setting"] == CONSTANT
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "metrics.json").write_text(json.dumps({"gate": {}}))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "a"), str(tmp_path / "c")])
+    assert "has no gate.generated_answers" in capsys.readouterr().err

@@ -162,7 +162,7 @@ def compare_runs(a: Mapping, b: Mapping, setting: str = CONSTANT, seed: int = 0)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m uzr.gate.answers RUN_A RUN_B``: pair two runs' generated answers (see :func:`compare_runs`)."""
+    """``python -m uzr.gate RUN_A RUN_B``: pair two runs' generated answers (see :func:`compare_runs`)."""
     parser = argparse.ArgumentParser(description="Pair the generated answers of two runs (run folders holding "
                                                  "metrics.json with gate.generated_answers), B against A.")
     parser.add_argument("run_a", type=Path)
@@ -178,7 +178,3 @@ def main(argv: list[str] | None = None) -> None:
                          "gate.generated_answers=N")
         sections.append(section)
     print(json.dumps(compare_runs(*sections, setting=args.setting), indent=2))
-
-
-if __name__ == "__main__":
-    main()
