@@ -3,4 +3,5 @@
 
 from uzr.gate.answers import main
 
-main()
+if __name__ == "__main__":
+    main()
