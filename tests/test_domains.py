@@ -11,7 +11,7 @@ from .test_pipeline import run_train
 
 
 @pytest.mark.parametrize("domains, message", [
-    ("[klingon]", r"evaluate\.domains: 'klingon' is not a data option; valid: jsonl, korean, licenses, pydoc"),
+    ("[klingon]", r"evaluate\.domains: 'klingon' is not a data option; valid: chat_prompts, jsonl, korean, licenses, pydoc"),
     ("[jsonl]", r"evaluate\.domains: data option 'jsonl' needs \['path'\] set on the command line"),
     ("[korean,korean]", r"evaluate\.domains=\['korean', 'korean'\] names a domain twice"),
     ("[pydoc]", r"evaluate\.domains=\['pydoc'\] names the run's own data \('pydoc'\)"),
