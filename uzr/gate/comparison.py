@@ -19,7 +19,7 @@ from rich.console import Console
 
 from uzr.config.gate import CONFIDENT
 from uzr.gate.model import auroc
-from uzr.intervals import BOOTSTRAP_SAMPLES, LEVEL
+from uzr.intervals import BOOTSTRAP_SAMPLES, LEVEL, _percentiles, _resamples
 from uzr.report.table import numbers_table
 
 KNOWN, UNKNOWN, NO_ANSWER = "answerable, teacher right", "answerable, teacher wrong", "no answer"
@@ -30,10 +30,9 @@ def auroc_difference(scores_a: Sequence[float], scores_b: Sequence[float], label
     """AUROC of ``scores_a`` minus AUROC of ``scores_b`` on the same (n,) items and labels, with a paired bootstrap
     ``level`` interval (resamples holding one class only are skipped): ``{"estimate", "low", "high", "n"}``."""
     a, b, y = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64), np.asarray(labels, bool)
-    idx = np.random.default_rng(seed).integers(0, len(y), size=(samples, len(y)))  # (samples, n)
-    reps = np.array([auroc(a[i], y[i]) - auroc(b[i], y[i]) for i in idx if 0 < y[i].sum() < len(i)])
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(reps, [tail, 100 - tail])
+    idx = _resamples(len(y), samples, seed)  # (samples, n): the draws of uzr.intervals' other differences
+    low, high = _percentiles(np.array([auroc(a[i], y[i]) - auroc(b[i], y[i]) for i in idx if 0 < y[i].sum() < len(i)]),
+                             level)
     return {"estimate": auroc(a, y) - auroc(b, y), "low": float(low), "high": float(high), "n": int(len(y))}
 
 
