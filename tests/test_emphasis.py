@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from uzr.attention import HeadRows, LayerRecorder, recording
+from uzr.config.inject import InjectSpec, source_label
 from uzr.hooks import injected
 from uzr.injection.emphasis import emphasis_edits, emphasis_prior, marked_positions
 from uzr.injection.injector import AlphaSpec, Injector
 from uzr.injection.priors import EmphasisPrior
+from uzr.qa.attention_bound import kv_retrieval_prompts
 from uzr.qa.facts import qa_scores
 from uzr.qa.prompts import Prompt
 
@@ -64,6 +66,21 @@ def test_beta_one_is_exactly_a_no_op(tiny_models, mode):
     edits = emphasis_edits(lambda p: Injector(p, AlphaSpec(value=1.0), mode, prompt_len=0), tok, "qa", [0, 1], 1.0,
                            "bias")
     assert qa_scores(model, tok, [prompt], "qa", edits) == qa_scores(model, tok, [prompt], "qa")
+
+
+def test_evidence_marks_only_the_tokens_of_the_span_that_holds_the_answer(tiny_models):
+    """``inject.emphasis_span=evidence``: the asked line's tokens, a strict subset of the passage's marks, and named
+    apart from the passage's emphasis in results and cache keys."""
+    _, tok = tiny_models["llama"]
+    (prompt,) = kv_retrieval_prompts(1, seed=0, facts=[8])
+    passage, evidence = marked_positions(tok, prompt, "qa"), marked_positions(tok, prompt, "qa", "evidence")
+    assert evidence.any() and not (evidence & ~passage).any() and evidence.sum() < passage.sum() / 4
+    enc = tok(f"Question: {prompt.question}\nAnswer:")
+    text = tok.decode([t for t, m in zip(enc["input_ids"], evidence) if m])
+    assert prompt.answer in text and "\n" not in text.strip()
+    assert source_label(InjectSpec(source="emphasis", emphasis_beta=10)) == "emphasis(beta=10,form=bias)"
+    assert source_label(InjectSpec(source="emphasis", emphasis_beta=10, emphasis_span="evidence")) == \
+        "emphasis(beta=10,form=bias,span=evidence)"
 
 
 def test_large_beta_multiplies_the_marked_keys_weight_by_beta(tiny_models):

@@ -96,6 +96,8 @@ def test_auto_heads_check_the_profile_settings():
         resolved("+experiment=smoke", "inject.heads=auto", "inject.profile_qa=pydoc")
     with pytest.raises(ValueError, match="inject.emphasis_beta=0.5 is invalid"):
         resolved("+experiment=smoke", "inject.emphasis_beta=0.5")
+    with pytest.raises(ValueError, match="inject.emphasis_span=.answer. is invalid; valid: marked | evidence"):
+        resolved("+experiment=smoke", "inject.emphasis_span=answer")
     cfg = resolved("+experiment=smoke", "inject.heads=[[2,3],[1,0]]")
     assert [list(p) for p in cfg.inject.heads] == [[2, 3], [1, 0]]
 

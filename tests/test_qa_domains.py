@@ -90,6 +90,8 @@ def test_kv_retrieval_asks_one_key_with_distractors_from_the_same_passage():
         index = [k for k, _ in facts].index(key)
         assert third * len(facts) // 3 <= index < (third + 1) * len(facts) // 3
         assert_marked_passage(p, passage)
+        (a, b), = p.evidence  # the evidence is the asked line, nothing more
+        assert p.question[a:b] == f"{key} is {p.answer}." == passage.split("\n")[index]
     cells = {(p.tags["length"], p.tags["position"]) for p in prompts}
     assert len(cells) == 9  # every length at every position
     assert len({p.correct_index() for p in prompts}) == 4
@@ -112,6 +114,7 @@ def test_context_override_follows_the_passage_against_the_memorised_answer():
         assert p.answer == stated["value"] != memorised and memorised in p.candidates
         assert len(set(p.candidates)) == 4 and set(p.candidates) <= set(table.values())
         assert_marked_passage(p, passage)
+        assert p.evidence == p.marked  # a one-sentence passage is its own evidence
     assert [p.tags["relation"] for p in prompts[:4]] == list(RELATIONS) and len({p.question for p in prompts}) == 40
     assert context_override_prompts(40, seed=0) == prompts and context_override_prompts(40, seed=1) != prompts
     # no subject of a held-out item is asked in the train items
@@ -135,6 +138,8 @@ def test_induction_candidates_share_the_repeat_and_differ_in_the_next_word():
             assert words == repeat and next_word in sequence
         assert p.tags == {"length": f"{len(sequence)} words"}
         assert_marked_passage(p, passage)
+        (a, b), = p.evidence  # the last repeated word and the word that followed it in the list
+        assert p.question[a:b] == f"{repeat[-1]} {last}"
     assert len({len(p.answer.split()) for p in prompts}) > 5  # the repeat stops at varying words
     assert induction_prompts(30, seed=0, words=[5, 40]) == prompts and induction_prompts(30, seed=3, words=[5, 40]) != prompts
 

@@ -16,6 +16,7 @@ MODES = ("bias", "mix")
 # hand-set prior toward a prompt's marked spans, no controller or teacher involved).
 SOURCES = ("controller", "teacher", "student_self", "uniform", "shuffled", "emphasis")
 EMPHASIS_FORMS = ("bias", "pasta")  # inject.emphasis_form (uzr.injection.priors.EmphasisPrior)
+EMPHASIS_SPANS = ("marked", "evidence")  # inject.emphasis_span (uzr.qa.prompts.Prompt.spans)
 # Sources a per-head profile (inject.heads=auto) can inject one head at a time: those that act on QA prompts.
 PROFILE_SOURCES = ("controller", "teacher", "emphasis")
 PROFILE_SETS = ("facts_qa",)  # inject.profile_qa, besides the QA domains (uzr.config.evaluate.QA_DOMAINS)
@@ -100,6 +101,10 @@ class InjectSpec:
     # keys after the prompt (the answer) are not scaled down.
     emphasis_beta: float = 100.0
     emphasis_form: str = "bias"
+    # Which spans of a prompt are up-weighted: marked = the passage (what a user would mark); evidence = the part of
+    # the passage that holds the answer (kv_retrieval: the asked line), which tells the model where to look: a
+    # positive control of steering, not a method.
+    emphasis_span: str = "marked"
 
 
 def validate_inject(spec: InjectSpec, student_layers: int) -> None:
@@ -119,6 +124,7 @@ def validate_inject(spec: InjectSpec, student_layers: int) -> None:
         raise ValueError(f"inject.source={spec.source!r} is unknown; valid choices: {', '.join(SOURCES)}")
     check_float("inject.emphasis_beta", spec.emphasis_beta, 1.0, valid="a finite number >= 1 (1: no emphasis)")
     check_choice("inject.emphasis_form", spec.emphasis_form, EMPHASIS_FORMS)
+    check_choice("inject.emphasis_span", spec.emphasis_span, EMPHASIS_SPANS)
 
 
 def validate_heads(spec: InjectSpec, num_heads: int) -> None:
@@ -171,12 +177,13 @@ def evaluate_unneeded(cfg) -> dict[str, str]:
 
 
 def source_label(spec: InjectSpec, source: str | None = None) -> str:
-    """``source`` (default ``inject.source``) as results and cache keys name it: emphasis with its strength and form
-    (``emphasis(beta=100,form=bias)``), any other source by its name."""
+    """``source`` (default ``inject.source``) as results and cache keys name it: emphasis with its strength, form and
+    (unless ``marked``) spans (``emphasis(beta=100,form=bias)``), any other source by its name."""
     source = spec.source if source is None else source
     if source != "emphasis":
         return source
-    return f"emphasis(beta={spec.emphasis_beta:g},form={spec.emphasis_form})"
+    span = "" if spec.emphasis_span == "marked" else f",span={spec.emphasis_span}"
+    return f"emphasis(beta={spec.emphasis_beta:g},form={spec.emphasis_form}{span})"
 
 
 def listed_heads(spec: InjectSpec) -> dict[int, tuple[int, ...]] | None:

@@ -120,7 +120,8 @@ def cached_head_profile(run, injection: Injection, controllers: Mapping, layout,
                                                       if k in run.info},
         "heads": [list(h) for h in heads], "prompt_format": cfg.gate.prompt_format,
         "batch_size": cfg.evaluate.qa_batch_size,
-        "prompts": [[p.id, p.question, list(p.candidates), [list(s) for s in p.marked]] for p in prompts]}
+        "prompts": [[p.id, p.question, list(p.candidates), [list(s) for s in p.spans(cfg.inject.emphasis_span)]]
+                    for p in prompts]}
 
     def build(folder: Path) -> dict:
         student, tokenizer = run.models.get("student")

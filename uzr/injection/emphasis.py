@@ -23,18 +23,19 @@ from uzr.injection.priors import EmphasisPrior
 from uzr.qa.prompts import Prompt, adds_special_tokens, format_prompt, resolve_format
 
 
-def marked_positions(tokenizer, prompt: Prompt, style: str) -> np.ndarray:
+def marked_positions(tokenizer, prompt: Prompt, style: str, which: str = "marked") -> np.ndarray:
     """(S,) bool over the tokens of ``prompt``'s formatted text (``style``: qa | chat, resolved): True where a token
-    overlaps one of ``prompt.marked`` (character spans of the question)."""
+    overlaps one of ``prompt.spans(which)`` (character spans of the question: ``marked`` or ``evidence``)."""
     text = format_prompt(prompt.question, tokenizer, style)
     enc = tokenizer(text, add_special_tokens=adds_special_tokens(style), return_offsets_mapping=True)
-    if not prompt.marked:
+    chosen = prompt.spans(which)
+    if not chosen:
         return np.zeros(len(enc["input_ids"]), dtype=bool)
     start = text.find(prompt.question)
     if start < 0:
         raise ValueError(f"prompt {prompt.id}: the formatted prompt does not contain its question verbatim; cannot "
                          "place its marked spans")
-    spans = [(start + a, start + b) for a, b in prompt.marked]
+    spans = [(start + a, start + b) for a, b in chosen]
     return span_labels(enc["offset_mapping"], special_flags(enc["input_ids"], tokenizer), [spans]) == 0
 
 
@@ -48,15 +49,16 @@ def emphasis_prior(layers: Sequence[int], marks: Sequence[np.ndarray], beta: flo
 
 
 def emphasis_edits(make_injector: Callable[[EmphasisPrior], Injector], tokenizer, prompt_format: str,
-                   layers: Sequence[int], beta: float, form: str) -> Callable[[list[Prompt]], Injector]:
+                   layers: Sequence[int], beta: float, form: str,
+                   which: str = "marked") -> Callable[[list[Prompt]], Injector]:
     """``edit_for(row_prompts)`` of :func:`uzr.qa.facts.qa_scores`: ``make_injector(prior)`` with the emphasis prior
-    of each row's prompt (marks tokenised once per prompt)."""
+    of each row's prompt toward its ``which`` spans (marks tokenised once per prompt)."""
     style = resolve_format(tokenizer, prompt_format)
     cache: dict[str, np.ndarray] = {}
 
     def marks_of(prompt: Prompt) -> np.ndarray:
         if prompt.id not in cache:
-            cache[prompt.id] = marked_positions(tokenizer, prompt, style)
+            cache[prompt.id] = marked_positions(tokenizer, prompt, style, which)
         return cache[prompt.id]
 
     return lambda rows: make_injector(emphasis_prior(layers, [marks_of(p) for p in rows], beta, form))

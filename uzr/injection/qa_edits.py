@@ -41,7 +41,8 @@ def qa_edit_for(run, injection: Injection, source: str, controllers: Mapping[int
     if source == "emphasis":
         _, tokenizer = run.models.get("student")
         return emphasis_edits(lambda prior: injection.injector(prompt_len=0, source=prior), tokenizer,
-                              cfg.gate.prompt_format, layers, cfg.inject.emphasis_beta, cfg.inject.emphasis_form)
+                              cfg.gate.prompt_format, layers, cfg.inject.emphasis_beta, cfg.inject.emphasis_form,
+                              cfg.inject.emphasis_span)
 
     def prior() -> AttentionPrior:  # the oracle keeps each text's teacher pass: a fresh one per batch
         if source == "teacher":

@@ -86,8 +86,9 @@ def _rng(domain: str, seed: int, split: str, i: int) -> random.Random:
 
 
 def _item(domain: str, seed: int, split: str, i: int, passage: str, question: str, answer: str,
-          wrong: list[str], rng: random.Random, tags: dict[str, str]) -> Prompt:
-    """A 4-candidate prompt: ``passage``, a blank line, ``question``; the passage is the marked span. The id ends in a
+          wrong: list[str], rng: random.Random, tags: dict[str, str], evidence: tuple[int, int]) -> Prompt:
+    """A 4-candidate prompt: ``passage``, a blank line, ``question``; the passage is the marked span, ``evidence``
+    (a character span of the passage) the part that holds the answer. The id ends in a
     hash of the text and candidates: results kept across runs by prompt id (the injected scores) never meet an item
     whose wording changed."""
     candidates = [answer, *wrong]
@@ -97,7 +98,7 @@ def _item(domain: str, seed: int, split: str, i: int, passage: str, question: st
     text = f"{passage}\n\n{question}"
     digest = hashlib.sha256(json.dumps([text, candidates]).encode()).hexdigest()[:8]
     return Prompt(f"{domain}:{seed}:{split}:{i}:{digest}", text, "answerable", domain, answer, candidates, split,
-                  marked=[(0, len(passage))], tags=tags)
+                  marked=[(0, len(passage))], evidence=[evidence], tags=tags)
 
 
 def kv_retrieval_prompts(n: int, seed: int, facts: list[int], split: str = "heldout") -> list[Prompt]:
@@ -113,11 +114,14 @@ def kv_retrieval_prompts(n: int, seed: int, facts: list[int], split: str = "held
         values = [str(v) for v in rng.sample(range(1000, 10000), count)]
         third = POSITIONS.index(position)
         asked = rng.randrange(third * count // 3, (third + 1) * count // 3)
-        passage = "\n".join(f"{name}'s {code} is {value}." for (name, code), value in zip(keys, values))
+        lines = [f"{name}'s {code} is {value}." for (name, code), value in zip(keys, values)]
+        passage = "\n".join(lines)
+        start = sum(len(line) + 1 for line in lines[:asked])
         name, code = keys[asked]
         wrong = rng.sample(values[:asked] + values[asked + 1:], 3)
         prompts.append(_item("kv_retrieval", seed, split, i, passage, f"What is {name}'s {code}?", values[asked],
-                             wrong, rng, {"length": f"{count} facts", "position": position}))
+                             wrong, rng, {"length": f"{count} facts", "position": position},
+                             evidence=(start, start + len(lines[asked]))))
     return prompts
 
 
@@ -156,7 +160,8 @@ def context_override_prompts(n: int, seed: int, split: str = "heldout") -> list[
         others = sorted(set(table.values()) - {true, value})
         passage = frame.format(subject=subject, value=value)
         prompts.append(_item("context_override", seed, split, i, passage, question.format(subject=subject), value,
-                             [true, *rng.sample(others, 2)], rng, {"relation": relation}))
+                             [true, *rng.sample(others, 2)], rng, {"relation": relation},
+                             evidence=(0, len(passage))))
     return prompts
 
 
@@ -175,9 +180,13 @@ def induction_prompts(n: int, seed: int, words: list[int], split: str = "heldout
         shown = rng.randrange(1, count)  # words repeated before the scored one
         repeat = " ".join(sequence[:shown])
         wrong = rng.sample(sequence[:shown] + sequence[shown + 1:], 3)
-        prompts.append(_item("induction", seed, split, i, f"Words: {' '.join(sequence)}", "Repeat these words in order.",
+        shown_words = f"Words: {' '.join(sequence)}"
+        # the evidence: the last repeated word and the one that followed it the first time
+        start = len("Words: ") + sum(len(w) + 1 for w in sequence[:shown - 1])
+        end = start + len(sequence[shown - 1]) + 1 + len(sequence[shown])
+        prompts.append(_item("induction", seed, split, i, shown_words, "Repeat these words in order.",
                              f"{repeat} {sequence[shown]}", [f"{repeat} {w}" for w in wrong], rng,
-                             {"length": f"{count} words"}))
+                             {"length": f"{count} words"}, evidence=(start, end)))
     return prompts
 
 

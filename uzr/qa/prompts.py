@@ -165,12 +165,22 @@ class Prompt:
     # (start, end) character spans of ``question`` that emphasis steering up-weights (a passage the answer must
     # come from); empty for the built-in prompts
     marked: list[tuple[int, int]] = field(default_factory=list)
+    # (start, end) character spans of ``question`` that hold the answer itself (kv_retrieval: the asked line):
+    # emphasis on them (``inject.emphasis_span=evidence``) tells the model where to look, a positive control of
+    # steering, not a method; empty for the built-in prompts
+    evidence: list[tuple[int, int]] = field(default_factory=list)
     # labels to report accuracy by (e.g. {"length": "1k-2k", "position": "middle"}); empty for the built-in prompts
     tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def answerable(self) -> bool:
         return self.kind == "answerable"
+
+    def spans(self, which: str) -> list[tuple[int, int]]:
+        """The character spans emphasis steers toward: ``marked`` or ``evidence``."""
+        if which not in ("marked", "evidence"):
+            raise ValueError(f"spans {which!r} is unknown; valid: marked, evidence")
+        return self.marked if which == "marked" else self.evidence
 
     def correct_index(self) -> int:
         return self.candidates.index(self.answer)
