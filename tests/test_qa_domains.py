@@ -178,7 +178,8 @@ def test_smoke_run_reports_the_attention_bound_domains_per_tag_and_a_file_domain
     proc = run_train(tmp_path, "+experiment=smoke", "stages=[harvest,controller,evaluate]", "logger=csv",
                      "evaluate.facts_qa=false", "evaluate.figure=false", f"evaluate.domains=[file:{note}]",
                      "evaluate.qa_domains=[kv_retrieval,context_override,induction]", "evaluate.qa_domain_items=12",
-                     "evaluate.qa_kv_facts=[4,16]", "evaluate.qa_induction_words=[8,32]")
+                     "evaluate.qa_kv_facts=[4,16]", "evaluate.qa_induction_words=[8,32]",
+                     "evaluate.qa_evidence_mass=true", "evaluate.qa_evidence_items=5")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ev = json.loads((tmp_path / "run" / "metrics.json").read_text())["evaluate"]
     assert ev["domains"][f"file:{note}"]["num_texts"] == 4
@@ -197,5 +198,12 @@ def test_smoke_run_reports_the_attention_bound_domains_per_tag_and_a_file_domain
                 assert b["injected_minus_student"]["estimate"] == pytest.approx(b["injected"] - b["student"])
                 assert b["teacher_minus_student"]["estimate"] == pytest.approx(b["teacher"] - b["student"])
         assert f"{name} QA accuracy, 12 items" in proc.stdout and f"{name} QA, teacher - student" in proc.stdout
+    for name in ("kv_retrieval", "induction"):  # where each model looks: every layer, the injected student too
+        mass = ev["qa_domains"][name]["evidence_mass"]
+        assert set(mass) == {"teacher", "student", "injected"} and mass["student"]["n"] == 5
+        assert all(0 <= v <= 1 for m in mass.values() for v in m["head_mean"]) and 0 < mass["student"]["uniform"] < 1
+        printed = " ".join(proc.stdout.split())  # the summary wraps lines
+        assert f"{name}: share of the answer query's passage attention on the span holding the answer" in printed
+    assert "teacher" not in ev["qa_domains"]["context_override"]["evidence_mass"]  # its evidence is the passage
     assert ev["qa_domains"]["kv_retrieval"]["items"]["facts"] == [4, 16]
     assert "kv_retrieval: 16 facts (6 items)" in proc.stdout and "context_override: si_unit (3 items)" in proc.stdout

@@ -46,6 +46,11 @@ class EvaluateSpec:
     # in proportion, so measure them with fewer items (experiments/where_transfer_works)
     qa_kv_facts: list[int] = field(default_factory=lambda: [4, 8, 16])
     qa_induction_words: list[int] = field(default_factory=lambda: [16, 32, 64])  # induction list lengths, cycled
+    # Where the models look on the attention-bound domains (uzr/evaluate/evidence.py): the share of the answer query's
+    # passage attention that lands on the span holding the answer, per layer and head, for teacher, student and
+    # injected student, on the first qa_evidence_items held-out items with such a span (one forward each).
+    qa_evidence_mass: bool = False
+    qa_evidence_items: int = 60
 
 
 def validate_evaluate(cfg) -> None:
@@ -62,6 +67,7 @@ def validate_evaluate(cfg) -> None:
                          f"names from {', '.join(QA_DOMAINS)}, or [] for none")
     check_int("evaluate.qa_domain_items", ev.qa_domain_items, minimum=0)
     check_int("evaluate.qa_domain_seed", ev.qa_domain_seed, minimum=0)
+    check_int("evaluate.qa_evidence_items", ev.qa_evidence_items, minimum=1)
     for key, lengths, most, what in (("qa_kv_facts", ev.qa_kv_facts, len(KEYS), "distinct keys"),
                                      ("qa_induction_words", ev.qa_induction_words, len(WORDS), "distinct words")):
         if not lengths or not all(is_int(n) and 4 <= n <= most for n in lengths):

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from uzr.config.evaluate import QA_DOMAIN_ITEMS, EvaluateSpec
+from uzr.evaluate.evidence import evidence_section
 from uzr.hooks import ModelEdit
 from uzr.intervals import accuracy_difference
 from uzr.qa.attention_bound import GENERATORS
@@ -186,5 +187,8 @@ def domain_qa(run, name: str, injected: QAInjection | None) -> dict:
             run, getattr(cfg, role), lambda: run.models.get(role), prompts, cfg.gate.prompt_format,
             cfg.evaluate.qa_batch_size, desc=f"{name} QA: {role}"))
 
-    return {**qa_comparison(run, prompts, plain, injected, f"{name} QA", breakdown=True), "chance": 0.25,
-            "items": domain_settings(name, cfg.evaluate)}
+    out = {**qa_comparison(run, prompts, plain, injected, f"{name} QA", breakdown=True), "chance": 0.25,
+           "items": domain_settings(name, cfg.evaluate)}
+    if cfg.evaluate.qa_evidence_mass and name in GENERATORS:
+        out["evidence_mass"] = evidence_section(run, prompts, None if injected is None else injected.edit_for)
+    return out

@@ -97,7 +97,18 @@ def verdict(metrics: dict) -> list[str]:
             lines.append(f"{what}: {name} QA accuracy {_paired(dq.get('injected_minus_student'), 'items', 3)} "
                          f"(student {dq['student']:.3f} -> {dq['injected']:.3f}; teacher {dq['teacher']:.3f}, "
                          f"chance 0.25, {dq['num_prompts']} items)")
+            if "teacher" in dq.get("evidence_mass", {}):
+                lines.append(evidence_line(name, dq["evidence_mass"]))
     return lines
+
+
+def evidence_line(name: str, mass: dict) -> str:
+    """Where each model's answer query looks on ``name``'s items: the best head's evidence share against uniform."""
+    looks = ", ".join(f"{role} {m['top']['share']:.2f} (L{m['top']['layer']} H{m['top']['head']})"
+                      for role, m in mass.items())
+    teacher = mass["teacher"]
+    return (f"{name}: share of the answer query's passage attention on the span holding the answer, best head: "
+            f"{looks}; uniform {teacher['uniform']:.2f}, {teacher['n']} items")
 
 
 def _paired(difference: dict | None, items: str, digits: int = 4) -> str:

@@ -1,0 +1,75 @@
+"""Where the models look (``evaluate.qa_evidence_mass``): evidence spans to tokens, the answer query's mass on them
+against the full attention rows, and the injected student's shift under emphasis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import resolved
+from tests.test_emphasis import head_rows
+from uzr.evaluate.evidence import (
+    EVIDENCE,
+    REST,
+    evidence_labels,
+    evidence_shares,
+    has_evidence,
+    last_query_mass,
+    outside,
+)
+from uzr.injection.emphasis import emphasis_edits
+from uzr.injection.injector import AlphaSpec, Injector
+from uzr.qa.attention_bound import context_override_prompts, kv_retrieval_prompts
+
+
+def test_outside_cuts_the_holes_out_of_the_spans():
+    assert outside([(0, 10)], [(3, 5)]) == [(0, 3), (5, 10)]
+    assert outside([(0, 10)], [(0, 4), (8, 12)]) == [(4, 8)]
+    assert outside([(0, 10), (20, 30)], [(5, 25)]) == [(0, 5), (25, 30)]
+    assert outside([(0, 10)], [(0, 10)]) == [] and outside([(0, 10)], []) == [(0, 10)]
+
+
+def test_labels_split_the_passage_into_the_asked_line_and_the_rest(tiny_models):
+    _, tok = tiny_models["llama"]
+    (prompt,) = kv_retrieval_prompts(1, seed=0, facts=[8])
+    ids, labels = evidence_labels(tok, prompt, "qa")
+    evidence = tok.decode([t for t, g in zip(ids, labels) if g == EVIDENCE])
+    rest = tok.decode([t for t, g in zip(ids, labels) if g == REST])
+    assert prompt.answer in evidence and prompt.answer not in rest and "What is" not in rest + evidence
+    assert (labels == REST).sum() > 5 * (labels == EVIDENCE).sum()  # 7 other lines
+    assert has_evidence(prompt) and not has_evidence(context_override_prompts(1, seed=0)[0])
+
+
+def test_last_query_mass_is_the_last_row_of_the_attention_summed_over_each_span(tiny_models):
+    model, tok = tiny_models["llama"]
+    (prompt,) = kv_retrieval_prompts(1, seed=1, facts=[4])
+    ids, labels = evidence_labels(tok, prompt, "qa")
+    mass = last_query_mass(model, ids, labels, block_size=16)  # several blocks
+    for layer in range(mass.shape[0]):
+        rows = head_rows(model, torch.tensor([ids]), layer)[0, :, -1]  # (H, S)
+        for group in (EVIDENCE, REST):
+            want = rows[:, torch.from_numpy(labels == group)].sum(-1)
+            np.testing.assert_allclose(mass[layer, :, group], want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_emphasis_on_the_evidence_raises_the_injected_share(tiny_models):
+    """At layer 0 (its input is the plain model's) emphasis x beta on the evidence keys gives each head the share
+    beta*e / (beta*e + r) of its own masses e, r on the evidence and the rest."""
+    model, tok = tiny_models["llama"]
+    prompts = kv_retrieval_prompts(3, seed=2, facts=[4, 8, 16])
+    beta = 50.0
+    edits = emphasis_edits(lambda prior: Injector(prior, AlphaSpec(value=1.0), "bias", prompt_len=0), tok, "qa",
+                           [0], beta, "bias", "evidence")
+    plain = evidence_shares(model, tok, prompts, "qa")
+    steered = evidence_shares(model, tok, prompts, "qa", edits)
+    masses = [last_query_mass(model, *evidence_labels(tok, p, "qa"))[0] for p in prompts]  # (H, 2) each
+    want = np.mean([beta * m[:, 0] / (beta * m[:, 0] + m[:, 1]) for m in masses], axis=0)
+    np.testing.assert_allclose(steered["per_head"][0], want, atol=2e-4)
+    assert steered["head_mean"][0] > plain["head_mean"][0] + 0.2 and steered["uniform"] == plain["uniform"]
+    assert plain["n"] == 3 and 0 < plain["uniform"] < 0.5
+
+
+def test_bad_evidence_items_fail_before_models_load():
+    with pytest.raises(ValueError, match="evaluate.qa_evidence_items=0 is invalid"):
+        resolved("+experiment=smoke", "evaluate.qa_evidence_items=0")
