@@ -20,7 +20,7 @@ from uzr.evaluate.evidence import (
 )
 from uzr.injection.emphasis import emphasis_edits
 from uzr.injection.injector import AlphaSpec, Injector
-from uzr.qa.attention_bound import context_override_prompts, kv_retrieval_prompts
+from uzr.qa.attention_bound import context_override_prompts, induction_prompts, kv_retrieval_prompts
 
 
 def test_outside_cuts_the_holes_out_of_the_spans():
@@ -39,6 +39,17 @@ def test_labels_split_the_passage_into_the_asked_line_and_the_rest(tiny_models):
     assert prompt.answer in evidence and prompt.answer not in rest and "What is" not in rest + evidence
     assert (labels == REST).sum() > 5 * (labels == EVIDENCE).sum()  # 7 other lines
     assert has_evidence(prompt) and not has_evidence(context_override_prompts(1, seed=0)[0])
+    assert tok.decode(ids).rstrip().endswith("What is " + prompt.question.split("What is ")[1] + "\nAnswer:")
+
+
+def test_induction_is_measured_at_the_end_of_the_repeat_every_candidate_shares(tiny_models):
+    _, tok = tiny_models["llama"]
+    for prompt in induction_prompts(4, seed=0, words=[8, 16]):
+        ids, labels = evidence_labels(tok, prompt, "qa")
+        *repeat, _ = prompt.answer.split()
+        assert tok.decode(ids).rstrip().endswith("Answer: " + " ".join(repeat))  # its query predicts the scored word
+        evidence = tok.decode([t for t, g in zip(ids, labels) if g == EVIDENCE]).split()
+        assert evidence[0] == repeat[-1] and len(evidence) == 2  # the word and what followed it the first time
 
 
 def test_last_query_mass_is_the_last_row_of_the_attention_summed_over_each_span(tiny_models):

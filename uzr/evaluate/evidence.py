@@ -1,7 +1,8 @@
 """Where each model looks on attention-bound items: the answer's query's attention on the evidence span.
 
 On an item with evidence (:attr:`uzr.qa.prompts.Prompt.evidence`: kv_retrieval's asked line, induction's last
-repeated word and its successor) the last prompt token is the query that predicts the answer's first token. Of the
+repeated word and its successor) the deciding query is the last token the candidates share (the prompt's last token
+for kv_retrieval; the end of the repeat for induction): its next-token prediction tells them apart. Of the
 attention mass it puts on the passage (the marked span), the *evidence share* is the part on the evidence span, per
 layer and head, averaged over items; ``uniform`` is the share that attention spread evenly over the passage's tokens
 would give. A model that retrieves by attention has some head whose share is far above uniform. If the teacher has
@@ -24,7 +25,8 @@ from uzr.attention import LayerRecorder, attention_modules, recording
 from uzr.dominance.groups import indicator, span_labels, special_flags
 from uzr.dominance.measure import GroupMass
 from uzr.hooks import ModelEdit, injected
-from uzr.qa.prompts import Prompt, adds_special_tokens, format_prompt, resolve_format
+from uzr.qa.facts import candidate_rows, common_prefix
+from uzr.qa.prompts import Prompt, adds_special_tokens, answer_prefix, format_prompt, resolve_format
 
 EVIDENCE, REST = 0, 1  # key groups: the evidence span, the rest of the passage
 
@@ -46,23 +48,29 @@ def outside(spans: Sequence[tuple[int, int]], holes: Sequence[tuple[int, int]]) 
 
 
 def evidence_labels(tokenizer, prompt: Prompt, style: str) -> tuple[list[int], np.ndarray]:
-    """The formatted prompt's token ids and (S,) labels: ``EVIDENCE`` on the evidence span, ``REST`` on the rest of
-    the marked passage, -1 elsewhere (question, template, special tokens)."""
+    """The token ids up to the deciding query and (S,) labels: ``EVIDENCE`` on the evidence span, ``REST`` on the rest
+    of the marked passage, -1 elsewhere (question, template, special tokens, answer).
+
+    The ids are the formatted prompt and the answer tokens every candidate shares (induction's repeat; none for
+    kv_retrieval's codes), so the last one is the query whose next-token prediction tells the candidates apart."""
     text = format_prompt(prompt.question, tokenizer, style)
-    enc = tokenizer(text, add_special_tokens=adds_special_tokens(style), return_offsets_mapping=True)
+    rows = candidate_rows(tokenizer, text, prompt.candidates, answer_prefix(style), adds_special_tokens(style))
+    shared = common_prefix([row.ids for row in rows])
+    enc = tokenizer(text + answer_prefix(style) + prompt.candidates[0], add_special_tokens=adds_special_tokens(style),
+                    return_offsets_mapping=True)
     start = text.find(prompt.question)
     if start < 0:
         raise ValueError(f"prompt {prompt.id}: the formatted prompt does not contain its question verbatim")
     groups = [prompt.evidence, outside(prompt.marked, prompt.evidence)]
     spans = [[(start + a, start + b) for a, b in group] for group in groups]
-    ids = enc["input_ids"]
-    return ids, span_labels(enc["offset_mapping"], special_flags(ids, tokenizer), spans)
+    ids = enc["input_ids"][:shared]
+    return ids, span_labels(enc["offset_mapping"][:shared], special_flags(ids, tokenizer), spans)
 
 
 @torch.no_grad()
 def last_query_mass(model, ids: Sequence[int], labels: np.ndarray, edit: ModelEdit | None = None,
                     block_size: int = 256) -> np.ndarray:
-    """(L, H, 2) attention mass of the last token's query on the evidence and the rest of the passage, every layer
+    """(L, H, 2) attention mass of the last token's query (the deciding query of :func:`evidence_labels`) on the evidence and the rest of the passage, every layer
     and head, from one forward of ``model.base_model`` (no LM head) under ``edit``."""
     device = next(model.parameters()).device
     groups = indicator(labels, 2).to(device)  # (1, S, 2)

@@ -90,7 +90,7 @@ def candidate_rows(tokenizer, prompt_text: str, candidates: Sequence[str], prefi
     return rows
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix shared by every sequence."""
     n = min(len(s) for s in seqs)
     first = seqs[0]
@@ -136,9 +136,9 @@ def _plain_states(model, groups: Sequence[Sequence[CandidateRow]], pad_id: int) 
     decoder = decoder_of(model)
     rows = [r for group in groups for r in group]
     owner = [k for k, group in enumerate(groups) for _ in group]
-    own = [min(_common_prefix([r.ids for r in group]), min(r.scored[0] for r in group)) for group in groups]
+    own = [min(common_prefix([r.ids for r in group]), min(r.scored[0] for r in group)) for group in groups]
     # (1) leaves every prompt at least one token of its own, so (2)'s last column is that prompt's state
-    shared = max(0, min(_common_prefix([r.ids for r in rows]), *(n - 1 for n in own)))
+    shared = max(0, min(common_prefix([r.ids for r in rows]), *(n - 1 for n in own)))
     if _window_may_bind(model, max(len(r.ids) for r in rows) + max(own)):
         shared = 0  # padding between the shared prefix and a prompt would move a sliding window
     states = _States()
@@ -210,8 +210,8 @@ def _edited_shared_states(model, groups: Sequence[Sequence[CandidateRow]], edit:
     decoder = decoder_of(model)
     rows = [r for group in groups for r in group]
     first = _first_rows(groups)
-    own = [min(_common_prefix([r.ids for r in group]), min(r.scored[0] for r in group)) for group in groups]
-    shared = max(0, min(_common_prefix([r.ids for r in rows]), *(n - 1 for n in own)))
+    own = [min(common_prefix([r.ids for r in group]), min(r.scored[0] for r in group)) for group in groups]
+    shared = max(0, min(common_prefix([r.ids for r in rows]), *(n - 1 for n in own)))
     shared = shared if edit.rows_alike(shared) else 0  # the gate or the prior differs between rows there
     states = _States()
 
@@ -301,7 +301,7 @@ def score_candidates(model, groups: Sequence[Sequence[CandidateRow]], pad_id: in
     first_row = np.repeat(_first_rows(groups), [len(g) for g in groups])  # (rows,) each row's prompt's first row
     # tokens to j - 1 shared with the group's first row, whose states stop before its last token (a target only):
     # a candidate that is a token prefix of another ("L" and "LI") shares all of its tokens
-    common = [min(_common_prefix([r.ids for r in group]), len(group[0].ids) - 1) for group in groups for _ in group]
+    common = [min(common_prefix([r.ids for r in group]), len(group[0].ids) - 1) for group in groups for _ in group]
     if share_prefix is None:  # auto: the plain model always; under an edit, models wide enough to gain
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         share_prefix = edit is None or config.hidden_size >= SHARE_UNDER_EDIT_MIN_WIDTH
@@ -356,7 +356,7 @@ def qa_scores(model, tokenizer, prompts: Sequence[Prompt], prompt_format: str = 
               for p in prompts]
     # Prompts of similar length share a batch (less left padding of the prompt parts, less right padding of
     # full sequences under an edit); the scores go back to the prompts' order.
-    order = sorted(range(len(prompts)), key=lambda i: (_common_prefix([r.ids for r in groups[i]]), i))
+    order = sorted(range(len(prompts)), key=lambda i: (common_prefix([r.ids for r in groups[i]]), i))
     scores: list[list[float]] = [[] for _ in prompts]
     with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False, disable=desc is None) as bar:
         for start in range(0, len(order), batch_size):
