@@ -3,12 +3,16 @@ against the full attention rows, and the injected student's shift under emphasis
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from tests.conftest import resolved
 from tests.test_emphasis import head_rows
+from tests.test_pipeline import run_train
+from uzr.config.inject import source_label
 from uzr.evaluate.evidence import (
     EVIDENCE,
     REST,
@@ -18,6 +22,7 @@ from uzr.evaluate.evidence import (
     last_query_mass,
     outside,
 )
+from uzr.evaluate.injection import matched_heads
 from uzr.injection.emphasis import emphasis_edits
 from uzr.injection.injector import AlphaSpec, Injector
 from uzr.qa.attention_bound import context_override_prompts, induction_prompts, kv_retrieval_prompts
@@ -84,3 +89,24 @@ def test_emphasis_on_the_evidence_raises_the_injected_share(tiny_models):
 def test_bad_evidence_items_fail_before_models_load():
     with pytest.raises(ValueError, match="evaluate.qa_evidence_items=0 is invalid"):
         resolved("+experiment=smoke", "evaluate.qa_evidence_items=0")
+
+
+def test_teacher_head_oracle_is_checked_and_named_before_models_load():
+    with pytest.raises(ValueError, match="inject.teacher_head=1 needs inject.source=teacher"):
+        resolved("+experiment=smoke", "inject.teacher_head=1")
+    with pytest.raises(ValueError, match=r"inject.teacher_head=9 is invalid; valid: a teacher head in \[0, 3\]"):
+        resolved("+experiment=smoke", "inject.source=teacher", "inject.teacher_head=9")
+    cfg = resolved("+experiment=smoke", "inject.source=teacher", "inject.teacher_head=2")
+    assert source_label(cfg.inject) == "teacher(head=2)"
+    assert matched_heads(cfg, None) == {layer: [2] * cfg.student.num_heads for layer in cfg.inject.layers}
+
+
+def test_a_teacher_head_oracle_run_scores_qa_only(tmp_path):
+    proc = run_train(tmp_path, "+experiment=smoke", "stages=[harvest,controller,evaluate]", "logger=csv",
+                     "evaluate.facts_qa=false", "evaluate.figure=false", "evaluate.qa_domains=[kv_retrieval]",
+                     "evaluate.qa_domain_items=6", "inject.source=teacher", "inject.teacher_head=1", "alpha.value=1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ev = json.loads((tmp_path / "run" / "metrics.json").read_text())["evaluate"]
+    assert ev["source"] == "teacher(head=1)" and ev["texts"].startswith("not scored")
+    kv = ev["qa_domains"]["kv_retrieval"]
+    assert kv["injected_minus_student"]["n"] == 6 and len(kv["correct"]["injected"]) == 6

@@ -105,6 +105,10 @@ class InjectSpec:
     # the passage that holds the answer (kv_retrieval: the asked line), which tells the model where to look: a
     # positive control of steering, not a method.
     emphasis_span: str = "marked"
+    # inject.source=teacher on QA only: the oracle's rows from this one teacher head of each mapped teacher layer, for
+    # every student head, instead of the head mean (or the matched heads). null = off. Find a head that retrieves with
+    # evaluate.qa_evidence_mass; held-out texts are not scored (their stored rows hold head means or matched heads).
+    teacher_head: int | None = None
 
 
 def validate_inject(spec: InjectSpec, student_layers: int) -> None:
@@ -125,6 +129,9 @@ def validate_inject(spec: InjectSpec, student_layers: int) -> None:
     check_float("inject.emphasis_beta", spec.emphasis_beta, 1.0, valid="a finite number >= 1 (1: no emphasis)")
     check_choice("inject.emphasis_form", spec.emphasis_form, EMPHASIS_FORMS)
     check_choice("inject.emphasis_span", spec.emphasis_span, EMPHASIS_SPANS)
+    if spec.teacher_head is not None and spec.source != "teacher":
+        raise ValueError(f"inject.teacher_head={spec.teacher_head} needs inject.source=teacher (the oracle's rows from "
+                         f"one teacher head), not {spec.source!r}; or set inject.teacher_head=null")
 
 
 def validate_heads(spec: InjectSpec, num_heads: int) -> None:
@@ -180,6 +187,8 @@ def source_label(spec: InjectSpec, source: str | None = None) -> str:
     """``source`` (default ``inject.source``) as results and cache keys name it: emphasis with its strength, form and
     (unless ``marked``) spans (``emphasis(beta=100,form=bias)``), any other source by its name."""
     source = spec.source if source is None else source
+    if source == "teacher" and spec.teacher_head is not None:
+        return f"teacher(head={spec.teacher_head})"
     if source != "emphasis":
         return source
     span = "" if spec.emphasis_span == "marked" else f",span={spec.emphasis_span}"
@@ -231,6 +240,9 @@ def validate_injection(cfg) -> None:
             f"inject.teacher_layers={mapping} must have one teacher layer per injected layer "
             f"(inject.layers={cfg.inject.layers})"
         )
+    if cfg.inject.teacher_head is not None:
+        check_int("inject.teacher_head", cfg.inject.teacher_head, 0, cfg.teacher.num_heads - 1,
+                  valid=f"a teacher head in [0, {cfg.teacher.num_heads - 1}] or null")
     bad = [t for t in mapping if not 0 <= t < cfg.teacher.num_layers]
     if bad:
         raise ValueError(

@@ -20,7 +20,10 @@ from uzr.injection.setup import Injection, configured_injection
 
 def matched_heads(cfg, layout) -> dict[int, list[int]] | None:
     """Per-head targets (``controller.target=per_head``): ``{layer: teacher head of each student head}`` (the
-    store's head matching); None for head-mean targets."""
+    store's head matching); ``inject.teacher_head``: that teacher head for every student head; None for head-mean
+    targets."""
+    if cfg.inject.teacher_head is not None:
+        return {layer: [cfg.inject.teacher_head] * cfg.student.num_heads for layer in cfg.inject.layers}
     if not per_head_targets(cfg):
         return None
     return {layer: teacher_heads_of(layout, layer) for layer in cfg.inject.layers}

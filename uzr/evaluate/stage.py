@@ -32,8 +32,8 @@ from uzr.stages import UncachedStage
 class EvaluateStage(UncachedStage):
     def report(self, run, artifact) -> dict:
         cfg = run.cfg
-        if cfg.inject.source == "emphasis":
-            return emphasis_metrics(run)
+        if cfg.inject.source == "emphasis" or cfg.inject.teacher_head is not None:
+            return qa_only_metrics(run)
         store, controllers = run.upstream(HarvestStage), run.upstream(ControllerStage).controllers
         student, student_tok = run.models.get("student")
         teacher, teacher_tok = run.models.get("teacher")
@@ -87,16 +87,23 @@ class EvaluateStage(UncachedStage):
         return metrics
 
 
-def emphasis_metrics(run) -> dict:
-    """``inject.source=emphasis``: QA only. Emphasis steers toward a prompt's marked spans; held-out texts mark none,
-    so it would leave them exactly as they are. Needs no controller or harvest store unless ``inject.sinks=keep`` or a
-    per-head profile of another source asks for them (:func:`uzr.config.inject.emphasis_alone`)."""
+def qa_only_metrics(run) -> dict:
+    """QA only, for the sources held-out texts cannot show. ``inject.source=emphasis`` steers toward a prompt's marked
+    spans; held-out texts mark none, so it would leave them exactly as they are. It needs no controller or harvest
+    store unless ``inject.sinks=keep`` or a per-head profile of another source asks for them
+    (:func:`uzr.config.inject.emphasis_alone`). ``inject.teacher_head``: the oracle from one teacher head, which the
+    texts' stored rows (head means or matched heads) do not hold."""
     cfg = run.cfg
-    injection = emphasis_injection(run) if emphasis_alone(cfg.inject) else run_injection(run)
-    return {"source": source_label(cfg.inject),
-            "texts": "not scored: held-out texts mark no span, so emphasis leaves them as they are",
-            **heads_metrics(run, injection),
-            **qa_metrics(run, injection, qa_edit_for(run, injection, "emphasis", {}, None, None))}
+    if cfg.inject.source == "emphasis":
+        injection = emphasis_injection(run) if emphasis_alone(cfg.inject) else run_injection(run)
+        edit_for = qa_edit_for(run, injection, "emphasis", {}, None, None)
+        texts = "not scored: held-out texts mark no span, so emphasis leaves them as they are"
+    else:
+        store, injection = run.upstream(HarvestStage), run_injection(run)
+        edit_for = qa_edit_for(run, injection, "teacher", {}, store.layout, matched_heads(cfg, store.layout))
+        texts = "not scored: their stored oracle rows are head means or matched heads, not inject.teacher_head"
+    return {"source": source_label(cfg.inject), "texts": texts, **heads_metrics(run, injection),
+            **qa_metrics(run, injection, edit_for)}
 
 
 def heads_metrics(run, injection) -> dict:
