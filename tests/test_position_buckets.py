@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import resolved
 from tests.test_pipeline import run_train
 from uzr.evaluate.positions import (
+    BucketSums,
     bucket_sums,
     buckets_by_end,
     document_order,
@@ -23,6 +24,7 @@ from uzr.evaluate.positions import (
     student_nll,
     teacher_nll,
 )
+from uzr.report.table import position_lines
 from uzr.text_bytes import predicted_bytes, token_bytes
 
 EDGES = [0, 40, 100, 250]
@@ -118,6 +120,19 @@ def test_buckets_add_up_to_the_whole_texts_bits_per_byte(pair, texts):
     assert section["whole_bits_per_byte"]["student"] == pytest.approx(whole, rel=1e-12)
     gap = buckets["0-40"]["bits_per_byte"]["teacher"] - buckets["0-40"]["bits_per_byte"]["student"]
     assert buckets["0-40"]["teacher_minus_student"] == pytest.approx(gap)
+
+
+def test_one_text_gives_no_interval():
+    """Resampling one text gives a zero-width interval around its own value: reported as no interval at all."""
+    sums = {role: [BucketSums(np.array([nll]), np.array([100]), np.array([50]))]
+            for role, nll in (("teacher", 60.0), ("student", 70.0), ("injected", 69.0))}
+    difference = position_section(sums, [0, 51], None, None)["buckets"]["0-51"]["injected_minus_student"]
+    assert difference["estimate"] == pytest.approx(-1.0 / (100 * math.log(2)))
+    assert "low" not in difference and difference["verdict"].startswith("no interval: one text")
+    lines = position_lines({"buckets": {"0-51": {"beyond_student_context": False, "teacher_minus_student": None,
+                                                  "injected_minus_student": difference}}}, "injection")
+    assert lines == [f"injection, tokens 0-51: bits per byte {difference['estimate']:+.4f} ({difference['verdict']}); "
+                     "teacher - student —"]
 
 
 def _ids(enc):

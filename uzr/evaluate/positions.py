@@ -221,15 +221,24 @@ def position_section(sums: dict[str, list[BucketSums]], edges: Sequence[int], st
                  "teacher_minus_student": (None if None in (bpb["teacher"], bpb["student"])
                                            else bpb["teacher"] - bpb["student"])}
         if "injected" in roles and sum(nbytes["student"]):
-            difference = bits_per_byte_difference(nll["injected"], nll["student"], nbytes["student"])
-            entry["injected_minus_student"] = {**difference.as_dict(),
-                                               "verdict": difference.verdict(higher_is_better=False)}
+            entry["injected_minus_student"] = _injected_minus_student(nll, nbytes["student"])
         buckets[bucket_label(low, high)] = entry
     whole = {role: _bpb(sum(float(s.nll.sum()) for s in sums[role]), sum(int(s.bytes.sum()) for s in sums[role]))
              for role in roles}
     return {"edges": list(edges), "num_texts": len(sums["student"]), "student_context": student_context,
             "teacher_context": teacher_context, "buckets": buckets, "whole_bits_per_byte": whole,
             "per_text": {role: [s.as_dict() for s in sums[role]] for role in roles}}
+
+
+def _injected_minus_student(nll: dict[str, list[float]], nbytes: list[int]) -> dict:
+    """Injected − student bits per byte of one bucket with its paired interval over the texts; one text has no
+    interval (resampling one text gives its own value every time, a zero-width interval that would read as a
+    difference)."""
+    difference = bits_per_byte_difference(nll["injected"], nll["student"], nbytes)
+    if difference.n < 2:
+        return {"estimate": difference.estimate, "n": difference.n,
+                "verdict": "no interval: one text (evaluate.position_texts >= 2 gives one)"}
+    return {**difference.as_dict(), "verdict": difference.verdict(higher_is_better=False)}
 
 
 def position_metrics(run, edit: Callable[[], ModelEdit] | None, note: str | None = None) -> dict:

@@ -115,8 +115,10 @@ def position_lines(positions: dict | None, what: str) -> list[str]:
         past = ", past the student's trained context" if b["beyond_student_context"] else ""
         gap = b["teacher_minus_student"]
         gap = "—" if gap is None else f"{gap:+.4f}"
-        lines.append(f"{what}, tokens {label}{past}: bits per byte "
-                     f"{_paired(b.get('injected_minus_student'), 'long texts')}; teacher - student {gap}")
+        difference = b.get("injected_minus_student")
+        paired = (_paired(difference, "long texts") if not difference or "low" in difference
+                  else f"{difference['estimate']:+.4f} ({difference['verdict']})")
+        lines.append(f"{what}, tokens {label}{past}: bits per byte {paired}; teacher - student {gap}")
     if positions.get("injected_note"):
         lines.append(f"position buckets with injection not measured: {positions['injected_note']}")
     return lines
