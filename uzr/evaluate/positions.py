@@ -21,10 +21,11 @@ student's own hidden states; the oracle (``teacher``) has no stored rows for the
 text live (:class:`~uzr.injection.oracle.TeacherPrior`); ``shuffled`` needs stored rows: not measured.
 The paired interval of injected − student per bucket is over the texts (:func:`uzr.intervals.bits_per_byte_difference`).
 
-Memory stays linear in the length where it can: the student's plain pass and the teacher's use sdpa and the LM head
-in blocks (:mod:`uzr.next_token`); an injected pass computes attention in query blocks (:mod:`uzr.attention.function`)
-but the prior itself is (1, 1|H, S, S) per injected layer, and the live oracle keeps the teacher's (H, T, T) rows of
-each mapped layer: at 4,096 tokens about 64 MiB per head and layer in float32.
+No pass records attention. The plain passes use sdpa and the LM head in blocks (:mod:`uzr.next_token`); an injected
+layer computes its attention and the controller's scores in query blocks (:mod:`uzr.attention.function`), so memory
+grows about linearly with the length. The live oracle is the exception: it keeps the teacher's (H, T, T) rows of
+each mapped layer and their aligned (1|H, S, S) rows, about 64 MiB per head and layer at 4,096 tokens in float32
+(and 16 times that at 16k).
 """
 
 from __future__ import annotations
