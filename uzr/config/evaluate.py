@@ -51,6 +51,17 @@ class EvaluateSpec:
     # injected student, on the first qa_evidence_items held-out items with such a span (one forward each).
     qa_evidence_mass: bool = False
     qa_evidence_items: int = 60
+    # Bits per byte by token position on long texts (uzr/evaluate/positions.py): bucket edges in student token
+    # positions, starting at 0 and increasing, e.g. [0, 512, 1024, 2048, 4096]; each long text is the last edge
+    # long, so a bucket past the student's trained context (max_position_embeddings) measures it there. Teacher,
+    # student and injected student per bucket, injected - student with its paired interval over the texts.
+    # [] = off. Cost on the 2-core CPU: about 2 min per 4,096-token text for teacher, student and controller
+    # (experiments/where_transfer_works); the oracle (inject.source=teacher) adds a live teacher pass per text.
+    position_buckets: list[int] = field(default_factory=list)
+    position_texts: int = 2  # long texts scored (fewer when the source runs out)
+    # where the long texts come from: "" = the run's own data outside its train split (held-out texts and those
+    # beyond data.num_texts), else a conf/data option or file:PATH (all its texts); joined in document order
+    position_data: str = ""
 
 
 def validate_evaluate(cfg) -> None:
@@ -78,6 +89,7 @@ def validate_evaluate(cfg) -> None:
         check_int("evaluate.qa_domain_items", ev.qa_domain_items or QA_DOMAIN_ITEMS["context_override"], maximum=most,
                   valid=f"an integer <= {most}, the distinct counterfactual items context_override has per split at "
                         f"evaluate.qa_domain_seed={ev.qa_domain_seed} (0 = the default {QA_DOMAIN_ITEMS['context_override']})")
+    validate_position_buckets(ev)
     if len(set(ev.domains)) != len(ev.domains):
         raise ValueError(f"evaluate.domains={ev.domains} names a domain twice")
     for name in ev.domains:
@@ -85,6 +97,37 @@ def validate_evaluate(cfg) -> None:
     if cfg.data is not None and cfg.data.name in ev.domains:
         raise ValueError(f"evaluate.domains={ev.domains} names the run's own data ({cfg.data.name!r}), "
                          "which is evaluated anyway; drop it from evaluate.domains")
+
+
+def validate_position_buckets(ev: EvaluateSpec) -> None:
+    """``evaluate.position_buckets``: [] or integer edges from 0, increasing; ``position_texts`` >= 1;
+    ``position_data`` "" or a text source."""
+    edges = list(ev.position_buckets)
+    fix = _position_fix(edges)
+    if fix:
+        raise ValueError(f"evaluate.position_buckets={edges} is invalid; valid: [] (off) or at least 2 integer edges "
+                         f"in student token positions, from 0 and strictly increasing, e.g. [0, 512, 1024, 2048]; "
+                         f"{fix}")
+    check_int("evaluate.position_texts", ev.position_texts, minimum=1)
+    if ev.position_data:
+        domain_spec(ev.position_data, "evaluate.position_data")
+
+
+def _position_fix(edges: list) -> str | None:
+    """What is wrong with bucket edges and how to fix it; None when they are valid."""
+    if not edges:
+        return None
+    if not all(is_int(e) for e in edges):
+        return "give whole token positions"
+    if any(e < 0 for e in edges):
+        return f"drop the negative edges: {[e for e in edges if e >= 0]}"
+    if len(set(edges)) != len(edges):
+        return "drop the repeated edges"
+    if sorted(edges) != edges:
+        return f"sort them: {sorted(edges)}"
+    if edges[0] != 0:
+        return f"start at 0: {[0, *edges]}"
+    return None if len(edges) >= 2 else "add an end, e.g. [0, 512]"
 
 
 CONFIG_GROUPS = (ConfigGroup("evaluate", EvaluateSpec, validate_evaluate, always=True),)

@@ -19,6 +19,7 @@ from uzr.evaluate.domains import domain_metrics, domain_store
 from uzr.evaluate.heads import head_profile_section, run_profile
 from uzr.evaluate.injection import emphasis_injection, matched_heads, run_injection
 from uzr.evaluate.passes import heatmap_figure, student_pass
+from uzr.evaluate.positions import position_metrics
 from uzr.evaluate.qa import QAInjection, domain_qa, facts_qa
 from uzr.evaluate.sources import controller_rows, text_prior
 from uzr.evaluate.texts import PLAIN, heldout_rows, injection_key, injection_setting, score_settings
@@ -76,8 +77,12 @@ class EvaluateStage(UncachedStage):
             metrics["next_token_kl"] = {k: float(np.mean(scores.settings[v].next_token_kl)) for k, v in names.items()}
 
         # the oracle reads each prompt's text live; shuffled needs another text's stored rows, which prompts lack
-        metrics.update(qa_metrics(run, injection, qa_edit_for(run, injection, source, controllers, store.layout,
-                                                             heads_of)))
+        edit_for = qa_edit_for(run, injection, source, controllers, store.layout, heads_of)
+        metrics.update(qa_metrics(run, injection, edit_for))
+        if cfg.evaluate.position_buckets:  # long texts have no stored rows either: edited as prompts are
+            metrics["position_buckets"] = position_metrics(
+                run, None if edit_for is None else lambda: edit_for([]),
+                f"inject.source={source} needs a text's stored rows; the long texts have none")
         if cfg.evaluate.figure and rows and source in LIVE_SOURCES:
             def make_injector() -> Injector:
                 return injection.injector(prompt_len=0, source=live_prior(source, controllers, heads_of is not None))

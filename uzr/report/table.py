@@ -37,6 +37,11 @@ def results_rows(metrics: dict) -> tuple[list[str], list[list]]:
             for buckets in dq.get("by_tag", {}).values():  # the values name their tag: "8 facts", "start"
                 rows.extend([f"  {name}: {value} ({b['n']} items)", b["teacher"], b["student"], b.get("injected")]
                             for value, b in buckets.items())
+        positions = ev.get("position_buckets")
+        if positions:
+            rows.extend([f"bits per byte, tokens {label} ({positions['num_texts']} long texts)",
+                         b["bits_per_byte"]["teacher"], b["bits_per_byte"]["student"], b["bits_per_byte"].get("injected")]
+                        for label, b in positions["buckets"].items())
         if "next_token_kl" in ev:
             rows.append(["next-token KL to teacher", None, ev["next_token_kl"]["student"], ev["next_token_kl"]["injected"]])
         for layer, gaps in ev.get("habit_distance", {}).items():
@@ -87,6 +92,7 @@ def verdict(metrics: dict) -> list[str]:
                          f"chance 0.25, {qa['num_prompts']} prompts)")
         elif qa and qa.get("injected_note"):
             lines.append(f"facts QA with injection not measured: {qa['injected_note']}")
+        lines.extend(position_lines(ev.get("position_buckets"), what))
         for name, dq in ev.get("qa_domains", {}).items():
             if "teacher_minus_student" in dq:
                 lines.append(f"{name} QA, teacher - student (the gap injection could close): "
@@ -109,6 +115,24 @@ def evidence_line(name: str, mass: dict) -> str:
     teacher = mass["teacher"]
     return (f"{name}: share of the answer query's passage attention on the span holding the answer, best head: "
             f"{looks}; uniform {teacher['uniform']:.2f}, {teacher['n']} items")
+
+
+def position_lines(positions: dict | None, what: str) -> list[str]:
+    """Per position bucket: injected − student with its interval, and teacher − student."""
+    if not positions:
+        return []
+    lines = []
+    for label, b in positions["buckets"].items():
+        past = ", past the student's trained context" if b["beyond_student_context"] else ""
+        gap = b["teacher_minus_student"]
+        gap = "—" if gap is None else f"{gap:+.4f}"
+        difference = b.get("injected_minus_student")
+        paired = (_paired(difference, "long texts") if not difference or "low" in difference
+                  else f"{difference['estimate']:+.4f} ({difference['verdict']})")
+        lines.append(f"{what}, tokens {label}{past}: bits per byte {paired}; teacher - student {gap}")
+    if positions.get("injected_note"):
+        lines.append(f"position buckets with injection not measured: {positions['injected_note']}")
+    return lines
 
 
 def _paired(difference: dict | None, items: str, digits: int = 4) -> str:
