@@ -195,8 +195,10 @@ def heads_by_layer(pairs) -> dict[int, tuple[int, ...]]:
 
 
 def proportional_teacher_layer(cfg, layer: int) -> int:
-    lt, ls = cfg.teacher.num_layers, cfg.student.num_layers
-    return round(layer * (lt - 1) / max(ls - 1, 1))
+    """The teacher layer at the same relative depth as student ``layer``. A pruned student's layer counts at the depth
+    of its source layer (``student.kept_layers``): with the unpruned model as teacher, each layer maps to itself."""
+    lt, ls = cfg.teacher.loaded_layers, cfg.student.num_layers  # the student at its source depth
+    return round(cfg.student.kept_layers[layer] * (lt - 1) / max(ls - 1, 1))
 
 
 def auto_teacher_layers(cfg) -> bool:
@@ -216,7 +218,7 @@ def teacher_layer_map(cfg) -> list[int]:
 
 def validate_injection(cfg) -> None:
     """The inject group against the models' depths, and against the alpha and controller groups when read."""
-    validate_inject(cfg.inject, cfg.student.num_layers)
+    validate_inject(cfg.inject, cfg.student.loaded_layers)
     validate_heads(cfg.inject, cfg.student.num_heads)
     mapping = [] if auto_teacher_layers(cfg) else teacher_layer_map(cfg)  # auto: chosen by the harvest
     if not auto_teacher_layers(cfg) and len(mapping) != len(cfg.inject.layers):
@@ -224,10 +226,10 @@ def validate_injection(cfg) -> None:
             f"inject.teacher_layers={mapping} must have one teacher layer per injected layer "
             f"(inject.layers={cfg.inject.layers})"
         )
-    bad = [t for t in mapping if not 0 <= t < cfg.teacher.num_layers]
+    bad = [t for t in mapping if not 0 <= t < cfg.teacher.loaded_layers]
     if bad:
         raise ValueError(
-            f"inject.teacher_layers={mapping}: {bad} outside the teacher's layers 0..{cfg.teacher.num_layers - 1}"
+            f"inject.teacher_layers={mapping}: {bad} outside the teacher's layers 0..{cfg.teacher.loaded_layers - 1}"
         )
     if cfg.alpha is not None:
         for bad_layer in cfg.alpha.layer_weights:
