@@ -56,15 +56,15 @@ def validate_alpha(spec: AlphaSpec) -> None:
             raise ValueError(f"alpha.layer_weights[{layer}]={weight} must be a finite number >= 0")
 
 
-def injected_layers_valid(layers: list[int], num_layers: int) -> None:
-    """Fail fast on bad layer lists before any model loads."""
+def injected_layers_valid(layers: list[int], num_layers: int, depth_note: str = "") -> None:
+    """Fail fast on bad layer lists before any model loads (``depth_note``: why the student has ``num_layers``)."""
     if not layers:
         raise ValueError("inject.layers is empty; give at least one student layer, e.g. inject.layers=[4]")
     if len(set(layers)) != len(layers):
         raise ValueError(f"inject.layers={layers} contains duplicates")
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad:
-        raise ValueError(f"inject.layers={layers}: {bad} outside the student's layers 0..{num_layers - 1}")
+        raise ValueError(f"inject.layers={layers}: {bad} outside the student's layers 0..{num_layers - 1}{depth_note}")
 
 
 @dataclass
@@ -102,8 +102,8 @@ class InjectSpec:
     emphasis_form: str = "bias"
 
 
-def validate_inject(spec: InjectSpec, student_layers: int) -> None:
-    injected_layers_valid(spec.layers, student_layers)
+def validate_inject(spec: InjectSpec, student_layers: int, depth_note: str = "") -> None:
+    injected_layers_valid(spec.layers, student_layers, depth_note)
     if spec.mode not in MODES:
         raise ValueError(f"inject.mode={spec.mode!r} is unknown; valid choices: {', '.join(MODES)}")
     t = spec.teacher_layers
@@ -218,7 +218,10 @@ def teacher_layer_map(cfg) -> list[int]:
 
 def validate_injection(cfg) -> None:
     """The inject group against the models' depths, and against the alpha and controller groups when read."""
-    validate_inject(cfg.inject, cfg.student.loaded_layers)
+    student = cfg.student
+    pruned = (f" (student.prune.layers drops {len(student.prune.layers)} of its {student.num_layers}: inject.layers "
+              "counts the pruned model's layers)") if student.prune.layers else ""
+    validate_inject(cfg.inject, student.loaded_layers, pruned)
     validate_heads(cfg.inject, cfg.student.num_heads)
     mapping = [] if auto_teacher_layers(cfg) else teacher_layer_map(cfg)  # auto: chosen by the harvest
     if not auto_teacher_layers(cfg) and len(mapping) != len(cfg.inject.layers):
