@@ -134,7 +134,7 @@ def healed(model, tokenizer, spec: ModelSpec, cfg, artifact: Callable, load_full
     from uzr.corpus import load_run_corpus  # datasets: only when a heal is built or loaded
 
     def build(folder: Path) -> dict:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         full, _ = load_full(replace(spec, prune=PruneSpec()))
         corpus = load_run_corpus(cfg.data, lambda: tokenizer, cfg.harvest.max_length)
         texts = heal_texts(corpus.train["text"], tokenizer, spec.prune.heal_max_length)
@@ -143,11 +143,10 @@ def healed(model, tokenizer, spec: ModelSpec, cfg, artifact: Callable, load_full
                              "of 2 or more tokens to heal on")
         layers = trained_layers(spec)
         history = heal(model, full, texts, layers, spec.prune.heal_steps, spec.prune.heal_lr, spec.prune.heal_texts)
-        seconds = round(time.perf_counter() - start, 1)
-        meta = {"model": model_key(spec), "layers": layers, "kl_per_step": history, "texts": len(texts),
-                "seconds": seconds}
+        seconds = {"wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+        meta = {"model": model_key(spec), "layers": layers, "kl_per_step": history, "texts": len(texts), **seconds}
         save_checkpoint(folder, WEIGHTS, META, layer_parameters(model, layers), meta, FORMAT, VERSION)
-        return {"kl_first": history[0], "kl_last": history[-1], "seconds": seconds}
+        return {"kl_first": history[0], "kl_last": history[-1], **seconds}
 
     folder, built = artifact(KIND, heal_key(spec, cfg), build, version=VERSION)
     meta = load_healed(model, folder, spec)
