@@ -34,10 +34,12 @@ log = logging.getLogger(__name__)
 
 
 class ModelPool:
-    """Loads teacher and student on first use, once per run."""
+    """Loads teacher and student on first use, once per run. A pruned model to be healed (``<role>.prune.heal_steps``)
+    is healed on the run's training texts, or its cached heal loaded, through ``artifact`` (the run's
+    :meth:`RunContext.artifact`, set by the run context that uses the pool)."""
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg, self._loaded = cfg, {}
+    def __init__(self, cfg: RunConfig, artifact: Callable | None = None):
+        self.cfg, self.artifact, self._loaded = cfg, artifact, {}
 
     def get(self, role: str):
         if role not in self._loaded:
@@ -47,8 +49,23 @@ class ModelPool:
             spec = getattr(self.cfg, role)
             start = time.perf_counter()
             self._loaded[role] = load_model(spec, device=self.cfg.device, cache_dir=self.cfg.cache_dir, role=role)
+            if spec.prune.heal_steps:
+                self._heal(role)
             log.info("loaded %s %s in %.1fs", role, spec.name, time.perf_counter() - start)
         return self._loaded[role]
+
+    def _heal(self, role: str) -> None:
+        from uzr.models import load_model
+        from uzr.models.heal import healed  # torch: only when a pruned model is healed
+
+        def load_full(spec):
+            return load_model(spec, device=self.cfg.device, cache_dir=self.cfg.cache_dir, role=f"{role} (unpruned)")
+
+        if self.artifact is None:
+            raise RuntimeError(f"{role}.prune.heal_steps: a heal is a cached artifact of a run; load the models "
+                               "through a RunContext(cfg, out_dir, pool), which gives its pool the run's cache")
+        model, tok = self._loaded[role]
+        healed(model, tok, getattr(self.cfg, role), self.cfg, self.artifact, load_full, role)
 
 
 MEMO_VERSION = 1  # bump when what a stored memo holds changes
@@ -88,6 +105,8 @@ class RunContext:
     def __post_init__(self) -> None:
         if self.models is None:
             self.models = ModelPool(self.cfg)
+        if self.models.artifact is None:  # a heal the pool builds or loads is recorded as this run's sub-artifact
+            self.models.artifact = self.artifact
 
     def upstream(self, stage: type[LoadsArtifact[Loaded]]) -> Loaded:
         """The loaded artifact of ``stage`` (a registered stage class, e.g. ``ControllerStage``), typed as its

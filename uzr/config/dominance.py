@@ -114,7 +114,7 @@ def validate_dominance(cfg) -> None:
                                            (spec.source == "tiny" and spec.architecture != "llava")):
             raise ValueError(f"dominance.source={d.source} needs a vision-language {role}, but {role}={spec.name} is a "
                              f"text model; use {role}=llava_1_5_7b, qwen2_5_vl_7b or tiny_llava")
-        _validate_stages(d, spec.num_layers, role)
+        _validate_stages(d, spec.loaded_layers, role)
 
 
 def _validate_stages(d: DominanceSpec, num_layers: int, role: str) -> None:

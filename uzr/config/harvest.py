@@ -55,9 +55,10 @@ def validate_harvest(cfg) -> None:
         raise ValueError("the harvest stores hidden states of chosen student layers: set harvest.layers=[...] "
                          "or select an inject group (inject.layers)")
     if h.layers is not None:
-        bad = [layer for layer in h.layers if not 0 <= layer < cfg.student.num_layers]
+        depth = cfg.student.loaded_layers  # after student.prune
+        bad = [layer for layer in h.layers if not 0 <= layer < depth]
         if bad:
-            raise ValueError(f"harvest.layers={h.layers}: {bad} outside the student's layers 0..{cfg.student.num_layers - 1}")
+            raise ValueError(f"harvest.layers={h.layers}: {bad} outside the student's layers 0..{depth - 1}")
     if h.max_length < 2:
         raise ValueError(f"harvest.max_length={h.max_length} must be >= 2 (a text needs a token to predict)")
     if h.max_dist_len < 2:

@@ -57,15 +57,15 @@ def validate_alpha(spec: AlphaSpec) -> None:
             raise ValueError(f"alpha.layer_weights[{layer}]={weight} must be a finite number >= 0")
 
 
-def injected_layers_valid(layers: list[int], num_layers: int) -> None:
-    """Fail fast on bad layer lists before any model loads."""
+def injected_layers_valid(layers: list[int], num_layers: int, depth_note: str = "") -> None:
+    """Fail fast on bad layer lists before any model loads (``depth_note``: why the student has ``num_layers``)."""
     if not layers:
         raise ValueError("inject.layers is empty; give at least one student layer, e.g. inject.layers=[4]")
     if len(set(layers)) != len(layers):
         raise ValueError(f"inject.layers={layers} contains duplicates")
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad:
-        raise ValueError(f"inject.layers={layers}: {bad} outside the student's layers 0..{num_layers - 1}")
+        raise ValueError(f"inject.layers={layers}: {bad} outside the student's layers 0..{num_layers - 1}{depth_note}")
 
 
 @dataclass
@@ -111,8 +111,8 @@ class InjectSpec:
     teacher_head: int | None = None
 
 
-def validate_inject(spec: InjectSpec, student_layers: int) -> None:
-    injected_layers_valid(spec.layers, student_layers)
+def validate_inject(spec: InjectSpec, student_layers: int, depth_note: str = "") -> None:
+    injected_layers_valid(spec.layers, student_layers, depth_note)
     if spec.mode not in MODES:
         raise ValueError(f"inject.mode={spec.mode!r} is unknown; valid choices: {', '.join(MODES)}")
     t = spec.teacher_layers
@@ -211,8 +211,10 @@ def heads_by_layer(pairs) -> dict[int, tuple[int, ...]]:
 
 
 def proportional_teacher_layer(cfg, layer: int) -> int:
-    lt, ls = cfg.teacher.num_layers, cfg.student.num_layers
-    return round(layer * (lt - 1) / max(ls - 1, 1))
+    """The teacher layer at the same relative depth as student ``layer``. A pruned student's layer counts at the depth
+    of its source layer (``student.kept_layers``): with the unpruned model as teacher, each layer maps to itself."""
+    lt, ls = cfg.teacher.loaded_layers, cfg.student.num_layers  # the student at its source depth
+    return round(cfg.student.kept_layers[layer] * (lt - 1) / max(ls - 1, 1))
 
 
 def auto_teacher_layers(cfg) -> bool:
@@ -232,7 +234,10 @@ def teacher_layer_map(cfg) -> list[int]:
 
 def validate_injection(cfg) -> None:
     """The inject group against the models' depths, and against the alpha and controller groups when read."""
-    validate_inject(cfg.inject, cfg.student.num_layers)
+    student = cfg.student
+    pruned = (f" (student.prune.layers drops {len(student.prune.layers)} of its {student.num_layers}: inject.layers "
+              "counts the pruned model's layers)") if student.prune.layers else ""
+    validate_inject(cfg.inject, student.loaded_layers, pruned)
     validate_heads(cfg.inject, cfg.student.num_heads)
     mapping = [] if auto_teacher_layers(cfg) else teacher_layer_map(cfg)  # auto: chosen by the harvest
     if not auto_teacher_layers(cfg) and len(mapping) != len(cfg.inject.layers):
@@ -243,10 +248,10 @@ def validate_injection(cfg) -> None:
     if cfg.inject.teacher_head is not None:
         check_int("inject.teacher_head", cfg.inject.teacher_head, 0, cfg.teacher.num_heads - 1,
                   valid=f"a teacher head in [0, {cfg.teacher.num_heads - 1}] or null")
-    bad = [t for t in mapping if not 0 <= t < cfg.teacher.num_layers]
+    bad = [t for t in mapping if not 0 <= t < cfg.teacher.loaded_layers]
     if bad:
         raise ValueError(
-            f"inject.teacher_layers={mapping}: {bad} outside the teacher's layers 0..{cfg.teacher.num_layers - 1}"
+            f"inject.teacher_layers={mapping}: {bad} outside the teacher's layers 0..{cfg.teacher.loaded_layers - 1}"
         )
     if cfg.alpha is not None:
         for bad_layer in cfg.alpha.layer_weights:

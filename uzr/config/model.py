@@ -6,8 +6,9 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from uzr.config.checks import is_int, is_number
+from uzr.config.checks import check_float, check_int, is_int, is_number
 from uzr.config.groups import ConfigGroup
+from uzr.config.keys import KEYED_UNLESS_DEFAULT
 
 SOURCES = ("hub", "gguf_package", "tiny")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -19,6 +20,8 @@ TINY_TOKENIZERS = ("bpe", "char")
 DAMAGE_KINDS = ("temperature", "permute_heads")
 # Per kind: the strength used when `damage.strength` is null, and what a valid strength is.
 DAMAGE_DEFAULT_STRENGTH = {"temperature": 4.0, "permute_heads": 1.0}
+# Which layers of a pruned model a heal trains (uzr/models/heal.py): those next to each cut, or every decoder layer.
+HEAL_SCOPES = ("seam", "all")
 
 
 @dataclass
@@ -40,6 +43,26 @@ class DamageSpec:
     @property
     def effective_strength(self) -> float:
         return DAMAGE_DEFAULT_STRENGTH[self.kind] if self.strength is None else float(self.strength)
+
+
+@dataclass
+class PruneSpec:
+    """Decoder layers dropped from the loaded model (a same-family student, DESIGN.md §8); default: none.
+
+    The pruned model keeps the other layers in order (its layer ``i`` is the source layer ``kept_layers[i]``), each
+    with its own weights and attention type (uzr/models/prune.py). ``heal_steps`` > 0 heals it: that many Adam steps
+    of logit distillation from the unpruned model (KL of the next-token distributions, same tokenizer) on the run's
+    training texts, ``heal_texts`` texts of at most ``heal_max_length`` tokens per step, training the kept layers next
+    to each cut (``heal_scope=seam``) or every decoder layer (``all``); embeddings and the final norm stay the
+    model's. The healed weights are a cached artifact (uzr/models/heal.py).
+    """
+
+    layers: list[int] = field(default_factory=list)  # 0-based source layers to drop; [] = none
+    heal_steps: int = 0  # 0 = no healing
+    heal_lr: float = 1e-4
+    heal_texts: int = 4  # training texts per step (each run on its own: no padding)
+    heal_max_length: int = 128  # tokens per text
+    heal_scope: str = "seam"  # one of HEAL_SCOPES
 
 
 def moved_heads(strength: float, num_heads: int) -> int:
@@ -75,6 +98,20 @@ class ModelSpec:
     seed: int = 0
     sliding_window: int | None = None  # tiny gemma3 only; None means 8
     damage: DamageSpec = field(default_factory=DamageSpec)  # attention damage applied at load; none by default
+    # decoder layers dropped at load (before any damage); none by default, and then out of every key
+    prune: PruneSpec = field(default_factory=PruneSpec, metadata=KEYED_UNLESS_DEFAULT)
+
+    @property
+    def kept_layers(self) -> list[int]:
+        """The source layer behind each layer of the loaded model (all of them unless ``prune.layers``)."""
+        dropped = set(self.prune.layers)
+        return [layer for layer in range(self.num_layers) if layer not in dropped]
+
+    @property
+    def loaded_layers(self) -> int:
+        """How many decoder layers the loaded model has: ``num_layers`` (the source model's, checked against it at
+        load) less the pruned ones. Layer indices of every other group (inject, harvest, damage) count these."""
+        return self.num_layers - len(set(self.prune.layers))
 
     def validate(self, role: str = "model") -> ModelSpec:
         """Raise ValueError naming the key, the bad value and the valid choices; return self."""
@@ -83,11 +120,13 @@ class ModelSpec:
 
 
 def model_key(spec: ModelSpec) -> dict[str, Any]:
-    """The spec as the key of the model it loads (the harvest store's). ``damage`` is left out when it damages
-    nothing, so the keys of undamaged models are what they were before damage existed; a damaged spec always
-    differs, a null strength keyed as the kind's default. (Stages keyed before damage existed, svf and facts QA,
-    key the spec as written: :func:`uzr.config.keys.key_of`.)"""
+    """The spec as the key of the model it loads (the harvest store's). ``damage`` and ``prune`` are left out when
+    they change nothing, so the keys of whole, undamaged models are what they were before either existed; a damaged
+    spec always differs, a null strength keyed as the kind's default. (Stages keyed before damage existed, svf and
+    facts QA, key the spec as written: :func:`uzr.config.keys.key_of`, which leaves out a default ``prune``.)"""
     plain = asdict(spec)
+    if not spec.prune.layers:
+        plain.pop("prune")
     if not spec.damage.layers:
         plain.pop("damage")
     else:  # one key per damaged model: a null strength is the kind's default
@@ -140,7 +179,46 @@ def validate_spec(spec: ModelSpec, role: str = "model") -> None:
                 raise invalid(role, "sliding_window", spec.sliding_window, "null unless architecture=gemma3")
             if spec.sliding_window < 1:
                 raise invalid(role, "sliding_window", spec.sliding_window, "a positive integer or null")
+    validate_prune(spec, role)
     validate_damage(spec, role)
+
+
+def validate_prune(spec: ModelSpec, role: str = "model") -> None:
+    """Check ``spec.prune`` against the declared ``num_layers`` (torch-free); keys are named ``<role>.prune.*``."""
+    prune = spec.prune
+    if not isinstance(prune, PruneSpec):
+        raise invalid(role, "prune", prune, f"a mapping with keys {[f.name for f in fields(PruneSpec)]}")
+    layers = list(prune.layers)
+    if not all(is_int(layer) for layer in layers):
+        raise invalid(role, "prune.layers", layers, "a list of integer layer indices")
+    bad = [layer for layer in layers if not 0 <= layer < spec.num_layers]
+    if bad:
+        raise invalid(role, "prune.layers", layers,
+                      f"layers inside 0..{spec.num_layers - 1} ({spec.name} declares num_layers={spec.num_layers}); "
+                      f"outside: {bad}")
+    if len(set(layers)) != len(layers):
+        raise invalid(role, "prune.layers", layers, "each layer at most once")
+    if len(layers) == spec.num_layers:
+        raise invalid(role, "prune.layers", layers, f"at most {spec.num_layers - 1} of the {spec.num_layers} layers "
+                                                    "(a model needs one layer left)")
+    check_int(f"{role}.prune.heal_steps", prune.heal_steps, 0)
+    if prune.heal_steps and not layers:
+        raise invalid(role, "prune.heal_steps", prune.heal_steps,
+                      f"0 when nothing is pruned (nothing to heal): set {role}.prune.heal_steps=0 or name "
+                      f"{role}.prune.layers")
+    check_float(f"{role}.prune.heal_lr", prune.heal_lr, 0.0, open_low=True)
+    check_int(f"{role}.prune.heal_texts", prune.heal_texts, 1)
+    check_int(f"{role}.prune.heal_max_length", prune.heal_max_length, 2,
+              valid="an integer >= 2 (a text needs a token to predict)")
+    if prune.heal_scope not in HEAL_SCOPES:
+        raise invalid(role, "prune.heal_scope", prune.heal_scope, f"one of {list(HEAL_SCOPES)}")
+    if prune.heal_steps and spec.damage.layers:
+        raise invalid(role, "prune.heal_steps", prune.heal_steps,
+                      f"0 with {role}.damage.layers (a heal trains toward the unpruned model, which has no damage "
+                      "to match): heal without damage, or damage without healing")
+    if prune.heal_steps and spec.quantization != "none":
+        raise invalid(role, "prune.heal_steps", prune.heal_steps,
+                      f"0 with quantization={spec.quantization!r} (healing trains float weights)")
 
 
 def validate_damage(spec: ModelSpec, role: str = "model") -> None:
@@ -153,10 +231,12 @@ def validate_damage(spec: ModelSpec, role: str = "model") -> None:
     layers = list(damage.layers)
     if not all(is_int(layer) for layer in layers):
         raise invalid(role, "damage.layers", layers, "a list of integer layer indices")
-    bad = [layer for layer in layers if not 0 <= layer < spec.num_layers]
+    depth = spec.loaded_layers  # damage acts on the loaded model: after pruning
+    bad = [layer for layer in layers if not 0 <= layer < depth]
     if bad:
+        pruned = f" less {len(spec.prune.layers)} pruned" if spec.prune.layers else ""
         raise invalid(role, "damage.layers", layers,
-                      f"layers inside 0..{spec.num_layers - 1} ({spec.name} declares num_layers={spec.num_layers}); "
+                      f"layers inside 0..{depth - 1} ({spec.name} declares num_layers={spec.num_layers}{pruned}); "
                       f"outside: {bad}")
     if len(set(layers)) != len(layers):
         raise invalid(role, "damage.layers", layers, "each layer at most once")
@@ -194,19 +274,31 @@ def as_spec(spec: Any) -> ModelSpec:
     if unknown:
         raise ValueError(f"unknown model spec keys {unknown}; valid keys: {sorted(known)}")
     spec = dict(spec)
-    if isinstance(spec.get("damage"), dict):
-        damage_keys = {f.name for f in fields(DamageSpec)}
-        unknown = sorted(set(spec["damage"]) - damage_keys)
-        if unknown:
-            raise ValueError(f"unknown model spec keys {[f'damage.{k}' for k in unknown]}; "
-                             f"valid damage keys: {sorted(damage_keys)}")
-        spec["damage"] = DamageSpec(**spec["damage"])
+    for name, nested in (("damage", DamageSpec), ("prune", PruneSpec)):
+        if isinstance(spec.get(name), dict):
+            nested_keys = {f.name for f in fields(nested)}
+            unknown = sorted(set(spec[name]) - nested_keys)
+            if unknown:
+                raise ValueError(f"unknown model spec keys {[f'{name}.{k}' for k in unknown]}; "
+                                 f"valid {name} keys: {sorted(nested_keys)}")
+            spec[name] = nested(**spec[name])
     return ModelSpec(**spec)
+
+
+def validate_model(cfg, role: str) -> None:
+    """The ``role`` group's spec, and what a heal reads: the run's training texts (the ``data`` group, which the
+    heal's cache key holds), so a healed model only loads in runs whose stages read that group."""
+    spec = getattr(cfg, role)
+    validate_spec(spec, role)
+    if spec.prune.heal_steps and cfg.data is None:
+        raise invalid(role, "prune.heal_steps", spec.prune.heal_steps,
+                      "0 in a run whose stages read no data group (a heal trains on the data group's training "
+                      f"texts): select a stage that reads it (harvest) or set {role}.prune.heal_steps=0")
 
 
 def model_group(role: str) -> ConfigGroup:
     """The ``teacher`` or ``student`` group: a :class:`ModelSpec` validated under its role's name."""
-    return ConfigGroup(role, ModelSpec, lambda cfg: validate_spec(getattr(cfg, role), role))
+    return ConfigGroup(role, ModelSpec, lambda cfg: validate_model(cfg, role))
 
 
 CONFIG_GROUPS = (model_group("teacher"), model_group("student"))

@@ -219,7 +219,7 @@ def validate_svf_injection(cfg) -> None:
 def validate_svf_group(cfg) -> None:
     """The svf group, with the student's depth and vocabulary and the teacher when the run reads them."""
     student = cfg.student
-    validate_svf(cfg.svf, student and student.name, student and student.num_layers)
+    validate_svf(cfg.svf, student and student.name, student and student.loaded_layers)
     validate_distill(cfg.svf, cfg.teacher, student)
     validate_svf_injection(cfg)
 

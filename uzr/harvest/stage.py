@@ -41,9 +41,9 @@ class HarvestStage:
         store = HarvestStore(folder)
         layers, mapping = harvest_layers(cfg)
         check_free_disk(folder, estimate_store_bytes(  # before any model loads
-            len(texts), h.max_length, cfg.student.hidden_size, len(layers), cfg.teacher.num_layers,
-            cfg.teacher.num_heads, cfg.student.num_layers, cfg.student.num_heads, max_dist_len=h.max_dist_len,
-            per_head=per_head, teacher_candidates=cfg.teacher.num_layers if mapping is None else 0,
+            len(texts), h.max_length, cfg.student.hidden_size, len(layers), cfg.teacher.loaded_layers,
+            cfg.teacher.num_heads, cfg.student.loaded_layers, cfg.student.num_heads, max_dist_len=h.max_dist_len,
+            per_head=per_head, teacher_candidates=cfg.teacher.loaded_layers if mapping is None else 0,
         ))
         teacher, teacher_tok = run.models.get("teacher")
         student, student_tok = run.models.get("student")

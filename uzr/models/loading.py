@@ -8,8 +8,9 @@ Three sources:
   as safetensors under ``<cache_dir>/models/<name>-<sha256[:16]>/`` and later loads take seconds.
 - ``tiny``: a randomly initialised model of a given architecture, for tests.
 
-A spec with ``damage.layers`` gets its attention damaged in those layers after loading
-(:mod:`uzr.models.damage`); the converted-weights cache always holds the undamaged model.
+A spec with ``prune.layers`` loses those decoder layers after loading (:mod:`uzr.models.prune`; healing them is the
+run's, :mod:`uzr.models.heal`), and one with ``damage.layers`` gets its attention damaged in those layers of what is
+left (:mod:`uzr.models.damage`); the converted-weights cache always holds the whole, undamaged model.
 
 Heavy imports (torch, transformers) happen inside the functions so that configs can import
 `ModelSpec` cheaply.
@@ -113,6 +114,11 @@ def load_model(
         _check_declared(spec, model.config, role)
     if tok.pad_token is None:  # batched harvesting pads; the EOS token is the usual stand-in
         tok.pad_token = tok.eos_token
+    if spec.prune.layers:  # a same-family student: chosen decoder layers dropped (before damage: it counts these)
+        # torch: imported only when a model loads (module docstring)
+        from uzr.models.prune import prune_layers
+
+        prune_layers(model, list(spec.prune.layers), role)
     if spec.damage.layers:  # the positive control's student: attention damaged in chosen layers
         # torch: imported only when a model loads (module docstring)
         from uzr.models.damage import apply_damage
