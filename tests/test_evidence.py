@@ -110,3 +110,17 @@ def test_a_teacher_head_oracle_run_scores_qa_only(tmp_path):
     assert ev["source"] == "teacher(head=1)" and ev["texts"].startswith("not scored")
     kv = ev["qa_domains"]["kv_retrieval"]
     assert kv["injected_minus_student"]["n"] == 6 and len(kv["correct"]["injected"]) == 6
+
+
+def test_emphasis_on_other_layers_never_reads_the_stored_scores_of_another_layer_set(tmp_path):
+    """Emphasis alone has no harvest or controller key to pin its layers: its stored injected scores are keyed by them."""
+    common = ("+experiment=smoke", "stages=[evaluate]", "logger=csv", "evaluate.facts_qa=false",
+              "evaluate.qa_domains=[kv_retrieval]", "evaluate.qa_domain_items=6", "inject.source=emphasis",
+              "inject.emphasis_span=evidence", "inject.emphasis_beta=1000", "alpha.value=1")
+    for i, layers in enumerate(("[0]", "[0,1,2]")):
+        proc = run_train(tmp_path, *common, f"inject.layers={layers}", run_dir=f"run{i}")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        ev = json.loads((tmp_path / f"run{i}" / "metrics.json").read_text())["evaluate"]
+        assert ev["qa_domains"]["kv_retrieval"]["injected_minus_student"]["n"] == 6
+    memos = list((tmp_path / "cache" / "memo").iterdir())
+    assert len([m for m in memos if m.is_dir()]) == 2  # one stored result per layer set, not one shared

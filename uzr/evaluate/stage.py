@@ -6,6 +6,7 @@ Not cached: it runs in every run (an alpha sweep evaluates each alpha) and write
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,8 @@ def qa_metrics(run, injection, edit_for) -> dict:
     (:func:`uzr.injection.qa_edits.qa_edit_for`; None: the source has no QA edit)."""
     cfg = run.cfg
     key = injection_key(source_label(cfg.inject), cfg.inject.mode, cfg.alpha, injection.sinks, injection.heads)[1:]
+    if emphasis_alone(cfg.inject):  # no harvest or controller key pins the injected layers: the key must
+        key = (*key, "layers", json.dumps(list(cfg.inject.layers)))
     injected = None if edit_for is None else QAInjection(edit_for, key)
     out = {}
     if cfg.evaluate.facts_qa:
