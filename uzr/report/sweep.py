@@ -160,6 +160,7 @@ def job_row(job: Job, sweep: Path, extra_keys: list[str]) -> dict:
     row["bpb_oracle_delta"], row["bpb_oracle_delta_low"] = oracle.get("estimate"), oracle.get("low")
     row["bpb_oracle_delta_high"], row["bpb_oracle_verdict"] = oracle.get("high"), oracle.get("verdict")
     qa_paired = (ev.get("facts_qa") or {}).get("injected_minus_student") or {}
+    row["facts_qa_delta"] = qa_paired.get("estimate")
     row["facts_qa_delta_low"], row["facts_qa_delta_high"] = qa_paired.get("low"), qa_paired.get("high")
     row["facts_qa_verdict"] = qa_paired.get("verdict")
     habit = ev.get("habit_distance", {})
@@ -210,7 +211,8 @@ def build_rows(jobs: list[Job], sweep: Path) -> tuple[list[dict], list[str]]:
 COLUMN_TITLES = {
     "bpb_teacher": "bpb teacher", "bpb_student": "bpb student (no inj.)", "bpb_injected": "bpb injected",
     "bpb_delta": "Δ bpb (inj. − student)", "bpb_delta_low": "Δ bpb 95% low", "bpb_delta_high": "Δ bpb 95% high",
-    "bpb_verdict": "Δ bpb verdict", "facts_qa_delta_low": "Δ facts QA 95% low", "facts_qa_delta_high": "Δ facts QA 95% high",
+    "bpb_verdict": "Δ bpb verdict", "facts_qa_delta": "Δ facts QA (inj. − student)",
+    "facts_qa_delta_low": "Δ facts QA 95% low", "facts_qa_delta_high": "Δ facts QA 95% high",
     "facts_qa_verdict": "Δ facts QA verdict", "bpb_oracle": "bpb oracle", "bpb_oracle_delta": "Δ bpb (oracle − student)",
     "habit_norm_entropy_student": "norm. entropy gap student", "habit_norm_entropy_injected": "norm. entropy gap injected",
     "habit_locality_student": "locality gap student", "habit_locality_injected": "locality gap injected",
@@ -224,8 +226,8 @@ COLUMN_TITLES = {
 
 
 # differences, shown with their sign
-SIGNED = ("bpb_delta", "bpb_delta_low", "bpb_delta_high", "facts_qa_delta_low", "facts_qa_delta_high", "bpb_oracle_delta",
-          "bpb_oracle_delta_low", "bpb_oracle_delta_high")
+SIGNED = ("bpb_delta", "bpb_delta_low", "bpb_delta_high", "facts_qa_delta", "facts_qa_delta_low", "facts_qa_delta_high",
+          "bpb_oracle_delta", "bpb_oracle_delta_low", "bpb_oracle_delta_high")
 
 
 def table_columns(rows: list[dict]) -> list[str]:
