@@ -44,8 +44,9 @@ class EvaluateSpec:
     # passes. Nothing is added when inject.source is teacher already.
     oracle: bool = False
     # the oracle on facts QA and evaluate.qa_domains too: prompts have no stored rows, so the teacher reads each one
-    # live (uzr.injection.oracle.TeacherPrior), a teacher pass per candidate batch (~1 min per 100 prompts on the
-    # 2-core CPU for the packaged pair)
+    # live (uzr.injection.oracle.TeacherPrior). Off in the default experiment: for the packaged pair it took ~16 min
+    # for the 203 facts-QA prompts on the shared 2-core CPU (~4.5 s per prompt at load 12-21,
+    # experiments/transfer_controls), beyond make run's budget
     oracle_qa: bool = False
     qa_domain_items: int = 0  # items per QA domain; 0 = each domain's default (QA_DOMAIN_ITEMS)
     qa_domain_seed: int = 0  # generator seed of the QA domains' items
