@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from uzr.config import teacher_layer_map
 
 from .conftest import composed, resolved
 
-EXPERIMENTS = ["default", "smoke", "qwen", "positive_control"]
+EXPERIMENTS = ["default", "seed_uzr", "smoke", "qwen", "positive_control"]
 
 
 
@@ -26,6 +28,22 @@ def test_default_experiment_is_the_packaged_offline_pair():
     assert run.data.source == "pydoc" and run.logger.wandb_mode == "offline"
     # proportional mapping of SmolLM2's 30 layers onto Gemma's 18
     assert teacher_layer_map(run) == [round(layer * 17 / 29) for layer in run.inject.layers]
+
+
+def test_default_uses_the_setting_the_evidence_favours_and_seed_uzr_keeps_the_seeds():
+    """The default: per-head targets with the student's sinks kept, the oracle row beside the controller; seed_uzr:
+    the seed's head-mean targets with sinks replaced, everything else as the default (issue 25)."""
+    default, seed = resolved("+experiment=default"), resolved("+experiment=seed_uzr")
+    assert (default.controller.target, default.inject.sinks) == ("per_head", "keep")
+    assert (seed.controller.target, seed.inject.sinks) == ("head_mean", "replace")
+    assert default.evaluate.oracle and seed.evaluate.oracle and not default.evaluate.oracle_qa
+    assert not resolved("+experiment=smoke").evaluate.oracle  # the schema's default: off
+    differ = {"name", "controller", "inject"}
+    assert {k: v for k, v in vars(default).items() if k not in differ} == {
+        k: v for k, v in vars(seed).items() if k not in differ}
+    assert (dataclasses.replace(default.controller, target="head_mean"), dataclasses.replace(default.inject,
+                                                                                            sinks="replace")) == (
+        seed.controller, seed.inject)
 
 
 def test_qwen_reference_pair_is_complete():
@@ -78,6 +96,8 @@ BAD = [
     (["+experiment=default", "teacher.quantization=3bit"], r"quantization"),
     (["+experiment=default", "evaluate.qa_batch_size=0"], r"evaluate.qa_batch_size=0 must be >= 1"),
     (["+experiment=default", "threads=0"], r"threads=0 must be >= 1"),
+    (["+experiment=default", "evaluate.oracle=false", "evaluate.oracle_qa=true"],
+     r"evaluate.oracle_qa=true scores the oracle on QA beside its bits per byte: set evaluate.oracle=true"),
     (["+experiment=default", "gate.generated_answers=-1"],
      r"gate.generated_answers=-1 is invalid; valid: an integer >= 0 \(0 = off"),
     (["+experiment=default", "gate.answer_tokens=0"], r"gate.answer_tokens=0 is invalid; valid: an integer >= 1"),
@@ -100,6 +120,8 @@ def test_bad_configs_fail_before_loading(overrides, message, monkeypatch):
     ("alpha.value=abc", "error: Error merging override alpha.value=abc: Value 'abc' of type 'str' could not be "
                         "converted to Float (key: alpha.value)"),
     ("inject.mode=bogus", "error: inject.mode='bogus' is unknown; valid choices: bias, mix"),
+    ("evaluate.oracle=maybe", "error: Error merging override evaluate.oracle=maybe: Value 'maybe' is not a valid bool "
+                              "(type str) (key: evaluate.oracle)"),
     ("teacher=gpt5", "error: In 'train': Could not find 'teacher/gpt5' Available options in 'teacher': gemma3_270m "),
 ])
 def test_a_config_error_is_one_line_without_a_traceback(tmp_path, override, message):

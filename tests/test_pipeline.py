@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -190,6 +191,46 @@ def test_emphasis_evaluates_qa_without_harvest_or_controller(tmp_path):
     assert "injection (emphasis(beta=100,form=bias)): facts QA accuracy" in proc.stdout
 
 
+def test_oracle_row_equals_a_run_that_injects_the_teacher(tmp_path):
+    """evaluate.oracle scores the teacher oracle beside the controller, through the same setting a run with
+    inject.source=teacher evaluates: the same bits per byte (held-out texts and an extra domain), habit distances and
+    facts-QA answers, in the default's setting (per-head targets, sinks kept). The second run recomputes everything
+    (no stored scores) and, its source being the oracle already, scores no second oracle."""
+    common = ["+experiment=smoke", "stages=[harvest,controller,evaluate]", "controller.target=per_head",
+              "inject.sinks=keep", "alpha.value=1.0", "evaluate.domains=[licenses]", "evaluate.qa_prompts=12",
+              "evaluate.oracle=true", "evaluate.oracle_qa=true", "logger=csv", "evaluate.figure=false"]
+    with_oracle = run_train(tmp_path, *common, run_dir="controller")
+    assert with_oracle.returncode == 0, with_oracle.stdout[-3000:] + with_oracle.stderr[-3000:]
+    shutil.rmtree(tmp_path / "cache" / "memo")  # the teacher run must measure, not read the first run's scores
+    teacher = run_train(tmp_path, *common, "inject.source=teacher", run_dir="teacher")
+    assert teacher.returncode == 0, teacher.stdout[-3000:] + teacher.stderr[-3000:]
+    ev = json.loads((tmp_path / "controller" / "metrics.json").read_text())["evaluate"]
+    oracle = json.loads((tmp_path / "teacher" / "metrics.json").read_text())["evaluate"]
+    assert ev["source"] == "controller" and "inject.source=teacher" in ev["oracle"]
+    assert oracle["source"] == "teacher" and "oracle" not in oracle and "oracle" not in oracle["bits_per_byte"]
+    for name in ("pydoc", "licenses"):
+        mine, theirs = ev["domains"][name], oracle["domains"][name]
+        assert mine["bits_per_byte"]["oracle"] == pytest.approx(theirs["bits_per_byte"]["injected"], rel=1e-6)
+        assert mine["per_text"]["nll_oracle"] == pytest.approx(theirs["per_text"]["nll_injected"], rel=1e-6)
+        assert mine["bits_per_byte"]["student"] == pytest.approx(theirs["bits_per_byte"]["student"], rel=1e-6)
+        assert mine["bits_per_byte"]["oracle"] != mine["bits_per_byte"]["injected"]  # two settings, not one twice
+        bpb = mine["bits_per_byte"]
+        for difference, (a, b) in {"oracle_minus_student": ("oracle", "student"),
+                                   "injected_minus_oracle": ("injected", "oracle")}.items():
+            paired = bpb[difference]
+            assert paired["estimate"] == pytest.approx(bpb[a] - bpb[b], abs=1e-9)
+            assert paired["low"] <= paired["estimate"] <= paired["high"] and paired["n"] == mine["num_texts"]
+    for layer, gaps in ev["habit_distance"].items():
+        assert gaps["oracle"] == pytest.approx(oracle["habit_distance"][layer]["injected"], rel=1e-6)
+    qa, qa_teacher = ev["facts_qa"], oracle["facts_qa"]
+    assert qa["num_prompts"] == 12 and qa["correct"]["oracle"] == qa_teacher["correct"]["injected"]
+    assert qa["oracle"] == qa_teacher["injected"] and "oracle_minus_student" in qa and "injected_minus_oracle" in qa
+    header = next(line for line in with_oracle.stdout.splitlines() if "metric" in line and "reference" in line)
+    assert 0 < header.index("injected") < header.index("oracle")  # the oracle column beside the injected one
+    assert "oracle (the teacher's attention, injected alike): bits per byte" in with_oracle.stdout
+    assert "oracle (the teacher's attention" not in teacher.stdout
+
+
 def test_bad_heads_fail_before_loading(tmp_path):
     proc = run_train(tmp_path, "+experiment=smoke", "inject.heads=[[1,9]]")
     assert proc.returncode != 0
@@ -224,6 +265,7 @@ def test_real_packaged_pair_end_to_end(tmp_path, converted_models):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     bpb = metrics["evaluate"]["bits_per_byte"]
     assert 0.3 < bpb["teacher"] < 3 and 0.3 < bpb["student"] < 3, bpb
+    assert 0.3 < bpb["oracle"] < 3 and "oracle_minus_student" in bpb  # the default's ceiling row
     assert metrics["controller"]["heldout_kl"]["student_self"] > 0
 
 

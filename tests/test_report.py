@@ -119,6 +119,40 @@ def test_table_has_one_row_per_job_with_the_metrics_values(tmp_path):
     assert len(result["rows"]) == len(rows)
 
 
+def test_paired_intervals_and_the_oracle_are_columns(tmp_path):
+    """Each job's paired intervals (bits per byte, facts QA) and its oracle row (evaluate.oracle) are columns of the
+    table, signed, under readable titles; the summary reads the verdicts."""
+    sweep = write_sweep(tmp_path, figures=False)
+    for path in sweep.rglob("metrics.json"):
+        metrics = json.loads(path.read_text())
+        bpb = metrics["evaluate"]["bits_per_byte"]
+        delta = bpb["injected"] - bpb["student"]
+        bpb["injected_minus_student"] = {"estimate": delta, "low": delta - 0.01, "high": delta + 0.01,
+                                         "verdict": "worse" if delta > 0.01 else "no difference"}
+        bpb["oracle"] = bpb["student"] - 0.002
+        bpb["oracle_minus_student"] = {"estimate": -0.002, "low": -0.005, "high": 0.001, "verdict": "no difference"}
+        qa = metrics["evaluate"]["facts_qa"]
+        qa["injected_minus_student"] = {"estimate": qa["injected"] - qa["student"], "low": -0.2, "high": 0.05,
+                                        "verdict": "no difference"}
+        path.write_text(json.dumps(metrics))
+    result = write_report(sweep, tmp_path / "out", "t")
+    row = next(r for r in result["rows"] if r["alpha.value"] == 1 and r["inject.layers"] == "[1]")
+    assert row["bpb_delta_low"] == pytest.approx(0.09) and row["bpb_delta_high"] == pytest.approx(0.11)
+    assert row["bpb_verdict"] == "worse"
+    assert row["facts_qa_delta"] == pytest.approx(-0.1) and row["facts_qa_verdict"] == "no difference"
+    assert row["bpb_oracle"] == pytest.approx(1.258) and row["bpb_oracle_verdict"] == "no difference"
+    table = (tmp_path / "out" / "results.md").read_text()
+    header = table.splitlines()[0]
+    for title in ("Δ bpb 95% low", "Δ bpb 95% high", "Δ bpb verdict", "Δ facts QA (inj. − student)", "bpb oracle",
+                  "Δ bpb (oracle − student)"):
+        assert f"| {title} |" in header
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")],
+                     [c.strip() for c in table.splitlines()[2 + 2].strip("|").split("|")]))  # layers [1], alpha 1
+    assert cells["job"].startswith("4-alpha.value=1,") and cells["Δ bpb 95% low"] == "+0.0900"
+    assert cells["Δ facts QA (inj. − student)"] == "-0.1000" and cells["Δ bpb (oracle − student)"] == "-0.0020"
+    assert any("paired 95% interval" in line and "WORSE in 4 of 4" in line for line in result["summary"])
+
+
 def test_figures_and_command_are_written(tmp_path):
     sweep = write_sweep(tmp_path)
     write_report(sweep, tmp_path / "out", "t")

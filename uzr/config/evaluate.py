@@ -38,6 +38,16 @@ class EvaluateSpec:
     # uzr/qa/attention_bound.py (the answer is in the prompt), reported per length / position / relation too.
     # [] = none: the default experiment is at its time budget.
     qa_domains: list[str] = field(default_factory=list)
+    # The ceiling beside the result: the teacher oracle (inject.source=teacher with the run's targets, layers, mode,
+    # alpha, sinks and heads) scored as a further setting on the held-out texts and evaluate.domains, with its paired
+    # interval against the student (uzr/evaluate/stage.py). Its rows come from the harvest store: a few more student
+    # passes. Nothing is added when inject.source is teacher already.
+    oracle: bool = False
+    # the oracle on facts QA and evaluate.qa_domains too: prompts have no stored rows, so the teacher reads each one
+    # live (uzr.injection.oracle.TeacherPrior). Off in the default experiment: for the packaged pair it took ~16 min
+    # for the 203 facts-QA prompts on the shared 2-core CPU (~4.5 s per prompt at load 12-21,
+    # experiments/transfer_controls), beyond make run's budget
+    oracle_qa: bool = False
     qa_domain_items: int = 0  # items per QA domain; 0 = each domain's default (QA_DOMAIN_ITEMS)
     qa_domain_seed: int = 0  # generator seed of the QA domains' items
     # kv_retrieval passage lengths in facts, cycled (~13 student tokens each: 4 -> ~100 tokens, 16 -> ~250 with the
@@ -76,6 +86,9 @@ def validate_evaluate(cfg) -> None:
     if unknown or len(set(ev.qa_domains)) != len(ev.qa_domains):
         raise ValueError(f"evaluate.qa_domains={list(ev.qa_domains)} is invalid (unknown: {unknown}); valid: distinct "
                          f"names from {', '.join(QA_DOMAINS)}, or [] for none")
+    if ev.oracle_qa and not ev.oracle:
+        raise ValueError("evaluate.oracle_qa=true scores the oracle on QA beside its bits per byte: set evaluate.oracle=true "
+                         "too (or evaluate.oracle_qa=false)")
     check_int("evaluate.qa_domain_items", ev.qa_domain_items, minimum=0)
     check_int("evaluate.qa_domain_seed", ev.qa_domain_seed, minimum=0)
     check_int("evaluate.qa_evidence_items", ev.qa_evidence_items, minimum=1)

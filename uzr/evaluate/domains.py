@@ -42,17 +42,26 @@ def domain_store(run, name: str) -> tuple[HarvestStore, str]:
     return stage.load(domain_run, folder), folder.name  # the folder is named by the key
 
 
-def domain_metrics(scores, plain: str, injected: str, cut: str) -> dict:
+def domain_metrics(scores, plain: str, injected: str, cut: str, oracle: str | None = None) -> dict:
     """One domain's section: bits per byte of student, injected student and teacher, the paired interval of
-    injected minus student (``scores``: a :class:`~uzr.evaluate.texts.TextScores`)."""
+    injected minus student (``scores``: a :class:`~uzr.evaluate.texts.TextScores`). ``oracle``: the setting that
+    injected the teacher's own attention beside the run's source (``evaluate.oracle``), reported as ``oracle`` with
+    its interval against the student and the injected student's against it (how far the source is from its
+    ceiling)."""
     out = {"bits_per_byte": {"student": scores.bits_per_byte(plain), "injected": scores.bits_per_byte(injected),
                              "teacher": scores.teacher_bits_per_byte()},
            "num_texts": len(scores.bytes), "bytes": sum(scores.bytes), "cut": cut,
            # per text, so that two runs on the same texts (e.g. sinks keep vs replace) can be paired afterwards
            "per_text": {"bytes": list(scores.bytes), "nll_student": scores.settings[plain].nll,
                         "nll_injected": scores.settings[injected].nll}}
+    if oracle is not None:
+        out["bits_per_byte"]["oracle"] = scores.bits_per_byte(oracle)
+        out["per_text"]["nll_oracle"] = scores.settings[oracle].nll
     if scores.bytes:
-        difference = bits_per_byte_difference(scores.settings[injected].nll, scores.settings[plain].nll, scores.bytes)
-        out["bits_per_byte"]["injected_minus_student"] = {**difference.as_dict(),
-                                                          "verdict": difference.verdict(higher_is_better=False)}
+        pairs = {"injected_minus_student": (injected, plain)}
+        if oracle is not None:
+            pairs.update(oracle_minus_student=(oracle, plain), injected_minus_oracle=(injected, oracle))
+        for name, (a, b) in pairs.items():
+            difference = bits_per_byte_difference(scores.settings[a].nll, scores.settings[b].nll, scores.bytes)
+            out["bits_per_byte"][name] = {**difference.as_dict(), "verdict": difference.verdict(higher_is_better=False)}
     return out

@@ -119,44 +119,47 @@ def _paired(correct_a: list[bool], correct_b: list[bool]) -> dict:
 
 def _buckets(prompts: Sequence[Prompt], scores: dict[str, list], label: Callable[[Prompt], str | None]) -> dict:
     """Per value of ``label(prompt)`` (first-seen order; None: not in any bucket): the prompt count, each role's
-    accuracy and the paired intervals of injected − student and teacher − student."""
+    accuracy and the paired intervals of teacher − student and of each injected role (``injected``, ``oracle``)
+    − student."""
     out = {}
     for value in dict.fromkeys(v for v in map(label, prompts) if v is not None):
         chosen = [i for i, p in enumerate(prompts) if label(p) == value]
         bucket = [prompts[i] for i in chosen]
         correct = {role: correct_of(bucket, [role_scores[i] for i in chosen]) for role, role_scores in scores.items()}
         out[value] = {"n": len(chosen), **{role: sum(c) / len(c) for role, c in correct.items()},
-                      "teacher_minus_student": _paired(correct["teacher"], correct["student"])}
-        if "injected" in correct:
-            out[value]["injected_minus_student"] = _paired(correct["injected"], correct["student"])
+                      **{f"{role}_minus_student": _paired(correct[role], correct["student"])
+                         for role in correct if role != "student"}}
     return out
 
 
 def qa_comparison(run, prompts: Sequence[Prompt], plain: Callable[[str], list], injected: QAInjection | None,
-                  what: str, breakdown: bool = False) -> dict:
+                  what: str, breakdown: bool = False, oracle: QAInjection | None = None) -> dict:
     """Accuracy of teacher, student and injected student on ``prompts`` (``plain(role)``: the uninjected scores)
     and the paired interval of injected minus student. ``breakdown``: also teacher minus student, and per prompt
     category (when there are several) and per tag value (:attr:`Prompt.tags`) the three accuracies with both
     intervals. ``injected`` None: the injection source needs another text's stored rows (``shuffled``), which
-    prompts lack."""
+    prompts lack. ``oracle``: the teacher's live attention injected alike (``evaluate.oracle_qa``), reported as
+    ``oracle`` with its interval against the student and the injected student's against it."""
     cfg = run.cfg
-    student, student_tok = run.models.get("student")
     scores = {"teacher": plain("teacher"), "student": plain("student")}
     out = {"teacher": accuracy_of(prompts, scores["teacher"]), "student": accuracy_of(prompts, scores["student"]),
            "injected": None, "num_prompts": len(prompts), "score": QA_SCORE}
     if injected is None:
         out["injected_note"] = f"inject.source={cfg.inject.source} needs a text's stored rows; prompts have none"
-    else:
-        memo = run.stored if cfg.alpha.schedule != "gated" else None
-        scores["injected"] = injected_qa_scores(memo, student, student_tok, prompts, cfg.gate.prompt_format,
-                                                injected.edit_for, injected.key, cfg.evaluate.qa_batch_size,
-                                                desc=f"{what}: injected")
-        out["injected"] = accuracy_of(prompts, scores["injected"])
-        # per prompt, so that two runs on the same prompts can be paired afterwards
-        out["correct"] = {"student": correct_of(prompts, scores["student"]),
-                          "injected": correct_of(prompts, scores["injected"])}
-        if prompts:
-            out["injected_minus_student"] = _paired(out["correct"]["injected"], out["correct"]["student"])
+    roles = {"injected": injected, "oracle": oracle}
+    for role, injection in roles.items():
+        if injection is None:
+            continue
+        scores[role] = _injected_scores(run, prompts, injection, f"{what}: {role}")
+        out[role] = accuracy_of(prompts, scores[role])
+    correct = {role: correct_of(prompts, role_scores) for role, role_scores in scores.items() if role in roles}
+    if correct:  # per prompt, so that two runs on the same prompts can be paired afterwards
+        out["correct"] = {"student": correct_of(prompts, scores["student"]), **correct}
+    if prompts:
+        pairs = {f"{role}_minus_student": (role, "student") for role in correct}
+        if len(correct) == 2:
+            pairs["injected_minus_oracle"] = ("injected", "oracle")
+        out.update({name: _paired(out["correct"][a], out["correct"][b]) for name, (a, b) in pairs.items()})
     if breakdown and prompts:
         out["teacher_minus_student"] = _paired(correct_of(prompts, scores["teacher"]),
                                                correct_of(prompts, scores["student"]))
@@ -168,15 +171,25 @@ def qa_comparison(run, prompts: Sequence[Prompt], plain: Callable[[str], list], 
     return out
 
 
-def facts_qa(run, injected: QAInjection | None) -> dict:
+def _injected_scores(run, prompts: Sequence[Prompt], injection: QAInjection, desc: str) -> list:
+    """The student's candidate scores on ``prompts`` through ``injection``'s edit, kept across runs under its key
+    (not for the gated schedule, whose gate is the run's own)."""
+    cfg = run.cfg
+    student, student_tok = run.models.get("student")
+    memo = run.stored if cfg.alpha.schedule != "gated" else None
+    return injected_qa_scores(memo, student, student_tok, prompts, cfg.gate.prompt_format, injection.edit_for,
+                              injection.key, cfg.evaluate.qa_batch_size, desc=desc)
+
+
+def facts_qa(run, injected: QAInjection | None, oracle: QAInjection | None = None) -> dict:
     """Facts QA on the built-in set's held-out answerable prompts (:func:`qa_comparison`; one accuracy: its
     categories have a handful of prompts each)."""
     cfg = run.cfg
     prompts = qa_prompts(cfg.gate.prompt_seed, cfg.gate.heldout_fraction, cfg.evaluate.qa_prompts)
-    return qa_comparison(run, prompts, lambda role: plain_qa_scores(run, role), injected, "facts QA")
+    return qa_comparison(run, prompts, lambda role: plain_qa_scores(run, role), injected, "facts QA", oracle=oracle)
 
 
-def domain_qa(run, name: str, injected: QAInjection | None) -> dict:
+def domain_qa(run, name: str, injected: QAInjection | None, oracle: QAInjection | None = None) -> dict:
     """QA domain ``name`` (``evaluate.qa_domains``): :func:`qa_comparison` on its held-out items, with the
     breakdown by category and tag."""
     cfg = run.cfg
@@ -187,8 +200,8 @@ def domain_qa(run, name: str, injected: QAInjection | None) -> dict:
             run, getattr(cfg, role), lambda: run.models.get(role), prompts, cfg.gate.prompt_format,
             cfg.evaluate.qa_batch_size, desc=f"{name} QA: {role}"))
 
-    out = {**qa_comparison(run, prompts, plain, injected, f"{name} QA", breakdown=True), "chance": 0.25,
-           "items": domain_settings(name, cfg.evaluate)}
+    out = {**qa_comparison(run, prompts, plain, injected, f"{name} QA", breakdown=True, oracle=oracle),
+           "chance": 0.25, "items": domain_settings(name, cfg.evaluate)}
     if cfg.evaluate.qa_evidence_mass and name in GENERATORS:
         out["evidence_mass"] = evidence_section(run, prompts, None if injected is None else injected.edit_for)
     return out

@@ -1,5 +1,8 @@
 """The evaluate stage: the student with and without injection on held-out text and facts QA, beside the teacher.
 
+With ``evaluate.oracle`` the teacher oracle (``inject.source=teacher``, the same injection otherwise) is scored beside
+the run's source on the same texts, through the same settings path, so every run shows the ceiling of what it injects.
+
 Not cached: it runs in every run (an alpha sweep evaluates each alpha) and writes its section of
 ``metrics.json`` and the heatmap figure into the run's folder.
 """
@@ -13,6 +16,7 @@ import numpy as np
 import torch
 
 from uzr.config import RunConfig
+from uzr.config.controller import per_head_targets
 from uzr.config.corpus import domain_spec
 from uzr.config.inject import AUTO, emphasis_alone, source_label
 from uzr.controller.stage import ControllerStage
@@ -30,6 +34,8 @@ from uzr.injection.priors import LIVE_SOURCES, live_prior
 from uzr.injection.qa_edits import qa_edit_for
 from uzr.stages import UncachedStage
 
+ORACLE = "oracle"  # the setting of the teacher oracle scored beside the run's source (evaluate.oracle)
+
 
 class EvaluateStage(UncachedStage):
     def report(self, run, artifact) -> dict:
@@ -46,19 +52,24 @@ class EvaluateStage(UncachedStage):
         injection = run_injection(run)
         sinks = injection.sinks
 
+        # the injected settings: the run's source, and the teacher oracle beside it (evaluate.oracle) on one path
+        sources = {"injected": source, **({ORACLE: "teacher"} if oracle_beside(cfg) else {})}
+        oracle = ORACLE if ORACLE in sources else None
+
         def texts(rows: list[dict], desc: str):
-            injected = injection_setting("injected", injection,
-                                         text_prior(source, controllers, rows, cfg.device, heads_of), source_name=source)
-            return score_settings(student, student_tok, rows, [PLAIN, injected], layers, cfg.harvest.locality_window,
+            injected = [injection_setting(name, injection, text_prior(s, controllers, rows, cfg.device, heads_of),
+                                          source_name=s) for name, s in sources.items()]
+            return score_settings(student, student_tok, rows, [PLAIN, *injected], layers, cfg.harvest.locality_window,
                                   cfg.harvest.max_length, teacher if same_vocab else None, run.memo, desc,
                                   stored=run.stored)
 
         rows = heldout_rows(store, cfg.evaluate.num_texts)
         scores = texts(rows, "evaluate")
-        names = {"student": PLAIN.name, "injected": "injected"}
-        own = domain_metrics(scores, PLAIN.name, "injected", cfg.data.long_text if cfg.data else "?")
+        names = {"student": PLAIN.name, **{name: name for name in sources}}
+        own = domain_metrics(scores, PLAIN.name, "injected", cfg.data.long_text if cfg.data else "?", oracle)
         metrics = {
             "source": source,
+            **({"oracle": oracle_description(cfg)} if oracle else {}),
             "bits_per_byte": own["bits_per_byte"],
             "habit_distance": {f"L{layer}": {k: scores.habit_distance(v, [layer])[f"L{layer}"] for k, v in names.items()}
                                for layer in layers},
@@ -73,16 +84,20 @@ class EvaluateStage(UncachedStage):
             domain, key = domain_store(run, name)
             metrics["domains"][name] = {
                 **domain_metrics(texts(heldout_rows(domain, cfg.evaluate.num_texts), f"evaluate {name}"), PLAIN.name,
-                                 "injected", domain_spec(name).long_text), "harvest_key": key}
+                                 "injected", domain_spec(name).long_text, oracle), "harvest_key": key}
         if same_vocab:
             metrics["next_token_kl"] = {k: float(np.mean(scores.settings[v].next_token_kl)) for k, v in names.items()}
 
         # the oracle reads each prompt's text live; shuffled needs another text's stored rows, which prompts lack
-        edit_for = qa_edit_for(run, injection, source, controllers, store.layout, heads_of)
-        metrics.update(qa_metrics(run, injection, edit_for))
+        def edit_for(name: str):
+            return qa_edit_for(run, injection, name, controllers, store.layout, heads_of)
+
+        injected_edit = edit_for(source)
+        metrics.update(qa_metrics(run, injection, injected_edit,
+                                  edit_for("teacher") if oracle and cfg.evaluate.oracle_qa else None))
         if cfg.evaluate.position_buckets:  # long texts have no stored rows either: edited as prompts are
             metrics["position_buckets"] = position_metrics(
-                run, None if edit_for is None else lambda: edit_for([]),
+                run, None if injected_edit is None else lambda: injected_edit([]),
                 f"inject.source={source} needs a text's stored rows; the long texts have none")
         if cfg.evaluate.figure and rows and source in LIVE_SOURCES:
             def make_injector() -> Injector:
@@ -123,20 +138,40 @@ def heads_metrics(run, injection) -> dict:
     return out
 
 
-def qa_metrics(run, injection, edit_for) -> dict:
+def qa_metrics(run, injection, edit_for, oracle_edit_for=None) -> dict:
     """Facts QA and the QA domains of ``evaluate.qa_domains``, the injected student scored through ``edit_for``
-    (:func:`uzr.injection.qa_edits.qa_edit_for`; None: the source has no QA edit)."""
+    (:func:`uzr.injection.qa_edits.qa_edit_for`; None: the source has no QA edit) and, beside it, the teacher oracle
+    through ``oracle_edit_for`` (``evaluate.oracle_qa``; None: not scored)."""
     cfg = run.cfg
-    key = injection_key(source_label(cfg.inject), cfg.inject.mode, cfg.alpha, injection.sinks, injection.heads)[1:]
-    if emphasis_alone(cfg.inject):  # no harvest or controller key pins the injected layers: the key must
-        key = (*key, "layers", json.dumps(list(cfg.inject.layers)))
-    injected = None if edit_for is None else QAInjection(edit_for, key)
+
+    def scored(edit, source: str) -> QAInjection | None:
+        key = injection_key(source, cfg.inject.mode, cfg.alpha, injection.sinks, injection.heads)[1:]
+        if emphasis_alone(cfg.inject):  # no harvest or controller key pins the injected layers: the key must
+            key = (*key, "layers", json.dumps(list(cfg.inject.layers)))
+        return None if edit is None else QAInjection(edit, key)
+
+    injected, oracle = scored(edit_for, source_label(cfg.inject)), scored(oracle_edit_for, "teacher")
     out = {}
     if cfg.evaluate.facts_qa:
-        out["facts_qa"] = facts_qa(run, injected)
+        out["facts_qa"] = facts_qa(run, injected, oracle)
     if cfg.evaluate.qa_domains:
-        out["qa_domains"] = {name: domain_qa(run, name, injected) for name in cfg.evaluate.qa_domains}
+        out["qa_domains"] = {name: domain_qa(run, name, injected, oracle) for name in cfg.evaluate.qa_domains}
     return out
+
+
+def oracle_beside(cfg) -> bool:
+    """Whether the evaluate stage scores the teacher oracle beside the run's source (``evaluate.oracle``): not when
+    the source is the oracle already."""
+    return cfg.evaluate.oracle and cfg.inject.source != "teacher"
+
+
+def oracle_description(cfg) -> str:
+    """What the oracle row injected, for ``metrics.json``."""
+    target = "its matched head per student head" if per_head_targets(cfg) else "its head mean"
+    where = "held-out texts and evaluate.domains" + (", facts QA and evaluate.qa_domains (live)"
+                                                     if cfg.evaluate.oracle_qa else "")
+    return (f"inject.source=teacher: the teacher's aligned attention ({target}) injected with the run's layers, mode, "
+            f"alpha, sinks and heads, on {where}")
 
 
 def figure(folder: Path, row: dict, controllers: dict, student, layer: int, cfg: RunConfig, make_injector) -> Path:

@@ -24,7 +24,7 @@ def _plt():
 
 CURVES = (
     ("bits per byte", "bpb_injected", "bpb_student"),
-    ("Δ bits per byte (injected − student)", "bpb_delta", None),
+    ("Δ bits per byte (injected − student; band: paired 95% interval)", "bpb_delta", None),
     ("attention KL to teacher (mean over layers)", "habit_attn_kl_injected", "habit_attn_kl_student"),
     ("|Δ normalised entropy| to teacher", "habit_norm_entropy_injected", "habit_norm_entropy_student"),
     ("|Δ locality| to teacher", "habit_locality_injected", "habit_locality_student"),
@@ -46,6 +46,9 @@ def plot_curves(rows: list[dict], path: Path) -> None:
                 continue
             xs = [r["alpha.value"] for r in mine]
             ax.plot(xs, [r[key] for r in mine], "o-", color=colors[name], label=f"{name} injected")
+            if key == "bpb_delta" and all(r.get("bpb_delta_low") is not None for r in mine):  # each paired interval
+                ax.fill_between(xs, [r["bpb_delta_low"] for r in mine], [r["bpb_delta_high"] for r in mine],
+                                color=colors[name], alpha=0.15, lw=0)
             if base is not None:
                 ax.plot(xs, [r[base] for r in mine], "--", color=colors[name], alpha=0.6, label=f"{name} no injection")
         if key in ("bpb_injected", "facts_qa_injected"):

@@ -155,7 +155,12 @@ def job_row(job: Job, sweep: Path, extra_keys: list[str]) -> dict:
     paired = bpb.get("injected_minus_student") or {}
     row["bpb_delta_low"], row["bpb_delta_high"] = paired.get("low"), paired.get("high")
     row["bpb_verdict"] = paired.get("verdict")
+    oracle = bpb.get("oracle_minus_student") or {}  # evaluate.oracle: the teacher's attention injected alike
+    row["bpb_oracle"] = bpb.get("oracle")
+    row["bpb_oracle_delta"], row["bpb_oracle_delta_low"] = oracle.get("estimate"), oracle.get("low")
+    row["bpb_oracle_delta_high"], row["bpb_oracle_verdict"] = oracle.get("high"), oracle.get("verdict")
     qa_paired = (ev.get("facts_qa") or {}).get("injected_minus_student") or {}
+    row["facts_qa_delta"] = qa_paired.get("estimate")
     row["facts_qa_delta_low"], row["facts_qa_delta_high"] = qa_paired.get("low"), qa_paired.get("high")
     row["facts_qa_verdict"] = qa_paired.get("verdict")
     habit = ev.get("habit_distance", {})
@@ -168,7 +173,7 @@ def job_row(job: Job, sweep: Path, extra_keys: list[str]) -> dict:
     for key, value in ev.items():  # any other per-model metric, e.g. {"facts_qa": {"student": .., "injected": ..}}
         if key in KNOWN_EVAL or not isinstance(value, dict) or "injected" not in value:
             continue
-        for side in ("teacher", "student", "injected"):
+        for side in ("teacher", "student", "injected", "oracle"):
             if isinstance(value.get(side), (int, float)) and not isinstance(value.get(side), bool):
                 row[f"{key}_{side}"] = float(value[side])
     for key, value in ((m.get("dominance") or {}).get("sweep_row") or {}).items():  # setting/split/stage/index: mean
@@ -205,7 +210,10 @@ def build_rows(jobs: list[Job], sweep: Path) -> tuple[list[dict], list[str]]:
 # ------------------------------------------------------------------------------------------ table
 COLUMN_TITLES = {
     "bpb_teacher": "bpb teacher", "bpb_student": "bpb student (no inj.)", "bpb_injected": "bpb injected",
-    "bpb_delta": "Δ bpb (inj. − student)",
+    "bpb_delta": "Δ bpb (inj. − student)", "bpb_delta_low": "Δ bpb 95% low", "bpb_delta_high": "Δ bpb 95% high",
+    "bpb_verdict": "Δ bpb verdict", "facts_qa_delta": "Δ facts QA (inj. − student)",
+    "facts_qa_delta_low": "Δ facts QA 95% low", "facts_qa_delta_high": "Δ facts QA 95% high",
+    "facts_qa_verdict": "Δ facts QA verdict", "bpb_oracle": "bpb oracle", "bpb_oracle_delta": "Δ bpb (oracle − student)",
     "habit_norm_entropy_student": "norm. entropy gap student", "habit_norm_entropy_injected": "norm. entropy gap injected",
     "habit_locality_student": "locality gap student", "habit_locality_injected": "locality gap injected",
     "habit_attn_kl_student": "attn KL to teacher student", "habit_attn_kl_injected": "attn KL to teacher injected",
@@ -215,6 +223,11 @@ COLUMN_TITLES = {
     "facts_qa_teacher": "facts QA teacher", "facts_qa_student": "facts QA student", "facts_qa_injected": "facts QA injected",
     "harvest_artifact": "harvest", "controller_artifact": "controller", "wall_s": "wall s",
 }
+
+
+# differences, shown with their sign
+SIGNED = ("bpb_delta", "bpb_delta_low", "bpb_delta_high", "facts_qa_delta", "facts_qa_delta_low", "facts_qa_delta_high",
+          "bpb_oracle_delta", "bpb_oracle_delta_low", "bpb_oracle_delta_high")
 
 
 def table_columns(rows: list[dict]) -> list[str]:
@@ -247,7 +260,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
         cells = []
         for c in columns:
             value = row.get(c)
-            if c == "bpb_delta" and value is not None:
+            if c in SIGNED and value is not None:
                 cells.append(f"{value:+.4f}")
             elif c in AXES or c == "wall_s":
                 cells.append(_cell(None if value is None else str(value)))

@@ -11,42 +11,47 @@ def _fmt(value) -> str:
 
 
 def results_rows(metrics: dict) -> tuple[list[str], list[list]]:
-    """Rows (metric, baseline/teacher, student, injected student) for the table and W&B."""
-    header = ["metric", "reference", "student", "injected"]
+    """Rows (metric, baseline/teacher, student, injected student[, oracle]) for the table and W&B. The oracle
+    column (the teacher's own attention injected alike, ``evaluate.oracle``) is there when the run scored it."""
+    ev = metrics.get("evaluate") or {}
+    oracle = "oracle" in ev
+    header = ["metric", "reference", "student", "injected", *(["oracle"] if oracle else [])]
+
+    def row(name: str, reference, values: dict) -> list:
+        """One table row: ``values`` holds the student's, injected student's and oracle's numbers."""
+        return [name, reference, values.get("student"), values.get("injected"), *([values.get("oracle")] if oracle else [])]
+
     rows: list[list] = []
     kl = metrics.get("controller", {}).get("heldout_kl", {})
     if kl:
-        rows.append(["held-out KL: controller", None, None, kl.get("controller")])
+        rows.append(row("held-out KL: controller", None, {"injected": kl.get("controller")}))
         for name in ("uniform", "recency", "student_self"):
-            rows.append([f"held-out KL: {name} baseline", kl.get(name), None, None])
-    ev = metrics.get("evaluate")
+            rows.append(row(f"held-out KL: {name} baseline", kl.get(name), {}))
     if ev:
         bpb = ev.get("bits_per_byte")  # none for inject.source=emphasis (texts mark no span)
         if bpb:
-            rows.append(["bits per byte (ref = teacher)", bpb["teacher"], bpb["student"], bpb["injected"]])
+            rows.append(row("bits per byte (ref = teacher)", bpb["teacher"], bpb))
         for name, domain in list(ev.get("domains", {}).items())[1:]:  # the first is the run's own data, above
             d = domain["bits_per_byte"]
-            rows.append([f"bits per byte, {name} ({domain['num_texts']} texts)", d["teacher"], d["student"], d["injected"]])
+            rows.append(row(f"bits per byte, {name} ({domain['num_texts']} texts)", d["teacher"], d))
         qa = ev.get("facts_qa")
         if qa:
-            rows.append([f"facts QA accuracy, {qa['num_prompts']} prompts (ref = teacher)", qa["teacher"], qa["student"],
-                         qa["injected"]])
+            rows.append(row(f"facts QA accuracy, {qa['num_prompts']} prompts (ref = teacher)", qa["teacher"], qa))
         for name, dq in ev.get("qa_domains", {}).items():
-            rows.append([f"{name} QA accuracy, {dq['num_prompts']} items (ref = teacher)", dq["teacher"], dq["student"],
-                         dq["injected"]])
+            rows.append(row(f"{name} QA accuracy, {dq['num_prompts']} items (ref = teacher)", dq["teacher"], dq))
             for buckets in dq.get("by_tag", {}).values():  # the values name their tag: "8 facts", "start"
-                rows.extend([f"  {name}: {value} ({b['n']} items)", b["teacher"], b["student"], b.get("injected")]
-                            for value, b in buckets.items())
+                rows.extend(row(f"  {name}: {value} ({b['n']} items)", b["teacher"], b) for value, b in buckets.items())
         positions = ev.get("position_buckets")
         if positions:
-            rows.extend([f"bits per byte, tokens {label} ({positions['num_texts']} long texts)",
-                         b["bits_per_byte"]["teacher"], b["bits_per_byte"]["student"], b["bits_per_byte"].get("injected")]
+            rows.extend(row(f"bits per byte, tokens {label} ({positions['num_texts']} long texts)",
+                            b["bits_per_byte"]["teacher"], b["bits_per_byte"])
                         for label, b in positions["buckets"].items())
         if "next_token_kl" in ev:
-            rows.append(["next-token KL to teacher", None, ev["next_token_kl"]["student"], ev["next_token_kl"]["injected"]])
+            rows.append(row("next-token KL to teacher", None, ev["next_token_kl"]))
         for layer, gaps in ev.get("habit_distance", {}).items():
             for name in ("norm_entropy", "locality", "attn_kl"):
-                rows.append([f"habit distance {layer} {name}", 0.0, gaps["student"][name], gaps["injected"][name]])
+                rows.append(row(f"habit distance {layer} {name}", 0.0,
+                                {side: values[name] for side, values in gaps.items()}))
     return header, rows
 
 
@@ -79,17 +84,20 @@ def verdict(metrics: dict) -> list[str]:
         if bpb:
             lines.append(f"{what}: bits per byte {_paired(bpb.get('injected_minus_student'), 'texts')} "
                          f"(student {bpb['student']:.4f} -> {bpb['injected']:.4f}; teacher {bpb['teacher']:.4f})")
+            lines.extend(_oracle_lines("bits per byte", bpb, "texts", 4))
             if bpb["teacher"] >= bpb["student"]:
                 lines.append("the teacher is not ahead of the student on this text: no gap for injection to close")
         for name, domain in list(ev.get("domains", {}).items())[1:]:
             d = domain["bits_per_byte"]
             lines.append(f"{what} on {name}: bits per byte {_paired(d.get('injected_minus_student'), 'texts')} "
                          f"(student {d['student']:.4f} -> {d['injected']:.4f}; teacher {d['teacher']:.4f})")
+            lines.extend(_oracle_lines(f"bits per byte on {name}", d, "texts", 4))
         qa = ev.get("facts_qa")
         if qa and qa["student"] is not None and qa.get("injected") is not None:
             lines.append(f"{what}: facts QA accuracy {_paired(qa.get('injected_minus_student'), 'prompts', 3)} "
                          f"(student {qa['student']:.3f} -> {qa['injected']:.3f}; teacher {qa['teacher']:.3f}, "
                          f"chance 0.25, {qa['num_prompts']} prompts)")
+            lines.extend(_oracle_lines("facts QA accuracy", qa, "prompts", 3))
         elif qa and qa.get("injected_note"):
             lines.append(f"facts QA with injection not measured: {qa['injected_note']}")
         lines.extend(position_lines(ev.get("position_buckets"), what))
@@ -103,6 +111,7 @@ def verdict(metrics: dict) -> list[str]:
             lines.append(f"{what}: {name} QA accuracy {_paired(dq.get('injected_minus_student'), 'items', 3)} "
                          f"(student {dq['student']:.3f} -> {dq['injected']:.3f}; teacher {dq['teacher']:.3f}, "
                          f"chance 0.25, {dq['num_prompts']} items)")
+            lines.extend(_oracle_lines(f"{name} QA accuracy", dq, "items", 3))
             if "teacher" in dq.get("evidence_mass", {}):
                 lines.append(evidence_line(name, dq["evidence_mass"]))
     return lines
@@ -133,6 +142,17 @@ def position_lines(positions: dict | None, what: str) -> list[str]:
     if positions.get("injected_note"):
         lines.append(f"position buckets with injection not measured: {positions['injected_note']}")
     return lines
+
+
+def _oracle_lines(what: str, section: dict, items: str, digits: int) -> list[str]:
+    """The oracle's reading of one measure (``section`` has ``oracle`` when ``evaluate.oracle`` scored it): the
+    oracle against the student, and the injected student against the oracle (how far it is from its ceiling)."""
+    if section.get("oracle") is None:
+        return []
+    return [f"oracle (the teacher's attention, injected alike): {what} "
+            f"{_paired(section.get('oracle_minus_student'), items, digits)} (student {section['student']:.{digits}f} "
+            f"-> {section['oracle']:.{digits}f})",
+            f"injected - oracle: {what} {_paired(section.get('injected_minus_oracle'), items, digits)}"]
 
 
 def _paired(difference: dict | None, items: str, digits: int = 4) -> str:
