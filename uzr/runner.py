@@ -55,7 +55,7 @@ class ModelPool:
         return self._loaded[role]
 
     def _heal(self, role: str) -> None:
-        from uzr.models import load_model
+        from uzr.models import load_model  # transformers, as in get()
         from uzr.models.heal import healed  # torch: only when a pruned model is healed
 
         def load_full(spec):
