@@ -70,6 +70,8 @@ class EvaluateStage(UncachedStage):
         metrics = {
             "source": source,
             **({"oracle": oracle_description(cfg)} if oracle else {}),
+            # which head matching chose the per-head targets (harvest.head_matching; its map: metrics.harvest)
+            **({"head_matching": cfg.harvest.head_matching} if heads_of is not None else {}),
             "bits_per_byte": own["bits_per_byte"],
             "habit_distance": {f"L{layer}": {k: scores.habit_distance(v, [layer])[f"L{layer}"] for k, v in names.items()}
                                for layer in layers},

@@ -28,6 +28,10 @@ distance between teacher head ``i``'s and student head ``j``'s ``o_proj`` column
 row blocks; Hungarian), so head ``h`` gets teacher head ``h``'s rows. It needs the same projection shapes on both
 sides (a damaged copy, the positive control); for two different models there is no common weight space.
 
+**Matching by measured effect** (``harvest.head_matching=effect``, :mod:`uzr.harvest.effect_matching`): the cost
+of a pair is the change of the student's loss when that teacher head's rows replace the student head's alone; it
+repairs the permuted copy too, and needs no common weight space.
+
 The map and the cost matrix go into the store's ``layout.json`` (``head_matching``), so a run records them.
 """
 
@@ -62,8 +66,9 @@ def head_kl(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor,
     return own[:, None] - cross, int(valid.sum())
 
 
-def match_heads(cost: np.ndarray) -> tuple[list[int], str]:
-    """Teacher head for each student head from a (H_t, H_s) cost; returns (map, method name)."""
+def match_heads(cost: np.ndarray, nearest: str = "min_kl_many_to_one") -> tuple[list[int], str]:
+    """Teacher head for each student head from a (H_t, H_s) cost; returns (map, method name). ``nearest``: the
+    method's name when the teacher has fewer heads (each student head its least-cost teacher head)."""
     cost = np.asarray(cost, dtype=np.float64)
     n_teacher, n_student = cost.shape
     if n_teacher >= n_student:
@@ -72,7 +77,7 @@ def match_heads(cost: np.ndarray) -> tuple[list[int], str]:
         for t, s in zip(rows.tolist(), cols.tolist()):
             teacher_of[s] = t
         return teacher_of, "hungarian"
-    return cost.argmin(0).tolist(), "min_kl_many_to_one"
+    return cost.argmin(0).tolist(), nearest
 
 
 def match_store(rows, layers: list[int]) -> dict:

@@ -11,6 +11,7 @@ from uzr.config.controller import per_head_targets
 from uzr.config.keys import key_of
 from uzr.config.model import model_key
 from uzr.corpus import load_run_corpus
+from uzr.harvest.effect_matching import match_effects
 from uzr.harvest.head_matching import match_outputs, match_store
 from uzr.harvest.layer_matching import layer_kl_figure, match_layers
 from uzr.harvest.runner import HarvesterFactory, run_harvest
@@ -18,6 +19,15 @@ from uzr.harvest.store import HarvestStore, StoreLayout
 from uzr.resources import check_free_disk, estimate_store_bytes
 
 log = logging.getLogger(__name__)
+
+
+def head_matching(h, teacher, student, store: HarvestStore, layers: list[int], teacher_layers: list[int]) -> dict:
+    """``layout.head_matching`` of a complete per-head store, by ``harvest.head_matching`` (``h``: the harvest spec)."""
+    if h.head_matching == "output":
+        return match_outputs(teacher, student, layers, teacher_layers)
+    if h.head_matching == "effect":
+        return match_effects(student, store.rows("train"), layers, h.effect_texts)
+    return match_store(store.rows("train"), layers)
 
 
 class HarvestStage:
@@ -73,10 +83,9 @@ class HarvestStage:
             log.info("harvest: teacher_layers=auto chose %s for student layers %s", layout.teacher_layers, layers)
         if per_head:  # after the last shard: the map is chosen on every training text
             layout = store.layout
-            layout.head_matching = (match_outputs(teacher, student, layers, layout.teacher_layers)
-                                    if h.head_matching == "output" else match_store(store.rows("train"), layers))
+            layout.head_matching = head_matching(h, teacher, student, store, layers, layout.teacher_layers)
             store.write_layout(layout)
-            out["head_matching"] = {k: {"teacher_heads": v["teacher_heads"], "method": v["method"]}
+            out["head_matching"] = {k: {key: v[key] for key in ("teacher_heads", "method", "kind") if key in v}
                                     for k, v in layout.head_matching.items()}
             log.info("harvest: head matching (student head -> teacher head) %s", out["head_matching"])
         return out
