@@ -36,8 +36,9 @@ class HarvestSpec:
     # models; uzr/harvest/effect_matching.py). Keyed unless the default: stores keep the keys they had before.
     head_matching: str = field(default="attention", metadata=KEYED_UNLESS_DEFAULT)
     # head_matching=effect: training texts measured. Cost: per text 1 + layers x student heads passes of a batch of
-    # teacher-heads copies of its leading max_dist_len tokens (positive control: 8 x 13 passes of 4 x 128 tokens
-    # on Gemma 3 270M, about a minute of one CPU thread).
+    # H_t copies of its leading max_dist_len tokens; the LM head over Gemma's 262k tokens dominates (positive
+    # control, 3 layers x 4 heads: 8 x 13 passes of 4 x <= 128 tokens, ~500 s wall, ~430 CPU s on one thread of the
+    # 2-core CPU: more than the harvest itself; halve it with effect_texts=4, not measured).
     effect_texts: int = field(default=8, metadata=KEYED_UNLESS_DEFAULT)
     devices: int = 1  # processes for Trainer.predict (accelerator from trainer.accelerator)
     strategy: str = "auto"  # e.g. ddp, ddp_spawn: each rank writes whole shards into one store

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from uzr.attention import decoder_of
 from uzr.config.inject import AlphaSpec
@@ -73,7 +74,7 @@ def match_effects(student, rows, layers: list[int], texts: int) -> dict:
     device = next(student.parameters()).device
     sums: dict[int, torch.Tensor] = {}
     tokens = 0
-    for i in range(n):
+    for i in tqdm(range(n), desc="head matching by effect", unit="text"):
         row = rows[i]
         span = np.asarray(row[f"teacher_heads_L{layers[0]}"]).shape[-1]  # D = min(S, harvest.max_dist_len)
         ids = torch.as_tensor(np.asarray(row["input_ids"])[:span], dtype=torch.long, device=device)[None]  # (1, D)
