@@ -207,6 +207,7 @@ def test_oracle_row_equals_a_run_that_injects_the_teacher(tmp_path):
     ev = json.loads((tmp_path / "controller" / "metrics.json").read_text())["evaluate"]
     oracle = json.loads((tmp_path / "teacher" / "metrics.json").read_text())["evaluate"]
     assert ev["source"] == "controller" and "inject.source=teacher" in ev["oracle"]
+    assert ev["head_matching"] == oracle["head_matching"] == "attention"  # which matching chose the per-head targets
     assert oracle["source"] == "teacher" and "oracle" not in oracle and "oracle" not in oracle["bits_per_byte"]
     for name in ("pydoc", "licenses"):
         mine, theirs = ev["domains"][name], oracle["domains"][name]
