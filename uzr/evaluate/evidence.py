@@ -25,6 +25,7 @@ from uzr.attention import LayerRecorder, attention_modules, recording
 from uzr.dominance.groups import indicator, span_labels, special_flags
 from uzr.dominance.measure import GroupMass
 from uzr.hooks import ModelEdit, injected
+from uzr.injection.emphasis import placed_spans
 from uzr.qa.facts import candidate_rows, common_prefix
 from uzr.qa.prompts import Prompt, adds_special_tokens, answer_prefix, format_prompt, resolve_format
 
@@ -58,11 +59,7 @@ def evidence_labels(tokenizer, prompt: Prompt, style: str) -> tuple[list[int], n
     shared = common_prefix([row.ids for row in rows])
     enc = tokenizer(text + answer_prefix(style) + prompt.candidates[0], add_special_tokens=adds_special_tokens(style),
                     return_offsets_mapping=True)
-    start = text.find(prompt.question)
-    if start < 0:
-        raise ValueError(f"prompt {prompt.id}: the formatted prompt does not contain its question verbatim")
-    groups = [prompt.evidence, outside(prompt.marked, prompt.evidence)]
-    spans = [[(start + a, start + b) for a, b in group] for group in groups]
+    spans = [placed_spans(text, prompt, group) for group in (prompt.evidence, outside(prompt.marked, prompt.evidence))]
     ids = enc["input_ids"][:shared]
     return ids, span_labels(enc["offset_mapping"][:shared], special_flags(ids, tokenizer), spans)
 
@@ -70,8 +67,9 @@ def evidence_labels(tokenizer, prompt: Prompt, style: str) -> tuple[list[int], n
 @torch.no_grad()
 def last_query_mass(model, ids: Sequence[int], labels: np.ndarray, edit: ModelEdit | None = None,
                     block_size: int = 256) -> np.ndarray:
-    """(L, H, 2) attention mass of the last token's query (the deciding query of :func:`evidence_labels`) on the evidence and the rest of the passage, every layer
-    and head, from one forward of ``model.base_model`` (no LM head) under ``edit``."""
+    """(L, H, 2) attention mass of the last token's query (the deciding query of :func:`evidence_labels`) on the
+    evidence and the rest of the passage, every layer and head, from one forward of ``model.base_model`` (no LM head)
+    under ``edit``."""
     device = next(model.parameters()).device
     groups = indicator(labels, 2).to(device)  # (1, S, 2)
     recorders = {i: LayerRecorder(reducers=[GroupMass(groups)], block_size=block_size)

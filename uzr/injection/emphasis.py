@@ -31,12 +31,18 @@ def marked_positions(tokenizer, prompt: Prompt, style: str, which: str = "marked
     chosen = prompt.spans(which)
     if not chosen:
         return np.zeros(len(enc["input_ids"]), dtype=bool)
+    spans = placed_spans(text, prompt, chosen)
+    return span_labels(enc["offset_mapping"], special_flags(enc["input_ids"], tokenizer), [spans]) == 0
+
+
+def placed_spans(text: str, prompt: Prompt, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``spans`` (character spans of ``prompt.question``) moved to where the question sits in its formatted
+    ``text``."""
     start = text.find(prompt.question)
     if start < 0:
         raise ValueError(f"prompt {prompt.id}: the formatted prompt does not contain its question verbatim; cannot "
                          "place its marked spans")
-    spans = [(start + a, start + b) for a, b in chosen]
-    return span_labels(enc["offset_mapping"], special_flags(enc["input_ids"], tokenizer), [spans]) == 0
+    return [(start + a, start + b) for a, b in spans]
 
 
 def emphasis_prior(layers: Sequence[int], marks: Sequence[np.ndarray], beta: float, form: str) -> EmphasisPrior:
