@@ -38,6 +38,16 @@ def resolved(*overrides: str):
     return resolve_config(cfg)
 
 
+def refusal_before_loading(monkeypatch, *overrides: str) -> str:
+    """The ValueError message ``overrides`` are refused with, checked to come before any model loads."""
+    import uzr.models  # as the fixtures: uzr is imported when a test needs it
+
+    monkeypatch.setattr(uzr.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError) as err:
+        resolved(*overrides)
+    return str(err.value)
+
+
 def offline_env(home: Path, **extra: str) -> dict[str, str]:
     """The environment of a ``python -m uzr.*`` subprocess: offline, its own ``HOME``, nothing else of this shell's
     but the thread counts. Those must travel: without them each run starts one torch thread per core beside the

@@ -12,7 +12,7 @@ from uzr.config.model import DamageSpec, model_key
 from uzr.models import load_model
 from uzr.models.damage import head_permutation
 
-from .conftest import model_spec, resolved
+from .conftest import model_spec, refusal_before_loading, resolved
 
 TEXTS = ["The quick brown fox jumps over the lazy dog, and the dog sleeps on.", "Short one."]
 
@@ -132,13 +132,9 @@ def test_head_permutation_moves_the_requested_share():
      ["student.damage.strength=0.25", "0 or >= 2 of the 4 heads"]),
 ])
 def test_bad_damage_fails_before_any_model_loads(override, expected, monkeypatch):
-    import uzr.models
-
-    monkeypatch.setattr(uzr.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(ValueError) as err:
-        resolved("+experiment=positive_control", *override.split())
+    message = refusal_before_loading(monkeypatch, "+experiment=positive_control", *override.split())
     for text in expected:
-        assert text in str(err.value), str(err.value)
+        assert text in message, message
 
 
 def test_load_model_validates_damage_against_the_declared_layers():

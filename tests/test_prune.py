@@ -17,7 +17,7 @@ from uzr.models import load_model
 from uzr.models.heal import heal, heal_texts, layer_parameters, next_token_kl, seam_layers
 from uzr.models.prune import prune_layers
 
-from .conftest import model_spec, resolved
+from .conftest import model_spec, refusal_before_loading, resolved
 
 TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps on under the old oak tree."
 
@@ -121,13 +121,9 @@ def test_seam_layers_are_the_kept_layers_next_to_each_cut():
     ("stages=[svf] +svf=default", ["student.prune.heal_steps=16", "data group"]),
 ])
 def test_bad_prune_values_fail_before_any_model_loads(override, expected, monkeypatch):
-    import uzr.models
-
-    monkeypatch.setattr(uzr.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(ValueError) as err:
-        resolved("+experiment=pruned_pair", *override.split())
+    message = refusal_before_loading(monkeypatch, "+experiment=pruned_pair", *override.split())
     for text in expected:
-        assert text in str(err.value), str(err.value)
+        assert text in message, message
 
 
 def test_no_pruning_leaves_every_key_as_it_was():
