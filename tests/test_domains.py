@@ -21,8 +21,10 @@ def test_bad_domains_fail_at_validation(domains, message):
         resolved("+experiment=smoke", f"evaluate.domains={domains}")
 
 
-def test_default_experiment_reports_korean_and_licences():
-    assert resolved("+experiment=default").evaluate.domains == ["korean", "licenses"]
+def test_default_experiment_leaves_the_extra_domains_off_within_its_budget():
+    # the first `make run` stays within 8 minutes only without them (docs/development.md); one override adds them
+    assert resolved("+experiment=default").evaluate.domains == []
+    assert resolved("+experiment=default", "evaluate.domains=[korean]").evaluate.domains == ["korean"]
     assert resolved("+experiment=smoke").evaluate.domains == []
 
 
