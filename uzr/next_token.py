@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from uzr.attention.layers import decoder_of
+
 CHUNK = 128  # token positions per LM-head block: (128, 262144) float32 is 128 MiB
 
 
@@ -43,6 +45,15 @@ def target_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, rows: to
         local = rows[sel] - start
         out[sel] = logits[local, targets[sel]] - lse[local]
     return out
+
+
+@torch.no_grad()
+def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """(B, S-1) the model's loss (nats) on tokens 1..S-1 of each row of ``ids`` (B, S); the LM head runs in blocks.
+    Edits already attached to the model (an injector's) apply."""
+    final = decoder_of(model)(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state  # (B, S, D)
+    logp = target_logprobs(model, final[:, :-1].reshape(-1, final.shape[-1]), ids[:, 1:].reshape(-1))  # (B*(S-1),)
+    return -logp.reshape(ids.shape[0], -1)
 
 
 @torch.no_grad()

@@ -41,14 +41,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from uzr.attention import decoder_of
 from uzr.config.corpus import domain_spec
 from uzr.corpus import load_run_corpus
 from uzr.evaluate.domains import evaluation_corpus
 from uzr.evaluate.passes import student_pass
 from uzr.hooks import ModelEdit
 from uzr.intervals import bits_per_byte_difference
-from uzr.next_token import target_logprobs
+from uzr.next_token import token_nll
 from uzr.text_bytes import token_bytes
 
 SEPARATOR = "\n\n"  # between joined pieces: a paragraph break
@@ -153,12 +152,9 @@ def unseen_pieces(run) -> tuple[list[str], str]:
 # --------------------------------------------------------------------------- passes
 
 
-@torch.no_grad()
 def teacher_nll(teacher, ids: torch.Tensor) -> torch.Tensor:
     """(T-1,) the teacher's loss (nats) on tokens 1..T-1 of ``ids`` (1, T); the LM head runs in blocks."""
-    ids = ids.to(next(teacher.parameters()).device)
-    final = decoder_of(teacher)(input_ids=ids).last_hidden_state  # (1, T, D)
-    return -target_logprobs(teacher, final[0, :-1], ids[0, 1:])
+    return token_nll(teacher, ids.to(next(teacher.parameters()).device))[0]
 
 
 def student_nll(student, ids: torch.Tensor, window: int, edit: ModelEdit | None) -> torch.Tensor:

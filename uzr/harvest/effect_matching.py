@@ -24,14 +24,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from uzr.attention import decoder_of
 from uzr.config.inject import AlphaSpec
 from uzr.harvest.head_matching import match_heads
 from uzr.hooks import injected
 from uzr.injection.injector import Injector
 from uzr.injection.oracle import ORACLE_FLOOR
 from uzr.injection.priors import RowsPrior
-from uzr.next_token import target_logprobs
+from uzr.next_token import token_nll
 
 MODE = "mix"  # the effect's injection (module docstring): a head's probabilities replaced, at alpha 1
 ALPHA = AlphaSpec(value=1.0)
@@ -41,9 +40,7 @@ ALPHA = AlphaSpec(value=1.0)
 def summed_nll(student, ids: torch.Tensor, injector: Injector | None = None) -> torch.Tensor:
     """(B,) summed next-token loss (nats) of each row of ``ids`` (B, S), edited by ``injector`` if given."""
     with injected(student, injector):
-        final = decoder_of(student)(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state  # (B, S, D)
-    logp = target_logprobs(student, final[:, :-1].reshape(-1, final.shape[-1]), ids[:, 1:].reshape(-1))  # (B*(S-1),)
-    return -logp.reshape(ids.shape[0], -1).sum(1)
+        return token_nll(student, ids).sum(1)
 
 
 def head_effects(student, ids: torch.Tensor, teacher_heads: np.ndarray, layer: int) -> torch.Tensor:
