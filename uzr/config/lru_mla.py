@@ -53,7 +53,7 @@ class PretrainedSpec:
     lr: float = 3e-4  # the pretrained (and converted) weights
     lru_lr: float = 1e-3  # the fresh LRU and its output gate
     fewshot_shots: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
-    fewshot_items: int = 48  # held-out items scored at every number of demonstrations
+    fewshot_items: int = 80  # held-out items scored at every number of demonstrations
     kl_exit_tol: float = 1e-3  # D at inference with Huginn's exit: stop when successive steps' KL falls below
     # objective=reward: REINFORCE with the causal-loop scorer's graded reward (partial credit)
     reward_samples: int = 4  # sampled answers per prompt
