@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from uzr.config.checks import check_bool, check_choice, check_float, check_int, invalid, is_int
 from uzr.config.groups import ConfigGroup
-from uzr.config.keys import NOT_KEYED, keyed_only_by
+from uzr.config.keys import KEYED_UNLESS_DEFAULT, NOT_KEYED, keyed_only_by
 from uzr.config.tasks import LEVELS, MAX_VARS, MIN_VARS
 
 GROUPS = ("baseline", "mla", "mla_lru_fixed", "mla_lru_act")
@@ -46,16 +46,18 @@ class PretrainedSpec:
     conversion_ranks: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # bits per byte before tuning
     bpb_texts: int = 12  # held-out pydoc texts for the conversion's bits per byte
     bpb_max_tokens: int = 160
-    train_items: int = 800
-    eval_items: int = 400
-    steps: int = 200  # optimiser steps of every group (equal steps and data)
+    train_items: int = 600
+    eval_items: int = 300
+    steps: int = 150  # optimiser steps of every group (equal steps and data)
     batch_size: int = 8
     lr: float = 3e-4  # the pretrained (and converted) weights
     lru_lr: float = 1e-3  # the fresh LRU and its output gate
     fewshot_shots: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
-    fewshot_items: int = 80  # held-out items scored at every number of demonstrations
+    fewshot_items: int = 60  # held-out items scored at every number of demonstrations
     kl_exit_tol: float = 1e-3  # D at inference with Huginn's exit: stop when successive steps' KL falls below
-    # objective=reward: REINFORCE with the causal-loop scorer's graded reward (partial credit)
+    # objective=reward: REINFORCE with the causal-loop scorer's graded reward (partial credit), ``reward_steps``
+    # steps of ``batch_size`` prompts after the group's SFT (uzr/reasoning/pretrained_reward.py)
+    reward_steps: int = field(default=20, metadata=KEYED_UNLESS_DEFAULT)  # added after the first run was keyed
     reward_samples: int = 4  # sampled answers per prompt
     reward_temperature: float = 1.0
     reward_baseline: str = "prompt_mean"  # uzr.adapters.reinforce.advantages
@@ -123,7 +125,7 @@ def validate_pretrained(p: PretrainedSpec) -> None:
         return f"lru_mla.pretrained.{name}"
 
     for name in ("top_layers", "latent_rank", "bpb_texts", "bpb_max_tokens", "train_items", "eval_items", "steps",
-                 "batch_size", "fewshot_items", "reward_samples"):
+                 "batch_size", "fewshot_items", "reward_steps", "reward_samples"):
         check_int(key(name), getattr(p, name), minimum=1)
     check_int(key("rope_pairs"), p.rope_pairs, minimum=0)
     if not p.conversion_ranks or any(not is_int(r) or r < 1 for r in p.conversion_ranks):

@@ -10,6 +10,7 @@ costs, per latent rank, before any training).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -18,14 +19,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from uzr.config.keys import key_of
-from uzr.config.lru_mla import GROUP_LETTERS
+from uzr.config.lru_mla import GROUP_LETTERS, PretrainedSpec
 from uzr.intervals import bits_per_byte_difference
 from uzr.reasoning.mla_convert import full_rank
+from uzr.reasoning.prefix import lower_stack
 from uzr.reasoning.pretrained_data import PretrainedData, load_data
+from uzr.reasoning.pretrained_reward import train_reward
 from uzr.reasoning.pretrained_top import convert_top, copy_top, group_top, set_exit, trainable_parameters
 from uzr.reasoning.pretrained_training import TopModule, epochs_for, score, text_nll
 from uzr.reasoning.training import EpochShuffle
@@ -39,9 +42,17 @@ GROUP_FILES = ("top.safetensors", "group.json")
 GROUP_VERSION = 1
 
 
-def group_payload(cfg, group: str) -> dict:
-    return {"lru_mla": key_of(cfg.lru_mla, GROUP_KIND), "group": group, "seed": cfg.seed,
+def group_payload(cfg, group: str, spec=None) -> dict:
+    """What one group's training depends on (``spec``: ``cfg.lru_mla`` unless given)."""
+    return {"lru_mla": key_of(spec or cfg.lru_mla, GROUP_KIND), "group": group, "seed": cfg.seed,
             "trainer": key_of(cfg.trainer, GROUP_KIND), "student": key_of(cfg.student, GROUP_KIND)}
+
+
+def sft_spec(spec):
+    """The settings of the SFT run that the reward objective starts from (reward knobs at their defaults, so every
+    reward setting shares it)."""
+    reward = {f.name: f.default for f in dataclasses.fields(PretrainedSpec) if f.name.startswith("reward_")}
+    return dataclasses.replace(spec, objective="sft", pretrained=dataclasses.replace(spec.pretrained, **reward))
 
 
 def conversion_cost(model, data: PretrainedData, spec) -> dict:
@@ -67,11 +78,10 @@ def conversion_cost(model, data: PretrainedData, spec) -> dict:
             "ranks": rows}
 
 
-def train_group(run, model, data: PretrainedData, group: str, out: Path) -> dict:
-    """Train one group's top (SFT, equal steps and data), score it; writes ``out/top.safetensors`` and
+def train_group(run, model, data: PretrainedData, group: str, out: Path, spec) -> dict:
+    """Train one group's top by SFT (equal steps and data) and score it; writes ``out/top.safetensors`` and
     ``out/group.json``."""
-    cfg, spec = run.cfg, run.cfg.lru_mla
-    p = spec.pretrained
+    cfg, p = run.cfg, spec.pretrained
     top = group_top(model, spec, group, cfg.seed)
     before = score(top, data.states["heldout"], data.heldout)
     module = TopModule(top, spec, data.states["train"], data.train)
@@ -84,20 +94,37 @@ def train_group(run, model, data: PretrainedData, group: str, out: Path) -> dict
         max_epochs=epochs_for(spec, len(data.train)), max_steps=p.steps, accelerator=t.accelerator, devices=1,
         precision=t.precision, deterministic=t.deterministic, logger=False, default_root_dir=str(run.out_dir),
         enable_model_summary=False, enable_progress_bar=False, gradient_clip_val=1.0), train_dataloaders=loader)
-    train_time = clock.read()
-    top = module.top.cpu()
-    clock = Stopwatch()
     result = {"group": group, "letter": GROUP_LETTERS[group], "parameters": trainable_parameters(top),
               "resumed": resumed, "steps": len(module.history), "history": module.history,
-              "train_time": train_time, **score(top, data.states["heldout"], data.heldout),
-              "before_training": {k: before[k] for k in ("exact", "partial", "nll")},
-              "fewshot": {str(k): {key: v for key, v in score(top, data.states[f"fewshot_{k}"], items).items()
-                                   if key in ("exact", "partial", "iterations")}
-                          for k, items in data.fewshot.items()}}
+              "train_time": clock.read(), "before_training": {k: before[k] for k in ("exact", "partial", "nll")}}
+    return finish_group(module.top.cpu(), data, spec, result, out)
+
+
+def reward_group(run, model, tokenizer, data: PretrainedData, group: str, sft: Path, out: Path, spec) -> dict:
+    """REINFORCE (``lru_mla.objective=reward``) from the group's SFT top in ``sft``; scores and saves like SFT."""
+    top = group_top(model, spec, group, run.cfg.seed)
+    top.load_state_dict(load_file(str(sft / "top.safetensors")))
+    sft_result = json.loads((sft / "group.json").read_text())
+    clock = Stopwatch()
+    history = train_reward(top, lower_stack(model, spec.pretrained.top_layers), tokenizer, data.train, spec,
+                           run.cfg.seed)
+    result = {**{k: sft_result[k] for k in ("group", "letter", "parameters", "steps", "history", "before_training")},
+              "resumed": False, "sft_train_time": sft_result["train_time"], "train_time": clock.read(),
+              "reward_history": history, "sft_exact": sft_result["exact"], "sft_partial": sft_result["partial"]}
+    return finish_group(top, data, spec, result, out)
+
+
+def finish_group(top, data: PretrainedData, spec, result: dict, out: Path) -> dict:
+    """Score a trained top on the held-out items, the few-shot prompts and (D) with Huginn's exit; save it."""
+    group = result["group"]
+    clock = Stopwatch()
+    result.update(score(top, data.states["heldout"], data.heldout))
+    result["fewshot"] = {str(k): {key: v for key, v in score(top, data.states[f"fewshot_{k}"], items).items()
+                                  if key in ("exact", "partial", "iterations")} for k, items in data.fewshot.items()}
     if group == "mla_lru_act":  # Huginn's training-free exit at inference, in place of ACT's halting
-        set_exit(top, "kl", p.kl_exit_tol)
+        set_exit(top, "kl", spec.pretrained.kl_exit_tol)
         exit_scores = score(top, data.states["heldout"], data.heldout)
-        set_exit(top, "act", p.kl_exit_tol)
+        set_exit(top, "act", spec.pretrained.kl_exit_tol)
         result["kl_exit"] = {k: exit_scores[k] for k in ("exact", "partial", "nll", "tokens", "tokens_right",
                                                           "iterations", "convergence_ratio")}
     result["eval_time"] = clock.read()
@@ -106,8 +133,26 @@ def train_group(run, model, data: PretrainedData, group: str, out: Path) -> dict
     (out / "group.json").write_text(json.dumps(result))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     log.info("lru_mla_pretrained %s: %d trainable parameters, %.0f s, exact %.3f", group, result["parameters"],
-             train_time["seconds"], sum(result["exact"]) / len(result["exact"]))
+             result["train_time"]["seconds"], sum(result["exact"]) / len(result["exact"]))
     return result
+
+
+def cached_group(run, model, tokenizer, data: PretrainedData, group: str) -> tuple[Path, bool]:
+    """The folder of ``group``'s trained artifact (SFT; with ``objective=reward`` REINFORCE from the cached SFT
+    artifact) and whether this call built it."""
+    spec = run.cfg.lru_mla
+    sft = sft_spec(spec)
+    folder, built = run.artifact(GROUP_KIND, group_payload(run.cfg, group, sft),
+                                 lambda work: {"resumed": train_group(run, model, data, group, work, sft)["resumed"]},
+                                 version=GROUP_VERSION)
+    if spec.objective == "sft":
+        return folder, built
+
+    def build(work: Path) -> dict:
+        reward_group(run, model, tokenizer, data, group, folder, work, spec)
+        return {"sft": str(folder)}
+
+    return run.artifact(GROUP_KIND, group_payload(run.cfg, group), build, version=GROUP_VERSION)
 
 
 class PretrainedLRUMLAStage:
@@ -126,9 +171,7 @@ class PretrainedLRUMLAStage:
         (folder / "conversion.json").write_text(json.dumps(conversion))
         reused = {}
         for group in spec.groups:
-            done, built = run.artifact(GROUP_KIND, group_payload(run.cfg, group),
-                                       lambda work, g=group: {"resumed": train_group(run, model, data, g, work)
-                                                              ["resumed"]}, version=GROUP_VERSION)
+            done, built = cached_group(run, model, tok, data, group)
             reused[group] = not built
             (folder / group).mkdir(parents=True, exist_ok=True)
             for name in GROUP_FILES:
