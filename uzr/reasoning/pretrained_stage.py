@@ -84,6 +84,7 @@ def train_group(run, model, data: PretrainedData, group: str, out: Path, spec) -
     cfg, p = run.cfg, spec.pretrained
     top = group_top(model, spec, group, cfg.seed)
     before = score(top, data.states["heldout"], data.heldout)
+    top.train()  # scoring left it in eval mode (nothing in it drops out: the mode changes no number)
     module = TopModule(top, spec, data.states["train"], data.train)
     loader = DataLoader(list(range(len(data.train))), batch_size=p.batch_size,
                         sampler=EpochShuffle(len(data.train), cfg.seed))
