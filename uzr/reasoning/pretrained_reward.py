@@ -72,8 +72,8 @@ def reinforce_step(top: PretrainedTop, lower, tokenizer, items: TokenItems, rows
             seqs.append(prompt + a)
             states.append(torch.cat([prompt_states, s, s.new_zeros(1, s.shape[-1])]))  # last token: unread
             rewards.append(reward("causal_loop", tokenizer.decode(a), items.answers[i], "graded"))
-    sampled = TokenItems(seqs, [len(items.ids[i][:items.answer_start[i]]) for i in rows for _ in
-                                range(p.reward_samples)], [[len(s)] for s in seqs], items.level[rows], [])
+    starts = [items.answer_start[i] for i in rows for _ in range(p.reward_samples)]
+    sampled = TokenItems(seqs, starts, [[len(s) - a] for s, a in zip(seqs, starts)], items.level[rows], [])
     top.train()
     hidden, mask, where, targets = batch_of(states, sampled, list(range(len(seqs))))
     logits, out = answer_logits(top, hidden, mask, where)

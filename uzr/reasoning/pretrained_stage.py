@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
-import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
@@ -164,7 +163,6 @@ class PretrainedLRUMLAStage:
     def build(self, run, folder: Path) -> dict:
         spec = run.cfg.lru_mla
         model, tok = run.models.get("student")
-        torch.set_grad_enabled(True)
         data = load_data(run, model, tok)
         clock = Stopwatch()
         conversion = conversion_cost(model, data, spec)
