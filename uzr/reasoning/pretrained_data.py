@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from uzr.config.corpus import CorpusSpec
 from uzr.config.keys import key_of
+from uzr.corpus import load_corpus
 from uzr.reasoning.groups import HELDOUT_SEED_OFFSET
 from uzr.reasoning.prefix import fewshot_states, lower_stack, prefix_states
 from uzr.reasoning.pretrained_items import (
@@ -68,9 +70,6 @@ def items(spec, tokenizer, seed: int) -> tuple[TokenItems, TokenItems, dict[int,
 
 def bpb_texts(spec, tokenizer) -> tuple[list[list[int]], list[int]]:
     """Ids and predicted bytes of ``bpb_texts`` held-out pydoc texts, each cut at ``bpb_max_tokens`` tokens."""
-    from uzr.config.corpus import CorpusSpec
-    from uzr.corpus import load_corpus
-
     p = spec.pretrained
     texts = load_corpus(CorpusSpec()).heldout["text"][:p.bpb_texts]
     ids, nbytes = [], []

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from uzr.config.lru_mla import GROUP_LETTERS
 from uzr.intervals import accuracy_difference, mean_difference
+from uzr.reasoning.ablation_figure import fewshot_figure
 from uzr.reasoning.ablation_report import (
     PAIRS,
     _levels,
@@ -139,8 +140,6 @@ def summarise(run, artifact: dict) -> dict:
                      f"{s['convergence_ratio']:.3f}" if "convergence_ratio" in s else "-"])
     run.tables["lru_mla_pretrained"] = (header, rows)
     if run.cfg.lru_mla.figure:
-        from uzr.reasoning.ablation_figure import fewshot_figure
-
         run.images["lru_mla_pretrained_fewshot"] = fewshot_figure(
             run.out_dir / "figures" / "lru_mla_pretrained_fewshot.png", section)
     return section

@@ -27,6 +27,7 @@ from uzr.intervals import bits_per_byte_difference
 from uzr.reasoning.mla_convert import full_rank
 from uzr.reasoning.prefix import lower_stack
 from uzr.reasoning.pretrained_data import PretrainedData, load_data
+from uzr.reasoning.pretrained_report import present, summarise
 from uzr.reasoning.pretrained_reward import train_reward
 from uzr.reasoning.pretrained_top import convert_top, copy_top, group_top, set_exit, trainable_parameters
 from uzr.reasoning.pretrained_training import TopModule, epochs_for, score, text_nll
@@ -190,11 +191,7 @@ class PretrainedLRUMLAStage:
                 "data": json.loads((folder / "data.json").read_text()), "folder": folder}
 
     def report(self, run, artifact: dict) -> dict:
-        from uzr.reasoning.pretrained_report import summarise
-
         return summarise(run, artifact)
 
     def present(self, run, section: dict) -> None:
-        from uzr.reasoning.pretrained_report import present
-
         present(run, section)
