@@ -94,6 +94,15 @@ def bits_per_byte_difference(nll_a: Sequence[float], nll_b: Sequence[float], nby
     return PairedDifference(float(estimate), low, high, n, level)
 
 
+def mean_difference(values_a: Sequence[float], values_b: Sequence[float], level: float = LEVEL,
+                    samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> PairedDifference:
+    """Mean of ``a`` minus mean of ``b`` on the same items (e.g. partial credit), with a paired bootstrap interval."""
+    n = _check_paired("mean_difference", values_a, values_b)
+    diff = np.asarray(values_a, dtype=np.float64) - np.asarray(values_b, dtype=np.float64)  # (n,)
+    low, high = _percentiles(diff[_resamples(n, samples, seed)].mean(1), level)
+    return PairedDifference(float(diff.mean()), low, high, n, level)
+
+
 def mcnemar_p(a_only: int, b_only: int) -> float:
     """Two-sided exact McNemar p-value from the discordant counts (a right and b wrong; the reverse)."""
     n = a_only + b_only

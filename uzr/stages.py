@@ -128,6 +128,10 @@ REGISTRY: dict[str, StageInfo] = {s.name: s for s in (
               summary="SVF accuracy matrix (base + experts x domains) and adaptation strategies vs base"),
     StageInfo("lru_mla", (), ("lru_mla", "trainer"), 1, "uzr.reasoning.stage:LRUMLAStage",
               summary="four groups trained on causal-loop tasks: attention, MLA, MLA + LRU fixed, MLA + LRU + ACT"),
+    StageInfo("lru_mla_pretrained", (), ("lru_mla", "student", "trainer"), 1,
+              "uzr.reasoning.pretrained_stage:PretrainedLRUMLAStage",
+              summary="the four groups on the pretrained student's top layers (MLA converted from its weights), "
+                      "few-shot"),
 )}
 
 

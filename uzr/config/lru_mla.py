@@ -8,6 +8,10 @@ is solved for so that its total is within ``match_tolerance`` of the largest gro
 - ``mla_lru_fixed``: MLA with the latent reasoning unit on ``c_kv``, ``max_steps`` iterations always, C
 - ``mla_lru_act``: MLA with the LRU and ACT halting (at most ``max_steps``), D
 
+The same four groups on the pretrained student (stage ``lru_mla_pretrained``, issue 27) take their knobs from
+``lru_mla.pretrained`` (:class:`PretrainedSpec`) and the shared task and LRU fields here; those knobs are keyed only
+by that stage's artifacts, so the from-scratch artifacts keep their keys.
+
 :func:`validate_lru_mla` checks every field and raises naming ``lru_mla.<field>``, its value and what is valid.
 """
 
@@ -17,12 +21,46 @@ from dataclasses import dataclass, field
 
 from uzr.config.checks import check_bool, check_choice, check_float, check_int, invalid, is_int
 from uzr.config.groups import ConfigGroup
-from uzr.config.keys import NOT_KEYED, keyed_only_by
+from uzr.config.keys import KEYED_UNLESS_DEFAULT, NOT_KEYED, keyed_only_by
 from uzr.config.tasks import LEVELS, MAX_VARS, MIN_VARS
 
 GROUPS = ("baseline", "mla", "mla_lru_fixed", "mla_lru_act")
 GROUP_LETTERS = dict(zip(GROUPS, "ABCD"))
 ANSWER_ORDERS = ("dependency", "letter")
+OBJECTIVES = ("sft", "reward")
+# the artifact kinds of the pretrained ablation (uzr.reasoning.pretrained_stage): its knobs key only these
+PRETRAINED_KINDS = ("lru_mla_pretrained", "lru_mla_pretrained_group", "lru_mla_prefix")
+# the from-scratch model and training fields key only the from-scratch artifacts (whose keys they always were in)
+FROM_SCRATCH = keyed_only_by("lru_mla", "lru_mla_group")
+
+
+@dataclass
+class PretrainedSpec:
+    """The four groups on the pretrained student (``stages=[lru_mla_pretrained]``): its top ``top_layers`` decoder
+    layers are trained (A) or have their attention converted to MLA first (B-D); the layers below stay frozen and
+    their output is computed once per item (uzr/reasoning/prefix.py)."""
+
+    top_layers: int = 2  # the trained top; B-D convert these layers' attention
+    latent_rank: int = 128  # r: width of the KV latent c_kv after conversion (the full rank reproduces the layer)
+    rope_pairs: int = 4  # RoPE frequency pairs per KV head kept out of the latent (the highest, MHA2MLA's S_high)
+    conversion_ranks: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # bits per byte before tuning
+    bpb_texts: int = 12  # held-out pydoc texts for the conversion's bits per byte
+    bpb_max_tokens: int = 160
+    train_items: int = 600
+    eval_items: int = 300
+    steps: int = 150  # optimiser steps of every group (equal steps and data)
+    batch_size: int = 8
+    lr: float = 3e-4  # the pretrained (and converted) weights
+    lru_lr: float = 1e-3  # the fresh LRU and its output gate
+    fewshot_shots: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
+    fewshot_items: int = 60  # held-out items scored at every number of demonstrations
+    kl_exit_tol: float = 1e-3  # D at inference with Huginn's exit: stop when successive steps' KL falls below
+    # objective=reward: REINFORCE with the causal-loop scorer's graded reward (partial credit), ``reward_steps``
+    # steps of ``batch_size`` prompts after the group's SFT (uzr/reasoning/pretrained_reward.py)
+    reward_steps: int = field(default=20, metadata=KEYED_UNLESS_DEFAULT)  # added after the first run was keyed
+    reward_samples: int = 4  # sampled answers per prompt
+    reward_temperature: float = 1.0
+    reward_baseline: str = "prompt_mean"  # uzr.adapters.reinforce.advantages
 
 
 @dataclass
@@ -34,24 +72,29 @@ class LRUMLASpec:
     levels: list[int] = field(default_factory=lambda: list(LEVELS))
     max_vars: int = 4
     max_rounds: int = 4
-    train_items: int = 24000
-    eval_items: int = 1600  # held-out items (the same for every group: intervals are paired)
+    train_items: int = field(default=24000, metadata=FROM_SCRATCH)
+    # held-out items (the same for every group: intervals are paired)
+    eval_items: int = field(default=1600, metadata=FROM_SCRATCH)
     # The order of the answer's variables. letter: A, B, C, ... (the generator's answer); dependency: by the round
     # from which each keeps its final value (sources first, then each variable after the one its rule reads, but
     # where a value settles early by coincidence, ~5% of acyclic items), so that a value is mostly one rule applied
     # to a number already written. In letter order a level-1 chain asks a 2-layer model for a composition of up to
     # three rules in one pass: it stayed at chance (experiments/lru_mla/README.md).
     answer_order: str = "dependency"
-    # model (the same for every group but the attention and the matched MLP width)
-    d_model: int = 64
-    layers: int = 2
-    heads: int = 4
-    head_dim: int = 16  # per-head query/key (no-RoPE part) and value width
-    rope_dim: int = 8  # MLA: the decoupled RoPE key part shared by the heads (DeepSeek-V3 qk_rope_head_dim)
-    kv_rank: int = 32  # MLA: width of the latent c_kv (DeepSeek-V3 kv_lora_rank)
-    q_rank: int | None = None  # MLA: low-rank query (q_lora_rank); None = full-rank query
-    ffn_mult: float = 4.0  # MLP width of the largest group, in multiples of d_model
-    match_tolerance: float = 0.02  # relative parameter difference allowed after matching
+    # model (the same for every group but the attention and the matched MLP width); from scratch only
+    d_model: int = field(default=64, metadata=FROM_SCRATCH)
+    layers: int = field(default=2, metadata=FROM_SCRATCH)
+    heads: int = field(default=4, metadata=FROM_SCRATCH)
+    head_dim: int = field(default=16, metadata=FROM_SCRATCH)  # per-head query/key (no-RoPE part), value width
+    # MLA: the decoupled RoPE key part shared by the heads (DeepSeek-V3 qk_rope_head_dim)
+    rope_dim: int = field(default=8, metadata=FROM_SCRATCH)
+    kv_rank: int = field(default=32, metadata=FROM_SCRATCH)  # MLA: width of c_kv (DeepSeek-V3 kv_lora_rank)
+    # MLA: low-rank query (q_lora_rank); None = full-rank query
+    q_rank: int | None = field(default=None, metadata=FROM_SCRATCH)
+    # MLP width of the largest group, in multiples of d_model
+    ffn_mult: float = field(default=4.0, metadata=FROM_SCRATCH)
+    # relative parameter difference allowed after matching
+    match_tolerance: float = field(default=0.02, metadata=FROM_SCRATCH)
     # latent reasoning unit (C, D)
     max_steps: int = 4  # C: always this many; D: at most this many (T_max)
     threshold: float = 0.99  # ACT: halt when the cumulative halting probability reaches it (1 - eps)
@@ -64,12 +107,35 @@ class LRUMLASpec:
     ponder_weight: float = 0.001
     mix_kernel: int = 3
     # training
-    epochs: int = 4  # a resumable checkpoint after each
-    batch_size: int = 48
-    lr: float = 3e-3
+    epochs: int = field(default=4, metadata=FROM_SCRATCH)  # a resumable checkpoint after each
+    batch_size: int = field(default=48, metadata=FROM_SCRATCH)
+    lr: float = field(default=3e-3, metadata=FROM_SCRATCH)
     weight_decay: float = 0.01
     warmup_steps: int = 100
     figure: bool = field(default=True, metadata=NOT_KEYED)
+    # the pretrained ablation (stage lru_mla_pretrained) only: the training objective and its own knobs
+    objective: str = field(default="sft", metadata=keyed_only_by(*PRETRAINED_KINDS))
+    pretrained: PretrainedSpec = field(default_factory=PretrainedSpec, metadata=keyed_only_by(*PRETRAINED_KINDS))
+
+
+def validate_pretrained(p: PretrainedSpec) -> None:
+    """Raise ValueError naming ``lru_mla.pretrained.<field>``, its value and what is valid."""
+
+    def key(name: str) -> str:
+        return f"lru_mla.pretrained.{name}"
+
+    for name in ("top_layers", "latent_rank", "bpb_texts", "bpb_max_tokens", "train_items", "eval_items", "steps",
+                 "batch_size", "fewshot_items", "reward_steps", "reward_samples"):
+        check_int(key(name), getattr(p, name), minimum=1)
+    check_int(key("rope_pairs"), p.rope_pairs, minimum=0)
+    if not p.conversion_ranks or any(not is_int(r) or r < 1 for r in p.conversion_ranks):
+        raise invalid(key("conversion_ranks"), list(p.conversion_ranks), "a non-empty list of integers >= 1")
+    if not p.fewshot_shots or any(not is_int(k) or k < 0 for k in p.fewshot_shots) or \
+            len(set(p.fewshot_shots)) != len(p.fewshot_shots):
+        raise invalid(key("fewshot_shots"), list(p.fewshot_shots), "a non-empty list of distinct integers >= 0")
+    for name in ("lr", "lru_lr", "kl_exit_tol", "reward_temperature"):
+        check_float(key(name), getattr(p, name), low=0, open_low=True, valid="a number > 0")
+    check_choice(key("reward_baseline"), p.reward_baseline, ("none", "prompt_mean"))
 
 
 def validate_lru_mla(s: LRUMLASpec) -> None:
@@ -106,6 +172,16 @@ def validate_lru_mla(s: LRUMLASpec) -> None:
     check_float(key("lr"), s.lr, low=0, open_low=True, valid="a number > 0")
     check_choice(key("answer_order"), s.answer_order, ANSWER_ORDERS)
     check_bool(key("figure"), s.figure)
+    check_choice(key("objective"), s.objective, OBJECTIVES)
+    validate_pretrained(s.pretrained)
 
 
-CONFIG_GROUPS = (ConfigGroup("lru_mla", LRUMLASpec, lambda cfg: validate_lru_mla(cfg.lru_mla)),)
+def validate_run(cfg) -> None:
+    """The group's checks and one across groups: the from-scratch stage trains by SFT only."""
+    validate_lru_mla(cfg.lru_mla)
+    if cfg.lru_mla.objective != "sft" and "lru_mla" in (cfg.stages or []):
+        raise invalid("lru_mla.objective", cfg.lru_mla.objective,
+                      "sft for stage lru_mla (the reward objective is stage lru_mla_pretrained's)")
+
+
+CONFIG_GROUPS = (ConfigGroup("lru_mla", LRUMLASpec, validate_run),)

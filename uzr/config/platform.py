@@ -12,7 +12,8 @@ from uzr.config.keys import keyed_only_by
 
 WANDB_MODES = ("offline", "online", "disabled")
 # The artifacts whose keys hold every trainer.* field (see TrainerSpec).
-TRAINER_KEYED_BY = ("controller", "svf", "svf_baselines", "lru_mla", "lru_mla_group")
+TRAINER_KEYED_BY = ("controller", "svf", "svf_baselines", "lru_mla", "lru_mla_group", "lru_mla_pretrained",
+                    "lru_mla_pretrained_group")
 
 
 @dataclass

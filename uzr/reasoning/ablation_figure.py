@@ -31,8 +31,41 @@ def figure(path: Path, section: dict) -> Path:
     ax2.set_ylabel("mean LRU iterations per position")
     ax2.legend(fontsize=7)
     fig.suptitle(f"LRU/MLA ablation on causal-loop tasks ({section['heldout_items']} held-out items)")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def fewshot_figure(path: Path, section: dict) -> Path:
+    """The pretrained ablation's few-shot curve: exact (Wilson 95% bars) and partial accuracy against the number of
+    demonstrations, one line per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for g, rows in section["fewshot"]["groups"].items():
+        shots = [int(k) for k in rows]
+        label = f"{section['groups'][g]['letter']} {g}"
+        exact = [rows[k]["exact"] for k in rows]
+        err = [[r["exact"] - r["low"] for r in rows.values()], [r["high"] - r["exact"] for r in rows.values()]]
+        ax1.errorbar(shots, exact, yerr=err, marker="o", capsize=2, label=label)
+        ax2.plot(shots, [rows[k]["partial"] for k in rows], marker="o", label=label)
+    for ax, what in ((ax1, "exact accuracy (95% Wilson)"), (ax2, "partial credit (share of variables right)")):
+        ax.set_xlabel("solved demonstrations in the prompt")
+        ax.set_ylabel(what)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.legend(fontsize=7)
+    n = next(iter(next(iter(section["fewshot"]["groups"].values())).values()))["n"]
+    fig.suptitle(f"Few-shot efficiency after fine-tuning, pretrained SmolLM2-135M ({n} held-out items per point)")
+    return _save(fig, path)

@@ -164,16 +164,20 @@ def summarise(run, artifact: dict) -> dict:
     return section
 
 
-def present(run, section: dict) -> None:
-    """Print the groups' table and the paired differences of exact accuracy."""
-    console = Console(width=max(Console().width, 170))
-    header, rows = run.tables["lru_mla"]
-    table = Table(title="LRU/MLA ablation: exact accuracy [95% Wilson] by level, held-out items")
+def print_table(console: Console, title: str, header: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title)
     for column in header:
         table.add_column(column)
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+def present(run, section: dict) -> None:
+    """Print the groups' table and the paired differences of exact accuracy."""
+    console = Console(width=max(Console().width, 170))
+    print_table(console, "LRU/MLA ablation: exact accuracy [95% Wilson] by level, held-out items",
+                *run.tables["lru_mla"])
     for metric in ("exact", "bits_per_char"):
         paired = Table(title=f"paired differences of {metric} (same items): estimate [95% bootstrap], verdict")
         levels = list(next(iter(section["paired"].values()), {}))

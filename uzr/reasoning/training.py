@@ -38,8 +38,10 @@ class Items:
     answers: list[str]
 
 
-def make_items(spec: LRUMLASpec, n: int, seed: int, exclude: set[str] | None = None) -> tuple[Items, set[str]]:
-    """``n`` generated items (fewer after dropping prompts in ``exclude``) and their prompts."""
+def task_texts(spec: LRUMLASpec, n: int, seed: int, exclude: set[str] | None = None
+               ) -> tuple[list[str], list[str], np.ndarray, set[str]]:
+    """``n`` generated items (fewer after dropping prompts in ``exclude``): their English prompts, answers (in
+    ``spec.answer_order``), levels, and the set of all ``n`` prompts."""
     dependency = spec.answer_order == "dependency"
     table = generate({"n": n, "levels": list(spec.levels), "seed": seed, "max_vars": spec.max_vars,
                       "max_rounds": spec.max_rounds, "trajectory": dependency})
@@ -49,8 +51,14 @@ def make_items(spec: LRUMLASpec, n: int, seed: int, exclude: set[str] | None = N
                    zip(answers, table["trajectory"].to_pylist(), table["steps"].to_pylist())]
     levels = np.asarray(table["level"].to_pylist(), np.int64)
     keep = [i for i, p in enumerate(prompts) if not exclude or p not in exclude]
-    ids, sep = CharCodec().sequences([prompts[i] for i in keep], [answers[i] for i in keep])
-    return Items(ids, sep, levels[keep], [answers[i] for i in keep]), set(prompts)
+    return [prompts[i] for i in keep], [answers[i] for i in keep], levels[keep], set(prompts)
+
+
+def make_items(spec: LRUMLASpec, n: int, seed: int, exclude: set[str] | None = None) -> tuple[Items, set[str]]:
+    """``n`` generated items (fewer after dropping prompts in ``exclude``) and their prompts."""
+    prompts, answers, levels, seen = task_texts(spec, n, seed, exclude)
+    ids, sep = CharCodec().sequences(prompts, answers)
+    return Items(ids, sep, levels, answers), seen
 
 
 def targets(ids: Tensor, sep: Tensor) -> Tensor:
@@ -62,7 +70,37 @@ def targets(ids: Tensor, sep: Tensor) -> Tensor:
     return tgt
 
 
-class AblationModule(L.LightningModule):
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor at ``step``: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    done = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
+
+class HistoryModule(L.LightningModule):
+    """A LightningModule whose per-step ``history`` travels in its checkpoints, with AdamW over ``param_groups`` and
+    :func:`warmup_cosine` per step (``schedule(param_groups, lr, weight_decay, warmup, total)``)."""
+
+    history: list[dict]
+
+    def schedule(self, params, lr: float, weight_decay: float, warmup: int, total: int) -> dict:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+        def factor(step: int) -> float:
+            return warmup_cosine(step, warmup, total)
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
+                                                   "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = list(checkpoint.get("history", []))
+
+
+class AblationModule(HistoryModule):
     """AdamW with linear warm-up and cosine decay; logs loss, aux and mean iterations per step into ``history``."""
 
     def __init__(self, model: TinyLM, spec: LRUMLASpec, total_steps: int):
@@ -85,22 +123,7 @@ class AblationModule(L.LightningModule):
 
     def configure_optimizers(self):
         s = self.spec
-        opt = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-
-        def factor(step: int) -> float:
-            if step < s.warmup_steps:
-                return (step + 1) / s.warmup_steps
-            done = (step - s.warmup_steps) / max(1, self.total_steps - s.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
-                                                   "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["history"] = self.history
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.history = list(checkpoint.get("history", []))
+        return self.schedule(self.model.parameters(), s.lr, s.weight_decay, s.warmup_steps, self.total_steps)
 
 
 class EpochShuffle(torch.utils.data.Sampler):
