@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,17 @@ def test_a_damaged_adapter_is_refused(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
         AdaptStage().load(run, folder)
+
+
+def test_a_sweep_over_the_arms_trains_the_control_arm_once_and_compares_every_arm_with_it(tmp_path):
+    """``-m adapt.inject=none,controller adapt.distill_weight=0,1``: four jobs, one control artifact (the first job's
+    own), which the other three compare against."""
+    from tests.test_sweep import artifacts, job_dirs, multirun
+
+    proc = multirun(tmp_path, *SMOKE, "adapt.inject=none,controller", "adapt.distill_weight=0,1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sections = [json.loads((job / "metrics.json").read_text())["adapt"] for job in job_dirs(tmp_path / "sweep")]
+    assert [s["arm"] for s in sections] == ["control", "distill λ=1", "controller", "controller + distill λ=1"]
+    control_key = sections[0]["training"]["adapted"]["key"]
+    assert all(s["training"]["control"]["key"] == control_key for s in sections[1:])
+    assert len(artifacts(tmp_path / "cache", "adapt")) == 4  # the control once, three arms
