@@ -14,6 +14,7 @@ The teacher arm's QA needs the live oracle on every prompt: scored only with ``a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,7 @@ def adapt_report(run, roles: Mapping[str, AdaptedArm]) -> dict:
     control arm, when compared) beside the frozen student (see the module docstring)."""
     cfg = run.cfg
     store = run.upstream(HarvestStage)
+    run = scoring_run(run)
     out = {"training": {role: training_log(a) for role, a in roles.items()}, "domains": {}}
     data_name = cfg.data.name if cfg.data else "data"
     for name, domain in [(data_name, store), *((d, domain_store(run, d)[0]) for d in cfg.evaluate.domains)]:
@@ -46,6 +48,14 @@ def adapt_report(run, roles: Mapping[str, AdaptedArm]) -> dict:
                                 "cut": cfg.data.long_text if name == data_name and cfg.data else domain_spec(name).long_text}
     out.update(qa_sections(run, store, roles))
     return out
+
+
+def scoring_run(run):
+    """``run`` whose stored scores (:meth:`~uzr.runner.RunContext.stored`) are keyed by the harvest alone beside each
+    setting's own key: a role's key holds its arm's artifact key, which fixes its adapter and injector (controller,
+    ``inject.*``, ``alpha.*``), and the harvest fixes the models and texts. So the control arm's scores, computed by
+    the first run that compares with it, are read by every other arm of a sweep instead of computed again."""
+    return dataclasses.replace(run, info={"harvest": run.info["harvest"]})
 
 
 def training_log(arm: AdaptedArm) -> dict:
