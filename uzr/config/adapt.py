@@ -31,7 +31,7 @@ class AdaptSpec:
     layers: list[int] | None = None  # decoder layers adapted (null: every layer)
     rank: int = 2
     lora_alpha: float | None = None  # LoRA scale alpha / rank (null: alpha = rank, a scale of 1 as in svf_baselines)
-    steps: int = 60  # optimiser steps (every arm the same)
+    steps: int = 40  # optimiser steps (every arm the same)
     batch_size: int = 2  # training texts per step
     max_length: int = 128  # tokens of each training text (its leading ones; at most the store's rows)
     lr: float = 2e-3  # Adam; chosen on the control arm (docs/adaptation.md) and kept for every arm
@@ -40,7 +40,7 @@ class AdaptSpec:
     checkpoint_every: int = 10  # steps between Lightning checkpoints (resume points) and held-out curve points
     # validation texts (the last ones of the harvest's training split, not trained on) whose loss is recorded every
     # checkpoint_every steps: the learning curve, and what the learning rate is chosen on (control arm)
-    curve_texts: int = 8
+    curve_texts: int = 6
     # evaluation of the trained arm beside the control arm and the frozen student (not part of the adapter's key)
     compare_control: bool = field(default=True, metadata=NOT_KEYED)  # train/load the control arm and compare
     # QA for the teacher arm needs the live oracle on every prompt (minutes: evaluate.oracle_qa's cost)
