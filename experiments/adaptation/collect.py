@@ -13,17 +13,26 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
 LI_ET_AL = {"scratch": 83.0, "fine-tune": 85.6, "attention copy": 85.1, "attention distillation": 85.7}
 
 
+CHOSEN_LR = 3e-3  # adapt.lr's default: the arms' learning rate
+
+
 def runs(pattern: str) -> dict[str, dict]:
-    """{arm: adapt section} of the runs matching ``pattern`` (the last run of an arm wins)."""
+    """{arm: adapt section} of the runs matching ``pattern`` (the last run of an arm wins); a run at another learning
+    rate than the chosen one (the learning-rate sweep) is labelled with it."""
     out = {}
     for path in sorted(glob.glob(pattern)):
         metrics = json.loads(Path(path).read_text())
-        if "adapt" in metrics:
-            out[metrics["adapt"]["arm"]] = {**metrics["adapt"], "timing": metrics.get("timing", {}).get("adapt")}
+        if "adapt" not in metrics:
+            continue
+        lr = float(yaml.safe_load((Path(path).parent / "config.yaml").read_text())["adapt"]["lr"])
+        arm = metrics["adapt"]["arm"] + ("" if lr == CHOSEN_LR else f" (lr {lr:g})")
+        out[arm] = {**metrics["adapt"], "timing": metrics.get("timing", {}).get("adapt")}
     return out
 
 
