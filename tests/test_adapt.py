@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import model_spec, refusal_before_loading, resolved
+from tests.conftest import refusal_before_loading, resolved
 from uzr.adapters.adapt_arms import train_texts
 from uzr.adapters.adapt_stage import AdaptStage, adapter_plan, split_texts
 from uzr.adapters.adapt_train import AdaptModule, lr_factor, step_batches
@@ -16,7 +16,6 @@ from uzr.adapters.attention_kl import AttentionDistiller
 from uzr.adapters.peft_edit import BaselinePlan, PeftTrainable
 from uzr.attention import HeadRows, LayerRecorder, recording
 from uzr.injection.injector import Injector
-from uzr.models import load_model
 from uzr.runner import RunContext, load_stages
 
 SMOKE = ("+experiment=smoke", "+adapt=default", "stages=[harvest,adapt]", "logger=csv", "evaluate.num_texts=3",
@@ -62,8 +61,8 @@ def own_rows(model, ids, layer) -> torch.Tensor:
     return recorder.take()["heads"]
 
 
-def test_distill_loss_is_zero_at_the_students_own_rows_and_its_gradient_reaches_only_the_adapter():
-    model, _ = load_model(model_spec("student/tiny_llama"))
+def test_distill_loss_is_zero_at_the_students_own_rows_and_its_gradient_reaches_only_the_adapter(tiny_models):
+    model, _ = tiny_models["llama"]  # the adapter is removed exactly at the end: the shared model stays as it was
     layer, ids = 1, torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(0))
     adapter = PeftTrainable(model, BaselinePlan("lora", "attn", (0, 1), 2, 0, 0))
     with torch.no_grad():  # a non-zero B, so that the adapted model differs from the base one
