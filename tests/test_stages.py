@@ -26,7 +26,7 @@ def test_stages_cli_lists_every_stage_with_needs_and_groups():
                          cwd=ROOT).stdout
     lines = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip() and line.split()[0] in REGISTRY}
     assert set(lines) == {"harvest", "controller", "gate", "evaluate", "dominance", "svf", "svf_baselines", "svf_eval",
-                          "lru_mla", "lru_mla_pretrained"}
+                          "adapt", "lru_mla", "lru_mla_pretrained"}
     assert lines["controller"].split()[1] == "harvest" and "inject?" in lines["harvest"]
     for name, info in REGISTRY.items():
         assert all(group in lines[name] for group in info.reads)

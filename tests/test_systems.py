@@ -52,7 +52,7 @@ def test_toy_stage_is_listed_and_its_config_group_is_in_the_schema(toy_env):
             "assert 'torch' not in sys.modules")
     fields = python(toy_env, "-c", code)
     assert fields.returncode == 0, fields.stderr
-    assert "'lru_mla', 'toy', 'harvest'" in fields.stdout  # a selectable group, before the groups every run has
+    assert "'adapt', 'toy', 'harvest'" in fields.stdout  # a selectable group, before the groups every run has
 
 
 def test_the_controller_is_planned_and_built_only_when_the_toy_option_asks(toy_env):

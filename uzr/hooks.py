@@ -42,6 +42,29 @@ class ModelEdit(ABC):
         self.remove()
 
 
+class Edits(ModelEdit):
+    """Several edits as one: attached in order, removed in reverse order (``None`` entries are left out), e.g. an
+    adapter's weights and an injector on the adapted model."""
+
+    def __init__(self, *edits: ModelEdit | None):
+        self.edits = [edit for edit in edits if edit is not None]
+        self._attached: list[ModelEdit] = []
+
+    def attach(self, model) -> Edits:
+        try:
+            for edit in self.edits:
+                edit.attach(model)
+                self._attached.append(edit)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        while self._attached:
+            self._attached.pop().remove()
+
+
 @contextmanager
 def injected(model, edit: ModelEdit | None) -> Iterator[Any]:
     """``model`` with ``edit`` attached for the block (``None``: unchanged); removed on exit, also on error."""

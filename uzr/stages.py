@@ -126,6 +126,11 @@ REGISTRY: dict[str, StageInfo] = {s.name: s for s in (
     StageInfo("svf_eval", ("svf",), ("student", "svf"), 1, "uzr.adapters.evaluation:SVFEvalStage", cached=False,
               optional=("alpha",), needs_when="uzr.config.svf:injection_needs",  # svf.injection: its row
               summary="SVF accuracy matrix (base + experts x domains) and adaptation strategies vs base"),
+    StageInfo("adapt", ("harvest",), ("teacher", "student", "inject", "alpha", "adapt", "harvest", "evaluate",
+                                       "gate", "trainer"), 1, "uzr.adapters.adapt_stage:AdaptStage",
+              optional=("controller",),  # controller.target: per-head or head-mean teacher rows
+              needs_when="uzr.config.adapt:controller_needs",  # the controller for adapt.inject=controller
+              summary="LoRA trained around the teacher's attention (attention copy / distillation) vs plain LoRA"),
     StageInfo("lru_mla", (), ("lru_mla", "trainer"), 1, "uzr.reasoning.stage:LRUMLAStage",
               summary="four groups trained on causal-loop tasks: attention, MLA, MLA + LRU fixed, MLA + LRU + ACT"),
     StageInfo("lru_mla_pretrained", (), ("lru_mla", "student", "trainer"), 1,

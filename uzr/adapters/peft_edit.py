@@ -69,13 +69,14 @@ def plan_baseline(model, method: str, matrices: str, budget: int, rank: int = 1)
     return BaselinePlan(method, matrices, layers, rank, sum(per_layer[i] for i in layers), budget)
 
 
-def _config(plan: BaselinePlan, names: Sequence[str]):
+def _config(plan: BaselinePlan, names: Sequence[str], lora_alpha: float | None = None):
     from peft import IA3Config, LoraConfig
 
     # a regex over the model's full module names: exactly the chosen matrices (peft full-matches it)
     pattern = "|".join(rf"(.*\.)?{re.escape(n)}" for n in names)
-    if plan.method == "lora":
-        return LoraConfig(r=plan.rank, lora_alpha=plan.rank, lora_dropout=0.0, target_modules=pattern, bias="none")
+    if plan.method == "lora":  # lora_alpha None: alpha = rank, a scale of 1
+        return LoraConfig(r=plan.rank, lora_alpha=plan.rank if lora_alpha is None else lora_alpha, lora_dropout=0.0,
+                          target_modules=pattern, bias="none")
     ff = [n for n in names if n.rsplit(".", 1)[-1] in FEEDFORWARD]
     ff_pattern = "|".join(rf"(.*\.)?{re.escape(n)}" for n in ff) or "^$"
     return IA3Config(target_modules=pattern, feedforward_modules=ff_pattern)
@@ -85,13 +86,15 @@ class PeftTrainable(nn.Module, ModelEdit):
     """A LoRA or IA3 adapter (``plan``) whose tensors live here; attach injects it, remove unloads it exactly.
 
     ``state``: adapter tensors by name (``layers.3.mlp.up_proj.lora_A``...), e.g. a trained adapter; None = peft's
-    initial adapter (the base model)."""
+    initial adapter (the base model). ``lora_alpha``: LoRA's alpha (its update is scaled by alpha / rank); None = the
+    rank."""
 
-    def __init__(self, model, plan: BaselinePlan, state: Mapping[str, Tensor] | None = None):
+    def __init__(self, model, plan: BaselinePlan, state: Mapping[str, Tensor] | None = None,
+                 lora_alpha: float | None = None):
         nn.Module.__init__(self)
         self.plan = plan
         self.names = list(target_matrices(model, plan.matrices, list(plan.layers)))
-        self.config = _config(plan, self.names)
+        self.config = _config(plan, self.names, lora_alpha)
         self.keys: list[str] = []  # adapter tensor names, relative to the decoder stack
         self.tensors = nn.ParameterList()
         self._tuner = None

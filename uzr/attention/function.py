@@ -31,7 +31,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from uzr.attention.layers import INJECTOR, RECORDER
+from uzr.attention.layers import INJECTOR, OBSERVER, RECORDER
 from uzr.attention.reducers import ScoreBlock
 from uzr.attention.stats import BlockGeometry
 
@@ -282,7 +282,9 @@ def _mix(output, value, edit: AttentionEdit, n_heads: int):
 
 
 def uzr_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: sdpa, plus uzr's recorder and injector when attached.
+    """transformers attention function: sdpa, plus uzr's recorder and injector when attached, and an observer
+    (``observe(module, query, key, attention_mask, scaling, softcap)``, e.g. the attention-distillation loss of
+    :mod:`uzr.adapters.attention_kl`) that reads the call without changing it.
 
     Args:
         query: (B, H, q, D); key/value: (B, H_kv, k, D), KV cache included, not yet repeated for GQA.
@@ -290,6 +292,9 @@ def uzr_attention(module, query, key, value, attention_mask, scaling=None, dropo
     Returns:
         (output (B, q, H, D), None)
     """
+    observer = getattr(module, OBSERVER, None)
+    if observer is not None:  # reads the student's own scores (before any edit), keeping their gradients
+        observer.observe(module, query, key, attention_mask, scaling, kwargs.get("softcap"))
     recorder: LayerRecorder | None = getattr(module, RECORDER, None)
     injector = getattr(module, INJECTOR, None)
     edit = injector.attention_edit(module, query, key, attention_mask) if injector is not None else None

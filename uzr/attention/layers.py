@@ -38,7 +38,8 @@ def attention_modules(model) -> list[torch.nn.Module]:
 
 RECORDER = "uzr_recorder"  # the attribute the attention function reads a layer's LayerRecorder from
 INJECTOR = "uzr_injector"  # ... and a layer's injector from
-_WHAT = {RECORDER: "a recorder", INJECTOR: "an injector"}
+OBSERVER = "uzr_observer"  # ... and what reads the call's queries and keys with gradients (attention distillation)
+_WHAT = {RECORDER: "a recorder", INJECTOR: "an injector", OBSERVER: "an observer"}
 
 
 def attach_to_layers(attribute: str, pairs: Iterable[tuple[torch.nn.Module, Any]]) -> None:

@@ -20,6 +20,7 @@ from importlib.metadata import entry_points
 from types import ModuleType
 
 from uzr.config import (
+    adapt,
     controller,
     corpus,
     dominance,
@@ -36,7 +37,7 @@ from uzr.config.groups import ConfigGroup
 
 ENTRY_POINTS = "uzr.systems"
 # In schema order: the config file's keys follow it (teacher, student, data, inject, ...).
-BUILTIN = (model, corpus, inject, controller, gate, dominance, svf, lru_mla, harvest, evaluate, platform)
+BUILTIN = (model, corpus, inject, controller, gate, dominance, svf, lru_mla, adapt, harvest, evaluate, platform)
 
 
 @functools.cache

@@ -45,11 +45,7 @@ def text_prior(source: str, controllers: Mapping[int, torch.nn.Module], rows: Se
         return lambda ids, row: prior
     layers = list(controllers)
     if source == "teacher":
-        def teacher(ids: torch.Tensor, row: dict) -> AttentionPrior:
-            return RowsPrior({layer: _log_rows(oracle_rows(row, layer, heads_of), device) for layer in layers},
-                             "teacher")
-
-        return teacher
+        return lambda ids, row: teacher_rows_prior(row, layers, heads_of, device)
     lengths = [len(r["input_ids"]) for r in rows]
 
     def shuffled(ids: torch.Tensor, row: dict) -> AttentionPrior:
@@ -61,6 +57,12 @@ def text_prior(source: str, controllers: Mapping[int, torch.nn.Module], rows: Se
                           for layer in layers}, "shuffled")
 
     return shuffled
+
+
+def teacher_rows_prior(row: dict, layers: Sequence[int], heads_of: Mapping[int, Sequence[int]] | None,
+                       device: str | torch.device = "cpu") -> RowsPrior:
+    """The oracle of one stored text: the teacher's aligned rows at ``layers`` (:func:`oracle_rows`), floored."""
+    return RowsPrior({layer: _log_rows(oracle_rows(row, layer, heads_of), device) for layer in layers}, "teacher")
 
 
 def oracle_rows(row: dict, layer: int, heads_of: Mapping[int, Sequence[int]] | None) -> np.ndarray:
