@@ -75,11 +75,15 @@ def test_distill_loss_is_zero_at_the_students_own_rows_and_its_gradient_reaches_
             with distiller.attach(model):
                 model(input_ids=ids)
             assert distiller.loss().abs().item() < 1e-5
-        # a different target: the causal uniform rows; its KL computed directly from the recorded rows
+        # a different target, far from the tiny model's near-uniform rows (so the KL is large and its direction
+        # matters): 0.9 on the query itself, 0.1 spread causally; its KL computed directly from the recorded rows
         s = ids.shape[1]
         uniform = torch.tril(torch.ones(s, s)) / torch.arange(1, s + 1)[:, None]  # (S, S)
-        expected = (uniform * (uniform.clamp_min(1e-30).log() - own[0].clamp_min(1e-30).log())).sum(-1)  # (H, S)
-        distiller = AttentionDistiller({layer: uniform[None, None].expand(1, own.shape[1], s, s)})
+        peaked = 0.1 * uniform + 0.9 * torch.eye(s)  # (S, S), rows sum to 1
+        expected = (peaked * (peaked.clamp_min(1e-30).log() - own[0].clamp_min(1e-30).log())).sum(-1)  # (H, S)
+        reverse = (own[0] * (own[0].clamp_min(1e-30).log() - peaked.clamp_min(1e-30).log())).sum(-1)
+        assert abs(expected.mean() - reverse.mean()) > 0.1  # the test tells KL(target || student) from the reverse
+        distiller = AttentionDistiller({layer: peaked[None, None].expand(1, own.shape[1], s, s)})
         with distiller.attach(model):
             model(input_ids=ids)
         loss = distiller.loss()
