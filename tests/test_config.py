@@ -32,15 +32,20 @@ def test_default_experiment_is_the_packaged_offline_pair():
 
 def test_default_uses_the_setting_the_evidence_favours_and_seed_uzr_keeps_the_seeds():
     """The default: per-head targets with the student's sinks kept, the oracle row beside the controller; seed_uzr:
-    the seed's head-mean targets with sinks replaced, everything else as the default (issue 25)."""
+    the seed's head-mean targets with sinks replaced, at the sizes it was measured at (120 texts, 24 held-out, both
+    extra domains, gate alphas 0.5 and 1), everything else as the default (issue 25)."""
     default, seed = resolved("+experiment=default"), resolved("+experiment=seed_uzr")
     assert (default.controller.target, default.inject.sinks) == ("per_head", "keep")
     assert (seed.controller.target, seed.inject.sinks) == ("head_mean", "replace")
     assert default.evaluate.oracle and seed.evaluate.oracle and not default.evaluate.oracle_qa
     assert not resolved("+experiment=smoke").evaluate.oracle  # the schema's default: off
-    differ = {"name", "controller", "inject"}
+    assert (default.data.num_texts, seed.data.num_texts) == (80, 120)  # the default's make-run budget cut
+    assert seed.evaluate == dataclasses.replace(default.evaluate, num_texts=24, domains=["korean", "licenses"])
+    assert seed.gate == dataclasses.replace(default.gate, eval_alphas=[0.5, 1.0])
+    differ = {"name", "controller", "inject", "data", "evaluate", "gate"}
     assert {k: v for k, v in vars(default).items() if k not in differ} == {
         k: v for k, v in vars(seed).items() if k not in differ}
+    assert seed.data == dataclasses.replace(default.data, num_texts=120)
     assert (dataclasses.replace(default.controller, target="head_mean"), dataclasses.replace(default.inject,
                                                                                             sinks="replace")) == (
         seed.controller, seed.inject)
