@@ -52,6 +52,13 @@ def test_experiments_compose_and_plan_the_controller_only_for_the_controller_arm
         assert [s.name for s in plan(cfg.stages, cfg)] == ["harvest", "controller", "adapt"]
 
 
+def test_gpu_sizes_compose_over_either_experiment():
+    for experiment in ("adapt", "adapt_positive_control"):
+        cfg = resolved(f"+experiment={experiment}", "adapt=gpu", "trainer=gpu")
+        assert (cfg.adapt.rank, cfg.adapt.steps, cfg.adapt.batch_size, cfg.adapt.curve_texts) == (8, 600, 8, 24)
+        assert cfg.adapt.lr == resolved(f"+experiment={experiment}").adapt.lr  # re-chosen by the user, not silently
+
+
 # --- the distillation term ------------------------------------------------------------------------------------------
 def own_rows(model, ids, layer) -> torch.Tensor:
     """(1, H, S, S) the model's own attention at ``layer`` (no gradients)."""

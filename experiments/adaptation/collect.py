@@ -1,9 +1,12 @@
 """Tables and the learning-curve figure of experiments/adaptation from the runs' metrics.json.
 
     python experiments/adaptation/collect.py PAIR=RUN_GLOB [PAIR=RUN_GLOB ...]
+    python experiments/adaptation/collect.py keep RUN_DIR NAME     # copy a run's metrics to runs/NAME.json
 
-e.g. ``real='outputs/multirun/*/*adapt*/metrics.json'``: every run of a pair (one arm each; the control arm's
-scores come with every run). Prints the markdown tables of the README and writes ``curves.png`` beside this file.
+e.g. ``real='outputs/multirun/*/*adapt*/metrics.json'`` (a run's folder, with its config.yaml) or
+``real='experiments/adaptation/runs/real_*.json'`` (the kept runs this README was built from): every run of a pair, one
+arm each (the control arm's scores come with every run). Prints the markdown tables of the README and writes
+``curves.png`` beside this file.
 """
 
 from __future__ import annotations
@@ -19,20 +22,41 @@ HERE = Path(__file__).resolve().parent
 LI_ET_AL = {"scratch": 83.0, "fine-tune": 85.6, "attention copy": 85.1, "attention distillation": 85.7}
 
 
-CHOSEN_LR = 3e-3  # adapt.lr's default: the arms' learning rate
+def run_lr(path: Path, metrics: dict) -> float:
+    """The run's ``adapt.lr``: from the Hydra ``config.yaml`` beside a run's metrics, or the ``lr`` field of a file
+    :func:`keep` wrote."""
+    config = path.parent / "config.yaml"
+    return float(yaml.safe_load(config.read_text())["adapt"]["lr"] if config.exists() else metrics["lr"])
 
 
-def runs(pattern: str) -> dict[str, dict]:
-    """{arm: adapt section} of the runs matching ``pattern`` (the last run of an arm wins); a run at another learning
-    rate than the chosen one (the learning-rate sweep) is labelled with it."""
+def final_val_nll(section: dict) -> float:
+    """The learning-rate criterion: validation NLL per token at the run's arm's last curve point."""
+    return section["training"]["adapted"]["curve"][-1]["val_nll"]
+
+
+def runs(pattern: str) -> tuple[dict[str, dict], float | None]:
+    """({arm: adapt section}, the chosen learning rate) of the runs matching ``pattern``. The learning rate is chosen
+    as docs/adaptation.md says: the control arm's run with the lowest final validation NLL. A run at another rate is
+    labelled with it (the learning-rate check); of two runs of one arm and rate, the later file wins."""
+    loaded = []
+    for path in map(Path, sorted(glob.glob(pattern))):
+        metrics = json.loads(path.read_text())
+        if "adapt" in metrics:
+            loaded.append((run_lr(path, metrics), {**metrics["adapt"], "timing": metrics.get("timing", {}).get("adapt")}))
+    controls = {lr: final_val_nll(section) for lr, section in loaded if section["arm"] == "control"}
+    chosen = min(controls, key=controls.get) if controls else None
     out = {}
-    for path in sorted(glob.glob(pattern)):
-        metrics = json.loads(Path(path).read_text())
-        if "adapt" not in metrics:
-            continue
-        lr = float(yaml.safe_load((Path(path).parent / "config.yaml").read_text())["adapt"]["lr"])
-        arm = metrics["adapt"]["arm"] + ("" if lr == CHOSEN_LR else f" (lr {lr:g})")
-        out[arm] = {**metrics["adapt"], "timing": metrics.get("timing", {}).get("adapt")}
+    for lr, section in sorted(loaded, key=lambda item: item[0] != chosen):  # the chosen rate's arms first
+        out[section["arm"] + ("" if lr == chosen else f" (lr {lr:g})")] = section
+    return out, chosen
+
+
+def keep(run_dir: str, name: str) -> Path:
+    """Copy a finished run's metrics (with its ``adapt.lr``) to ``runs/NAME.json``, where :func:`runs` reads it back."""
+    path = Path(run_dir) / "metrics.json"
+    metrics = json.loads(path.read_text())
+    out = HERE / "runs" / f"{name}.json"
+    out.write_text(json.dumps({**metrics, "lr": run_lr(path, metrics)}, indent=1))
     return out
 
 
@@ -104,6 +128,8 @@ def figure(pairs: dict[str, dict[str, dict]]) -> Path:
     for ax, (pair, arms) in zip(axes[0], pairs.items()):
         plotted = set()
         for arm, section in arms.items():
+            if "(lr " in arm and section["arm"] != "control":  # the other rates' arms: only their control is drawn
+                continue
             for role, log in section["training"].items():
                 name = arm if role == "adapted" else "control"
                 if name in plotted:
@@ -119,8 +145,29 @@ def figure(pairs: dict[str, dict[str, dict]]) -> Path:
     return out
 
 
+def lr_rows(pair: str, arms: dict[str, dict], chosen: float | None) -> list[str]:
+    rows = []
+    for arm, section in arms.items():
+        if section["arm"] != "control":
+            continue
+        curve = section["training"]["adapted"]["curve"]
+        bpb = next(iter(section["domains"].values()))["bits_per_byte"]
+        lr = chosen if arm == "control" else float(arm.split("(lr ")[1].rstrip(")"))
+        rows.append(f"| {pair} | {lr:g}{' (chosen)' if arm == 'control' else ''} | {curve[0]['val_nll']:.4f} → "
+                    f"{curve[-1]['val_nll']:.4f} | {bpb.get('control', bpb['adapted']):.4f} |")
+    return rows
+
+
 def main(argv: list[str]) -> None:
-    pairs = {pair: runs(pattern) for pair, pattern in (a.split("=", 1) for a in argv)}
+    if argv[:1] == ["keep"]:  # collect.py keep RUN_DIR NAME
+        print(keep(argv[1], argv[2]))
+        return
+    collected = {pair: runs(pattern) for pair, pattern in (a.split("=", 1) for a in argv)}
+    pairs = {pair: arms for pair, (arms, _) in collected.items()}
+    print("| pair | adapt.lr | validation NLL, first → last point | held-out bits per byte |\n|---|---|---|---:|")
+    for pair, (arms, chosen) in collected.items():
+        print("\n".join(lr_rows(pair, arms, chosen)))
+    print()
     domain = {pair: next(iter(next(iter(arms.values()))["domains"])) for pair, arms in pairs.items() if arms}
     print("| pair | arm | student | control | adapted | teacher | adapted − control | adapted − student | "
           "control − student |\n|---|---|---:|---:|---:|---:|---|---|---|")

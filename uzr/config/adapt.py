@@ -34,7 +34,7 @@ class AdaptSpec:
     steps: int = 40  # optimiser steps (every arm the same)
     batch_size: int = 2  # training texts per step
     max_length: int = 128  # tokens of each training text (its leading ones; at most the store's rows)
-    lr: float = 3e-3  # Adam; chosen on the real pair's control arm (experiments/adaptation) and kept for every arm
+    lr: float = 3e-3  # Adam; each experiment sets the rate chosen on its control arm (docs/adaptation.md)
     schedule: str = "cosine"  # constant | cosine decay to 0 after warm-up
     warmup_steps: int = 5
     checkpoint_every: int = 10  # steps between Lightning checkpoints (resume points) and held-out curve points
