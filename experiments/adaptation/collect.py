@@ -3,6 +3,9 @@
     python experiments/adaptation/collect.py PAIR=RUN_GLOB [PAIR=RUN_GLOB ...]
     python experiments/adaptation/collect.py keep RUN_DIR NAME     # copy a run's metrics to runs/NAME.json
 
+``ceiling:PAIR=FILE`` adds the positive control's shares: FILE is the control arm of the *undamaged* student
+(``student.damage.strength=1``), the top of the gap that damage leaves after plain LoRA.
+
 e.g. ``real='outputs/multirun/*/*adapt*/metrics.json'`` (a run's folder, with its config.yaml) or
 ``real='experiments/adaptation/runs/real_*.json'`` (the kept runs this README was built from): every run of a pair, one
 arm each (the control arm's scores come with every run). Prints the markdown tables of the README and writes
@@ -56,6 +59,7 @@ def keep(run_dir: str, name: str) -> Path:
     path = Path(run_dir) / "metrics.json"
     metrics = json.loads(path.read_text())
     out = HERE / "runs" / f"{name}.json"
+    out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({**metrics, "lr": run_lr(path, metrics)}, indent=1))
     return out
 
@@ -98,7 +102,8 @@ def time_rows(pair: str, arms: dict[str, dict]) -> list[str]:
     for arm, section in arms.items():
         t = section["training"]["adapted"]
         stage = section.get("timing") or {}
-        rows.append(f"| {pair} | {arm} | {t['steps']} | {t['seconds']:.0f} | {t['cpu_seconds']:.0f} | "
+        resumed = " (resumed)" if t["resumed"] else ""  # its training wall time spans the interruption
+        rows.append(f"| {pair} | {arm}{resumed} | {t['steps']} | {t['seconds']:.0f} | {t['cpu_seconds']:.0f} | "
                     f"{stage.get('wall_s', 0):.0f} | {stage.get('cpu_s', 0):.0f} |")
     return rows
 
@@ -115,6 +120,29 @@ def shares(pair: str, arms: dict[str, dict], domain: str) -> list[str]:
         of_control = f"{(student - adapted) / control_gain * 100:.0f} %" if control_gain > 0 else "—"
         of_teacher = f"{(student - adapted) / (student - teacher) * 100:.0f} %" if student > teacher else "— (teacher behind)"
         rows.append(f"| {pair} | {arm} | {of_control} | {of_teacher} |")
+    return rows
+
+
+def ceiling_rows(pair: str, arms: dict[str, dict], domain: str, ceiling: dict) -> list[str]:
+    """Li et al.'s shares on the positive control: each arm's gain over the control arm as a share of the control's
+    distance to ``ceiling`` (the same training of the *undamaged* student: what the damage still costs after plain
+    LoRA), with the paired interval of arm − ceiling on the same texts."""
+    from uzr.intervals import bits_per_byte_difference
+
+    top = ceiling["domains"][domain]
+    rows = []
+    for arm, section in arms.items():
+        if "(lr " in arm:
+            continue
+        d = section["domains"][domain]
+        if d["per_text"]["bytes"] != top["per_text"]["bytes"]:
+            raise SystemExit(f"{pair}: the ceiling run scored other texts than arm {arm}")
+        control, adapted = d["bits_per_byte"].get("control", d["bits_per_byte"]["adapted"]), d["bits_per_byte"]["adapted"]
+        gap = control - top["bits_per_byte"]["adapted"]
+        diff = bits_per_byte_difference(d["per_text"]["nll_adapted"], top["per_text"]["nll_adapted"], d["per_text"]["bytes"])
+        rows.append(f"| {pair} | {arm} | {adapted:.4f} | {top['bits_per_byte']['adapted']:.4f} | "
+                    f"{interval({**diff.as_dict(), 'verdict': diff.verdict(higher_is_better=False)})} | "
+                    f"{(control - adapted) / gap * 100:.0f} % |")
     return rows
 
 
@@ -162,7 +190,9 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["keep"]:  # collect.py keep RUN_DIR NAME
         print(keep(argv[1], argv[2]))
         return
-    collected = {pair: runs(pattern) for pair, pattern in (a.split("=", 1) for a in argv)}
+    ceilings = {a.split("=", 1)[0].removeprefix("ceiling:"): json.loads(Path(a.split("=", 1)[1]).read_text())["adapt"]
+                for a in argv if a.startswith("ceiling:")}
+    collected = {pair: runs(pattern) for pair, pattern in (a.split("=", 1) for a in argv if not a.startswith("ceiling:"))}
     pairs = {pair: arms for pair, (arms, _) in collected.items()}
     print("| pair | adapt.lr | validation NLL, first → last point | held-out bits per byte |\n|---|---|---|---:|")
     for pair, (arms, chosen) in collected.items():
@@ -185,6 +215,11 @@ def main(argv: list[str]) -> None:
     print("\n| pair | arm | share of the control arm's gain | share of the student → teacher gap |\n|---|---|---:|---:|")
     for pair, arms in pairs.items():
         print("\n".join(shares(pair, arms, domain[pair])))
+    if ceilings:
+        print("\n| pair | arm | adapted | undamaged student, same training | adapted − undamaged | share of the "
+              "damage left after plain LoRA |\n|---|---|---:|---:|---|---:|")
+    for pair, ceiling in ceilings.items():
+        print("\n".join(ceiling_rows(pair, pairs[pair], domain[pair], ceiling)))
     print(f"\nLi et al. 2024 (ViT-L, ImageNet top-1): {LI_ET_AL}")
     print(f"figure: {figure({p: a for p, a in pairs.items() if a})}")
 
