@@ -1,7 +1,7 @@
 """Tables and the learning-curve figure of experiments/adaptation from the runs' metrics.json.
 
     python experiments/adaptation/collect.py PAIR=RUN_GLOB [PAIR=RUN_GLOB ...]
-    python experiments/adaptation/collect.py keep RUN_DIR NAME     # copy a run's metrics to runs/NAME.json
+    python experiments/adaptation/collect.py keep RUN_DIR NAME [--rescored]   # copy a run's metrics to runs/NAME.json
 
 ``ceiling:PAIR=FILE`` adds the positive control's shares: FILE is the control arm of the *undamaged* student
 (``student.damage.strength=1``), the top of the gap that damage leaves after plain LoRA.
@@ -54,12 +54,16 @@ def runs(pattern: str) -> tuple[dict[str, dict], float | None]:
     return out, chosen
 
 
-def keep(run_dir: str, name: str) -> Path:
-    """Copy a finished run's metrics (with its ``adapt.lr``) to ``runs/NAME.json``, where :func:`runs` reads it back."""
+def keep(run_dir: str, name: str, rescored: bool = False) -> Path:
+    """Copy a finished run's metrics (with its ``adapt.lr``) to ``runs/NAME.json``, where :func:`runs` reads it back.
+    ``rescored``: the run only re-scored a kept arm (more domains, its adapter cached), so the kept file's stage
+    timing, the arm's real cost, is carried over."""
     path = Path(run_dir) / "metrics.json"
     metrics = json.loads(path.read_text())
     out = HERE / "runs" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
+    if rescored:
+        metrics["timing"] = json.loads(out.read_text())["timing"]
     out.write_text(json.dumps({**metrics, "lr": run_lr(path, metrics)}, indent=1))
     return out
 
@@ -74,8 +78,10 @@ def interval(d: dict | None) -> str:
 def text_rows(pair: str, arms: dict[str, dict], domain: str) -> list[str]:
     rows = []
     for arm, section in arms.items():
+        if domain not in section["domains"]:
+            continue
         bpb = section["domains"][domain]["bits_per_byte"]
-        rows.append(f"| {pair} | {arm} | {bpb['student']:.4f} | {bpb.get('control', bpb['adapted']):.4f} | "
+        rows.append(f"| {pair} | {domain} | {arm} | {bpb['student']:.4f} | {bpb.get('control', bpb['adapted']):.4f} | "
                     f"{bpb['adapted']:.4f} | {bpb['teacher']:.4f} | {interval(bpb.get('adapted_minus_control'))} | "
                     f"{interval(bpb.get('adapted_minus_student') if 'control' in bpb else None)} | "
                     f"{interval(bpb.get('control_minus_student') or bpb.get('adapted_minus_student'))} |")
@@ -187,8 +193,8 @@ def lr_rows(pair: str, arms: dict[str, dict], chosen: float | None) -> list[str]
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["keep"]:  # collect.py keep RUN_DIR NAME
-        print(keep(argv[1], argv[2]))
+    if argv[:1] == ["keep"]:  # collect.py keep RUN_DIR NAME [--rescored]
+        print(keep(argv[1], argv[2], rescored="--rescored" in argv[3:]))
         return
     ceilings = {a.split("=", 1)[0].removeprefix("ceiling:"): json.loads(Path(a.split("=", 1)[1]).read_text())["adapt"]
                 for a in argv if a.startswith("ceiling:")}
@@ -199,10 +205,11 @@ def main(argv: list[str]) -> None:
         print("\n".join(lr_rows(pair, arms, chosen)))
     print()
     domain = {pair: next(iter(next(iter(arms.values()))["domains"])) for pair, arms in pairs.items() if arms}
-    print("| pair | arm | student | control | adapted | teacher | adapted − control | adapted − student | "
-          "control − student |\n|---|---|---:|---:|---:|---:|---|---|---|")
+    print("| pair | texts | arm | student | control | adapted | teacher | adapted − control | adapted − student | "
+          "control − student |\n|---|---|---|---:|---:|---:|---:|---|---|---|")
     for pair, arms in pairs.items():
-        print("\n".join(text_rows(pair, arms, domain[pair])))
+        for name in dict.fromkeys(d for section in arms.values() for d in section["domains"]):  # the data's first
+            print("\n".join(text_rows(pair, arms, name)))
     print("\n| pair | set | arm | prompts | student | control | adapted | teacher | adapted − control | "
           "control − student |\n|---|---|---|---:|---:|---:|---:|---:|---|---|")
     for pair, arms in pairs.items():
