@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from uzr.intervals import bits_per_byte_difference
+
 HERE = Path(__file__).resolve().parent
 LI_ET_AL = {"scratch": 83.0, "fine-tune": 85.6, "attention copy": 85.1, "attention distillation": 85.7}
 
@@ -37,10 +39,11 @@ def final_val_nll(section: dict) -> float:
     return section["training"]["adapted"]["curve"][-1]["val_nll"]
 
 
-def runs(pattern: str) -> tuple[dict[str, dict], float | None]:
-    """({arm: adapt section}, the chosen learning rate) of the runs matching ``pattern``. The learning rate is chosen
-    as docs/adaptation.md says: the control arm's run with the lowest final validation NLL. A run at another rate is
-    labelled with it (the learning-rate check); of two runs of one arm and rate, the later file wins."""
+def runs(pattern: str) -> dict[str, dict]:
+    """{arm: adapt section + its ``lr`` and whether that is the ``chosen`` rate} of the runs matching ``pattern``.
+    The learning rate is chosen as docs/adaptation.md says: the control arm's run with the lowest final validation
+    NLL. A run at another rate is labelled with it (the learning-rate check); of two runs of one arm and rate, the
+    later file wins."""
     loaded = []
     for path in map(Path, sorted(glob.glob(pattern))):
         metrics = json.loads(path.read_text())
@@ -50,8 +53,8 @@ def runs(pattern: str) -> tuple[dict[str, dict], float | None]:
     chosen = min(controls, key=controls.get) if controls else None
     out = {}
     for lr, section in sorted(loaded, key=lambda item: item[0] != chosen):  # the chosen rate's arms first
-        out[section["arm"] + ("" if lr == chosen else f" (lr {lr:g})")] = section
-    return out, chosen
+        out[section["arm"] + ("" if lr == chosen else f" (lr {lr:g})")] = {**section, "lr": lr, "chosen": lr == chosen}
+    return out
 
 
 def keep(run_dir: str, name: str, rescored: bool = False) -> Path:
@@ -68,6 +71,11 @@ def keep(run_dir: str, name: str, rescored: bool = False) -> Path:
     return out
 
 
+def control_bpb(bpb: dict) -> float:
+    """The control arm's bits per byte: its own role in an arm's run, ``adapted`` in the control's own run."""
+    return bpb.get("control", bpb["adapted"])
+
+
 def interval(d: dict | None) -> str:
     if not d:
         return "—"
@@ -81,7 +89,7 @@ def text_rows(pair: str, arms: dict[str, dict], domain: str) -> list[str]:
         if domain not in section["domains"]:
             continue
         bpb = section["domains"][domain]["bits_per_byte"]
-        rows.append(f"| {pair} | {domain} | {arm} | {bpb['student']:.4f} | {bpb.get('control', bpb['adapted']):.4f} | "
+        rows.append(f"| {pair} | {domain} | {arm} | {bpb['student']:.4f} | {control_bpb(bpb):.4f} | "
                     f"{bpb['adapted']:.4f} | {bpb['teacher']:.4f} | {interval(bpb.get('adapted_minus_control'))} | "
                     f"{interval(bpb.get('adapted_minus_student') if 'control' in bpb else None)} | "
                     f"{interval(bpb.get('control_minus_student') or bpb.get('adapted_minus_student'))} |")
@@ -120,8 +128,7 @@ def shares(pair: str, arms: dict[str, dict], domain: str) -> list[str]:
     rows = []
     for arm, section in arms.items():
         bpb = section["domains"][domain]["bits_per_byte"]
-        student, control, adapted, teacher = bpb["student"], bpb.get("control", bpb["adapted"]), bpb["adapted"], \
-            bpb["teacher"]
+        student, control, adapted, teacher = bpb["student"], control_bpb(bpb), bpb["adapted"], bpb["teacher"]
         control_gain = student - control
         of_control = f"{(student - adapted) / control_gain * 100:.0f} %" if control_gain > 0 else "—"
         of_teacher = f"{(student - adapted) / (student - teacher) * 100:.0f} %" if student > teacher else "— (teacher behind)"
@@ -133,17 +140,15 @@ def ceiling_rows(pair: str, arms: dict[str, dict], domain: str, ceiling: dict) -
     """Li et al.'s shares on the positive control: each arm's gain over the control arm as a share of the control's
     distance to ``ceiling`` (the same training of the *undamaged* student: what the damage still costs after plain
     LoRA), with the paired interval of arm − ceiling on the same texts."""
-    from uzr.intervals import bits_per_byte_difference
-
     top = ceiling["domains"][domain]
     rows = []
     for arm, section in arms.items():
-        if "(lr " in arm:
+        if not section["chosen"]:
             continue
         d = section["domains"][domain]
         if d["per_text"]["bytes"] != top["per_text"]["bytes"]:
             raise SystemExit(f"{pair}: the ceiling run scored other texts than arm {arm}")
-        control, adapted = d["bits_per_byte"].get("control", d["bits_per_byte"]["adapted"]), d["bits_per_byte"]["adapted"]
+        control, adapted = control_bpb(d["bits_per_byte"]), d["bits_per_byte"]["adapted"]
         gap = control - top["bits_per_byte"]["adapted"]
         diff = bits_per_byte_difference(d["per_text"]["nll_adapted"], top["per_text"]["nll_adapted"], d["per_text"]["bytes"])
         rows.append(f"| {pair} | {arm} | {adapted:.4f} | {top['bits_per_byte']['adapted']:.4f} | "
@@ -162,7 +167,7 @@ def figure(pairs: dict[str, dict[str, dict]]) -> Path:
     for ax, (pair, arms) in zip(axes[0], pairs.items()):
         plotted = set()
         for arm, section in arms.items():
-            if "(lr " in arm and section["arm"] != "control":  # the other rates' arms: only their control is drawn
+            if not section["chosen"] and section["arm"] != "control":  # the other rates: only their control is drawn
                 continue
             for role, log in section["training"].items():
                 name = arm if role == "adapted" else "control"
@@ -179,16 +184,15 @@ def figure(pairs: dict[str, dict[str, dict]]) -> Path:
     return out
 
 
-def lr_rows(pair: str, arms: dict[str, dict], chosen: float | None) -> list[str]:
+def lr_rows(pair: str, arms: dict[str, dict]) -> list[str]:
     rows = []
-    for arm, section in arms.items():
+    for section in arms.values():
         if section["arm"] != "control":
             continue
         curve = section["training"]["adapted"]["curve"]
         bpb = next(iter(section["domains"].values()))["bits_per_byte"]
-        lr = chosen if arm == "control" else float(arm.split("(lr ")[1].rstrip(")"))
-        rows.append(f"| {pair} | {lr:g}{' (chosen)' if arm == 'control' else ''} | {curve[0]['val_nll']:.4f} → "
-                    f"{curve[-1]['val_nll']:.4f} | {bpb.get('control', bpb['adapted']):.4f} |")
+        rows.append(f"| {pair} | {section['lr']:g}{' (chosen)' if section['chosen'] else ''} | "
+                    f"{curve[0]['val_nll']:.4f} → {curve[-1]['val_nll']:.4f} | {control_bpb(bpb):.4f} |")
     return rows
 
 
@@ -198,11 +202,10 @@ def main(argv: list[str]) -> None:
         return
     ceilings = {a.split("=", 1)[0].removeprefix("ceiling:"): json.loads(Path(a.split("=", 1)[1]).read_text())["adapt"]
                 for a in argv if a.startswith("ceiling:")}
-    collected = {pair: runs(pattern) for pair, pattern in (a.split("=", 1) for a in argv if not a.startswith("ceiling:"))}
-    pairs = {pair: arms for pair, (arms, _) in collected.items()}
+    pairs = {pair: runs(pattern) for pair, pattern in (a.split("=", 1) for a in argv if not a.startswith("ceiling:"))}
     print("| pair | adapt.lr | validation NLL, first → last point | held-out bits per byte |\n|---|---|---|---:|")
-    for pair, (arms, chosen) in collected.items():
-        print("\n".join(lr_rows(pair, arms, chosen)))
+    for pair, arms in pairs.items():
+        print("\n".join(lr_rows(pair, arms)))
     print()
     domain = {pair: next(iter(next(iter(arms.values()))["domains"])) for pair, arms in pairs.items() if arms}
     print("| pair | texts | arm | student | control | adapted | teacher | adapted − control | adapted − student | "
